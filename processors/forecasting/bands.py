@@ -1,0 +1,194 @@
+"""Shared machinery for online forecasters: step bookkeeping and empirical 90 % bands.
+
+:class:`BandedForecaster` turns a subclass's point forecasts into :class:`ForecastPoint`
+lists.  Each step it remembers the point forecast it made for the next ``max_horizon``
+steps; when the actual arrives it records the error, divided by the series level so the
+band is scale-free, in a per-horizon ring buffer.  The band is the empirical 5 % and 95 %
+quantiles of those rings (a rolling quantile, not a Gaussian assumption), re-scaled by the
+current level.  Bands beyond ``max_horizon`` widen with the square root of the horizon.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+
+from processors.forecasting.base import ForecastPoint, StepClock, sanitize
+
+__all__ = ["BandedForecaster"]
+
+_Q_LO, _Q_HI = 0.05, 0.95
+
+
+class BandedForecaster:
+    """Base class: clock, gap handling, level tracking and rolling-quantile bands.
+
+    Subclasses implement :meth:`_observe` (learn one step, ``value`` may be NaN for a gap)
+    and :meth:`_points` (point forecasts for horizons ``1..n``).
+    """
+
+    kind = "base"
+
+    def __init__(
+        self,
+        step_seconds: int,
+        season_seconds: int = 86400,
+        max_horizon: int = 15,
+        band_window: int = 500,
+        band_refresh: int = 4,
+    ) -> None:
+        if max_horizon < 1:
+            raise ValueError("max_horizon must be >= 1")
+        self.step_seconds = int(step_seconds)
+        self.season_seconds = int(season_seconds)
+        self.season = max(1, round(season_seconds / step_seconds))
+        self.max_horizon = int(max_horizon)
+        self._clock = StepClock(step_seconds)
+        self._n = 0  # learned (non-gap) observations
+        self._t = -1  # step index of the last step (gaps included)
+        # Level: EW mean of |y| over about a season, the scale for scale-free errors.
+        self._level_alpha = max(2.0 / (self.season + 1), 0.002)
+        self._level = math.nan
+        H, W = self.max_horizon, int(band_window)
+        # Point forecasts made at step k live in row k % H, with the level at k.
+        self._pend = np.full((H, H), np.nan)
+        self._pend_level = np.full(H, np.nan)
+        self._pend_step = np.full(H, -(10**9), dtype=np.int64)
+        self._errs = np.full((H, W), np.nan, dtype=np.float32)  # scaled errors (ring)
+        self._err_pos = np.zeros(H, dtype=np.int64)
+        self._err_n = np.zeros(H, dtype=np.int64)
+        self._band_refresh = max(1, int(band_refresh))
+        self._q = np.zeros((2, H))  # cached (lower, upper) scaled quantiles
+        self._q_age = 10**9
+        self._cur = np.zeros(H)  # point forecasts for the next H steps
+        self._hs = np.arange(1, H + 1)
+
+    # -- protocol ---------------------------------------------------------------------
+    @property
+    def observations(self) -> int:
+        return self._n
+
+    @property
+    def last_ts(self) -> float | None:
+        return self._clock.last_ts
+
+    def learn(self, ts: float, value: float) -> bool:
+        """Learn one step.  A ``ts`` several steps after the last one leaves a gap (the
+        missing steps are learned as unknown, not as zero); a ``ts`` not after the last
+        one is ignored and returns False.  Non-finite or negative values count as gaps.
+        """
+        steps = self._clock.advance(ts)
+        if steps <= 0:
+            return False
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            value = math.nan
+        # Gaps: at most a long history's worth of missing steps matters.
+        # Missing steps are observed as unknown (NaN) so histories stay aligned; no
+        # forecasts are recorded for them.
+        for _ in range(min(steps - 1, self._max_gap_fill())):
+            self._t += 1
+            self._observe(math.nan)
+        self._t += steps - 1 - min(steps - 1, self._max_gap_fill())
+        self._t += 1
+        if not math.isnan(value):
+            self._n += 1
+            lv = self._level
+            self._level = value if math.isnan(lv) else lv + self._level_alpha * (value - lv)
+        self._observe(value)
+        self._after_step(value)
+        return True
+
+    def forecast(self, horizon: int = 15) -> list[ForecastPoint]:
+        """Forecast ``horizon`` steps after :attr:`last_ts` (mean and 90 % band, >= 0)."""
+        if horizon < 1:
+            return []
+        H = self.max_horizon
+        if horizon <= H:
+            means = self._cur[:horizon]
+        else:
+            means = np.concatenate([self._cur, self._points(horizon)[H:]])
+        q = self._quantiles()
+        level = self._level if math.isfinite(self._level) else 0.0
+        out = []
+        for i in range(horizon):
+            h = i + 1
+            if h <= H:
+                lo, hi = q[0, i], q[1, i]
+            else:  # random-walk-like widening past the tracked horizons
+                f = math.sqrt(h / H)
+                lo, hi = q[0, H - 1] * f, q[1, H - 1] * f
+            m = float(means[i])
+            mean, lower, upper = sanitize(m, m + lo * level, m + hi * level)
+            out.append(ForecastPoint(h, self._clock.ts_of(h), mean, lower, upper))
+        return out
+
+    # -- for subclasses ---------------------------------------------------------------
+    def _observe(self, value: float) -> None:
+        raise NotImplementedError
+
+    def _points(self, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def _max_gap_fill(self) -> int:
+        return self.season + self.max_horizon
+
+    def _scale(self) -> float:
+        lv = self._level
+        return lv if math.isfinite(lv) and lv > 1e-9 else 1e-9
+
+    # -- internals --------------------------------------------------------------------
+    def _after_step(self, value: float) -> None:
+        H, t = self.max_horizon, self._t
+        if not math.isnan(value):
+            rows = (t - self._hs) % H
+            ok = self._pend_step[rows] == t - self._hs
+            if ok.any():
+                f = self._pend[rows, self._hs - 1]
+                e = (value - f) / self._pend_level[rows]
+                ok &= np.isfinite(e)
+                idx = np.nonzero(ok)[0]
+                if idx.size:
+                    pos = self._err_pos[idx]
+                    self._errs[idx, pos] = e[idx]
+                    self._err_pos[idx] = (pos + 1) % self._errs.shape[1]
+                    self._err_n[idx] += 1
+                    self._q_age += 1
+        if self._n == 0:
+            self._cur = np.zeros(H)
+            return
+        cur = np.nan_to_num(self._points(H), nan=0.0, posinf=0.0, neginf=0.0)
+        np.maximum(cur, 0.0, out=cur)
+        self._cur = cur
+        r = t % H
+        self._pend[r] = cur
+        self._pend_level[r] = self._scale()
+        self._pend_step[r] = t
+
+    def _quantiles(self) -> np.ndarray:
+        if self._q_age >= self._band_refresh:
+            self._q_age = 0
+            q = np.zeros((2, self.max_horizon))
+            if self._err_n.any():
+                with np.errstate(all="ignore"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: no errors
+                    errs = self._errs.astype(np.float64)
+                    if self._err_n.min() >= errs.shape[1]:  # rings full: no NaN, fast path
+                        q = np.quantile(errs, [_Q_LO, _Q_HI], axis=1)
+                    else:
+                        q = np.nanquantile(errs, [_Q_LO, _Q_HI], axis=1)
+            q = np.nan_to_num(q, nan=0.0)
+            # Too few errors yet: keep a modest default band rather than a zero-width one.
+            few = self._err_n < 20
+            q[0, few] = np.minimum(q[0, few], -0.5)
+            q[1, few] = np.maximum(q[1, few], 0.5)
+            q[0] = np.minimum(q[0], 0.0)
+            q[1] = np.maximum(q[1], 0.0)
+            self._q = q
+        return self._q
+
+    def __getstate__(self) -> dict[str, Any]:
+        return self.__dict__.copy()

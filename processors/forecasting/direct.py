@@ -1,0 +1,390 @@
+"""Direct multi-horizon forecaster with online selection against baselines (``"default"``).
+
+Why direct: River's stock forecasters are recursive (they feed their own 1-step forecast
+back in), so errors compound with the horizon.  Here every horizon ``h = 1..H`` has its own
+linear model that predicts, scale-free, how far the actual will be from the
+seasonal-naive forecast:
+
+    target_h(t) = (y[t+h] - base_h(t)) / s(t)
+    base_h(t)   = y[t+h-m]                      (seasonal naive, m = steps per season)
+    s(t)        = EW mean of y over ~one season (the current level)
+    forecast    = base_h(t) + s(t) * w_h . x_h(t)
+
+Features ``x_h(t)`` are all divided by ``s(t)`` so weights transfer between endpoints of
+any size (what federated averaging needs): other candidate forecasts minus the base
+(persistence, three EW means, the one-long-season-back value such as last week, the mean
+of the same step over the last days), recent seasonal differences and their EW means,
+the weekly difference, and Fourier terms of the time of day and of the week.
+
+Learning is online, one update per horizon as each target becomes known ``h`` steps later.
+Two learners are available: exponentially-forgetting recursive least squares (``"rls"``,
+the default: converges in a few hundred steps, which matters on short series) and
+standardized SGD with gradient clipping (``"sgd"``, per-horizon feature scaling).
+Innovations are clipped at a few robust standard deviations so a single spike cannot
+wreck the weights.
+
+Safety on unseen series: for every horizon the model keeps an EW mean absolute error of
+itself and of each candidate (seasonal naive, persistence, EW means, weekly naive,
+multi-day mean) and forecasts with the candidate that currently has the smallest error,
+so it cannot stay much worse than seasonal-naive for long.  Bands are rolling empirical
+quantiles of the final forecast's past errors (see :mod:`processors.forecasting.bands`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from processors.forecasting.bands import BandedForecaster
+
+__all__ = ["DirectForecaster"]
+
+_TWO_PI = 2.0 * math.pi
+_EW_ALPHAS = (0.5, 0.15, 0.05)  # level EW means offered as candidates
+_SD_ALPHAS = (0.3, 0.05)  # EW means of the seasonal difference
+_N_LAGS = 4  # recent seasonal differences y[t-k] - y[t-k-m], k < _N_LAGS
+_N_DAYS = 7  # multi-season mean over at most this many seasons
+_TOD_K, _DOW_K = 3, 2  # Fourier orders
+_FCLIP = 10.0  # feature / target clip, in units of the level
+
+# Feature layout (columns of the per-horizon design matrix).
+_C_BIAS = 0
+_C_CAND = 1  # persistence, 3 EW means, long-season naive, multi-season mean: 6 columns
+_N_CAND_FEATS = 2 + len(_EW_ALPHAS) + 1
+_C_LAGS = _C_CAND + _N_CAND_FEATS
+_C_SD = _C_LAGS + _N_LAGS
+_C_WD = _C_SD + len(_SD_ALPHAS)  # EW weekly difference, current weekly difference
+_C_TOD = _C_WD + 2
+_C_DOW = _C_TOD + 2 * _TOD_K
+N_FEATURES = _C_DOW + 2 * _DOW_K
+
+#: Candidate forecasts the selector chooses between, in column order.
+CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew_slow",
+              "long_season_naive", "multi_season_mean")
+
+
+class DirectForecaster(BandedForecaster):
+    """Per-horizon online linear models on scale-free features, with online selection.
+
+    >>> import math
+    >>> f = DirectForecaster(step_seconds=3600, season_seconds=86400, max_horizon=3)
+    >>> for i in range(24 * 10):
+    ...     _ = f.learn(3600 * i, 100 + 50 * math.sin(2 * math.pi * i / 24))
+    >>> pts = f.forecast(3)
+    >>> [round(p.mean) for p in pts]
+    [100, 113, 125]
+    >>> all(p.lower <= p.mean <= p.upper for p in pts)
+    True
+    """
+
+    kind = "default"
+
+    def __init__(
+        self,
+        step_seconds: int,
+        season_seconds: int = 86400,
+        max_horizon: int = 15,
+        long_season_seconds: int | None = 7 * 86400,
+        learner: str = "rls",
+        forgetting: float = 0.999,
+        lr: float = 0.01,
+        error_halflife: int | None = None,
+        select: str = "best",
+        max_history: int = 12_000,
+        guard_margin: float = 0.9,
+    ) -> None:
+        super().__init__(step_seconds, season_seconds, max_horizon)
+        if learner not in ("rls", "sgd"):
+            raise ValueError("learner must be 'rls' or 'sgd'")
+        if select not in ("best", "model", "blend"):
+            raise ValueError("select must be 'best', 'model' or 'blend'")
+        self.learner = learner
+        self.select = select
+        self.forgetting = float(forgetting)
+        self.lr = float(lr)
+        self.guard_margin = float(guard_margin)
+        H, m, F = self.max_horizon, self.season, N_FEATURES
+        hs = np.arange(1, H + 1)
+        self.long_season_seconds = long_season_seconds
+        wk = 0
+        if long_season_seconds:
+            wk = round(long_season_seconds / step_seconds)
+            if wk <= m or wk > max_history:
+                wk = 0  # no separate long season (or too long to keep)
+        self.long_season = wk
+        n_days = min(_N_DAYS, max(1, max_history // m)) if m > 1 else 1
+        self._n_days = n_days
+        self._L = max(m + _N_LAGS, wk, n_days * m) + 1
+        self._y = np.full(self._L, np.nan, dtype=np.float32)  # float32: half the snapshot
+        # Offsets (<= 0, relative to t) of y[t+h-m] and y[t+h-wk], always in the past.
+        self._off_sn = hs - m * np.ceil(hs / m).astype(np.int64)
+        self._off_wk = hs - wk * np.ceil(hs / wk).astype(np.int64) if wk else None
+        days = np.arange(1, n_days + 1)
+        self._off_days = hs[None, :] - m * (days[:, None] + np.ceil(hs / m).astype(np.int64) - 1)
+        self._off_lag = -np.arange(_N_LAGS)
+        self._ew = np.full(len(_EW_ALPHAS), np.nan)
+        self._ew_a = np.array(_EW_ALPHAS)
+        self._sd = np.zeros(len(_SD_ALPHAS))
+        self._sd_a = np.array(_SD_ALPHAS)
+        self._wd = 0.0
+        self._last = math.nan
+        # Learner state (per horizon).
+        self.weights = np.zeros((H, F))
+        self._P = np.repeat(np.eye(F)[None, :, :] * 10.0, H, axis=0)
+        self._x_mean = np.zeros((H, F))  # feature scaler (sgd; also reported for rls)
+        self._x_var = np.ones((H, F))
+        self._y_var = np.full(H, 1e-2)  # target scale per horizon
+        self._res_var = np.full(H, 1e-2)  # robust residual scale for innovation clipping
+        self._n_upd = np.zeros(H, dtype=np.int64)
+        # Pending (made at step k, row k % H): features, base, level, candidates.
+        C = len(CANDIDATES)
+        self._pX = np.zeros((H, H, F), dtype=np.float32)
+        self._pbase = np.full((H, H), np.nan)
+        self._ps = np.full(H, np.nan)
+        self._pC = np.full((H, H, C), np.nan)
+        self._pk = np.full(H, -(10**9), dtype=np.int64)
+        hl = error_halflife if error_halflife else min(max(m, 50), 2000)
+        self._err_a = 1.0 - 0.5 ** (1.0 / hl)
+        self._cerr = np.full((H, C), np.nan)  # EW mean |error| / level, per candidate
+        self._cerr_num = np.zeros((H, C))
+        self._cerr_w = np.zeros((H, C))
+        self._cerr_n = np.zeros((H, C), dtype=np.int64)
+        self._warm = min(hl, 100)  # errors a candidate needs before it can be chosen
+        self._chosen = np.zeros(H, dtype=np.int64)
+        self._hs = hs
+        self._rows_h = np.arange(H)
+
+    # -- params for federated averaging -------------------------------------------------
+    def get_params(self) -> dict[str, np.ndarray]:
+        """Global, scale-free state: per-horizon weights and feature-scaler statistics."""
+        return {
+            "weights": self.weights.copy(),
+            "x_mean": self._x_mean.copy(),
+            "x_var": self._x_var.copy(),
+            "y_var": self._y_var.copy(),
+        }
+
+    def set_params(self, params: dict[str, Any]) -> None:
+        """Load weights (and optionally scaler statistics) of the same shape."""
+        for key, attr in (("weights", "weights"), ("x_mean", "_x_mean"),
+                          ("x_var", "_x_var"), ("y_var", "_y_var")):
+            if key in params:
+                value = np.asarray(params[key], dtype=float)
+                cur = getattr(self, attr)
+                if value.shape != cur.shape:
+                    raise ValueError(f"{key}: expected shape {cur.shape}, got {value.shape}")
+                setattr(self, attr, value.copy())
+
+    # -- BandedForecaster hooks -------------------------------------------------------
+    def _max_gap_fill(self) -> int:
+        return self._L
+
+    def _observe(self, value: float) -> None:
+        t, L = self._t, self._L
+        m, wk = self.season, self.long_season
+        y = self._y
+        y[t % L] = value
+        if math.isnan(value):
+            return
+        self._learn_targets(value)
+        # Update running states.
+        ew = self._ew
+        self._ew = np.where(np.isnan(ew), value, ew + self._ew_a * (value - ew))
+        prev_season = y[(t - m) % L]
+        if not math.isnan(prev_season):
+            self._sd += self._sd_a * ((value - prev_season) - self._sd)
+        if wk:
+            prev_week = y[(t - wk) % L]
+            if not math.isnan(prev_week):
+                self._wd += 0.1 * ((value - prev_week) - self._wd)
+        self._last = value
+
+    def _points(self, n: int) -> np.ndarray:
+        H = self.max_horizon
+        cur = self._predict()
+        if n <= H:
+            return cur[:n]
+        # Past the modelled horizons: seasonal naive (or the level) for the rest.
+        hs = np.arange(H + 1, n + 1)
+        m = self.season
+        off = hs - m * np.ceil(hs / m).astype(np.int64)
+        extra = self._y[(self._t + off) % self._L]
+        lvl = self._ew[-1] if not math.isnan(self._ew[-1]) else 0.0
+        return np.concatenate([cur, np.where(np.isnan(extra), lvl, extra)])
+
+    # -- internals --------------------------------------------------------------------
+    def _features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """Design matrix (H, F), base forecasts (H,), candidates (H, C-1), level."""
+        t, L, y = self._t, self._L, self._y
+        H = self.max_horizon
+        s = self._scale()
+        inv = 1.0 / s
+        lvl = self._ew[-1]
+        sn = y[(t + self._off_sn) % L]
+        base = np.where(np.isnan(sn), lvl, sn)
+        if self.long_season:
+            assert self._off_wk is not None
+            wkv = y[(t + self._off_wk) % L]
+        else:
+            wkv = np.full(H, np.nan)
+        days = y[(t + self._off_days) % L]
+        cnt = (~np.isnan(days)).sum(axis=0)
+        mday = np.where(cnt > 0, np.nansum(days, axis=0) / np.maximum(cnt, 1), np.nan)
+        last = self._last
+        cand = np.empty((H, 3 + len(_EW_ALPHAS)))
+        cand[:, 0] = last
+        cand[:, 1 : 1 + len(_EW_ALPHAS)] = self._ew
+        cand[:, -2] = wkv
+        cand[:, -1] = mday
+        X = np.empty((H, N_FEATURES))
+        X[:, _C_BIAS] = 1.0
+        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (cand - base[:, None]) * inv
+        m = self.season
+        lag_now = y[(t + self._off_lag) % L]
+        lag_prev = y[(t + self._off_lag - m) % L]
+        X[:, _C_LAGS : _C_LAGS + _N_LAGS] = (lag_now - lag_prev) * inv
+        X[:, _C_SD : _C_SD + len(_SD_ALPHAS)] = self._sd * inv
+        X[:, _C_WD] = self._wd * inv
+        X[:, _C_WD + 1] = (last - y[(t - self.long_season) % L]) * inv if self.long_season else 0
+        ts = self._clock.last_ts or 0.0
+        ph = _TWO_PI * ts / self.season_seconds
+        k = np.arange(1, _TOD_K + 1) * ph
+        X[:, _C_TOD : _C_TOD + _TOD_K] = np.sin(k)
+        X[:, _C_TOD + _TOD_K : _C_TOD + 2 * _TOD_K] = np.cos(k)
+        long_s = self.long_season_seconds or 7 * 86400
+        k = np.arange(1, _DOW_K + 1) * (_TWO_PI * ts / long_s)
+        X[:, _C_DOW : _C_DOW + _DOW_K] = np.sin(k)
+        X[:, _C_DOW + _DOW_K : _C_DOW + 2 * _DOW_K] = np.cos(k)
+        np.nan_to_num(X, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+        np.clip(X, -_FCLIP, _FCLIP, out=X)
+        return X, base, cand, s
+
+    def _predict(self) -> np.ndarray:
+        X, base, cand, s = self._features()
+        if self.learner == "rls":
+            z = np.einsum("hf,hf->h", X, self.weights)
+        else:
+            Xs = (X - self._x_mean) / np.sqrt(self._x_var)
+            Xs[:, _C_BIAS] = 1.0
+            z = np.einsum("hf,hf->h", Xs, self.weights) * np.sqrt(self._y_var)
+        z = np.clip(z, -_FCLIP, _FCLIP)
+        model = base + s * z
+        H = self.max_horizon
+        C = np.empty((H, len(CANDIDATES)))
+        C[:, 0] = model
+        C[:, 1] = base
+        C[:, 2:] = cand
+        # Remember what was forecast, to learn and score it when the actuals arrive.
+        r = self._t % H
+        self._pX[r] = X
+        self._pbase[r] = base
+        self._ps[r] = s
+        self._pC[r] = C
+        self._pk[r] = self._t
+        return self._combine(C)
+
+    def _combine(self, C: np.ndarray) -> np.ndarray:
+        if self.select == "model":
+            return C[:, 0]
+        err = self._cerr
+        avail = ~np.isnan(C) & ~np.isnan(err)
+        avail[:, 0] |= ~np.isnan(C[:, 0])
+        scored = np.where(avail, np.nan_to_num(err, nan=np.inf), np.inf)
+        if self.select == "best":
+            # Before any error is known prefer seasonal naive, then the model.  Another
+            # candidate must beat the model by the margin: switching on noise costs.
+            scored[:, 0] *= self.guard_margin
+            idx = np.argmin(scored, axis=1)
+            none = ~np.isfinite(scored[self._rows_h, idx])
+            idx = np.where(none, 1, idx)
+            out = C[self._rows_h, idx]
+            out = np.where(np.isnan(out), C[:, 0], out)
+            self._chosen = idx
+            return out
+        # blend: inverse-squared-error weights over the available candidates
+        w = np.where(np.isfinite(scored), 1.0 / np.maximum(scored, 1e-9) ** 2, 0.0)
+        tot = w.sum(axis=1)
+        Cz = np.nan_to_num(C, nan=0.0)
+        out = np.where(tot > 0, (w * Cz).sum(axis=1) / np.maximum(tot, 1e-300), C[:, 0])
+        return out
+
+    def _learn_targets(self, value: float) -> None:
+        """Targets that ``value`` completes: horizon h of the forecast made h steps ago."""
+        H, t = self.max_horizon, self._t
+        hs = self._hs
+        rows = (t - hs) % H
+        ok = self._pk[rows] == t - hs
+        if not ok.any():
+            return
+        hi = self._rows_h[ok]
+        rws = rows[ok]
+        s = self._ps[rws]
+        # Candidate errors (scale-free), EW mean per horizon.
+        cands = self._pC[rws, hi]  # (k, C)
+        e = np.abs(value - cands) / s[:, None]
+        # Bias-corrected EW mean (sum of decayed errors / sum of decayed weights), so the
+        # first few errors of a new candidate do not stand for its accuracy for long.
+        keep = 1.0 - self._err_a
+        seen = ~np.isnan(e)
+        num, wsum = self._cerr_num[hi], self._cerr_w[hi]
+        num = np.where(seen, num * keep + np.nan_to_num(e), num)
+        wsum = np.where(seen, wsum * keep + 1.0, wsum)
+        self._cerr_num[hi], self._cerr_w[hi] = num, wsum
+        self._cerr_n[hi] += seen
+        ready = self._cerr_n[hi] >= self._warm
+        self._cerr[hi] = np.where(ready, num / np.maximum(wsum, 1e-12), np.nan)
+        X = self._pX[rws, hi]  # (k, F)
+        tgt = np.clip((value - self._pbase[rws, hi]) / s, -_FCLIP, _FCLIP)
+        good = np.isfinite(tgt)
+        if not good.all():
+            hi, X, tgt = hi[good], X[good], tgt[good]
+            if hi.size == 0:
+                return
+        if self.learner == "rls":
+            self._rls_update(hi, X, tgt)
+        else:
+            self._sgd_update(hi, X, tgt)
+        self._n_upd[hi] += 1
+
+    def _rls_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray) -> None:
+        lam = self.forgetting
+        W = self.weights[hi]
+        P = self._P[hi]
+        err = tgt - np.einsum("kf,kf->k", X, W)
+        # Robust: clip the innovation at 3 running residual standard deviations.
+        rv = self._res_var[hi]
+        sd = np.sqrt(rv)
+        warm = self._n_upd[hi] > 50
+        e_c = np.where(warm, np.clip(err, -3 * sd, 3 * sd), err)
+        self._res_var[hi] = rv + 0.01 * (np.minimum(err * err, 9 * rv + 1e-6) - rv)
+        Px = np.einsum("kij,kj->ki", P, X)
+        denom = lam + np.einsum("ki,ki->k", X, Px)
+        K = Px / denom[:, None]
+        self.weights[hi] = W + K * e_c[:, None]
+        P = (P - K[:, :, None] * Px[:, None, :]) / lam
+        # Keep P bounded where features are not excited (forgetting would blow it up).
+        tr = np.einsum("kii->k", P)
+        cap = 10.0 * N_FEATURES
+        big = tr > cap
+        if big.any():
+            P[big] *= (cap / tr[big])[:, None, None]
+        self._P[hi] = P
+
+    def _sgd_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray) -> None:
+        a = 0.002
+        mu, var = self._x_mean[hi], self._x_var[hi]
+        d = X - mu
+        mu = mu + a * d
+        var = np.maximum(var + a * (d * d - var), 1e-6)
+        self._x_mean[hi], self._x_var[hi] = mu, var
+        yv = self._y_var[hi] + a * (tgt * tgt - self._y_var[hi])
+        yv = np.maximum(yv, 1e-6)
+        self._y_var[hi] = yv
+        Xs = (X - mu) / np.sqrt(var)
+        Xs[:, _C_BIAS] = 1.0
+        W = self.weights[hi]
+        pred = np.einsum("kf,kf->k", Xs, W)
+        g = np.clip(pred - tgt / np.sqrt(yv), -1.0, 1.0)  # clipped gradient
+        self.weights[hi] = W - self.lr * g[:, None] * Xs
