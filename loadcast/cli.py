@@ -1,0 +1,278 @@
+"""The ``loadcast`` command: one entry point for every role.
+
+Each sub-command loads the settings (env + ``--config`` file), lets its options override
+them, wires the parts from ``streams``/``processors``/``sinks`` and runs until done or
+until Ctrl-C/SIGTERM, then stops cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from loadcast.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    help="loadcast: forecast each API endpoint's load online and act before the spike.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+topics_app = typer.Typer(help="The loadcast topics on the configured Kafka.", no_args_is_help=True)
+app.add_typer(topics_app, name="topics")
+
+console = Console(stderr=True)
+_state: dict[str, Any] = {"config": None}
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML settings file (default: $LOADCAST_CONFIG)."),
+]
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers (overrides settings)."),
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    console.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code)
+
+
+def settings(bootstrap: str | None = None) -> Settings:
+    """Settings from env/file; a bad field stops here with its name."""
+    try:
+        s = load_settings(_state["config"])
+    except SettingsError as e:
+        raise fail(str(e)) from None
+    if bootstrap:
+        s.kafka.bootstrap_servers = bootstrap
+    return s
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """An event set by SIGINT/SIGTERM, so loops end and clean up instead of dying."""
+    stop = threading.Event()
+
+    def handler(signum: int, frame: Any) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@app.callback()
+def root(
+    config: ConfigOpt = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+) -> None:
+    """Global options."""
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        raise fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _state["config"] = config
+
+
+# --------------------------------------------------------------------------- broker
+
+
+@app.command()
+def broker(
+    port: Annotated[
+        int, typer.Option(help="Loopback port (0 = a free one).", min=0, max=65535)
+    ] = 0,
+    create_topics: Annotated[
+        bool, typer.Option("--topics/--no-topics", help="Create the loadcast topics.")
+    ] = True,
+) -> None:
+    """Run the embedded Kafka-protocol broker (Tansu) until Ctrl-C; prints its address."""
+    from streams.broker import BrokerError, EmbeddedBroker
+    from streams.topics import ensure_topics
+
+    s = settings()
+    b = EmbeddedBroker(port or None)
+    try:
+        b.start()
+    except BrokerError as e:
+        raise fail(str(e), 1) from None
+    try:
+        if create_topics:
+            s.kafka.bootstrap_servers = b.bootstrap
+            ensure_topics(s.kafka)
+        print(b.bootstrap, flush=True)
+        console.print(f"broker ready at {b.bootstrap} (Ctrl-C stops it)")
+        with stop_on_signals() as stop:
+            while not stop.wait(0.5):
+                if not b.alive():
+                    raise fail(f"broker exited: {b.log_tail()}", 1)
+    finally:
+        b.stop()
+
+
+# --------------------------------------------------------------------------- topics
+
+
+@topics_app.command("ensure")
+def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
+    """Create the topics of the catalog that do not exist (idempotent)."""
+    from streams.topics import ensure_topics
+
+    s = settings(bootstrap)
+    try:
+        for name, outcome in ensure_topics(s.kafka).items():
+            print(f"{name}\t{outcome}")
+    except Exception as e:
+        raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
+
+
+@topics_app.command("list")
+def topics_list() -> None:
+    """Print the topic catalog: name, value schema, key."""
+    from streams.topics import CATALOG, topic_name
+
+    s = settings()
+    for spec in CATALOG:
+        extra = ",".join(f"{k}={v}" for k, v in spec.config.items())
+        print(f"{topic_name(s.kafka, spec.name)}\t{spec.value_schema}\t{spec.key}\t{extra}")
+
+
+# --------------------------------------------------------------------------- agent
+
+
+@app.command()
+def agent(
+    bootstrap: BootstrapOpt = None,
+    region: Annotated[str | None, typer.Option(help="Region of this agent.")] = None,
+    agent_id: Annotated[str | None, typer.Option(help="Default: <region>-<hostname>.")] = None,
+    interval: Annotated[
+        float | None, typer.Option(help="Monitoring interval, seconds.", min=0.001)
+    ] = None,
+    api: Annotated[str | None, typer.Option(help="API name of the replayed endpoints.")] = None,
+    replay: Annotated[
+        Path | None, typer.Option(help="Replay a timestamp,value CSV as request streams.")
+    ] = None,
+    endpoints: Annotated[int, typer.Option(help="Endpoints the replay spreads over.", min=1)] = 3,
+    speedup: Annotated[
+        float, typer.Option(help="Replay speed (60 = an hour a minute; 0 = flat out).", min=0)
+    ] = 0.0,
+    scale: Annotated[float, typer.Option(help="Multiply each row's requests.", min=0)] = 1.0,
+    limit: Annotated[int | None, typer.Option(help="Replay only the first N rows.", min=2)] = None,
+    batch: Annotated[
+        bool | None, typer.Option("--batch/--single", help="TelemetryBatch or single values.")
+    ] = None,
+    duration: Annotated[
+        float | None, typer.Option(help="Stop after this many seconds.", min=0)
+    ] = None,
+) -> None:
+    """Run an edge agent: aggregate per endpoint and interval, publish Avro telemetry."""
+    from schemas.codec import CodecError
+    from streams.agent import build_agent
+    from streams.metrics import serve_metrics
+    from streams.replay import TraceError, read_trace, window_offset
+    from streams.replay import replay as run_replay
+    from streams.sdk import make_codec
+    from streams.topics import ensure_topics
+
+    s = settings(bootstrap)
+    a = s.agent
+    region = region or a.region
+    agent_id = agent_id or a.agent_id or f"{region}-{socket.gethostname()}"
+    trace = None
+    if replay is not None:
+        try:
+            trace = read_trace(replay, limit)
+        except TraceError as e:
+            raise fail(str(e)) from None
+    try:
+        ensure_topics(s.kafka)
+    except Exception as e:
+        raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
+    serve_metrics(a.metrics_port)
+    key = a.client_hash_key.get_secret_value().encode()
+    edge = build_agent(
+        s.kafka,
+        make_codec(s.kafka),
+        agent_id=agent_id,
+        region=region,
+        batch=a.batch if batch is None else batch,
+        max_buffered=a.max_buffered,
+        interval_seconds=interval or a.interval_seconds,
+        endpoint_intervals=a.endpoint_intervals,
+        default_api=api or a.api,
+        k_anonymity=a.k_anonymity,
+        client_hash_key=key or None,
+        window_offset_seconds=window_offset(trace, interval or a.interval_seconds) if trace else 0,
+    )
+    started = time.monotonic()
+    with stop_on_signals() as stop:
+        if duration is not None:
+            threading.Timer(duration, stop.set).start()
+        try:
+            if trace is not None:
+                names = [f"{api or a.api}-{region}-{i + 1}" for i in range(endpoints)]
+                total = run_replay(
+                    trace, edge.record, edge.tick, names,
+                    api=api or a.api, speedup=speedup, scale=scale, stop=stop,
+                )
+                console.print(f"replayed {total} requests over {len(trace.rows)} rows")
+            else:
+                console.print(f"agent {agent_id} publishing every {edge.aggregator.interval}s")
+                edge.run(stop)
+        except CodecError as e:  # a record the schema rejects: a bug worth stopping for
+            raise fail(f"telemetry did not encode: {e}", 1) from None
+        finally:
+            left = edge.close()
+            stop.set()
+    stats = edge.publisher.producer.stats
+    console.print(
+        f"agent {agent_id}: {edge.windows_published} windows, {stats.sent} records sent, "
+        f"{stats.delivered} delivered, {stats.failed} failed, {stats.overflow} over the "
+        f"buffer bound, {left} undelivered, {time.monotonic() - started:.1f}s"
+    )
+    if left or stats.failed or stats.overflow:
+        raise typer.Exit(1)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+@app.command()
+def demo(
+    duration: Annotated[float, typer.Option(help="Seconds to run.", min=1)] = 30.0,
+    speedup: Annotated[float, typer.Option(help="Trace seconds per wall second.", min=1)] = 3600.0,
+    trace: Annotated[
+        Path | None, typer.Option(help="timestamp,value CSV (default: the ELB trace).")
+    ] = None,
+) -> None:
+    """The pipeline on embedded defaults, with a live view, ending in a summary."""
+    from loadcast.demo import run_demo
+
+    try:
+        run_demo(settings(), duration=duration, speedup=speedup, trace_path=trace)
+    except FileNotFoundError as e:
+        raise fail(str(e)) from None
+
+
+def main() -> None:
+    """Entry point of the ``loadcast`` script."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,109 @@
+"""Settings of every loadcast process: environment variables and an optional TOML file.
+
+Precedence: explicit arguments > environment (``LOADCAST_<SECTION>__<FIELD>``) > the
+settings file (``--config PATH`` or ``LOADCAST_CONFIG``) > defaults. A bad value stops
+start-up with a message that names the field, e.g. ``kafka.partitions: Input should be
+greater than or equal to 1``.
+
+Example file::
+
+    [kafka]
+    bootstrap_servers = "kafka-1:9092,kafka-2:9092"
+    security_protocol = "SASL_SSL"
+
+    [agent]
+    region = "eu-west"
+    interval_seconds = 5
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from streams.settings import KafkaSettings
+
+
+class AgentSettings(BaseModel):
+    """The edge agent (``loadcast agent``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    region: str = Field("central", min_length=1)
+    agent_id: str | None = Field(None, description="default: <region>-<hostname>")
+    api: str = Field("default", min_length=1, description="API of endpoints not configured")
+    interval_seconds: float = Field(5.0, gt=0, le=3600, description="monitoringInterval")
+    endpoint_intervals: dict[str, float] = Field(
+        default_factory=dict, description="per-endpoint monitoring interval, seconds"
+    )
+    batch: bool = Field(True, description="publish TelemetryBatch values (one per partition)")
+    k_anonymity: int = Field(5, ge=1, description="suppress client counts below k")
+    client_hash_key: SecretStr = Field(
+        SecretStr(""), description="HMAC key for client hashing (default: random per start)"
+    )
+    max_buffered: int = Field(100_000, ge=1, description="producer buffer bound, records")
+    metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics here (0 = off)")
+
+
+class SettingsError(ValueError):
+    """Settings that do not validate; the message names every bad field."""
+
+
+class Settings(BaseSettings):
+    """Root settings; one section per component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LOADCAST_", env_nested_delimiter="__", extra="forbid"
+    )
+    config_file: ClassVar[Path | None] = None
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
+    agent: AgentSettings = Field(default_factory=AgentSettings)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.config_file))
+        return tuple(sources)
+
+
+def load_settings(config: Path | str | None = None, **overrides: Any) -> Settings:
+    """Load settings from env and the file (``config`` or ``$LOADCAST_CONFIG``).
+
+    Raises :class:`SettingsError` naming each bad field.
+    """
+    path = config or os.environ.get("LOADCAST_CONFIG")
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SettingsError(f"settings file {path} does not exist")
+    Settings.config_file = Path(path) if path else None
+    try:
+        return Settings(**overrides)
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            where = ".".join(str(p) for p in err["loc"])
+            problems.append(f"{where}: {err['msg']}")
+        raise SettingsError("bad settings: " + "; ".join(problems)) from None
+    except ValueError as e:  # TOML syntax errors
+        raise SettingsError(f"bad settings file {path}: {e}") from None
+    finally:
+        Settings.config_file = None
