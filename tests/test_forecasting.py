@@ -1,0 +1,205 @@
+"""Behaviour of the online forecasters: shape, safety on bad input, snapshots, accuracy."""
+
+from __future__ import annotations
+
+import csv
+import math
+import pickle
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from processors.forecasting import KINDS, Forecaster, ForecastPoint, make_forecaster
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _load(name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    with open(DATA / name, newline="") as fh:
+        rows = list(csv.DictReader(fh))[:limit]
+    ts = np.array(
+        [datetime.fromisoformat(r["timestamp"]).replace(tzinfo=UTC).timestamp() for r in rows]
+    )
+    return ts, np.array([float(r["value"]) for r in rows])
+
+
+def _prequential_mase(
+    f: Forecaster, ts: np.ndarray, y: np.ndarray, season: int, horizons: tuple[int, ...]
+) -> list[float]:
+    """Forecast-then-learn over the series; MASE vs the one-season-back naive scale."""
+    n, H = len(y), max(horizons)
+    pred = np.full((n, H), np.nan)
+    for i in range(n):
+        f.learn(float(ts[i]), float(y[i]))
+        for p in f.forecast(H):
+            if i + p.horizon < n:
+                pred[i + p.horizon, p.horizon - 1] = p.mean
+    scale = np.mean(np.abs(y[season:] - y[:-season]))
+    return [float(np.mean(np.abs(y[season:] - pred[season:, h - 1])) / scale) for h in horizons]
+
+
+def _check_points(points: list[ForecastPoint]) -> None:
+    for p in points:
+        assert all(math.isfinite(v) for v in (p.mean, p.lower, p.upper)), p
+        assert 0.0 <= p.lower <= p.mean <= p.upper, p
+
+
+def test_unknown_kind_names_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="seasonal_naive") as err:
+        make_forecaster("prophet")
+    assert "prophet" in str(err.value)
+    assert {"default", "snarimax", "holtwinters", "seasonal_naive", "persistence"} <= set(KINDS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_forecast_shape_times_and_record(kind: str) -> None:
+    f = make_forecaster(kind, step_seconds=60, season_seconds=3600)
+    assert isinstance(f, Forecaster)
+    assert f.forecast(15)[0].mean == 0.0  # before any data: zeros, not an error
+    for i in range(200):
+        f.learn(1_000_020 + 60 * i, 10 + 5 * math.sin(i / 9.5))
+    assert f.observations == 200
+    assert f.last_ts == 1_000_020 + 60 * 199
+    pts = f.forecast(horizon=15)
+    assert [p.horizon for p in pts] == list(range(1, 16))
+    assert [p.at for p in pts] == [f.last_ts + 60 * h for h in range(1, 16)]
+    _check_points(pts)
+    rec = pts[0].to_record()
+    assert rec == {
+        "horizon": 1,
+        "at": int((f.last_ts + 60) * 1000),
+        "mean": pts[0].mean,
+        "lower": pts[0].lower,
+        "upper": pts[0].upper,
+    }
+    assert isinstance(rec["at"], int)
+    # Longer than the tracked horizon still works, with bands no narrower at the end.
+    long = f.forecast(40)
+    assert len(long) == 40
+    _check_points(long)
+    assert long[-1].upper - long[-1].lower >= long[14].upper - long[14].lower - 1e-9
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_zeros_gaps_and_bad_values_never_give_nan_or_negative(kind: str) -> None:
+    f = make_forecaster(kind, step_seconds=60, season_seconds=1800)
+    ts = 0.0
+    rng = np.random.default_rng(3)
+    for i in range(400):
+        ts += 60
+        if i == 150:
+            ts += 60 * 7  # a gap of 7 missing steps
+        if i == 300:
+            ts += 60 * 5000  # a gap longer than any history
+        value = 0.0 if 100 <= i < 140 else float(rng.poisson(3))
+        if i == 200:
+            value = math.nan
+        if i == 201:
+            value = -5.0
+        f.learn(ts, value)
+        _check_points(f.forecast(15))
+    # All zeros from the start.
+    z = make_forecaster(kind, step_seconds=60, season_seconds=1800)
+    for i in range(100):
+        z.learn(60 * i, 0.0)
+    pts = z.forecast(15)
+    _check_points(pts)
+    assert all(p.mean == 0.0 for p in pts)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_stale_and_duplicate_steps_are_not_learned_twice(kind: str) -> None:
+    f = make_forecaster(kind, step_seconds=60, season_seconds=600)
+    for i in range(30):
+        assert f.learn(60 * i, float(i % 10))
+    before = f.forecast(5)
+    assert not f.learn(60 * 29, 1e6)  # same step again
+    assert not f.learn(60 * 10, 1e6)  # an old step
+    assert not f.learn(60 * 29 + 20, 1e6)  # jitter within the same step
+    assert f.observations == 30
+    assert f.forecast(5) == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pickle_round_trip_gives_identical_forecasts(kind: str) -> None:
+    ts, y = _load("nyc_taxi.csv", limit=700)
+    f = make_forecaster(kind, step_seconds=1800, season_seconds=86400)
+    for t, v in zip(ts[:600], y[:600], strict=True):
+        f.learn(t, v)
+    g = pickle.loads(pickle.dumps(f))
+    assert g.forecast(15) == f.forecast(15)
+    for t, v in zip(ts[600:], y[600:], strict=True):
+        f.learn(t, v)
+        g.learn(t, v)
+    assert g.forecast(15) == f.forecast(15)
+
+
+@pytest.mark.parametrize(
+    ("name", "limit"), [("nyc_taxi.csv", 2500), ("elb_request_count_8c0756.csv", 2500)]
+)
+def test_default_beats_persistence_and_seasonal_naive_on_real_trace(name: str, limit: int) -> None:
+    ts, y = _load(name, limit=limit)
+    step = int(np.median(np.diff(ts)))
+    season = 86400 // step
+    scores = {}
+    for kind in ("default", "persistence", "seasonal_naive"):
+        f = make_forecaster(kind, step_seconds=step, season_seconds=86400)
+        scores[kind] = _prequential_mase(f, ts, y, season, (1, 5, 15))
+    for i in range(3):
+        assert scores["default"][i] < scores["persistence"][i], scores
+        assert scores["default"][i] < scores["seasonal_naive"][i], scores
+
+
+def test_default_is_no_worse_than_seasonal_naive_on_an_unseen_shape() -> None:
+    """A 2-hour square-wave season with a level shift and noise: nothing like the traces."""
+    rng = np.random.default_rng(7)
+    t = np.arange(2500)
+    y = np.where(t % 24 < 7, 40.0, 4.0) * np.where(t > 1200, 1.8, 1.0)
+    y = np.clip(y + rng.normal(0, 4, t.size), 0, None)
+    ts = 300.0 * t
+    res = {}
+    for kind in ("default", "seasonal_naive"):
+        f = make_forecaster(kind, step_seconds=300, season_seconds=7200)
+        res[kind] = _prequential_mase(f, ts, y, 24, (1, 5, 15))
+    for i in range(3):
+        assert res["default"][i] <= res["seasonal_naive"][i] * 1.02, res
+
+
+def test_band_covers_about_ninety_percent() -> None:
+    ts, y = _load("nyc_taxi.csv", limit=3000)
+    f = make_forecaster("default", step_seconds=1800, season_seconds=86400)
+    inside = total = 0
+    pending: dict[int, tuple[float, float]] = {}
+    for i, (t, v) in enumerate(zip(ts, y, strict=True)):
+        if i in pending and i > 1000:
+            lo, hi = pending[i]
+            inside += lo <= v <= hi
+            total += 1
+        f.learn(t, v)
+        p = f.forecast(5)[4]
+        pending[i + 5] = (p.lower, p.upper)
+    assert 0.8 <= inside / total <= 0.97
+
+
+def test_params_get_set_round_trip() -> None:
+    f = make_forecaster("default", step_seconds=1800, season_seconds=86400)
+    ts, y = _load("nyc_taxi.csv", limit=400)
+    for t, v in zip(ts, y, strict=True):
+        f.learn(t, v)
+    params = f.get_params()  # type: ignore[attr-defined]
+    assert params["weights"].shape[0] == 15
+    assert np.isfinite(params["weights"]).all()
+    g = make_forecaster("default", step_seconds=60, season_seconds=86400)
+    g.set_params(params)  # type: ignore[attr-defined]
+    np.testing.assert_array_equal(g.get_params()["weights"], params["weights"])  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match="shape"):
+        g.set_params({"weights": np.zeros((3, 3))})  # type: ignore[attr-defined]
+
+
+def test_default_model_snapshot_is_small() -> None:
+    f = make_forecaster("default", step_seconds=60, season_seconds=86400)
+    for i in range(1500):
+        f.learn(60 * i, 100 + 50 * math.sin(i / 229.0))
+    assert len(pickle.dumps(f)) <= 250_000
