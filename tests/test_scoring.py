@@ -73,9 +73,13 @@ def test_more_errors_higher_latency_and_anomalies_mean_lower_score() -> None:
 
 
 def test_wider_band_is_riskier() -> None:
-    kw = {"capacity_rps": 100.0, "current_rps": 50.0, "latency_p99_ms": 10.0, "error_rate": 0.0}
-    narrow = compute_score(_fc(60.0, spread=0.05), **kw).score
-    wide = compute_score(_fc(60.0, spread=0.5), **kw).score
+    def at(spread: float) -> float:
+        return compute_score(
+            _fc(60.0, spread=spread), capacity_rps=100, current_rps=50, latency_p99_ms=10,
+            error_rate=0,
+        ).score
+
+    narrow, wide = at(0.05), at(0.5)
     assert wide < narrow
 
 
