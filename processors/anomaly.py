@@ -1,0 +1,138 @@
+"""Per-endpoint anomaly detection on telemetry windows (River HalfSpaceTrees).
+
+Each window becomes a few features (request rate, error rate, p50/p99 latency, CPU...).
+Half-space trees need inputs in [0, 1], and a min-max scaler is ruined by the first
+outlier, so every feature goes through a running robust scaler instead: ``log1p`` for the
+heavy-tailed ones, then an EW mean and EW mean absolute deviation, then a logistic squash
+``1 / (1 + exp(-(x - mean) / (k * mad)))``.  Normal windows land near 0.5; an outlier in
+either direction lands near 0 or 1, a corner the trees have seen little mass in.  The
+scaler does not learn from windows it flags, so an incident does not become "normal".
+
+The score is HST's (0 = normal, 1 = anomalous).  During the first ``warmup`` windows the
+detector learns but never flags (the trees' mass profiles are still empty).  Seeded, so
+the same inputs give the same scores.
+
+>>> det = AnomalyDetector(warmup=50, seed=1)
+>>> for i in range(300):
+...     r = det.score_and_learn({"rate": 100 + i % 7, "error_rate": 0.01, "p99_ms": 80})
+>>> det.score_and_learn({"rate": 100, "error_rate": 0.5, "p99_ms": 1600}).is_anomaly
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from river import anomaly
+
+__all__ = ["AnomalyDetector", "AnomalyResult", "RobustSquasher", "telemetry_features"]
+
+#: Features that are heavy-tailed and non-negative: compared on a log scale.
+LOG_FEATURES = frozenset({"rate", "p50_ms", "p99_ms", "max_ms", "in_flight"})
+
+
+def telemetry_features(window: Mapping[str, Any]) -> dict[str, float]:
+    """Detector features of one ``EndpointTelemetry`` dict.
+
+    >>> telemetry_features({"window_start": 0, "window_end": 5000, "request_count": 50,
+    ...     "errors_5xx": 5, "errors_connect": 0, "latency_p50_ms": 10.0,
+    ...     "latency_p99_ms": 90.0, "cpu_percent": 30.0})
+    {'rate': 10.0, 'error_rate': 0.1, 'p50_ms': 10.0, 'p99_ms': 90.0, 'cpu': 0.3}
+    """
+    seconds = max((window["window_end"] - window["window_start"]) / 1000.0, 1e-3)
+    n = max(float(window.get("request_count", 0)), 0.0)
+    failed = sum(
+        float(window.get(k, 0) or 0) for k in ("errors_5xx", "errors_connect", "errors_timeout")
+    )
+    return {
+        "rate": n / seconds,
+        "error_rate": min(failed / n, 1.0) if n > 0 else 0.0,
+        "p50_ms": float(window.get("latency_p50_ms", 0.0)),
+        "p99_ms": float(window.get("latency_p99_ms", 0.0)),
+        "cpu": float(window.get("cpu_percent", 0.0)) / 100.0,
+    }
+
+
+@dataclass
+class RobustSquasher:
+    """Running robust scaler to (0, 1): EW median-ish centre and EW absolute deviation."""
+
+    alpha: float = 0.02
+    width: float = 6.0  # deviations that map to ~0.73 / 0.27
+    centre: dict[str, float] = field(default_factory=dict)
+    spread: dict[str, float] = field(default_factory=dict)
+
+    def transform(self, x: Mapping[str, float]) -> dict[str, float]:
+        out = {}
+        for k, v in x.items():
+            v = _prep(k, v)
+            c = self.centre.get(k, v)
+            s = max(self.spread.get(k, 0.0), 1e-3 + 0.01 * abs(c))
+            z = (v - c) / (self.width * s)
+            out[k] = 1.0 / (1.0 + math.exp(-max(min(z, 50.0), -50.0)))
+        return out
+
+    def learn(self, x: Mapping[str, float]) -> None:
+        a = self.alpha
+        for k, v in x.items():
+            v = _prep(k, v)
+            if k not in self.centre:
+                self.centre[k], self.spread[k] = v, 0.0
+                continue
+            c = self.centre[k]
+            # Sign-step for the centre tracks the median, robust to spikes.
+            s = max(self.spread[k], 1e-3 + 0.01 * abs(c))
+            self.centre[k] = c + a * s * (1.0 if v > c else -1.0 if v < c else 0.0) + a * 0.1 * (
+                v - c
+            )
+            self.spread[k] += a * (min(abs(v - c), 10 * s) - self.spread[k])
+
+
+def _prep(key: str, value: float) -> float:
+    v = float(value) if math.isfinite(value) else 0.0
+    return math.log1p(max(v, 0.0)) if key in LOG_FEATURES else v
+
+
+@dataclass(frozen=True, slots=True)
+class AnomalyResult:
+    score: float  # [0, 1], higher = more anomalous
+    is_anomaly: bool
+    warm: bool  # False during warm-up (never flagged then)
+    features: dict[str, float]
+
+
+class AnomalyDetector:
+    """Online anomaly detector for one endpoint's telemetry windows."""
+
+    def __init__(
+        self,
+        threshold: float = 0.8,
+        warmup: int = 200,
+        seed: int = 42,
+        n_trees: int = 25,
+        height: int = 6,
+        window_size: int = 250,
+    ) -> None:
+        self.threshold = float(threshold)
+        self.warmup = int(warmup)
+        self.seen = 0
+        self.scaler = RobustSquasher()
+        self.model = anomaly.HalfSpaceTrees(
+            n_trees=n_trees, height=height, window_size=window_size, seed=seed
+        )
+
+    def score_and_learn(self, features: Mapping[str, float]) -> AnomalyResult:
+        """Score a window (before learning it), then learn it."""
+        x = self.scaler.transform(features)
+        raw = float(self.model.score_one(x))
+        score = min(max(raw if math.isfinite(raw) else 0.0, 0.0), 1.0)
+        warm = self.seen >= self.warmup
+        flagged = warm and score >= self.threshold
+        self.model.learn_one(x)
+        if not flagged:
+            self.scaler.learn(features)
+        self.seen += 1
+        return AnomalyResult(score if warm else 0.0, flagged, warm, dict(features))
