@@ -106,7 +106,8 @@ def run_demo(
             edge = build_agent(
                 settings.kafka, codec, agent_id=f"demo-{region}", region=region, batch=True,
                 host_stats=zero_host_stats, interval_seconds=trace.step_seconds,
-                default_api="orders", window_offset_seconds=window_offset(trace, trace.step_seconds),
+                default_api="orders",
+                window_offset_seconds=window_offset(trace, trace.step_seconds),
             )
             agents.append(edge)
             names = [f"orders-{region}-{i}" for i in range(1, 4)]

@@ -66,8 +66,8 @@ class Settings(BaseSettings):
     )
     config_file: ClassVar[Path | None] = None
 
-    kafka: KafkaSettings = Field(default_factory=KafkaSettings)  # type: ignore[arg-type]
-    agent: AgentSettings = Field(default_factory=AgentSettings)  # type: ignore[arg-type]
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    agent: AgentSettings = Field(default_factory=AgentSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -113,9 +113,10 @@ class TelemetryAggregator:
 
     Windows are aligned to multiples of the endpoint's interval in event time (``at``,
     epoch seconds; default: now), shifted by ``window_offset_seconds`` (a replayed trace
-    whose rows start at :04 gets windows that start at :04). An endpoint that has been seen keeps getting windows,
-    with zero requests, for ``idle_windows`` intervals after its last request, because a
-    quiet window is information for the forecaster (a missing one is a gap).
+    whose rows start at :04 gets windows that start at :04). An endpoint that has been
+    seen keeps getting windows, with zero requests, for ``idle_windows`` intervals after
+    its last request, because a quiet window is information for the forecaster (a missing
+    one is a gap).
     """
 
     def __init__(
@@ -351,6 +352,7 @@ class TelemetryPublisher:
         self.batch = batch
         self.max_batch = max_batch
         self.partitions = partition_count(settings, self.topic) if batch else 0
+        self._placement: dict[str, int] = {}  # murmur2 in Python is slow; endpoints repeat
 
     def publish(self, records: Iterable[Record]) -> int:
         """Produce ``records``; returns how many Kafka records were queued."""
@@ -362,8 +364,14 @@ class TelemetryPublisher:
             self.producer.poll(0)
             return n
         groups: dict[int, list[Record]] = {}
+        placement = self._placement
         for r in records:
-            p = partition_for(r["endpoint_id"].encode(), self.partitions)
+            endpoint = r["endpoint_id"]
+            p = placement.get(endpoint)
+            if p is None:
+                if len(placement) > 100_000:
+                    placement.clear()
+                p = placement[endpoint] = partition_for(endpoint.encode(), self.partitions)
             groups.setdefault(p, []).append(r)
         n = 0
         now_ms = round(time.time() * 1000)

@@ -48,6 +48,12 @@ def tansu_binary() -> str:
 def wait_for_metadata(bootstrap: str, timeout: float) -> None:
     """Block until a broker at ``bootstrap`` answers a metadata request."""
     deadline = time.monotonic() + timeout
+    host, _, port = bootstrap.rpartition(":")
+    # Wait for the port first: librdkafka would log every refused connection.
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.5):
+            break
+        time.sleep(0.05)
     admin = AdminClient(
         {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000}
     )

@@ -58,8 +58,8 @@ def test_clients_are_hashed_and_suppressed_under_k() -> None:
     a = agg(k_anonymity=5, client_hash_key=b"secret")
     for c in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
         a.record("e1", 10.0, 200, at=1000.0, client=c)
-    for c in range(6):
-        a.record("e2", 10.0, 200, at=1000.0, client=f"192.168.1.{c}")
+    for n in range(6):
+        a.record("e2", 10.0, 200, at=1000.0, client=f"192.168.1.{n}")
     out = {w["endpoint_id"]: w for w in a.close_due(1005.0)}
     assert out["e1"]["distinct_clients"] is None  # 3 < k: suppressed
     assert out["e2"]["distinct_clients"] == 6

@@ -44,7 +44,7 @@ def test_apache_avro_reference_reads_our_body(codec: Codec) -> None:
     data = codec.encode("EndpointTelemetry", telemetry())
     schema = avro.schema.parse((SCHEMA_DIR / "EndpointTelemetry.avsc").read_text())
     reader = avro.io.DatumReader(schema)
-    decoded = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[5:])))
+    decoded: Any = reader.read(avro.io.BinaryDecoder(io.BytesIO(data[5:])))
     want = telemetry()
     for k in ("window_start", "window_end"):  # avro returns timestamp-millis as datetime
         decoded[k] = round(decoded[k].timestamp() * 1000)
@@ -76,7 +76,7 @@ def test_new_version_is_read_by_old_reader(codec: Codec) -> None:
         plain(json.loads((SCHEMA_DIR / "history/EndpointTelemetry.v1.avsc").read_text()))
     )
     current = fastavro.parse_schema(plain(codec.schema("EndpointTelemetry")))
-    got = fastavro.schemaless_reader(io.BytesIO(data[5:]), current, v1)
+    got: Any = fastavro.schemaless_reader(io.BytesIO(data[5:]), current, v1)
     assert got["request_count"] == 120
     assert "distinct_clients" not in got
 

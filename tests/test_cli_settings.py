@@ -1,0 +1,103 @@
+"""Settings and the command line: bad input stops with the field named; broker lifecycle."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from loadcast.settings import SettingsError, load_settings
+from streams.settings import KafkaSettings
+from streams.topics import CATALOG, ensure_topics, topic_name
+
+LOADCAST = [sys.executable, "-m", "loadcast"]
+
+
+def test_env_and_file_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text('[kafka]\nbootstrap_servers = "file:9092"\npartitions = 12\n'
+                 '[agent]\nregion = "eu-west"\n')
+    monkeypatch.setenv("LOADCAST_KAFKA__PARTITIONS", "24")
+    s = load_settings(f)
+    assert s.kafka.bootstrap_servers == "file:9092"  # from the file
+    assert s.kafka.partitions == 24  # env beats file
+    assert s.agent.region == "eu-west"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [("[kafka]\npartitions = 0\n", "kafka.partitions"),
+     ("[agent]\ninterval_seconds = 'soon'\n", "agent.interval_seconds"),
+     ("[kafka]\nbootstrap = 'x'\n", "kafka.bootstrap"),
+     ("[kafka\n", "s.toml")],
+)
+def test_bad_settings_file_names_the_field(tmp_path: Path, text: str, named: str) -> None:
+    f = tmp_path / "s.toml"
+    f.write_text(text)
+    with pytest.raises(SettingsError, match=named.replace(".", r"\.")):
+        load_settings(f)
+    done = subprocess.run([*LOADCAST, "--config", str(f), "topics", "list"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and named in done.stderr
+
+
+def test_missing_settings_file() -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings("/nonexistent/loadcast.toml")
+
+
+def test_bad_cli_arguments_are_refused() -> None:
+    done = subprocess.run([*LOADCAST, "agent", "--interval", "-3"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "--interval" in done.stderr
+    done = subprocess.run([*LOADCAST, "agent", "--replay", "/nope.csv"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 2 and "/nope.csv" in done.stderr
+
+
+def test_help_lists_the_commands() -> None:
+    done = subprocess.run([*LOADCAST, "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    for cmd in ("broker", "agent", "topics", "demo"):
+        assert cmd in done.stdout
+
+
+def test_ensure_topics_is_idempotent_and_compacts_the_model_repository(
+    kafka: KafkaSettings,
+) -> None:
+    again = ensure_topics(kafka)  # the fixture created them already
+    assert set(again.values()) == {"exists"} and len(again) == len(CATALOG)
+    admin = AdminClient(kafka.client_config())
+    res = ConfigResource(ConfigResource.Type.TOPIC, topic_name(kafka, "global-model"))
+    cfg = admin.describe_configs([res])[res].result(10)
+    assert cfg["cleanup.policy"].value == "compact"
+
+
+def test_broker_command_prints_address_and_stops_on_sigterm() -> None:
+    p = subprocess.Popen([*LOADCAST, "broker"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    try:
+        assert p.stdout is not None
+        line = p.stdout.readline().strip()  # blocks until the broker answers metadata
+        assert line.startswith("127.0.0.1:")
+        md = AdminClient({"bootstrap.servers": line}).list_topics(timeout=10)
+        assert "loadcast.telemetry" in md.topics
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(20) == 0
+        # The Tansu child is gone too: nothing listens on the port any more.
+        time.sleep(0.5)
+        import socket
+        with pytest.raises(OSError), socket.create_connection(
+            ("127.0.0.1", int(line.rsplit(":", 1)[1])), 1
+        ):
+            pass
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
