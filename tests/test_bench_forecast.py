@@ -1,0 +1,53 @@
+"""The forecasting benchmarks run end to end (--quick) and write sane JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+
+
+def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "wrote" in proc.stdout
+    data: dict[str, Any] = json.loads(out.read_text())
+    return data
+
+
+@pytest.mark.skipif(not (DATA / "nyc_taxi.csv").exists(), reason="shared traces not present")
+def test_forecast_accuracy_quick(tmp_path: Path) -> None:
+    res = _run(
+        "forecast_accuracy.py", tmp_path / "acc.json",
+        "--data", str(DATA / "nyc_taxi.csv"), "--kinds", "default,seasonal_naive,persistence",
+    )
+    entry = res["files"]["nyc_taxi.csv"]
+    assert entry["step_seconds"] == 1800 and entry["season_steps"] == 48
+    kinds = entry["kinds"]
+    assert set(kinds) == {"default", "seasonal_naive", "persistence"}
+    for r in kinds.values():
+        assert set(r["mase"]) == {"1", "5", "15"}
+        assert all(v > 0 for v in r["mase"].values())
+        assert 0.0 <= r["coverage_all_horizons"] <= 1.0
+    assert kinds["seasonal_naive"]["mase"]["1"] == pytest.approx(1.0, abs=0.05)
+    for h in ("1", "5", "15"):
+        assert kinds["default"]["mase"][h] < kinds["seasonal_naive"]["mase"][h]
+    assert res["checks"]["nyc_taxi.csv"]["default_le_seasonal_naive_all_h"]
+
+
+def test_forecaster_speed_quick(tmp_path: Path) -> None:
+    res = _run("forecaster_speed.py", tmp_path / "speed.json")
+    d = res["kinds"]["default"]
+    assert d["median_us"] > 0 and d["timed_steps"] == 300
+    assert 0 < d["pickle_bytes"] <= 250_000
+    assert set(res["checks"]) == {"default_median_us_ok", "default_bytes_ok"}
