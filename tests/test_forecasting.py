@@ -203,3 +203,12 @@ def test_default_model_snapshot_is_small() -> None:
     for i in range(1500):
         f.learn(60 * i, 100 + 50 * math.sin(i / 229.0))
     assert len(pickle.dumps(f)) <= 250_000
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_long_forecast_before_any_data_is_zeros(kind: str) -> None:
+    f = make_forecaster(kind, step_seconds=60, season_seconds=600)
+    pts = f.forecast(40)
+    assert len(pts) == 40 and all(p.mean == 0.0 for p in pts)
+    f.learn(0, 4.0)
+    _check_points(f.forecast(40))

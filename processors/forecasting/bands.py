@@ -107,7 +107,9 @@ class BandedForecaster:
         if horizon < 1:
             return []
         H = self.max_horizon
-        if horizon <= H:
+        if self._n == 0:  # nothing learned yet: zeros (with the default band)
+            means = np.zeros(horizon)
+        elif horizon <= H:
             means = self._cur[:horizon]
         else:
             means = np.concatenate([self._cur, self._points(horizon)[H:]])

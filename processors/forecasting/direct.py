@@ -158,7 +158,15 @@ class DirectForecaster(BandedForecaster):
 
     # -- params for federated averaging -------------------------------------------------
     def get_params(self) -> dict[str, np.ndarray]:
-        """Global, scale-free state: per-horizon weights and feature-scaler statistics."""
+        """Global, scale-free state: per-horizon weights and feature-scaler statistics.
+
+        ``weights`` is (horizons, features).  With the ``"rls"`` learner the weights apply
+        to the raw scale-free features (the scaler stays at mean 0, variance 1); with
+        ``"sgd"`` they apply to features standardized by ``x_mean``/``x_var`` and predict
+        the target in units of ``sqrt(y_var)``.  Either way nothing in here depends on the
+        endpoint's traffic volume, so parameters can be averaged across endpoints.  The
+        RLS covariance and the online selector's error statistics stay local.
+        """
         return {
             "weights": self.weights.copy(),
             "x_mean": self._x_mean.copy(),
