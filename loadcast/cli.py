@@ -250,6 +250,12 @@ def agent(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- sidecar
+
+from streams.sidecar.cli import sidecar as _sidecar  # noqa: E402  (light: typer only)
+
+app.command("sidecar")(_sidecar)
+
 # --------------------------------------------------------------------------- demo
 
 

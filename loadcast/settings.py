@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from streams.settings import KafkaSettings
+from streams.sidecar.config import SidecarSettings
 
 
 class AgentSettings(BaseModel):
@@ -68,6 +69,7 @@ class Settings(BaseSettings):
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    sidecar: SidecarSettings = Field(default_factory=SidecarSettings)
 
     @classmethod
     def settings_customise_sources(

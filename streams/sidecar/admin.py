@@ -1,0 +1,137 @@
+"""The sidecar's admin server: ``/health``, ``/metrics``, ``GET /weights``, and the
+mutations (``PUT /weights``, ``PUT /policy``, ``PUT /dynamic-routing``,
+``POST /endpoints/{id}/eject|readmit``), which need ``Authorization: Bearer <token>``
+with the token from ``sidecar.admin_token`` (401 without it; with no token configured
+no mutation is allowed at all).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from streams.sidecar.config import POLICY_NAMES
+
+if TYPE_CHECKING:
+    from streams.sidecar.app import Sidecar
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def admin_app(sc: Sidecar) -> web.Application:
+    """The admin application of sidecar ``sc``."""
+    token = sc.settings.admin_token.get_secret_value()
+
+    def guarded(handler: Handler) -> Handler:
+        async def wrapper(request: web.Request) -> web.StreamResponse:
+            if not token:
+                return _error(401, "admin mutations are disabled: set sidecar.admin_token")
+            auth = request.headers.get("Authorization", "")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), token.encode()
+            ):
+                return web.json_response(
+                    {"error": "missing or wrong bearer token"}, status=401,
+                    headers={"WWW-Authenticate": 'Bearer realm="loadcast-sidecar"'},
+                )
+            return await handler(request)
+
+        return wrapper
+
+    async def body(request: web.Request) -> dict[str, Any]:
+        try:
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise web.HTTPBadRequest(text="body must be a JSON object") from None
+        if not isinstance(data, dict):
+            raise web.HTTPBadRequest(text="body must be a JSON object")
+        return data
+
+    async def health(request: web.Request) -> web.Response:
+        h = sc.health()
+        return web.json_response(h, status=200 if h["status"] == "ok" else 503)
+
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def get_weights(request: web.Request) -> web.Response:
+        return web.json_response(sc.weights_view())
+
+    async def put_weights(request: web.Request) -> web.Response:
+        data = await body(request)
+        api = data.get("api")
+        scores = data.get("scores")
+        valid = data.get("valid_for_s", 60)
+        if api not in sc.router.routes:
+            return _error(400, f"api: unknown API {api!r}; known: {', '.join(sc.router.routes)}")
+        eps = {e.id for e in sc.router.routes[api].endpoints}
+        if not isinstance(scores, dict) or not scores:
+            return _error(400, "scores: must be an object {endpoint_id: score in [0, 1]}")
+        for e, v in scores.items():
+            if e not in eps:
+                return _error(400, f"scores.{e}: not an endpoint of {api}")
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+                return _error(400, f"scores.{e}: must be a number in [0, 1], got {v!r}")
+        if isinstance(valid, bool) or not isinstance(valid, int | float) or not 0 < valid <= 86400:
+            return _error(400, "valid_for_s: must be a number of seconds in (0, 86400]")
+        sc.set_manual_scores(api, {e: float(v) for e, v in scores.items()}, float(valid))
+        return web.json_response(sc.weights_view()[api])
+
+    async def put_policy(request: web.Request) -> web.Response:
+        data = await body(request)
+        name = data.get("policy")
+        api = data.get("api")
+        if name not in POLICY_NAMES:
+            return _error(400, f"policy: must be one of {', '.join(POLICY_NAMES)}")
+        if api is not None and api not in sc.router.routes:
+            return _error(400, f"api: unknown API {api!r}")
+        sc.router.set_policy(name, api)
+        for a in sc.router.routes:
+            sc._set_policy_gauge(a)
+        return web.json_response({"policy": name, "api": api})
+
+    async def put_dynamic(request: web.Request) -> web.Response:
+        data = await body(request)
+        enabled = data.get("enabled")
+        if not isinstance(enabled, bool):
+            return _error(400, "enabled: must be true or false")
+        sc.settings.dynamic_routing = enabled
+        if sc.proxy is not None:
+            sc.proxy.dynamic_routing = enabled
+        for a in sc.router.routes:
+            sc._set_policy_gauge(a)
+        return web.json_response({"dynamic_routing": enabled})
+
+    async def endpoint_action(request: web.Request) -> web.Response:
+        ep = sc.router.endpoints.get(request.match_info["id"])
+        if ep is None:
+            return _error(404, f"no endpoint {request.match_info['id']!r}")
+        action = request.match_info["action"]
+        if action == "eject":
+            sc.router.eject(ep, time.monotonic(), 3600.0)
+        elif action == "readmit":
+            sc.router.readmit(ep)
+        else:
+            return _error(404, f"unknown action {action!r}: eject or readmit")
+        return web.json_response({"endpoint": ep.id, "action": action})
+
+    app = web.Application(client_max_size=1 << 20)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/weights", get_weights)
+    app.router.add_put("/weights", guarded(put_weights))
+    app.router.add_put("/policy", guarded(put_policy))
+    app.router.add_put("/dynamic-routing", guarded(put_dynamic))
+    app.router.add_post("/endpoints/{id}/{action}", guarded(endpoint_action))
+    return app

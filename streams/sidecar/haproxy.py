@@ -1,0 +1,282 @@
+"""HAProxy as the data plane: config writer, process runner, runtime-API adapter.
+
+The sidecar writes one backend per API (``be_<api>``, ``balance roundrobin``, a server
+per endpoint with initial weight 100: HAProxy weights are 0-256 and a relative weight
+computed from an initial 1 would round to 0) plus a ``be_<api>_first`` twin with
+``balance first`` for requests that switch dynamic routing off. It starts HAProxy (or
+attaches to a running one by its admin socket) and pushes weight changes through the
+runtime API, several ``set server BACKEND/SERVER weight N`` commands in one write.
+
+>>> from streams.sidecar.config import Upstream
+>>> cfg = render_config([Upstream(id="a", url="http://127.0.0.1:9001", api="orders")],
+...                     bind="127.0.0.1:8080", socket_path="/tmp/h.sock")
+>>> "server a 127.0.0.1:9001 weight 100" in cfg
+True
+>>> weight_commands({"orders": {"a": 17}})
+'set server be_orders/a weight 17'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import io
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from streams.sidecar.config import Upstream
+from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
+
+INITIAL_WEIGHT = 100
+
+
+class HAProxyError(RuntimeError):
+    """HAProxy could not be started, or the runtime API refused a command."""
+
+
+def backend_name(api: str) -> str:
+    return f"be_{api}"
+
+
+def render_config(
+    upstreams: Sequence[Upstream],
+    *,
+    bind: str,
+    socket_path: str | Path,
+    threads: int = 2,
+    connect_timeout_s: float = 1.0,
+    request_timeout_s: float = 30.0,
+    eject_after_failures: int = 5,
+    maxconn: int = 4096,
+    check: bool = True,
+) -> str:
+    """The haproxy.cfg text for ``upstreams`` (grouped by API; first API is the default).
+
+    Retries: ``retry-on conn-failure empty-response`` with ``option redispatch`` sends a
+    refused connection to another server; HAProxy itself never resends a request whose
+    body it no longer holds. Outlier ejection: passive ``observe layer4`` health with
+    ``error-limit``/``on-error mark-down`` plus active checks that re-admit.
+    """
+    apis: dict[str, list[Upstream]] = {}
+    for u in upstreams:
+        apis.setdefault(u.api, []).append(u)
+    if not apis:
+        raise ValueError("no upstreams to write a config for")
+    ct = max(1, round(connect_timeout_s * 1000))
+    rt = max(1, round(request_timeout_s * 1000))
+    lines = [
+        "global",
+        f"    stats socket {socket_path} mode 600 level admin",
+        "    stats timeout 30s",
+        f"    nbthread {threads}",
+        f"    maxconn {maxconn}",
+        "",
+        "defaults",
+        "    mode http",
+        f"    timeout connect {ct}ms",
+        "    timeout client 30s",
+        f"    timeout server {rt}ms",
+        "    timeout http-keep-alive 30s",
+        "    option http-keep-alive",
+        "    http-reuse always",
+        "    option redispatch 1",
+        "    retries 2",
+        "    retry-on conn-failure empty-response",
+        "",
+        "frontend fe_loadcast",
+        f"    bind {bind}",
+    ]
+    first_api = next(iter(apis))
+    for api in apis:
+        lines.append(
+            f"    use_backend {backend_name(api)}_first if "
+            f"{{ req.hdr({DYNAMIC_HEADER}) -i off }} {{ req.hdr({API_HEADER}) -m str {api} }}"
+        )
+        if api == first_api:
+            lines.append(
+                f"    use_backend {backend_name(api)}_first if "
+                f"{{ req.hdr({DYNAMIC_HEADER}) -i off }} !{{ req.hdr({API_HEADER}) -m found }}"
+            )
+        lines.append(
+            f"    use_backend {backend_name(api)} if {{ req.hdr({API_HEADER}) -m str {api} }}"
+        )
+    lines += [f"    default_backend {backend_name(first_api)}", ""]
+    for api, ups in apis.items():
+        for suffix, balance in (("", "roundrobin"), ("_first", "first")):
+            lines += [f"backend {backend_name(api)}{suffix}", f"    balance {balance}"]
+            for u in ups:
+                srv = f"    server {u.id} {u.host}:{u.port} weight {INITIAL_WEIGHT}"
+                if check:
+                    srv += (
+                        f" check inter 1s fall 3 rise 2 observe layer4"
+                        f" error-limit {eject_after_failures} on-error mark-down"
+                    )
+                lines.append(srv)
+            lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def weight_commands(weights: Mapping[str, Mapping[str, int]]) -> str:
+    """``set server`` commands for ``{api: {server: weight}}``, ';'-joined in one line."""
+    cmds = [
+        f"set server {backend_name(api)}/{srv} weight {int(w)}"
+        for api, ws in weights.items()
+        for srv, w in ws.items()
+    ]
+    return ";".join(cmds)
+
+
+class RuntimeAPI:
+    """HAProxy's runtime API over its admin socket (non-interactive: one write, one
+    answer, connection closed)."""
+
+    def __init__(self, socket_path: str | Path, timeout_s: float = 2.0) -> None:
+        self.socket_path = str(socket_path)
+        self.timeout_s = timeout_s
+
+    async def command(self, line: str) -> str:
+        """Send one line (commands separated by ';'); returns HAProxy's answer."""
+        async def talk() -> bytes:
+            reader, writer = await asyncio.open_unix_connection(self.socket_path)
+            try:
+                writer.write(line.encode() + b"\n")
+                await writer.drain()
+                return await reader.read()
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+
+        return (await asyncio.wait_for(talk(), self.timeout_s)).decode(errors="replace")
+
+    def command_sync(self, line: str) -> str:
+        """Blocking variant (for set-up, tests and benchmarks)."""
+        import socket
+
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.timeout_s)
+            s.connect(self.socket_path)
+            s.sendall(line.encode() + b"\n")
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
+
+    async def set_weights(self, weights: Mapping[str, Mapping[str, int]]) -> None:
+        """Push ``{api: {server: weight}}`` in one write; raises on any refusal."""
+        line = weight_commands(weights)
+        if not line:
+            return
+        answer = (await self.command(line)).strip()
+        if answer:  # success is silent; anything else is an error message
+            raise HAProxyError(f"runtime API refused weights: {answer[:300]}")
+
+    async def stats(self) -> list[dict[str, str]]:
+        return parse_stats(await self.command("show stat"))
+
+    def stats_sync(self) -> list[dict[str, str]]:
+        return parse_stats(self.command_sync("show stat"))
+
+
+def parse_stats(text: str) -> list[dict[str, str]]:
+    """``show stat`` CSV (header line starts with '# ') into dicts."""
+    text = text.lstrip("# ")
+    return [dict(row) for row in csv.DictReader(io.StringIO(text)) if row.get("pxname")]
+
+
+def server_counts(stats: Sequence[Mapping[str, str]], api: str) -> dict[str, int]:
+    """Requests (HTTP responses) each server of ``be_<api>`` has answered, from HAProxy's
+    own counters."""
+    out: dict[str, int] = {}
+    for row in stats:
+        if row.get("pxname") != backend_name(api) or row.get("svname") in ("FRONTEND", "BACKEND"):
+            continue
+        total = sum(int(row.get(f"hrsp_{c}xx") or 0) for c in range(1, 6))
+        total += int(row.get("hrsp_other") or 0)
+        out[row["svname"]] = total
+    return out
+
+
+def haproxy_binary(name: str = "haproxy") -> str | None:
+    """Path of the haproxy binary, or None if it is not installed."""
+    found = shutil.which(name)
+    if found is None and Path("/usr/sbin/haproxy").exists() and name == "haproxy":
+        return "/usr/sbin/haproxy"
+    return found
+
+
+class HAProxyProcess:
+    """A HAProxy process of our own: config in a temp dir, foreground, stopped with us."""
+
+    def __init__(self, config_text: str, *, binary: str = "haproxy",
+                 workdir: Path | None = None) -> None:
+        path = haproxy_binary(binary)
+        if path is None:
+            raise HAProxyError(f"{binary} not found: install haproxy (make system-deps)")
+        self.binary = path
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="loadcast-haproxy-")
+        self.dir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
+        self.config_path = self.dir / "haproxy.cfg"
+        self.config_path.write_text(config_text)
+        self.log_path = self.dir / "haproxy.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def check(self) -> None:
+        """Validate the config with ``haproxy -c``."""
+        r = subprocess.run([self.binary, "-c", "-q", "-f", str(self.config_path)],
+                           capture_output=True, timeout=30, check=False)
+        if r.returncode != 0:
+            raise HAProxyError(f"haproxy rejects the config: {r.stderr.decode()[-800:]}")
+
+    def start(self, socket_path: str | Path, timeout_s: float = 10.0) -> None:
+        self.check()
+        log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [self.binary, "-db", "-f", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        log.close()
+        api = RuntimeAPI(socket_path)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise HAProxyError(f"haproxy exited at start: {self.log_tail()}")
+            try:
+                if "Name: HAProxy" in api.command_sync("show info"):
+                    return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise HAProxyError(f"haproxy did not open {socket_path} within {timeout_s}s")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 1500) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None

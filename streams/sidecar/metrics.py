@@ -1,0 +1,72 @@
+"""Prometheus metrics of the routing sidecar (``loadcast_sidecar_*``, label ``sidecar``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "loadcast_sidecar_requests_total",
+    "Requests routed by the built-in proxy, by API, endpoint and outcome",
+    ["sidecar", "api", "endpoint", "outcome"],
+)
+LATENCY = Histogram(
+    "loadcast_sidecar_request_seconds",
+    "Upstream latency of proxied requests (first byte of the response)",
+    ["sidecar", "api"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RETRIES = Counter(
+    "loadcast_sidecar_retries_total",
+    "Requests sent to the next endpoint after a connection failure",
+    ["sidecar", "api"],
+)
+REJECTED = Counter(
+    "loadcast_sidecar_rejected_total",
+    "Requests answered by the sidecar itself: no_endpoint (503), shed (503), "
+    "sent_then_failed (502), bad_request (4xx)",
+    ["sidecar", "api", "reason"],
+)
+EJECTIONS = Counter(
+    "loadcast_sidecar_ejections_total", "Outlier ejections after consecutive failures",
+    ["sidecar", "endpoint"],
+)
+EJECTED = Gauge(
+    "loadcast_sidecar_endpoint_ejected", "1 while the endpoint is ejected", ["sidecar", "endpoint"]
+)
+WEIGHT = Gauge(
+    "loadcast_sidecar_weight", "Relative routing weight (best endpoint = 1)",
+    ["sidecar", "api", "endpoint"],
+)
+STALE = Gauge(
+    "loadcast_sidecar_scores_stale",
+    "1 while the API's scores are past valid_until and the fallback policy routes",
+    ["sidecar", "api"],
+)
+POLICY = Gauge(
+    "loadcast_sidecar_policy_active", "1 for the policy routing the API now",
+    ["sidecar", "api", "policy"],
+)
+WEIGHT_CHANGES = Counter(
+    "loadcast_sidecar_weight_changes_total", "Weight-table changes applied", ["sidecar", "api"]
+)
+FALLBACKS = Counter(
+    "loadcast_sidecar_stale_fallbacks_total",
+    "Times an API's scores went stale and the fallback policy took over",
+    ["sidecar", "api"],
+)
+SCORES_RECEIVED = Counter(
+    "loadcast_sidecar_scores_received_total", "LoadScore and Anomaly records applied", ["sidecar"]
+)
+SCORES_SKIPPED = Counter(
+    "loadcast_sidecar_scores_skipped_total",
+    "Records on the score topics that did not decode (sent to dead-letter)",
+    ["sidecar", "reason"],
+)
+HAPROXY_UPDATES = Counter(
+    "loadcast_sidecar_haproxy_updates_total", "Runtime-API weight writes to HAProxy",
+    ["sidecar", "outcome"],
+)
+SHED = Gauge(
+    "loadcast_sidecar_shed_share", "Share of traffic being shed (all endpoints over capacity)",
+    ["sidecar", "api"],
+)

@@ -1,0 +1,245 @@
+"""Routing policies: one interface, five policies, plus outlier ejection state.
+
+Every policy picks one endpoint from the candidates (endpoints that are not ejected);
+the router tries the others in score order after a connection failure.
+
+- ``predictive``: weighted power-of-two-choices: draw two endpoints with probability
+  proportional to their score weights, keep the one with fewer in-flight requests per
+  unit of weight (ties: the first draw). Idle, it reproduces the weights exactly; under
+  load it steers away from a backed-up endpoint.
+- ``first-available``: the first candidate in configuration order (dynamic routing off).
+- ``round-robin``: candidates in turn.
+- ``least-request``: power-of-two-choices on in-flight requests (Envoy's least_request).
+- ``peak-ewma``: Finagle/Linkerd: cost = peak-sensitive EWMA of RTT × (in-flight + 1),
+  decay 10 s, power-of-two-choices.
+
+>>> import random
+>>> eps = [Endpoint("a", "http://127.0.0.1:1", weight=3.0), Endpoint("b", "http://127.0.0.1:2")]
+>>> pol = make_policy("predictive", random.Random(1))
+>>> picks = [pol.pick(eps, 0.0).id for _ in range(4000)]
+>>> round(picks.count("a") / 4000, 1)
+0.8
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+DECAY_S = 10.0  # peak-EWMA time constant (Finagle's default)
+MAX_EJECT_S = 60.0
+
+
+@dataclass(eq=False)
+class Endpoint:
+    """One upstream endpoint as the router sees it (mutable runtime state)."""
+
+    id: str
+    url: str
+    api: str = "default"
+    region: str = "central"
+    capacity_rps: float | None = None
+    weight: float = 1.0  # relative routing weight from scores (0 = drain)
+    in_flight: int = 0
+    # peak-EWMA state: cost estimate in ms and when it was last updated (monotonic s)
+    rtt_ms: float = 0.0
+    rtt_at: float = 0.0
+    consecutive_failures: int = 0
+    ejections: int = 0
+    ejected_until: float = 0.0
+    requests: int = 0
+    failures: int = 0
+    host: str = field(init=False, default="")
+    port: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        rest = self.url.split("://", 1)[-1]
+        host, _, port = rest.rpartition(":")
+        self.host, self.port = host, int(port or 80)
+
+    def observe_rtt(self, rtt_ms: float, now: float) -> None:
+        """Peak-sensitive EWMA: a slower sample is taken at once, faster ones decay in."""
+        if rtt_ms > self.rtt_ms or self.rtt_at == 0.0:
+            self.rtt_ms = rtt_ms
+        else:
+            w = math.exp(-max(0.0, now - self.rtt_at) / DECAY_S)
+            self.rtt_ms = self.rtt_ms * w + rtt_ms * (1.0 - w)
+        self.rtt_at = now
+
+    def cost(self, now: float) -> float:
+        """Peak-EWMA cost; an endpoint never measured costs 0 when idle (try it)."""
+        if self.rtt_at == 0.0:
+            return 0.0 if self.in_flight == 0 else 1e6 + self.in_flight
+        w = math.exp(-max(0.0, now - self.rtt_at) / DECAY_S)
+        return self.rtt_ms * w * (self.in_flight + 1)
+
+    def available(self, now: float) -> bool:
+        return self.ejected_until <= now
+
+    def succeeded(self) -> None:
+        self.consecutive_failures = 0
+        if self.ejected_until:  # a success after re-admission: forgive past ejections
+            self.ejected_until = 0.0
+            self.ejections = 0
+
+    def failed(self, now: float, eject_after: int, eject_s: float) -> bool:
+        """Count a failure; True when it ejects the endpoint (outlier detection)."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        if self.consecutive_failures >= eject_after:
+            self.ejections += 1
+            self.ejected_until = now + min(MAX_EJECT_S, eject_s * 2 ** (self.ejections - 1))
+            self.consecutive_failures = 0
+            return True
+        return False
+
+
+class Policy(Protocol):
+    """Picks one endpoint among non-empty ``candidates`` (all available)."""
+
+    name: str
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint: ...
+
+
+def _weighted_draw(candidates: Sequence[Endpoint], total: float, rng: random.Random) -> int:
+    x = rng.random() * total
+    for i, e in enumerate(candidates):
+        x -= e.weight
+        if x < 0:
+            return i
+    return len(candidates) - 1
+
+
+class Predictive:
+    """Score-weighted power-of-two-choices."""
+
+    name = "predictive"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        total = sum(e.weight for e in candidates)
+        if total <= 0:  # every candidate drained: still route (never "no routing")
+            return candidates[self.rng.randrange(n)]
+        a = candidates[_weighted_draw(candidates, total, self.rng)]
+        b = candidates[_weighted_draw(candidates, total, self.rng)]
+        if a is b or b.weight <= 0:
+            return a
+        # fewer in-flight per unit of weight wins; ties keep the first draw
+        return b if b.in_flight * a.weight < a.in_flight * b.weight else a
+
+
+class FirstAvailable:
+    """The first candidate in configuration order."""
+
+    name = "first-available"
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        return candidates[0]
+
+
+class RoundRobin:
+    """Candidates in turn."""
+
+    name = "round-robin"
+
+    def __init__(self) -> None:
+        self._i = 0
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        self._i += 1
+        return candidates[self._i % len(candidates)]
+
+
+class LeastRequest:
+    """Power-of-two-choices on in-flight requests."""
+
+    name = "least-request"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        i = self.rng.randrange(n)
+        j = self.rng.randrange(n - 1)
+        j += j >= i
+        a, b = candidates[i], candidates[j]
+        return b if b.in_flight < a.in_flight else a
+
+
+class PeakEwma:
+    """Power-of-two-choices on peak-EWMA cost (RTT × (in-flight + 1))."""
+
+    name = "peak-ewma"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        n = len(candidates)
+        if n == 1:
+            return candidates[0]
+        i = self.rng.randrange(n)
+        j = self.rng.randrange(n - 1)
+        j += j >= i
+        a, b = candidates[i], candidates[j]
+        return b if b.cost(now) < a.cost(now) else a
+
+
+def make_policy(name: str, rng: random.Random | None = None) -> Policy:
+    """The policy called ``name`` (one of ``config.POLICY_NAMES``)."""
+    if name == "predictive":
+        return Predictive(rng)
+    if name == "first-available":
+        return FirstAvailable()
+    if name == "round-robin":
+        return RoundRobin()
+    if name == "least-request":
+        return LeastRequest(rng)
+    if name == "peak-ewma":
+        return PeakEwma(rng)
+    raise ValueError(f"unknown policy {name!r}")
+
+
+def fallback_order(
+    chosen: Endpoint, endpoints: Sequence[Endpoint], now: float, by_score: bool
+) -> list[Endpoint]:
+    """The endpoints to try after ``chosen`` failed: by weight (score order) when scores
+    are fresh, else by peak-EWMA cost; ejected endpoints last, never dropped."""
+    rest = [e for e in endpoints if e is not chosen]
+    if by_score:
+        rest.sort(key=lambda e: -e.weight)
+    else:
+        rest.sort(key=lambda e: e.cost(now))
+    rest.sort(key=lambda e: not e.available(now))  # stable: keeps the order within groups
+    return rest
+
+
+def shed_plan(excess: float, class_shares: dict[int, float]) -> dict[int, float]:
+    """Drop probability per priority class so that about ``excess`` (0..1) of all traffic
+    is shed, lowest priority first (a class is shed whole before the next one is touched).
+
+    >>> shed_plan(0.3, {0: 0.2, 1: 0.6, 2: 0.2})
+    {0: 1.0, 1: 0.16666666666666669, 2: 0.0}
+    """
+    plan = dict.fromkeys(class_shares, 0.0)
+    left = max(0.0, min(1.0, excess))
+    for cls in sorted(class_shares):
+        share = class_shares[cls]
+        if left <= 0 or share <= 0:
+            continue
+        take = min(share, left)
+        plan[cls] = take / share
+        left -= take
+    return plan

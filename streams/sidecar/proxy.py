@@ -1,0 +1,336 @@
+"""The built-in data plane: an aiohttp reverse proxy driven by the :class:`Router`.
+
+Per request: pick the API (``X-Loadcast-Api`` header or first path segment), maybe shed
+it, choose an endpoint, forward over a pooled keep-alive connection, and stream the
+response back. Bodies are streamed both ways (small ones are read whole: fewer writes);
+``Content-Encoding`` passes through untouched (no decompression), and with
+``compress_responses`` uncompressed text responses are gzipped for clients that accept it.
+
+Failures: a connection that is refused (nothing sent) goes to the next endpoint for any
+method; a connection dropped after the request was sent is retried only for idempotent
+methods, otherwise the client gets a 502 that says so. No endpoint left: 503 with
+Retry-After.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from yarl import URL
+
+from streams.sidecar import metrics as m
+from streams.sidecar.policies import Endpoint
+from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
+
+log = logging.getLogger(__name__)
+
+API_HEADER = "X-Loadcast-Api"
+DYNAMIC_HEADER = "X-Loadcast-Dynamic-Routing"
+PRIORITY_HEADER = "X-Loadcast-Priority"
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+HOP_BY_HOP = frozenset(
+    h.lower()
+    for h in (
+        "Connection", "Keep-Alive", "Proxy-Authenticate", "Proxy-Authorization", "TE",
+        "Trailer", "Transfer-Encoding", "Upgrade", "Proxy-Connection",
+    )
+)
+_DROP_REQ = HOP_BY_HOP | {"content-length"}
+_DROP_RESP = HOP_BY_HOP | {"content-length"}
+MAX_BUFFERED_BODY = 1 << 20  # request bodies up to 1 MiB are kept for retries
+MAX_READ_WHOLE = 256 << 10  # responses up to 256 KiB are read in one go
+COMPRESSIBLE = ("text/", "application/json", "application/xml", "application/javascript")
+
+
+@dataclass
+class Outcome:
+    """What happened to one proxied request (for telemetry and decisions)."""
+
+    route: Route
+    endpoint: Endpoint | None
+    status: int
+    latency_ms: float
+    attempts: int
+    dynamic: bool
+    connect_failure: bool = False
+
+
+Observer = Callable[[Outcome], None]
+
+
+class Proxy:
+    """The proxy's aiohttp application and upstream session."""
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        sidecar_id: str,
+        dynamic_routing: bool = True,
+        connect_timeout_s: float = 1.0,
+        request_timeout_s: float = 30.0,
+        pool_size: int = 256,
+        max_attempts: int = 3,
+        retry_after_s: int = 1,
+        compress_responses: bool = False,
+        observe: Observer | None = None,
+    ) -> None:
+        self.router = router
+        self.sidecar_id = sidecar_id
+        self.dynamic_routing = dynamic_routing
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.pool_size = pool_size
+        self.max_attempts = max_attempts
+        self.retry_after = str(retry_after_s)
+        self.compress = compress_responses
+        self.observe = observe
+        self.session: aiohttp.ClientSession | None = None
+        self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
+        self._m: dict[tuple[str, str, str], Any] = {}
+        self._lat = {api: m.LATENCY.labels(sidecar_id, api) for api in router.routes}
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=0)
+        app.router.add_route("*", "/{tail:.*}", self.handle)
+        app.on_startup.append(self._open)
+        app.on_cleanup.append(self._close)
+        return app
+
+    async def _open(self, app: web.Application) -> None:
+        await self.open()
+
+    async def _close(self, app: web.Application) -> None:
+        await self.close()
+
+    async def open(self) -> None:
+        if self.session is None:
+            conn = aiohttp.TCPConnector(
+                limit=0, limit_per_host=self.pool_size, keepalive_timeout=30,
+                ttl_dns_cache=None, enable_cleanup_closed=False,
+            )
+            self.session = aiohttp.ClientSession(
+                connector=conn,
+                auto_decompress=False,  # pass compression through untouched
+                cookie_jar=aiohttp.DummyCookieJar(),
+                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                timeout=aiohttp.ClientTimeout(
+                    total=None, sock_connect=self.connect_timeout_s,
+                    sock_read=self.request_timeout_s,
+                ),
+            )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    def _count(self, api: str, endpoint: str, outcome: str) -> None:
+        key = (api, endpoint, outcome)
+        c = self._m.get(key)
+        if c is None:
+            c = self._m[key] = m.REQUESTS.labels(self.sidecar_id, api, endpoint, outcome)
+        c.inc()
+
+    def _reject(self, route: Route | None, status: int, reason: str, message: str,
+                retry_after: str | None = None) -> web.Response:
+        api = route.api if route is not None else "-"
+        m.REJECTED.labels(self.sidecar_id, api, reason).inc()
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return web.json_response(
+            {"error": reason, "message": message}, status=status, headers=headers
+        )
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        h = request.headers
+        route = self.router.route_for(h.get(API_HEADER), request.path)
+        if route is None:
+            known = ", ".join(self.router.routes)
+            return self._reject(
+                None, 400, "bad_request",
+                f"unknown API {h.get(API_HEADER)!r} in {API_HEADER}; known: {known}",
+            )
+        dyn_h = h.get(DYNAMIC_HEADER)
+        dynamic = self.dynamic_routing
+        if dyn_h is not None:
+            v = dyn_h.strip().lower()
+            if v not in ("on", "off"):
+                return self._reject(route, 400, "bad_request",
+                                    f"{DYNAMIC_HEADER} must be 'on' or 'off', got {dyn_h!r}")
+            dynamic = v == "on"
+        prio = DEFAULT_PRIORITY
+        prio_h = h.get(PRIORITY_HEADER)
+        if prio_h is not None:
+            if not (prio_h.isdigit() and len(prio_h) == 1):
+                return self._reject(route, 400, "bad_request",
+                                    f"{PRIORITY_HEADER} must be a digit 0-9, got {prio_h!r}")
+            prio = int(prio_h)
+        if route.overload > 0 and self.router.should_shed(route, prio):
+            return self._reject(route, 503, "shed",
+                                "every endpoint is predicted over capacity; low-priority "
+                                "request shed", self.retry_after)
+        now = time.monotonic()
+        ep = self.router.choose(route, dynamic, now)
+        if ep is None:
+            wait = max(1, round(self.router.readmit_in(route, now)))
+            return self._reject(route, 503, "no_endpoint",
+                                f"no endpoint of API {route.api} can take the request",
+                                str(wait))
+        return await self._forward(request, route, ep, dynamic, now)
+
+    async def _forward(self, request: web.Request, route: Route, ep: Endpoint, dynamic: bool,
+                       t0: float) -> web.StreamResponse:
+        method = request.method
+        idempotent = method in IDEMPOTENT
+        body: Any = None
+        replayable = True
+        if request.body_exists:
+            n = request.content_length
+            if n is not None and n <= MAX_BUFFERED_BODY:
+                body = await request.read()
+            else:
+                body = request.content  # streamed: cannot be sent twice
+                replayable = False
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQ]
+        peer = request.remote
+        if peer:
+            headers.append(("X-Forwarded-For", peer))
+        path = request.raw_path
+        tried: list[Endpoint] = []
+        failure: Exception
+        attempts = 0
+        assert self.session is not None
+        while True:
+            attempts += 1
+            tried.append(ep)
+            start = time.monotonic()
+            ep.in_flight += 1
+            try:
+                resp = await self.session.request(
+                    method, self._bases[ep.id].join(URL(path, encoded=True)),
+                    headers=headers, data=body, allow_redirects=False,
+                )
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                # refused / unreachable: nothing was sent, any method may go elsewhere
+                ep.in_flight -= 1
+                failure, sent = e, False
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                    aiohttp.ClientPayloadError) as e:
+                ep.in_flight -= 1
+                failure, sent = e, True
+            except TimeoutError:
+                ep.in_flight -= 1
+                now = time.monotonic()
+                self.router.failed(ep, now, (now - start) * 1000)
+                self._done(route, ep, 504, start, attempts, dynamic, "timeout")
+                return self._reject(route, 504, "timeout",
+                                    f"endpoint {ep.id} did not answer in time")
+            else:
+                try:
+                    return await self._respond(request, route, ep, resp, start, attempts,
+                                               dynamic)
+                finally:
+                    ep.in_flight -= 1
+            # a connection failure: count it, maybe eject, maybe try the next endpoint
+            now = time.monotonic()
+            if self.router.failed(ep, now):
+                m.EJECTIONS.labels(self.sidecar_id, ep.id).inc()
+                log.warning("ejected %s after %d consecutive failures", ep.id,
+                            self.router.eject_after)
+            self._done(route, ep, 0, start, attempts, dynamic, "connect_failure", True)
+            if sent and not (idempotent and replayable):
+                return self._reject(
+                    route, 502, "sent_then_failed",
+                    f"endpoint {ep.id} dropped the connection after the {method} request "
+                    f"was sent ({type(failure).__name__}); not retried: it may have taken "
+                    "effect",
+                )
+            nxt = None
+            if attempts < self.max_attempts:
+                nxt = self.router.next_after(route, tried, dynamic, now)
+            if nxt is None:
+                break
+            m.RETRIES.labels(self.sidecar_id, route.api).inc()
+            ep = nxt
+        return self._reject(route, 503, "no_endpoint",
+                            f"no endpoint of API {route.api} accepted the connection "
+                            f"({attempts} tried)", self.retry_after)
+
+    def _done(self, route: Route, ep: Endpoint, status: int, start: float, attempts: int,
+              dynamic: bool, outcome: str, connect_failure: bool = False) -> None:
+        latency_ms = (time.monotonic() - start) * 1000
+        self._count(route.api, ep.id, outcome)
+        if self.observe is not None:
+            self.observe(Outcome(route, ep, status, latency_ms, attempts, dynamic,
+                                 connect_failure))
+
+    async def _respond(self, request: web.Request, route: Route, ep: Endpoint,
+                       resp: aiohttp.ClientResponse, start: float, attempts: int,
+                       dynamic: bool) -> web.StreamResponse:
+        now = time.monotonic()
+        rtt_ms = (now - start) * 1000
+        status = resp.status
+        if status >= 500:
+            self.router.failed(ep, now, rtt_ms)
+        else:
+            self.router.succeeded(ep, rtt_ms, now)
+        self._lat[route.api].observe(rtt_ms / 1000)
+        self._done(route, ep, status, start, attempts, dynamic,
+                   "ok" if status < 500 else "error")
+        out_headers = CIMultiDict(
+            (k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESP
+        )
+        n = resp.content_length
+        zip_it = self.compress and self._compressible(request, resp)
+        try:
+            if n is not None and n <= MAX_READ_WHOLE and not zip_it:
+                data = await resp.read()
+                return web.Response(status=status, reason=resp.reason, body=data,
+                                    headers=out_headers)
+            out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
+            if zip_it:
+                out.enable_compression(web.ContentCoding.gzip)
+            elif n is not None:
+                out.content_length = n
+            await out.prepare(request)
+            async for chunk in resp.content.iter_any():
+                await out.write(chunk)
+            await out.write_eof()
+            return out
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError) as e:
+            # the body broke off midway: nothing sensible can be sent after headers
+            log.warning("endpoint %s broke off the response body: %s", ep.id, e)
+            raise
+        finally:
+            resp.release()
+
+    @staticmethod
+    def _compressible(request: web.Request, resp: aiohttp.ClientResponse) -> bool:
+        if "Content-Encoding" in resp.headers or request.method == "HEAD":
+            return False
+        if "gzip" not in request.headers.get("Accept-Encoding", ""):
+            return False
+        if resp.content_length is not None and resp.content_length < 1024:
+            return False
+        return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
+
+
+async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+    """Start ``app`` on ``host:port`` (0 = free port); returns the runner and the port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
+    await site.start()
+    server = site._server
+    assert server is not None
+    sockets = getattr(server, "sockets", None) or []
+    bound = int(sockets[0].getsockname()[1]) if sockets else port
+    return runner, bound

@@ -1,0 +1,179 @@
+"""The router: per API, which endpoint gets a request, in which order to fall back, and
+whether to shed it. Plain Python (no I/O): the proxy and the tests drive it.
+
+>>> from streams.sidecar.config import Upstream
+>>> r = Router([Upstream(id="a", url="http://127.0.0.1:9001"),
+...             Upstream(id="b", url="http://127.0.0.1:9002")], policy="round-robin")
+>>> route = r.route_for(None, "/x")
+>>> [r.choose(route, dynamic=False, now=0.0).id for _ in range(3)]
+['a', 'a', 'a']
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from streams.sidecar.config import Upstream
+from streams.sidecar.policies import (
+    Endpoint,
+    FirstAvailable,
+    Policy,
+    fallback_order,
+    make_policy,
+    shed_plan,
+)
+
+DEFAULT_PRIORITY = 5  # X-Loadcast-Priority 0 (shed first) .. 9 (shed last)
+
+
+@dataclass
+class Route:
+    """One API: its endpoints (configuration order) and routing state."""
+
+    api: str
+    endpoints: list[Endpoint]
+    policy: Policy
+    fallback: Policy
+    stale: bool = True  # no fresh scores yet: the fallback policy routes
+    overload: float = 0.0  # lowest predicted utilization over the API's endpoints
+    priority_counts: dict[int, float] = field(default_factory=dict)
+    seen: int = 0
+    shed_share: float = 0.0
+
+    def active_policy(self, dynamic: bool) -> Policy:
+        """The policy routing now: configured while scores are fresh (or the configured
+        policy does not use scores), the fallback (peak-EWMA) when they are stale."""
+        if not dynamic:
+            return _FIRST
+        if self.stale and self.policy.name == "predictive":
+            return self.fallback
+        return self.policy
+
+
+_FIRST = FirstAvailable()
+
+
+class Router:
+    """Routing state of every API of a sidecar."""
+
+    def __init__(
+        self,
+        upstreams: Sequence[Upstream],
+        *,
+        policy: str = "predictive",
+        fallback_policy: str = "peak-ewma",
+        eject_after_failures: int = 5,
+        eject_seconds: float = 5.0,
+        shed_overload: float = 1.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.rng = rng or random.Random()
+        self.eject_after = eject_after_failures
+        self.eject_s = eject_seconds
+        self.shed_overload = shed_overload
+        self.routes: dict[str, Route] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        for u in upstreams:
+            ep = Endpoint(u.id, u.url, u.api, u.region, u.capacity_rps)
+            self.endpoints[u.id] = ep
+            route = self.routes.get(u.api)
+            if route is None:
+                route = self.routes[u.api] = Route(
+                    u.api, [], make_policy(policy, self.rng), make_policy(fallback_policy, self.rng)
+                )
+            route.endpoints.append(ep)
+        self.default = next(iter(self.routes.values()), None)
+
+    def set_policy(self, name: str, api: str | None = None) -> None:
+        """Switch the configured policy (of one API or all)."""
+        for r in self.routes.values():
+            if api is None or r.api == api:
+                r.policy = make_policy(name, self.rng)
+
+    def route_for(self, api_header: str | None, path: str) -> Route | None:
+        """The API of a request: the ``X-Loadcast-Api`` header, else the first path
+        segment if it names an API, else the first configured API. None: unknown API
+        named in the header."""
+        if api_header:
+            return self.routes.get(api_header)
+        if len(self.routes) > 1:
+            seg = path.split("/", 2)[1] if path.startswith("/") else ""
+            r = self.routes.get(seg)
+            if r is not None:
+                return r
+        return self.default
+
+    def choose(self, route: Route, dynamic: bool, now: float) -> Endpoint | None:
+        """The endpoint for a new request; None when every endpoint is ejected."""
+        eps = route.endpoints
+        candidates = [e for e in eps if e.ejected_until <= now]
+        if not candidates:
+            return None
+        policy = route.active_policy(dynamic)
+        if policy.name == "predictive":
+            weighted = [e for e in candidates if e.weight > 0]
+            if weighted:
+                candidates = weighted
+        return policy.pick(candidates, now)
+
+    def next_after(self, route: Route, tried: Sequence[Endpoint], dynamic: bool,
+                   now: float) -> Endpoint | None:
+        """The endpoint to try after a connection failure: the next by score with dynamic
+        routing on (peak-EWMA cost when scores are stale), the next available in
+        configuration order with it off. None when all were tried or are ejected."""
+        if dynamic:
+            order = fallback_order(tried[0], route.endpoints, now, by_score=not route.stale)
+        else:
+            order = list(route.endpoints)
+        for e in order:
+            if e not in tried and e.ejected_until <= now:
+                return e
+        return None
+
+    def readmit_in(self, route: Route, now: float) -> float:
+        """Seconds until the first ejected endpoint is re-admitted (for Retry-After)."""
+        return max(0.0, min((e.ejected_until for e in route.endpoints), default=now) - now)
+
+    def succeeded(self, ep: Endpoint, rtt_ms: float, now: float) -> None:
+        ep.requests += 1
+        ep.observe_rtt(rtt_ms, now)
+        ep.succeeded()
+
+    def failed(self, ep: Endpoint, now: float, rtt_ms: float | None = None) -> bool:
+        """Count a connection failure or 5xx-class error; True if it ejected ``ep``."""
+        ep.requests += 1
+        if rtt_ms is not None:
+            ep.observe_rtt(rtt_ms, now)
+        return ep.failed(now, self.eject_after, self.eject_s)
+
+    def eject(self, ep: Endpoint, now: float, seconds: float) -> None:
+        ep.ejected_until = now + seconds
+
+    def readmit(self, ep: Endpoint) -> None:
+        ep.ejected_until = 0.0
+        ep.consecutive_failures = 0
+
+    # ----------------------------------------------------------------- shedding
+
+    def should_shed(self, route: Route, priority: int) -> bool:
+        """Adaptive load shedding: with every endpoint predicted above capacity
+        (``overload`` > ``shed_overload``), drop the lowest-priority share of traffic
+        that exceeds capacity instead of letting every request time out."""
+        counts = route.priority_counts
+        counts[priority] = counts.get(priority, 0.0) + 1.0
+        route.seen += 1
+        if route.seen >= 2000:  # decay the mix so it follows the current traffic
+            route.seen = 0
+            for k in counts:
+                counts[k] *= 0.5
+        if route.overload <= self.shed_overload:
+            route.shed_share = 0.0
+            return False
+        excess = 1.0 - self.shed_overload / route.overload
+        route.shed_share = excess
+        total = sum(counts.values())
+        plan = shed_plan(excess, {k: v / total for k, v in counts.items()})
+        p = plan.get(priority, 0.0)
+        return p > 0 and self.rng.random() < p

@@ -1,0 +1,169 @@
+"""The score subscriber: LoadScore and Anomaly records from Kafka into the sidecar.
+
+A confluent-kafka consumer in its own thread reads *every* partition of load-scores and
+anomalies (no consumer group: each sidecar needs all scores), starting ``lookback_s``
+back in time. Each poll returns a batch; the batch is decoded and handed to ``deliver``
+in one call (the sidecar applies it on its event loop), so a burst of scores for one API
+becomes one weight change. Records that do not decode are counted
+(``loadcast_sidecar_scores_skipped_total{reason}``), sent to dead-letter with the reason
+in the headers, and skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
+
+from schemas.codec import Codec, CodecError
+from streams.producer import RecordProducer
+from streams.settings import KafkaSettings
+from streams.sidecar import metrics as m
+from streams.topics import topic_name
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[str, dict[str, Any]]]  # (schema short name, record)
+Deliver = Callable[[Batch], None]
+
+
+class ScoreSubscriber:
+    """Consume scores and anomalies in a thread; ``deliver(batch)`` per non-empty batch."""
+
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        codec: Codec,
+        deliver: Deliver,
+        *,
+        sidecar_id: str,
+        dead_letter: RecordProducer | None = None,
+        lookback_s: float = 300.0,
+        max_batch: int = 1000,
+    ) -> None:
+        self.settings = settings
+        self.codec = codec
+        self.deliver = deliver
+        self.sidecar_id = sidecar_id
+        self.dead_letter = dead_letter
+        self.dlq_topic = topic_name(settings, "dead-letter")
+        self.topics = [topic_name(settings, "load-scores"), topic_name(settings, "anomalies")]
+        self.lookback_s = lookback_s
+        self.max_batch = max_batch
+        self.skipped = 0
+        self.received = 0
+        self.assigned = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        # Low fetch wait: a score should be live within milliseconds of being published.
+        self._consumer = Consumer(
+            settings.consumer_config(
+                None,
+                **{
+                    "client.id": f"sidecar-{sidecar_id}",
+                    "fetch.wait.max.ms": 10,
+                    "fetch.min.bytes": 1,
+                    "enable.partition.eof": False,
+                },
+            )
+        )
+
+    def _assign(self) -> None:
+        md = self._consumer.list_topics(timeout=10)
+        since_ms = int((time.time() - self.lookback_s) * 1000)
+        parts = [
+            TopicPartition(t, p, since_ms)
+            for t in self.topics
+            if t in md.topics
+            for p in md.topics[t].partitions
+        ]
+        missing = [t for t in self.topics if t not in md.topics]
+        if missing:
+            log.warning("topics missing, not consuming them: %s", ", ".join(missing))
+        try:
+            located = self._consumer.offsets_for_times(parts, timeout=10)
+            # -1: no record that recent in this partition; start at its end then.
+            for tp in located:
+                if tp.offset < 0:
+                    tp.offset = OFFSET_END
+        except KafkaException as e:  # brokers without timestamp lookups: read everything
+            log.warning("offsets_for_times failed (%s): reading scores from the start", e)
+            located = [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts]
+        self._consumer.assign(located)
+        self.assigned.set()
+
+    def start(self) -> None:
+        self._assign()
+        self._thread = threading.Thread(target=self._run, name="sidecar-scores", daemon=True)
+        self._thread.start()
+
+    def _decode(self, value: bytes | None, key: bytes | None, topic: str) -> Any:
+        try:
+            if value is None:
+                raise CodecError("truncated", "empty value")
+            name = self.codec.name_of(value).rsplit(".", 1)[-1]
+            if name not in ("LoadScore", "Anomaly"):
+                raise CodecError("wrong_schema", f"{name} on {topic}")
+            return name, self.codec.decode(value)
+        except CodecError as e:
+            self.skipped += 1
+            m.SCORES_SKIPPED.labels(self.sidecar_id, e.reason).inc()
+            log.warning("skipping undecodable record on %s: %s", topic, e)
+            if self.dead_letter is not None:
+                self.dead_letter.produce(
+                    self.dlq_topic,
+                    value or b"",
+                    key,
+                    headers=[
+                        ("loadcast.reason", e.reason.encode()),
+                        ("loadcast.error", str(e).encode()[:500]),
+                        ("loadcast.source_topic", topic.encode()),
+                        ("loadcast.consumer", f"sidecar-{self.sidecar_id}".encode()),
+                    ],
+                )
+            return None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                msgs = self._consumer.consume(self.max_batch, 0.1)
+            except KafkaException as e:
+                log.warning("score consumer error: %s", e)
+                self._stop.wait(0.5)
+                continue
+            batch: Batch = []
+            for msg in msgs:
+                err = msg.error()
+                if err is not None:
+                    if err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("score consumer error: %s", err)
+                    continue
+                decoded = self._decode(msg.value(), msg.key(), msg.topic() or "")
+                if decoded is not None:
+                    batch.append(decoded)
+            if batch:
+                self.received += len(batch)
+                m.SCORES_RECEIVED.labels(self.sidecar_id).inc(len(batch))
+                try:
+                    self.deliver(batch)
+                except Exception:  # a bug downstream must not kill the subscriber
+                    log.exception("applying %d score records failed", len(batch))
+            if self.dead_letter is not None:
+                self.dead_letter.poll(0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+        self._consumer.close()
