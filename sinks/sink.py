@@ -1,0 +1,540 @@
+"""The ClickHouse sink: every loadcast topic into its table, batched, exactly once in effect.
+
+One loop (:meth:`Sink.run`) consumes with confluent-kafka, decodes with the codec, turns
+values into rows (:mod:`sinks.convert`) and keeps them per table until the batch holds
+``batch_max_records`` records or is ``batch_max_seconds`` old; then it inserts one
+columnar block per table through clickhouse-connect and, only after every insert of the
+batch succeeded, commits the offsets.
+
+Why nothing is stored twice:
+
+- A crash between insert and commit makes Kafka deliver the batch again. On each
+  (re-)assignment the sink asks ClickHouse which offsets at or after the first one it
+  re-reads are already stored and skips those records (``loadcast_sink_already_stored``),
+  so the raw tables *and* the rollups fed by materialized views see each record once.
+- Topic tables are ReplacingMergeTree keyed by the Kafka coordinates, and every insert
+  carries a deduplication token, so a retried insert that had in fact succeeded (an
+  ambiguous network error) is dropped by ClickHouse.
+
+When ClickHouse is unreachable the sink keeps the batch, pauses its partitions, backs off
+exponentially, commits nothing and retries; ``loadcast_sink_lag_records`` grows meanwhile.
+
+Undecodable or unconvertible records are produced raw to the dead-letter topic with
+headers ``loadcast.reason``, ``loadcast.detail``, ``loadcast.source_topic``,
+``loadcast.partition`` and ``loadcast.offset``; the sink reads that topic like any other
+into the ``dead_letter`` table (or inserts the row itself when it does not consume it).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+
+from schemas.codec import Codec, CodecError
+from sinks import metrics
+from sinks.convert import (
+    TOPIC_SCHEMAS,
+    ConversionError,
+    Row,
+    dead_letter_row,
+    header_map,
+    rows_for,
+)
+from sinks.db import ClickHouseUnavailable, close_quietly, connect
+from sinks.ddl import TABLE_BY_NAME, TABLE_BY_TOPIC, migrate
+from sinks.settings import SinkSettings
+
+if TYPE_CHECKING:
+    from clickhouse_connect.driver.client import Client
+
+    from streams.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+TP = tuple[str, int]  # (full topic name, partition)
+
+
+@dataclass
+class SinkStats:
+    """What the sink has done since it started."""
+
+    records: int = 0  # consumed and committed
+    rows: int = 0  # inserted
+    dead_lettered: int = 0
+    already_stored: int = 0
+    batches: int = 0
+    insert_failures: int = 0
+    commits: int = 0
+
+
+@dataclass
+class _Batch:
+    rows: dict[str, list[Row]] = field(default_factory=dict)
+    first: dict[TP, int] = field(default_factory=dict)
+    last: dict[TP, int] = field(default_factory=dict)
+    dead: list[tuple[bytes | None, bytes | None, list[tuple[str, str | bytes | None]]]] = field(
+        default_factory=list
+    )
+    messages: int = 0
+    started: float = 0.0
+    token: str = field(default_factory=lambda: uuid.uuid4().hex)
+    inserted: set[str] = field(default_factory=set)
+    filtered: bool = False
+
+    def note(self, key: TP, offset: int) -> None:
+        if not self.messages:
+            self.started = time.monotonic()
+        self.messages += 1
+        self.first.setdefault(key, offset)
+        self.last[key] = offset
+
+
+class _DataError(Exception):
+    """An insert ClickHouse (or the client) refused because of the rows themselves."""
+
+
+class Sink:
+    """Consume ``settings.topics`` into ClickHouse; see the module docstring.
+
+    ``client_factory`` opens ClickHouse (default: :func:`sinks.db.connect` on ``settings``);
+    ``after_insert`` is called after a batch's inserts and before its commit (tests use it
+    to kill the process exactly there).
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: SinkSettings,
+        *,
+        codec: Codec | None = None,
+        client_factory: Callable[[], Client] | None = None,
+        after_insert: Callable[[], None] | None = None,
+        client_id: str = "loadcast-sink",
+    ) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.codec = codec or Codec.embedded()
+        self._client_factory = client_factory or (lambda: connect(settings))
+        self._after_insert = after_insert
+        self.topics = {f"{kafka.topic_prefix}{short}": short for short in settings.topics}
+        self.dead_letter_topic = f"{kafka.topic_prefix}dead-letter"
+        self._sinks_dead_letter = "dead-letter" in settings.topics
+        conf = kafka.consumer_config(
+            settings.group_id,
+            **{
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "client.id": client_id,
+            },
+        )
+        self.consumer = Consumer(conf)
+        pconf = kafka.client_config()
+        pconf.update({"client.id": f"{client_id}-dlq", "enable.idempotence": True, "linger.ms": 5})
+        self.producer = Producer(pconf)
+        self.client: Client | None = None
+        self.stats = SinkStats()
+        self._batch = _Batch()
+        self._stored: dict[TP, tuple[set[int], int]] = {}  # offsets already in ClickHouse
+        self._unchecked: set[TP] = set()  # assigned, not yet compared with ClickHouse
+        self._next: dict[TP, int] = {}  # next offset to store, per partition
+        self._assigned: set[TP] = set()
+        self._paused = False
+        self._backoff = settings.backoff_initial_seconds
+        self._retry_at = 0.0
+        self._lag_at = 0.0
+        self._lag: dict[str, int] = {}
+        self._lock = threading.Lock()  # guards _lag for the admin thread
+        self.last_error: str | None = None
+        self.ready = threading.Event()  # set once ClickHouse is open and migrated
+
+    # ------------------------------------------------------------------ Kafka callbacks
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._assigned.add(key)
+            self._unchecked.add(key)
+            self._next.pop(key, None)
+        self._paused = False
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Eager rebalancing: everything goes back to the committed offsets, so the
+        # uncommitted batch is dropped here and read again by whoever gets the partitions.
+        if self._batch.messages:
+            log.info("partitions revoked: dropping %d uncommitted records", self._batch.messages)
+        self._batch = _Batch()
+        for tp in partitions:
+            key = (tp.topic, tp.partition)
+            self._assigned.discard(key)
+            self._unchecked.discard(key)
+            self._stored.pop(key, None)
+            self._next.pop(key, None)
+        self._paused = False
+
+    # ------------------------------------------------------------------ records
+
+    def _add(self, msg: Message) -> None:
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        assert topic is not None and partition is not None and offset is not None
+        key = (topic, partition)
+        b = self._batch
+        b.note(key, offset)
+        short = self.topics[topic]
+        value = msg.value()
+        if short == "dead-letter":
+            ts = msg.timestamp()[1]
+            row = dead_letter_row(
+                topic, partition, offset, ts if ts > 0 else _now_ms(), msg.key(), value,
+                msg.headers(),
+            )
+            b.rows.setdefault("dead_letter", []).append((topic, partition, offset, 0, *row))
+            return
+        if value is None:  # a tombstone (compacted global-model): nothing to store
+            return
+        try:
+            name = self.codec.name_of(value)
+            if name not in TOPIC_SCHEMAS[short]:
+                expected = " or ".join(TOPIC_SCHEMAS[short])
+                raise CodecError("wrong_schema", f"{name} on {short}, expected {expected}")
+            rows = rows_for(short, self.codec.decode(value))
+        except CodecError as e:
+            self._dead_letter(msg, e.reason, str(e))
+            return
+        except ConversionError as e:
+            self._dead_letter(msg, "unconvertible", str(e))
+            return
+        table = b.rows.setdefault(TABLE_BY_TOPIC[short].name, [])
+        for i, r in enumerate(rows):
+            table.append((topic, partition, offset, i, *r))
+
+    def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("loadcast.reason", reason.encode()),
+            ("loadcast.detail", detail[:2000].encode()),
+            ("loadcast.source_topic", str(topic).encode()),
+            ("loadcast.partition", str(partition).encode()),
+            ("loadcast.offset", str(offset).encode()),
+        ]
+        self._batch.dead.append((msg.key(), msg.value(), headers))
+        if not self._sinks_dead_letter:
+            row = dead_letter_row(
+                self.dead_letter_topic, -1, -1, _now_ms(), msg.key(), msg.value(), headers
+            )
+            self._batch.rows.setdefault("dead_letter", []).append(
+                (str(topic), partition, offset, 0, *row)
+            )
+        metrics.SINK_DEAD.labels(reason).inc()
+        log.warning("dead-lettered %s[%s]@%s: %s", topic, partition, offset, detail)
+
+    # ------------------------------------------------------------------ ClickHouse
+
+    def _ensure_client(self) -> Client:
+        if self.client is None:
+            client = self._client_factory()
+            try:
+                migrate(client, self.settings.ttl_days)
+            except Exception:
+                close_quietly(client)
+                raise
+            self.client = client
+            self.ready.set()
+        return self.client
+
+    def _drop_client(self) -> None:
+        close_quietly(self.client)
+        self.client = None
+
+    def _check_stored(self, client: Client) -> None:
+        """Find records of newly assigned partitions that ClickHouse already holds."""
+        b = self._batch
+        for key in [k for k in b.first if k in self._unchecked]:
+            topic, partition = key
+            short = self.topics[topic]
+            table = TABLE_BY_TOPIC[short].name
+            params = {"t": topic, "p": partition, "o": b.first[key]}
+            found = {
+                int(r[0])
+                for r in client.query(
+                    f"SELECT DISTINCT _offset FROM {table} WHERE _topic = {{t:String}} "
+                    "AND _partition = {p:UInt32} AND _offset >= {o:UInt64}",
+                    parameters=params,
+                ).result_rows
+            }
+            if short != "dead-letter":
+                found |= {
+                    int(r[0])
+                    for r in client.query(
+                        "SELECT DISTINCT source_offset FROM dead_letter WHERE "
+                        "source_topic = {t:String} AND source_partition = {p:Int32} "
+                        "AND source_offset >= {o:Int64}",
+                        parameters=params,
+                    ).result_rows
+                }
+            if found:
+                self._stored[key] = (found, max(found))
+                log.info("%s[%d]: %d records at or after %d already stored",
+                         topic, partition, len(found), b.first[key])
+            self._unchecked.discard(key)
+
+    def _filter_stored(self) -> None:
+        b = self._batch
+        if not self._stored or b.filtered:
+            return
+        skipped: dict[str, int] = {}
+        for table, rows in b.rows.items():
+            kept = []
+            for r in rows:
+                s = self._stored.get((r[0], r[1]))
+                if s is not None and r[2] in s[0]:
+                    if r[3] == 0:
+                        skipped[r[0]] = skipped.get(r[0], 0) + 1
+                    continue
+                kept.append(r)
+            b.rows[table] = kept
+        # A dead letter already in dead_letter was produced before the crash.
+        b.dead = [
+            d for d in b.dead
+            if not _dead_stored(self._stored, d[2])
+        ]
+        for topic, n in skipped.items():
+            self.stats.already_stored += n
+            metrics.SINK_SKIPPED.labels(self.topics.get(topic, topic)).inc(n)
+        for key, last in b.last.items():  # past the stored range: stop checking
+            s = self._stored.get(key)
+            if s is not None and last >= s[1]:
+                del self._stored[key]
+        b.filtered = True
+
+    def _insert(self, client: Client, table: str, rows: list[Row], token: str) -> int:
+        """Insert rows (columnar); rows ClickHouse refuses are dead-lettered alone."""
+        spec = TABLE_BY_NAME[table]
+        started = time.perf_counter()
+        try:
+            client.insert(
+                table, list(zip(*rows, strict=True)), column_names=spec.insert_columns,
+                column_oriented=True,
+                settings={
+                    "insert_deduplication_token": token,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1,
+                },
+            )
+        except (TypeError, ValueError, struct.error, OverflowError) as e:
+            return self._bisect(client, table, rows, token, e)
+        except Exception as e:
+            from clickhouse_connect.driver.exceptions import DataError, ProgrammingError
+
+            if isinstance(e, DataError | ProgrammingError):
+                return self._bisect(client, table, rows, token, e)
+            raise
+        metrics.SINK_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
+        metrics.SINK_ROWS.labels(table).inc(len(rows))
+        return len(rows)
+
+    def _bisect(self, client: Client, table: str, rows: list[Row], token: str,
+                error: Exception) -> int:
+        if len(rows) == 1:
+            topic, partition, offset = rows[0][:3]
+            log.error("%s refused a row of %s[%s]@%s: %s", table, topic, partition, offset, error)
+            self._batch.dead.append((None, None, [
+                ("loadcast.reason", b"insert_refused"),
+                ("loadcast.detail", str(error)[:2000].encode()),
+                ("loadcast.source_topic", str(topic).encode()),
+                ("loadcast.partition", str(partition).encode()),
+                ("loadcast.offset", str(offset).encode()),
+            ]))
+            metrics.SINK_DEAD.labels("insert_refused").inc()
+            return 0
+        mid = len(rows) // 2
+        return (self._insert(client, table, rows[:mid], f"{token}a")
+                + self._insert(client, table, rows[mid:], f"{token}b"))
+
+    def flush(self) -> bool:
+        """Insert the batch, produce its dead letters, commit; False if ClickHouse failed
+        (the batch is kept for the next attempt and nothing is committed)."""
+        b = self._batch
+        if not b.messages:
+            return True
+        try:
+            client = self._ensure_client()
+            self._check_stored(client)
+            self._filter_stored()
+            rows = 0
+            for table, table_rows in b.rows.items():
+                if table in b.inserted or not table_rows:
+                    continue
+                rows += self._insert(client, table, table_rows, f"{b.token}-{table}")
+                b.inserted.add(table)
+        except Exception as e:
+            self._failed(e)
+            return False
+        metrics.SINK_UP.set(1)
+        self.last_error = None
+        if self._after_insert is not None:
+            self._after_insert()
+        if b.dead:
+            for key, value, headers in b.dead:
+                self.producer.produce(self.dead_letter_topic, value=value, key=key,
+                                      headers=headers)
+            left = self.producer.flush(30)
+            if left:
+                self._failed(RuntimeError(f"{left} dead letters not acknowledged by Kafka"))
+                return False
+            self.stats.dead_lettered += len(b.dead)
+            b.dead = []
+        offsets = [TopicPartition(t, p, last + 1) for (t, p), last in b.last.items()]
+        try:
+            self.consumer.commit(offsets=offsets, asynchronous=False)
+            self.stats.commits += 1
+        except KafkaException as e:
+            # Stored but not committed: after the rebalance that caused this, the records
+            # are re-read and skipped as already stored.
+            log.warning("commit failed (records are stored; will be skipped): %s", e)
+        for (t, p), last in b.last.items():
+            self._next[(t, p)] = last + 1
+            metrics.SINK_RECORDS.labels(self.topics[t]).inc(b.last[(t, p)] - b.first[(t, p)] + 1)
+        self.stats.records += b.messages
+        self.stats.rows += rows
+        self.stats.batches += 1
+        self._batch = _Batch()
+        self._backoff = self.settings.backoff_initial_seconds
+        if self._paused:
+            self.consumer.resume([TopicPartition(t, p) for t, p in self._assigned])
+            self._paused = False
+        return True
+
+    def _failed(self, e: Exception) -> None:
+        self.stats.insert_failures += 1
+        metrics.SINK_INSERT_FAILURES.inc()
+        metrics.SINK_UP.set(0)
+        self.last_error = f"{type(e).__name__}: {e}"
+        if not isinstance(e, ClickHouseUnavailable):
+            self._drop_client()  # reconnect next time: the connection may be broken
+        self._retry_at = time.monotonic() + self._backoff
+        log.warning("ClickHouse insert failed (%s); %d records kept, retry in %.1fs",
+                    self.last_error, self._batch.messages, self._backoff)
+        self._backoff = min(self._backoff * 2, self.settings.backoff_max_seconds)
+        if not self._paused and self._assigned:
+            self.consumer.pause([TopicPartition(t, p) for t, p in self._assigned])
+            self._paused = True
+
+    # ------------------------------------------------------------------ lag
+
+    def lag(self, timeout: float = 2.0) -> dict[str, int]:
+        """Records per topic not yet stored (high watermark - next offset to store)."""
+        out: dict[str, int] = {}
+        for key in list(self._assigned):
+            topic, partition = key
+            tp = TopicPartition(topic, partition)
+            try:
+                low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
+                nxt = self._next.get(key)
+                if nxt is None:
+                    committed = self.consumer.committed([tp], timeout=timeout)[0].offset
+                    nxt = committed if committed >= 0 else low
+                    self._next[key] = nxt
+            except KafkaException as e:
+                log.debug("lag of %s[%d] unknown: %s", topic, partition, e)
+                continue
+            short = self.topics[topic]
+            out[short] = out.get(short, 0) + max(0, high - nxt)
+        for short in self.settings.topics:
+            metrics.SINK_LAG.labels(short).set(out.get(short, 0))
+        with self._lock:
+            self._lag = out
+        return out
+
+    def last_lag(self) -> dict[str, int]:
+        """The lag as last computed (cheap; for health endpoints)."""
+        with self._lock:
+            return dict(self._lag)
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self, stop: threading.Event, *, lag_every: float = 2.0,
+            until_idle: float | None = None) -> SinkStats:
+        """Consume until ``stop`` is set (or, with ``until_idle``, until nothing was
+        consumed and nothing was pending for that many seconds); then flush and close."""
+        self.consumer.subscribe(
+            list(self.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
+        )
+        s = self.settings
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= self._lag_at:
+                    self._lag_at = now + lag_every
+                    self.lag()
+                if self._paused or (self._batch.messages and self._retry_at > now):
+                    # Backing off: keep the group membership alive, take nothing new.
+                    for m in self.consumer.consume(100, 0.1):
+                        self._accept(m)
+                    if time.monotonic() >= self._retry_at:
+                        self.flush()
+                    idle_since = time.monotonic()
+                    continue
+                want = s.batch_max_records - self._batch.messages
+                msgs = self.consumer.consume(min(max(want, 1), 10_000), 0.1)
+                for m in msgs:
+                    self._accept(m)
+                b = self._batch
+                if b.messages and (
+                    b.messages >= s.batch_max_records
+                    or time.monotonic() - b.started >= s.batch_max_seconds
+                ):
+                    self.flush()
+                if msgs or self._batch.messages:
+                    idle_since = time.monotonic()
+                elif until_idle is not None and time.monotonic() - idle_since >= until_idle:
+                    break
+        finally:
+            self.close()
+        return self.stats
+
+    def _accept(self, m: Message) -> None:
+        err = m.error()
+        if err is not None:
+            log.warning("consumer error: %s", err)
+            return
+        self._add(m)
+
+    def close(self) -> None:
+        """Flush what can be flushed, leave the group, close ClickHouse."""
+        if self._batch.messages and not self._paused:
+            self.flush()
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as e:
+            log.debug("consumer close: %s", e)
+        self.producer.flush(5)
+        self._drop_client()
+
+
+def _dead_stored(stored: dict[TP, tuple[set[int], int]],
+                 headers: Iterable[tuple[str, str | bytes | None]]) -> bool:
+    h = header_map(list(headers))
+    try:
+        key = (h["loadcast.source_topic"], int(h["loadcast.partition"]))
+        offset = int(h["loadcast.offset"])
+    except (KeyError, ValueError):
+        return False
+    s = stored.get(key)
+    return s is not None and offset in s[0]
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def describe(stats: SinkStats) -> dict[str, Any]:
+    """Stats as a plain dict (for logs and the admin endpoint)."""
+    return dict(stats.__dict__)
