@@ -2,8 +2,8 @@
 decisions back to Kafka, an admin server beside it.
 
 >>> import asyncio                                               # doctest: +SKIP
->>> sc = Sidecar(SidecarSettings(upstreams=[...]), kafka_settings)
->>> asyncio.run(sc.run_forever(stop_event))
+>>> sc = Sidecar(SidecarSettings(upstreams=[...]), kafka_settings)  # doctest: +SKIP
+>>> asyncio.run(sc.run_forever(stop_event))                          # doctest: +SKIP
 
 Everything runs on one asyncio loop (uvloop when available) except the Kafka score
 consumer and the edge agent's flush loop, which have a thread each; score batches come
@@ -212,6 +212,9 @@ class Sidecar:
             self._agent_thread = None
         if self.producer is not None:
             await asyncio.to_thread(self.producer.flush, 10)
+        # drop the Kafka clients now rather than at garbage collection
+        self.producer = None
+        self.agent = None
 
     async def run_forever(self, stop: threading.Event) -> None:
         """Start, run until ``stop`` is set (or HAProxy dies), stop."""

@@ -233,7 +233,8 @@ class HAProxyProcess:
         r = subprocess.run([self.binary, "-c", "-q", "-f", str(self.config_path)],
                            capture_output=True, timeout=30, check=False)
         if r.returncode != 0:
-            raise HAProxyError(f"haproxy rejects the config: {r.stderr.decode()[-800:]}")
+            out = (r.stderr + r.stdout).decode(errors="replace")[-800:]
+            raise HAProxyError(f"haproxy rejects the config (exit {r.returncode}): {out}")
 
     def start(self, socket_path: str | Path, timeout_s: float = 10.0) -> None:
         self.check()

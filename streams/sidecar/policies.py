@@ -17,8 +17,8 @@ the router tries the others in score order after a connection failure.
 >>> eps = [Endpoint("a", "http://127.0.0.1:1", weight=3.0), Endpoint("b", "http://127.0.0.1:2")]
 >>> pol = make_policy("predictive", random.Random(1))
 >>> picks = [pol.pick(eps, 0.0).id for _ in range(4000)]
->>> round(picks.count("a") / 4000, 1)
-0.8
+>>> abs(picks.count("a") / 4000 - 0.75) < 0.03
+True
 """
 
 from __future__ import annotations
@@ -230,8 +230,8 @@ def shed_plan(excess: float, class_shares: dict[int, float]) -> dict[int, float]
     """Drop probability per priority class so that about ``excess`` (0..1) of all traffic
     is shed, lowest priority first (a class is shed whole before the next one is touched).
 
-    >>> shed_plan(0.3, {0: 0.2, 1: 0.6, 2: 0.2})
-    {0: 1.0, 1: 0.16666666666666669, 2: 0.0}
+    >>> {k: round(v, 3) for k, v in shed_plan(0.3, {0: 0.2, 1: 0.6, 2: 0.2}).items()}
+    {0: 1.0, 1: 0.167, 2: 0.0}
     """
     plan = dict.fromkeys(class_shares, 0.0)
     left = max(0.0, min(1.0, excess))

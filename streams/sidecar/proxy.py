@@ -304,6 +304,9 @@ class Proxy:
                 await out.write(chunk)
             await out.write_eof()
             return out
+        except ConnectionResetError as e:  # the client went away mid-response
+            log.debug("client left during the response from %s: %s", ep.id, e)
+            raise
         except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError,
                 aiohttp.ClientOSError) as e:
             # the body broke off midway: nothing sensible can be sent after headers
@@ -325,7 +328,7 @@ class Proxy:
 
 async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Start ``app`` on ``host:port`` (0 = free port); returns the runner and the port."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     await site.start()

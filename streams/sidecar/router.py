@@ -171,9 +171,11 @@ class Router:
         if route.overload <= self.shed_overload:
             route.shed_share = 0.0
             return False
+        total = sum(counts.values())
+        if total < 100:  # too few requests to know the priority mix: shed nothing yet
+            return False
         excess = 1.0 - self.shed_overload / route.overload
         route.shed_share = excess
-        total = sum(counts.values())
         plan = shed_plan(excess, {k: v / total for k, v in counts.items()})
         p = plan.get(priority, 0.0)
         return p > 0 and self.rng.random() < p

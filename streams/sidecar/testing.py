@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from types import TracebackType
+from typing import Any
 
 from aiohttp import web
 
@@ -57,7 +58,8 @@ def backend_app(endpoint_id: str) -> web.Application:
 async def _serve(listen: dict[str, int]) -> None:
     runners = []
     for eid, port in listen.items():
-        runner = web.AppRunner(backend_app(eid), access_log=None, handle_signals=False)
+        runner = web.AppRunner(backend_app(eid), access_log=None, handle_signals=False,
+                               shutdown_timeout=0.5)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_address=True).start()
         runners.append(runner)
@@ -141,6 +143,30 @@ class BackendProcess:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+def score_record(
+    endpoint_id: str,
+    score: float,
+    *,
+    api: str = "default",
+    region: str = "central",
+    valid_for_s: float = 10.0,
+    step_seconds: int = 1,
+    predicted_utilization: float = 0.3,
+    capacity_rps: float = 1000.0,
+    at_ms: int | None = None,
+) -> dict[str, Any]:
+    """A LoadScore dict as the scoring processor would publish it (for tests/benchmarks)."""
+    now = at_ms if at_ms is not None else int(time.time() * 1000)
+    return {
+        "endpoint_id": endpoint_id, "api": api, "region": region,
+        "computed_at": now, "valid_until": now + int(valid_for_s * 1000),
+        "score": score, "capacity_rps": capacity_rps, "capacity_source": "CONFIGURED",
+        "current_rps": 0.0, "predicted_utilization": predicted_utilization,
+        "latency_p99_ms": 5.0, "error_rate": 0.0, "anomaly_score": 0.0,
+        "step_seconds": step_seconds, "forecast": [], "model": "test", "reasons": [],
+    }
 
 
 if __name__ == "__main__":

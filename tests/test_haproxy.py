@@ -1,0 +1,137 @@
+"""HAProxy as the data plane: a real haproxy process, weights pushed by the sidecar through
+the runtime API from scores on the real embedded broker; shares read from HAProxy's own
+statistics. Skipped only where the haproxy binary is missing (``make test`` installs it)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from schemas.codec import Codec
+from streams.broker import free_port
+from streams.settings import KafkaSettings
+from streams.sidecar.app import Sidecar
+from streams.sidecar.config import Upstream, UpstreamConfigError
+from streams.sidecar.haproxy import (
+    HAProxyProcess,
+    RuntimeAPI,
+    haproxy_binary,
+    render_config,
+    server_counts,
+)
+from streams.sidecar.testing import BackendProcess, score_record
+from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
+
+pytestmark = [
+    pytest.mark.skipif(haproxy_binary() is None,
+                       reason="haproxy binary not installed (make system-deps installs it)"),
+]
+
+
+@pytest.fixture
+def backends() -> Iterator[BackendProcess]:
+    with BackendProcess({"a": 0, "b": 0, "c": 0}) as b:
+        yield b
+
+
+def test_config_is_accepted_by_haproxy(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ups = [Upstream(id="a", url="http://127.0.0.1:9001", api="orders"),
+           Upstream(id="b", url="http://127.0.0.1:9002", api="orders"),
+           Upstream(id="x", url="http://127.0.0.1:9003", api="search")]
+    cfg = render_config(ups, bind=f"127.0.0.1:{free_port()}",
+                        socket_path=tmp_path / "s.sock")
+    assert "backend be_orders\n    balance roundrobin" in cfg
+    assert "backend be_search_first\n    balance first" in cfg
+    assert cfg.count("weight 100") == 6  # never 1: relative weights would round to 0
+    proc = HAProxyProcess(cfg, workdir=tmp_path)
+    proc.check()  # haproxy -c
+
+
+@pytest.mark.asyncio
+async def test_scores_drive_haproxy_weights_and_shares(
+    kafka: KafkaSettings, codec: Codec, backends: BackendProcess
+) -> None:
+    step = 2
+    sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy"), kafka, codec=codec,
+                 sidecar_id="sc-haproxy")
+    async with running(sc):
+        assert sc.runtime is not None and sc.haproxy is not None
+        runtime = sc.runtime
+        for scores in ({"a": 0.6, "b": 0.3, "c": 0.1}, {"a": 0.1, "b": 0.3, "c": 0.6}):
+            t0 = time.monotonic()
+            publish(kafka, codec, [score_record(e, s, api="orders", step_seconds=step,
+                                                valid_for_s=2 * step) for e, s in scores.items()])
+            want = normalized(scores)
+
+            def live(w: dict[str, float] = want) -> bool:
+                got = {e: int(runtime.command_sync(f"get weight be_orders/{e}").split()[0])
+                       for e in "abc"}
+                return normalized({k: float(v) for k, v in got.items()}) == pytest.approx(
+                    w, abs=0.01)
+
+            await wait_for(live, timeout=step, step=0.02)
+            before = server_counts(runtime.stats_sync(), "orders")
+            got, statuses = await drive(sc.port, 1500)
+            after = server_counts(runtime.stats_sync(), "orders")
+            elapsed = time.monotonic() - t0
+            assert statuses == {200: 1500}
+            served = {e: after[e] - before[e] for e in "abc"}
+            assert sum(served.values()) == 1500
+            assert served == dict(got)  # HAProxy's counters agree with what clients saw
+            for e in "abc":
+                assert served[e] / 1500 == pytest.approx(want[e], abs=0.05), (served, want)
+            assert elapsed <= 2 * step, f"shares matched only after {elapsed:.2f}s"
+        # dynamic routing off per request: HAProxy's "balance first" twin backend
+        off, _ = await drive(sc.port, 200, headers={"X-Loadcast-Dynamic-Routing": "off"})
+        assert off == {"a": 200}
+
+
+@pytest.mark.asyncio
+async def test_stale_scores_on_haproxy_fall_back_to_stats_weights(
+    kafka: KafkaSettings, codec: Codec, backends: BackendProcess
+) -> None:
+    sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy"), kafka, codec=codec,
+                 sidecar_id="sc-haproxy-stale")
+    async with running(sc):
+        runtime = sc.runtime
+        assert runtime is not None
+        publish(kafka, codec, [score_record(e, s, api="orders", valid_for_s=1.0)
+                               for e, s in {"a": 1.0, "b": 0.0, "c": 0.0}.items()])
+        await wait_for(lambda: runtime.command_sync("get weight be_orders/b").startswith("0 "),
+                       timeout=5)
+        got, _ = await drive(sc.port, 100)
+        assert got == {"a": 100}
+        await wait_for(lambda: sc.router.routes["orders"].stale, timeout=3)
+        await wait_for(lambda: not runtime.command_sync("get weight be_orders/b")
+                       .startswith("0 "), timeout=3)
+        got, statuses = await drive(sc.port, 300)
+        assert statuses == {200: 300} and set(got) == {"a", "b", "c"}  # never "no routing"
+
+
+@pytest.mark.asyncio
+async def test_attach_to_running_haproxy(backends: BackendProcess, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = sidecar_settings(backends.urls)
+    port = free_port()
+    sock = tmp_path / "admin.sock"
+    proc = HAProxyProcess(render_config(settings.resolved_upstreams(), bind=f"127.0.0.1:{port}",
+                                        socket_path=sock), workdir=tmp_path)
+    proc.start(sock)
+    try:
+        bad = sidecar_settings({"zz": "http://127.0.0.1:1"}, data_plane="haproxy",
+                               haproxy_socket=sock)
+        with pytest.raises(UpstreamConfigError, match="haproxy_socket: HAProxy has no server"):
+            await Sidecar(bad, None).start()
+        sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy", haproxy_socket=sock,
+                                      listen_port=port), None)
+        async with running(sc):
+            sc.set_manual_scores("orders", {"a": 0.0, "b": 0.0, "c": 1.0}, 30)
+            api = RuntimeAPI(sock)
+            await wait_for(lambda: api.command_sync("get weight be_orders/a").startswith("0 "),
+                           timeout=3)
+            got, _ = await drive(port, 100)
+            assert got == {"c": 100}
+        assert proc.alive()  # attached, not owned: the sidecar leaves it running
+    finally:
+        proc.stop()
