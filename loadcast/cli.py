@@ -250,11 +250,45 @@ def agent(
         raise typer.Exit(1)
 
 
+# --------------------------------------------------------------------------- worker
+
+
+@app.command()
+def worker(
+    bootstrap: BootstrapOpt = None,
+    metrics_port: Annotated[
+        int | None, typer.Option(help="Serve /metrics on this port.", min=0, max=65535)
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Faust log level: warn, info, debug.")] = "warn",
+) -> None:
+    """Run a forecasting processor worker (Faust): telemetry in, load scores out.
+
+    Start more workers with the same settings to share the partitions.
+    """
+    from processors.worker import run_worker
+    from streams.topics import ensure_topics
+
+    s = settings(bootstrap)
+    if metrics_port is not None:
+        s.processor.metrics_port = metrics_port
+    try:
+        ensure_topics(s.kafka)
+    except Exception as e:
+        raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
+    run_worker(s.kafka, s.processor, loglevel=log_level)
+
+
 # --------------------------------------------------------------------------- sidecar
 
 from streams.sidecar.cli import sidecar as _sidecar  # noqa: E402  (light: typer only)
 
 app.command("sidecar")(_sidecar)
+
+# --------------------------------------------------------------------------- sink, query
+
+from sinks.cli import register as _register_sinks  # noqa: E402  (light: typer only)
+
+_register_sinks(app, settings)
 
 # --------------------------------------------------------------------------- demo
 

@@ -30,6 +30,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from processors.settings import ProcessorSettings
+from sinks.settings import SinkSettings
 from streams.settings import KafkaSettings
 from streams.sidecar.config import SidecarSettings
 
@@ -69,7 +71,9 @@ class Settings(BaseSettings):
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     agent: AgentSettings = Field(default_factory=AgentSettings)
+    processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     sidecar: SidecarSettings = Field(default_factory=SidecarSettings)
+    sink: SinkSettings = Field(default_factory=SinkSettings)
 
     @classmethod
     def settings_customise_sources(

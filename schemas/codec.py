@@ -440,8 +440,16 @@ class Codec:
             raise CodecError("unknown_schema_id", f"schema id {schema_id} is not registered")
         return version.name
 
-    def decode(self, data: bytes, expect: str | None = None) -> Record:
-        """Decode one value; ``expect`` (a schema name) rejects values of other types."""
+    def check(self, name: str, record: Mapping[str, Any]) -> None:
+        """Raise ``CodecError("out_of_range")`` if ``record`` breaks a range rule of ``name``."""
+        self._writer(name).check(record, "")
+
+    def decode(self, data: bytes, expect: str | None = None, validate: bool = True) -> Record:
+        """Decode one value; ``expect`` (a schema name) rejects values of other types.
+
+        ``validate=False`` skips the range checks (a caller that checks parts of a record
+        on its own, e.g. each window of a batch, with :meth:`check`).
+        """
         schema_id = self.peek_id(data)
         writer, reader, check = self._reader(schema_id, expect)
         buf = io.BytesIO(data)
@@ -458,5 +466,6 @@ class Codec:
             )
         if not isinstance(record, dict):
             raise CodecError("invalid", "value is not a record")
-        check(record, "")
+        if validate:
+            check(record, "")
         return record

@@ -21,6 +21,7 @@ class TopicSpec:
     value_schema: str
     key: str
     config: dict[str, str] = field(default_factory=dict)
+    internal: bool = False  # loadcast's own bookkeeping, not for users or the sink
 
 
 CATALOG: tuple[TopicSpec, ...] = (
@@ -34,6 +35,10 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("global-model", "GlobalModel", "model family", {"cleanup.policy": "compact"}),
     TopicSpec("anomalies", "Anomaly", "endpoint_id"),
     TopicSpec("dead-letter", "raw bytes; headers say why", "original key"),
+    # Internal: processor model snapshots, co-partitioned with telemetry (same count, the
+    # snapshot of an endpoint sits in the partition number of its telemetry).
+    TopicSpec("processor-snapshots", "ModelSnapshot", "endpoint_id",
+              {"cleanup.policy": "compact"}, internal=True),
 )
 SHORT_NAMES = tuple(t.name for t in CATALOG)
 

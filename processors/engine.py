@@ -1,0 +1,267 @@
+"""The processor's engine: telemetry bytes in, scores/anomalies/dead letters/snapshots out.
+
+No Kafka client and no Faust here: the Faust wiring (``processors.worker``) hands each
+record's partition, offset, key and value to :meth:`Engine.handle`, and the engine calls
+an :class:`Outputs` implementation for what must be produced. That keeps exactly-once
+effect testable without a broker.
+
+**Exactly-once effect.** Every endpoint model remembers the newest input position
+(offset, index inside a TelemetryBatch) it has applied and skips anything at or below it.
+A snapshot is the pickled model (which includes that position). Snapshots are written per
+partition to the compacted ``processor-snapshots`` topic, co-partitioned with telemetry,
+in rounds: all models changed since the last round, then — once those are delivered — a
+*checkpoint* record naming the partition offset the round contains. On assignment the
+partition's snapshots are read back, the models restored, and consumption resumes at
+checkpoint + 1 (or the partition start when there is none). Every record before that
+offset belongs to an endpoint whose snapshot covers it, and every record after it is
+applied exactly once thanks to the per-model position, whatever Faust's committed offset
+says and whether the worker died by kill -9 or left cleanly. This needs no Kafka
+transactions (which Tansu does not support) and no exact ListOffsets (which Tansu
+undercounts): the snapshot partition is read to the end by Fetch (partition EOF).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from processors.endpoint import EndpointModel, Observation, ProcessorConfig
+from schemas.codec import Codec, CodecError, Record
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "__checkpoint__/{partition}"
+
+
+class Outputs(Protocol):
+    """Where the engine's results go (Kafka in the worker, lists in tests)."""
+
+    def score(self, endpoint_id: str, value: bytes) -> None: ...
+
+    def anomaly(self, endpoint_id: str, value: bytes) -> None: ...
+
+    def dead_letter(
+        self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int,
+        offset: int,
+    ) -> None: ...
+
+
+@dataclass
+class PartitionState:
+    """The models of one telemetry partition, and what the next snapshot must hold."""
+
+    partition: int
+    models: dict[str, EndpointModel] = field(default_factory=dict)
+    dirty: set[str] = field(default_factory=set)
+    processed: int = -1  # highest offset fully handled
+    resume: int = 0  # first offset to apply after a recovery
+    # While recovering, records are dropped until the one at ``resume`` arrives: the
+    # consumer may still deliver what it fetched from its old position before the seek.
+    recovering: bool = False
+
+
+@dataclass
+class EngineStats:
+    """Counters the worker exports as metrics."""
+
+    records: int = 0
+    windows: int = 0
+    skipped_replayed: int = 0
+    scores_computed: int = 0
+    scores_published: int = 0
+    anomalies: int = 0
+    dead_letters: dict[str, int] = field(default_factory=dict)
+    steps_learned: int = 0
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One record of the snapshot topic (ModelSnapshot value, keyed, partitioned)."""
+
+    partition: int
+    key: str
+    value: Record
+
+
+class Engine:
+    """Per-partition endpoint models; see the module docstring."""
+
+    def __init__(self, config: ProcessorConfig, codec: Codec, outputs: Outputs) -> None:
+        self.config = config
+        self.codec = codec
+        self.outputs = outputs
+        self.partitions: dict[int, PartitionState] = {}
+        self.stats = EngineStats()
+
+    # ----------------------------------------------------------------- records
+
+    def handle(
+        self, partition: int, offset: int, key: bytes | None, value: bytes | None,
+        now: float | None = None,
+    ) -> None:
+        """Apply one telemetry record (EndpointTelemetry or TelemetryBatch value)."""
+        state = self.partitions.get(partition)
+        if state is None:
+            state = self.partitions[partition] = PartitionState(partition)
+        if state.recovering:
+            if offset != state.resume:
+                return  # fetched before the seek landed; it comes again in order
+            state.recovering = False
+        if offset < state.resume:
+            return  # before the checkpoint: every endpoint's snapshot already has it
+        now = time.time() if now is None else now
+        self.stats.records += 1
+        try:
+            if value is None:
+                raise CodecError("invalid", "record has no value")
+            record = self.codec.decode(value, validate=False)
+            name = self.codec.name_of(value)
+        except CodecError as e:
+            self._dead(key, value or b"", e.reason, e.detail, partition, offset)
+            state.processed = offset
+            return
+        if name == "loadcast.TelemetryBatch":
+            windows = record["windows"]
+        elif name == "loadcast.EndpointTelemetry":
+            windows = [record]
+        else:
+            self._dead(key, value, "wrong_schema", f"{name} on the telemetry topic",
+                       partition, offset)
+            state.processed = offset
+            return
+        for index, window in enumerate(windows):
+            problem = self._check(window)
+            if problem is not None:
+                raw = value if len(windows) == 1 else self._reencode(window)
+                self._dead(window["endpoint_id"].encode(), raw, "out_of_range", problem,
+                           partition, offset)
+                continue
+            self._observe(state, window, (offset, index), now)
+        state.processed = offset
+
+    def _check(self, window: Record) -> str | None:
+        try:
+            self.codec.check("EndpointTelemetry", window)
+        except CodecError as e:
+            return e.detail
+        if window["window_end"] <= window["window_start"]:
+            return "window_end must be after window_start"
+        if not math.isfinite(window["request_count"]):
+            return "request_count must be finite"
+        return None
+
+    def _reencode(self, window: Record) -> bytes:
+        # The batch's own bytes would carry the good windows too: dead-letter just this one.
+        lax = Codec(self.codec.ids, validate_on_encode=False)
+        return lax.encode("EndpointTelemetry", window)
+
+    def _observe(self, state: PartitionState, window: Record, position: tuple[int, int],
+                 now: float) -> None:
+        endpoint = window["endpoint_id"]
+        model = state.models.get(endpoint)
+        if model is None:
+            model = state.models[endpoint] = self.new_model(endpoint)
+        obs: Observation = model.observe(window, position, now)
+        if not obs.applied:
+            self.stats.skipped_replayed += 1
+            return
+        state.dirty.add(endpoint)
+        self.stats.windows += 1
+        self.stats.scores_computed += 1
+        self.stats.steps_learned += obs.steps_learned
+        if obs.publish and obs.score is not None:
+            self.outputs.score(endpoint, self.codec.encode("LoadScore", obs.score))
+            self.stats.scores_published += 1
+        if obs.anomaly is not None:
+            self.outputs.anomaly(endpoint, self.codec.encode("Anomaly", obs.anomaly))
+            self.stats.anomalies += 1
+
+    def new_model(self, endpoint_id: str) -> EndpointModel:
+        """A model for an endpoint seen for the first time (hook for warm starts)."""
+        return EndpointModel.create(endpoint_id, self.config)
+
+    def _dead(self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int,
+              offset: int) -> None:
+        self.stats.dead_letters[reason] = self.stats.dead_letters.get(reason, 0) + 1
+        log.warning("dead-letter p%d@%d: %s: %s", partition, offset, reason, detail)
+        self.outputs.dead_letter(key, value, reason, detail, partition, offset)
+
+    # ----------------------------------------------------------------- snapshots
+
+    def take_snapshot(
+        self, partition: int
+    ) -> tuple[list[SnapshotRecord], SnapshotRecord] | None:
+        """The dirty models of ``partition`` and the checkpoint to write after them (None
+        while the partition is held for recovery: there is nothing to save yet).
+
+        Pickling happens here, synchronously, so the round is one consistent instant.
+        """
+        state = self.partitions[partition]
+        if state.resume < 0:
+            return None
+        now_ms = round(time.time() * 1000)
+        records = []
+        for endpoint in sorted(state.dirty):
+            model = state.models[endpoint]
+            offset, index = model.applied
+            records.append(SnapshotRecord(partition, endpoint, {
+                "endpoint_id": endpoint, "source_partition": partition, "offset": offset,
+                "index": index, "taken_at": now_ms, "model": self.config.forecaster,
+                "format": "pickle", "state": pickle.dumps(model, protocol=5),
+            }))
+        state.dirty.clear()
+        checkpoint = SnapshotRecord(partition, CHECKPOINT_KEY.format(partition=partition), {
+            "endpoint_id": None, "source_partition": partition, "offset": state.processed,
+            "index": -1, "taken_at": now_ms, "model": self.config.forecaster,
+            "format": "none", "state": b"",
+        })
+        return records, checkpoint
+
+    def hold(self, partition: int) -> None:
+        """Drop records of ``partition`` until :meth:`restore` (called as soon as a
+        partition is assigned, before its snapshots are read)."""
+        state = self.partitions[partition] = PartitionState(partition, resume=-1)
+        state.recovering = True
+
+    def restore(self, partition: int, records: Iterable[Record], start_offset: int = 0) -> int:
+        """Rebuild ``partition`` from its snapshot records (oldest first); returns the
+        offset to resume consuming from (never below ``start_offset``, the partition's
+        first available offset).  Records are then dropped until that offset arrives."""
+        latest: dict[str | None, Record] = {}
+        for r in records:
+            latest[r["endpoint_id"]] = r
+        state = self.partitions[partition] = PartitionState(partition)
+        for endpoint, r in latest.items():
+            if endpoint is None or r["format"] != "pickle":
+                continue
+            # Only the processor writes this topic: restrict its ACLs to the workers.
+            model = pickle.loads(r["state"])
+            if isinstance(model, EndpointModel):
+                state.models[endpoint] = model
+        checkpoint = latest.get(None)
+        resume = checkpoint["offset"] + 1 if checkpoint is not None else start_offset
+        state.resume = max(resume, start_offset)
+        state.processed = state.resume - 1
+        state.recovering = True
+        return state.resume
+
+    def drop(self, partition: int) -> None:
+        """Forget a partition (revoked: another worker owns it now)."""
+        self.partitions.pop(partition, None)
+
+    def endpoints(self) -> int:
+        return sum(len(s.models) for s in self.partitions.values())
+
+    def forecasts(self) -> dict[str, Any]:
+        """Current 1..horizon forecast means per endpoint (for tests and inspection)."""
+        out: dict[str, Any] = {}
+        for s in self.partitions.values():
+            for endpoint, m in s.models.items():
+                out[endpoint] = [round(p.mean, 9) for p in m.forecaster.forecast(
+                    self.config.horizon)]
+        return out

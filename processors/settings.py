@@ -1,0 +1,59 @@
+"""Settings of the forecasting processor (``processor`` section; ``LOADCAST_PROCESSOR__…``)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from processors.endpoint import ProcessorConfig
+from processors.forecasting import KINDS
+
+
+class ProcessorSettings(BaseModel):
+    """The Faust worker (``loadcast worker``) and the per-endpoint logic it runs."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    app_id: str = Field("loadcast-processor", min_length=1, description="Faust app / group id")
+    forecaster: str = Field("default", description=f"one of {', '.join(KINDS)}")
+    step_seconds: int = Field(60, ge=1, le=86_400, description="model step: one learn per step")
+    season_seconds: int = Field(86_400, ge=2, description="main seasonality")
+    horizon: int = Field(15, ge=1, le=288, description="forecast steps in each LoadScore")
+    lateness_seconds: float = Field(10.0, ge=0, description="wait for late windows of a step")
+    default_capacity_rps: float = Field(100.0, gt=0, description="until a knee is learned")
+    capacity_rps: dict[str, float] = Field(
+        default_factory=dict, description="configured capacity per endpoint_id"
+    )
+    min_change: float = Field(0.02, ge=0, le=1, description="publish a score that moved this much")
+    score_validity_seconds: float | None = Field(
+        None, gt=0, description="LoadScore lifetime (default: 2 model steps)"
+    )
+    anomaly_threshold: float = Field(0.8, gt=0, le=1)
+    anomaly_warmup: int = Field(200, ge=0, description="windows learned before flagging")
+    snapshot_every_seconds: float = Field(
+        10.0, gt=0, description="how often dirty endpoint models are snapshotted"
+    )
+    metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics here (0 = off)")
+    uvloop: bool = Field(True, description="run Faust on uvloop when installed")
+
+    @field_validator("forecaster")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in KINDS:
+            raise ValueError(f"must be one of {', '.join(KINDS)}")
+        return kind
+
+    def config(self) -> ProcessorConfig:
+        """The per-endpoint logic's part of the settings."""
+        return ProcessorConfig(
+            forecaster=self.forecaster,
+            step_seconds=self.step_seconds,
+            season_seconds=self.season_seconds,
+            horizon=self.horizon,
+            lateness_seconds=self.lateness_seconds,
+            default_capacity_rps=self.default_capacity_rps,
+            capacity_rps=dict(self.capacity_rps),
+            min_change=self.min_change,
+            score_validity_seconds=self.score_validity_seconds,
+            anomaly_threshold=self.anomaly_threshold,
+            anomaly_warmup=self.anomaly_warmup,
+        )

@@ -1,0 +1,303 @@
+"""The Faust worker (``loadcast worker``): thin wiring around :class:`processors.engine.Engine`.
+
+One agent consumes the telemetry topic; outputs (scores, anomalies, dead letters,
+snapshots) go through a confluent-kafka producer (idempotent; aiokafka's idempotent
+producer fails against Tansu). Faust settings, and why:
+
+- ``broker_session_timeout=6``, ``broker_heartbeat_interval=1``,
+  ``broker_rebalance_timeout=6``: Tansu answers JoinGroup after about half the session
+  timeout, so Faust's default 60 s would mean 30 s per rebalance; 6 s also notices a dead
+  worker quickly.
+- ``table_standby_replicas=0`` and no Faust tables: model state lives in the
+  ``processor-snapshots`` topic, recovered by the engine (see its docstring) rather than by
+  Faust's changelog recovery, which relies on ListOffsets (undercounted by Tansu).
+- ``processing_guarantee="at_least_once"``: exactly-once *effect* comes from snapshot
+  positions; Kafka transactions are not available on Tansu.
+- ``topic_allow_declare=False``: topics come from ``streams.topics.ensure_topics``.
+- ``web_enabled=False``: metrics are served by prometheus-client on ``metrics_port``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import faust
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from faust.types import TP
+from prometheus_client import Counter, Gauge
+
+from processors.engine import Engine, SnapshotRecord
+from processors.settings import ProcessorSettings
+from schemas.codec import Codec, CodecError, Record
+from streams.producer import RecordProducer
+from streams.settings import KafkaSettings
+from streams.topics import topic_name
+
+log = logging.getLogger(__name__)
+
+WINDOWS = Counter("loadcast_processor_windows_total", "Endpoint-windows applied")
+REPLAYED = Counter(
+    "loadcast_processor_replayed_total", "Windows skipped because a snapshot already had them"
+)
+SCORES = Counter("loadcast_processor_scores_published_total", "LoadScore records published")
+ANOMALIES = Counter("loadcast_processor_anomalies_total", "Anomaly records published")
+DEAD = Counter("loadcast_processor_dead_letters_total", "Records sent to dead-letter", ["reason"])
+ENDPOINTS = Gauge("loadcast_processor_endpoints", "Endpoint models held by this worker")
+SNAPSHOT_AGE = Gauge(
+    "loadcast_processor_snapshot_age_seconds", "Seconds since the last snapshot round"
+)
+
+
+class KafkaOutputs:
+    """The engine's outputs, produced with confluent-kafka."""
+
+    def __init__(self, kafka: KafkaSettings, client_id: str) -> None:
+        self.producer = RecordProducer(kafka, client_id, linger_ms=2.0)
+        self.scores = topic_name(kafka, "load-scores")
+        self.anomalies = topic_name(kafka, "anomalies")
+        self.dead = topic_name(kafka, "dead-letter")
+        self.telemetry = topic_name(kafka, "telemetry")
+        self.snapshots = topic_name(kafka, "processor-snapshots")
+
+    def score(self, endpoint_id: str, value: bytes) -> None:
+        self.producer.produce(self.scores, value, endpoint_id.encode())
+        SCORES.inc()
+
+    def anomaly(self, endpoint_id: str, value: bytes) -> None:
+        self.producer.produce(self.anomalies, value, endpoint_id.encode())
+        ANOMALIES.inc()
+
+    def dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
+                    partition: int, offset: int) -> None:
+        headers = [
+            ("loadcast.reason", reason.encode()),
+            ("loadcast.error", detail.encode()[:1000]),
+            ("loadcast.source_topic", self.telemetry.encode()),
+            ("loadcast.partition", str(partition).encode()),
+            ("loadcast.offset", str(offset).encode()),
+        ]
+        self.producer.produce(self.dead, value, key, headers=headers)
+        DEAD.labels(reason).inc()
+
+
+def read_snapshots(
+    kafka: KafkaSettings, codec: Codec, partitions: list[int], timeout: float = 30.0
+) -> tuple[dict[int, list[Record]], dict[int, int]]:
+    """Every ModelSnapshot of ``partitions`` (oldest first, read to each partition's end
+    by Fetch, not ListOffsets), and the first available telemetry offset of each."""
+    snapshots = topic_name(kafka, "processor-snapshots")
+    telemetry = topic_name(kafka, "telemetry")
+    c = Consumer(kafka.consumer_config(None, **{"enable.partition.eof": True}))
+    out: dict[int, list[Record]] = {p: [] for p in partitions}
+    try:
+        starts = {p: c.get_watermark_offsets(TopicPartition(telemetry, p), 10)[0]
+                  for p in partitions}
+        c.assign([TopicPartition(snapshots, p, 0) for p in partitions])
+        open_parts = set(partitions)
+        deadline = time.monotonic() + timeout
+        while open_parts:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {snapshots} did not reach its end in {timeout}s")
+            for msg in c.consume(1000, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        open_parts.discard(msg.partition() or 0)
+                    else:
+                        log.warning("snapshot read: %s", err)
+                    continue
+                try:
+                    out[msg.partition() or 0].append(
+                        codec.decode(msg.value() or b"", "ModelSnapshot")
+                    )
+                except CodecError as e:
+                    log.error("skipping undecodable snapshot at %d: %s", msg.offset(), e)
+        return out, starts
+    finally:
+        c.close()
+
+
+def faust_broker_urls(kafka: KafkaSettings) -> list[str]:
+    return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
+
+
+class Worker:
+    """The Faust app and the engine it feeds."""
+
+    def __init__(self, kafka: KafkaSettings, settings: ProcessorSettings,
+                 codec: Codec | None = None) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.codec = codec or Codec.embedded()
+        self.outputs = KafkaOutputs(kafka, f"{settings.app_id}-out")
+        self.engine = Engine(settings.config(), self.codec, self.outputs)
+        self.last_snapshot = time.monotonic()
+        self._exported = (0, 0)
+        self.app = faust.App(
+            settings.app_id,
+            broker=faust_broker_urls(kafka),
+            broker_credentials=_credentials(kafka),
+            broker_session_timeout=6.0,
+            broker_heartbeat_interval=1.0,
+            broker_rebalance_timeout=6.0,
+            table_standby_replicas=0,
+            topic_allow_declare=False,
+            topic_disable_leader=True,
+            consumer_auto_offset_reset="earliest",
+            web_enabled=False,
+            value_serializer="raw",
+            key_serializer="raw",
+            processing_guarantee="at_least_once",
+            store="memory://",
+        )
+        self.telemetry = self.app.topic(
+            topic_name(kafka, "telemetry"), key_type=bytes, value_type=bytes,
+            key_serializer="raw", value_serializer="raw",
+        )
+        self._wire()
+
+    def _wire(self) -> None:
+        app, engine, producer = self.app, self.engine, self.outputs.producer
+
+        @app.agent(self.telemetry, name="telemetry")
+        async def process(stream: Any) -> None:
+            n = 0
+            async for event in stream.events():
+                m = event.message
+                engine.handle(m.partition, m.offset, m.key, m.value)
+                n += 1
+                if n % 64 == 0:
+                    producer.poll(0)
+                    self._export()
+
+        @app.timer(interval=self.settings.snapshot_every_seconds)
+        async def snapshot_timer() -> None:
+            await self.snapshot(list(engine.partitions))
+
+        @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode stub wants signal=
+        async def assigned(sender: Any, *args: Any, **kw: Any) -> None:
+            assigned: set[TP] = args[0] if args else kw["assigned"]
+            mine = {tp.partition for tp in assigned if tp.topic == self.telemetry.get_topic_name()}
+            for p in list(engine.partitions):
+                if p not in mine:
+                    engine.drop(p)
+            new = sorted(mine - set(engine.partitions))
+            for p in new:
+                engine.hold(p)  # before any await: nothing is applied until restored
+            if new:
+                await self.recover(new)
+
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def revoked(sender: Any, *args: Any, **kw: Any) -> None:
+            revoked: set[TP] = args[0] if args else kw["revoked"]
+            gone = [tp.partition for tp in revoked
+                    if tp.topic == self.telemetry.get_topic_name()
+                    and tp.partition in engine.partitions]
+            if gone:
+                await self.snapshot(gone)
+                for p in gone:
+                    engine.drop(p)
+
+        @app.on_before_shutdown.connect  # type: ignore[arg-type]
+        async def shutdown(sender: Any, *args: Any, **kw: Any) -> None:
+            await self.snapshot(list(engine.partitions))
+            await asyncio.get_running_loop().run_in_executor(None, producer.flush, 10.0)
+
+    async def recover(self, partitions: list[int]) -> None:
+        """Restore models from snapshots and seek each partition to its resume offset."""
+        loop = asyncio.get_running_loop()
+        snapshots, starts = await loop.run_in_executor(
+            None, read_snapshots, self.kafka, self.codec, partitions
+        )
+        for p in partitions:
+            resume = self.engine.restore(p, snapshots[p], starts[p])
+            n = len(self.engine.partitions[p].models)
+            log.info("partition %d: %d models restored, resuming at offset %d", p, n, resume)
+            await self.app.consumer.seek(TP(self.telemetry.get_topic_name(), p), resume)
+        self._export()
+
+    async def snapshot(self, partitions: Iterable[int]) -> int:
+        """One snapshot round for ``partitions``; returns how many models were written."""
+        loop = asyncio.get_running_loop()
+        producer = self.outputs.producer
+        rounds: list[tuple[list[SnapshotRecord], SnapshotRecord]] = []
+        for p in partitions:
+            taken = self.engine.take_snapshot(p) if p in self.engine.partitions else None
+            if taken is not None:
+                rounds.append(taken)
+        written = 0
+        for records, _ in rounds:
+            for r in records:
+                self._produce_snapshot(r)
+                written += 1
+        # Checkpoints only once every model of the round is acknowledged.
+        left = await loop.run_in_executor(None, producer.flush, 30.0)
+        if left:
+            log.error("snapshot round not acknowledged (%d left): no checkpoint written", left)
+            return written
+        for _, checkpoint in rounds:
+            self._produce_snapshot(checkpoint)
+        await loop.run_in_executor(None, producer.flush, 30.0)
+        self.last_snapshot = time.monotonic()
+        self._export()
+        return written
+
+    def _produce_snapshot(self, r: SnapshotRecord) -> None:
+        value = self.codec.encode("ModelSnapshot", r.value)
+        self.outputs.producer.produce(self.outputs.snapshots, value, r.key.encode(),
+                                      partition=r.partition)
+
+    def _export(self) -> None:
+        s = self.engine.stats
+        # Counters advance by what the engine tallied since the last export.
+        WINDOWS.inc(s.windows - self._exported[0])
+        REPLAYED.inc(s.skipped_replayed - self._exported[1])
+        self._exported = (s.windows, s.skipped_replayed)
+        ENDPOINTS.set(self.engine.endpoints())
+        SNAPSHOT_AGE.set(time.monotonic() - self.last_snapshot)
+
+
+def _credentials(kafka: KafkaSettings) -> Any:
+    """Faust (aiokafka) credentials from the shared SASL/TLS settings."""
+    proto = (kafka.security_protocol or "PLAINTEXT").upper()
+    if proto == "PLAINTEXT":
+        return None
+    ssl_context = None
+    if "SSL" in proto:
+        import ssl
+
+        ssl_context = ssl.create_default_context(cafile=kafka.ssl_ca_location)
+        if kafka.ssl_certificate_location:
+            ssl_context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location)
+    if proto.startswith("SASL"):
+        password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
+        return faust.SASLCredentials(
+            username=kafka.sasl_username, password=password,
+            mechanism=kafka.sasl_mechanism or "PLAIN", ssl_context=ssl_context,
+        )
+    return faust.SSLCredentials(ssl_context)
+
+
+def run_worker(kafka: KafkaSettings, settings: ProcessorSettings, loglevel: str = "warn") -> None:
+    """Run the worker until SIGTERM/SIGINT (Faust's worker handles the signals)."""
+    from streams.metrics import serve_metrics
+
+    serve_metrics(settings.metrics_port)
+    worker = Worker(kafka, settings)
+    faust.Worker(worker.app, loglevel=loglevel, quiet=True,
+                 loop=_loop(settings.uvloop)).execute_from_commandline()
+
+
+def _loop(use_uvloop: bool) -> Any:
+    if use_uvloop:
+        try:
+            import uvloop
+
+            return uvloop.new_event_loop()
+        except ImportError:
+            pass
+    return None
