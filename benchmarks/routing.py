@@ -1,0 +1,411 @@
+"""Does prediction beat reaction? A routing-quality benchmark (discrete-event simulation).
+
+Two scenarios (``benchmarks/routing_sim/scenarios.py`` says exactly what they are):
+
+1. **Calibration**: Linkerd's "Beyond Round Robin" experiment (11 backends, 167 ms median,
+   one backend at 2 s for 30 s, 1,000 qps, success = answered within 1 s). The simulator
+   must land within half a point of the published 95 / 99 / 99.9 % before scenario 2
+   counts.
+2. **Main**: 8 heterogeneous backends with worker slots, queues, deadlines and shedding
+   under a seasonal ramp, a sudden x2 spike and one backend degrading x4 for two minutes.
+   Policies: round-robin, static capacity-weighted, least-request (P2C), peak-EWMA (P2C),
+   predictive (the project's real agent -> processor -> sidecar code on a simulated clock),
+   an oracle (true capacities and future load, no delay), and one labelled experiment
+   (``predictive-capw``: the same scores, weights multiplied by configured capacity).
+
+Routing uses the sidecar's own ``Router`` and policy classes; telemetry goes through the
+edge agent's ``TelemetryAggregator``; scores come from ``processors.endpoint.EndpointModel``
+(``Stepper``, ``make_forecaster("default")``, ``CapacityEstimator``, ``load_score_record``);
+weights from the sidecar's ``WeightTable`` (``processors.scoring.routing_weights``).
+
+Usage::
+
+    python benchmarks/routing.py                  # 10 seeds, both scenarios (~2 min)
+    python benchmarks/routing.py --quick          # 1 seed, main scenario at 1/4 time
+    python benchmarks/routing.py --trace ../shared/data/elb_request_count_8c0756.csv
+    python benchmarks/routing.py --actuation-ms 500 --seeds 5
+
+Prints tables and writes ``out/benchmarks/routing.json`` (see ``--out``). Latency figures
+are medians over requests within a run, then mean and 95 % interval over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT_DIR = ROOT / "out" / "benchmarks"
+for _p in (str(ROOT), str(Path(__file__).resolve().parent)):  # run as a script from anywhere
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from routing_sim.engine import OK  # noqa: E402
+from routing_sim.metrics import aggregate, mean_ci, phase_metrics  # noqa: E402
+from routing_sim.scenarios import (  # noqa: E402
+    CALIBRATION_POLICIES,
+    LINKERD_PUBLISHED,
+    MAIN_POLICIES,
+    VARIANTS,
+    MainScenario,
+    build,
+    calibration_config,
+)
+
+TOLERANCE_POINTS = 0.5
+QUICK_SCALE = 0.25
+# Targets of the issue (spike phase, predictive vs the baselines).
+P99_VS_PEAK_EWMA = 0.7
+P99_VS_ROUND_ROBIN = 0.5
+REACT_INTERVALS = 2.0
+
+
+# -- jobs (run in worker processes) -------------------------------------------------------
+
+
+def run_calibration(policy: str, seed: int, slow_factor: float | None = None) -> dict[str, Any]:
+    """One calibration run: success rate (answered within 1 s) and tail latency."""
+    sim, _ = build(policy, calibration_config(seed, slow_factor), None)
+    r = sim.run()
+    ok = r.outcome == OK
+    return {
+        "policy": policy, "seed": seed, "slow_factor": slow_factor,
+        "success_pct": 100.0 * float(ok.mean()),
+        "requests": int(r.rtt_ms.size),
+        "p99_ms": float(np.percentile(r.rtt_ms, 99)),
+        "p999_ms": float(np.percentile(r.rtt_ms, 99.9)),
+        "slow_backend_requests": int((r.backend == 10).sum()),
+    }
+
+
+def run_main(policy: str, seed: int, scenario: MainScenario, timeline: bool) -> dict[str, Any]:
+    """One main-scenario run: metrics per phase (and a per-second timeline if asked)."""
+    load = scenario.load()
+    sim, control = build(policy, scenario.config(seed, load), scenario, load)
+    t0 = time.perf_counter()
+    r = sim.run()
+    out: dict[str, Any] = {
+        "policy": policy, "seed": seed, "wall_s": time.perf_counter() - t0,
+        "phases": {ph.name: phase_metrics(r, ph, scenario.slo_ms) for ph in scenario.phases()},
+        "control": control.summary() if hasattr(control, "summary") else {},
+        "requests": int(r.rtt_ms.size),
+    }
+    if timeline:
+        out["timeline"] = _timeline(r, [b.id for b in scenario.backends()])
+    return out
+
+
+def _timeline(r: Any, ids: list[str]) -> dict[str, Any]:
+    """Per-second p99, errors + shed and offered rate; weights when they changed."""
+    sec = r.t_arrival.astype(np.int64)
+    n = int(math.ceil(r.duration_s))
+    p99: list[float | None] = []
+    bad: list[float] = []
+    rate: list[int] = []
+    order = np.argsort(sec, kind="stable")
+    bounds = np.searchsorted(sec[order], np.arange(n + 1))
+    for k in range(n):
+        idx = order[bounds[k]:bounds[k + 1]]
+        out = r.outcome[idx]
+        served = out <= 2  # OK, TIMEOUT, EXPIRED
+        lat = r.rtt_ms[idx][served]
+        p99.append(round(float(np.percentile(lat, 99)), 1) if lat.size else None)
+        bad.append(round(100.0 * float((out != OK).mean()), 2) if idx.size else 0.0)
+        rate.append(int(idx.size))
+    weights = [(round(t, 2), {k: round(v, 3) for k, v in w.items()}) for t, w in r.weights]
+    return {"p99_ms": p99, "errors_plus_shed_pct": bad, "rate_rps": rate,
+            "weights": weights[:2000], "backends": ids}
+
+
+def _job(args: tuple[str, Any]) -> dict[str, Any]:
+    kind, a = args
+    if kind == "cal":
+        return run_calibration(*a)
+    return run_main(*a)
+
+
+# -- aggregation --------------------------------------------------------------------------
+
+
+def summarize_calibration(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"reference": {
+        "source": "https://linkerd.io/2016/03/16/beyond-round-robin-load-balancing-for-latency/",
+        "published_success_pct": LINKERD_PUBLISHED,
+        "setup": "11 backends, latency median 167 ms sd 5 ms, 1000 qps (1 per ms), 60 s, "
+                 "one backend fixed at 2 s from 15 s to 45 s, success = latency <= 1 s",
+    }, "policies": {}, "variant_slow_x10": {}}
+    for pol in CALIBRATION_POLICIES:
+        for key, factor in (("policies", None), ("variant_slow_x10", 10.0)):
+            rs = [r for r in runs if r["policy"] == pol and r["slow_factor"] == factor]
+            if not rs:
+                continue
+            agg = aggregate([{k: r[k] for k in ("success_pct", "p99_ms", "p999_ms",
+                                                 "slow_backend_requests")} for r in rs])
+            mean = agg["success_pct"]["mean"]
+            agg["published_pct"] = LINKERD_PUBLISHED[pol]
+            agg["diff_points"] = mean - LINKERD_PUBLISHED[pol]
+            agg["within_tolerance"] = abs(mean - LINKERD_PUBLISHED[pol]) <= TOLERANCE_POINTS
+            out[key][pol] = agg
+    out["all_within_tolerance"] = all(v["within_tolerance"] for v in out["policies"].values())
+    return out
+
+
+def summarize_main(runs: list[dict[str, Any]], scenario: MainScenario) -> dict[str, Any]:
+    pols: dict[str, Any] = {}
+    for pol in MAIN_POLICIES:
+        rs = sorted((r for r in runs if r["policy"] == pol), key=lambda r: r["seed"])
+        if not rs:
+            continue
+        pols[pol] = {
+            "variant": pol in VARIANTS,
+            "phases": {ph: aggregate([r["phases"][ph] for r in rs]) for ph in rs[0]["phases"]},
+            "control": rs[0]["control"],
+            "wall_s_median": float(np.median([r["wall_s"] for r in rs])),
+            "requests_median": float(np.median([r["requests"] for r in rs])),
+        }
+        if "timeline" in rs[0]:
+            pols[pol]["timeline_seed0"] = rs[0]["timeline"]
+    return {"scenario": scenario.describe(), "policies": pols,
+            "comparisons": compare(runs, scenario)}
+
+
+def _per_seed(runs: list[dict[str, Any]], pol: str, phase: str, key: str) -> dict[int, Any]:
+    return {r["seed"]: r["phases"][phase][key] for r in runs if r["policy"] == pol}
+
+
+def _ratio(runs: list[dict[str, Any]], a: str, b: str, phase: str, key: str) -> dict[str, Any]:
+    """Per-seed ratio a/b of a metric: mean and 95 % interval, and the ratio of means."""
+    xa, xb = _per_seed(runs, a, phase, key), _per_seed(runs, b, phase, key)
+    seeds = sorted(s for s in xa if s in xb and xa[s] is not None and xb[s])
+    ratios = [xa[s] / xb[s] for s in seeds]
+    mean, half = mean_ci(ratios) if ratios else (None, None)
+    ma = float(np.mean([xa[s] for s in seeds])) if seeds else None
+    mb = float(np.mean([xb[s] for s in seeds])) if seeds else None
+    return {"mean": mean, "ci95": half, "ratio_of_means": (ma / mb) if ma and mb else None,
+            "values": ratios}
+
+
+def compare(runs: list[dict[str, Any]], scenario: MainScenario) -> dict[str, Any]:
+    """The issue's comparisons, for the predictive policy (and the experiment)."""
+    out: dict[str, Any] = {}
+    iv = scenario.interval_s
+    for pred in ("predictive", "predictive-capw"):
+        if not any(r["policy"] == pred for r in runs):
+            continue
+        c: dict[str, Any] = {}
+        for phase in ("spike", "degraded", "steady"):
+            c[phase] = {
+                "p99_vs_peak_ewma": _ratio(runs, pred, "peak-ewma", phase, "p99_ms"),
+                "p99_vs_round_robin": _ratio(runs, pred, "round-robin", phase, "p99_ms"),
+                "p99_vs_oracle": _ratio(runs, pred, "oracle", phase, "p99_ms"),
+            }
+            for other in ("peak-ewma", "oracle"):
+                mine = _per_seed(runs, pred, phase, "errors_plus_shed_pct")
+                theirs = _per_seed(runs, other, phase, "errors_plus_shed_pct")
+                diff = [mine[s] - theirs[s] for s in sorted(mine) if s in theirs]
+                m, h = mean_ci(diff) if diff else (None, None)
+                c[phase][f"errors_plus_shed_minus_{other.replace('-', '_')}_points"] = {
+                    "mean": m, "ci95": h, "values": diff}
+            if phase != "steady":
+                react = list(_per_seed(runs, pred, phase, "time_to_react_s").values())
+                got = [v for v in react if v is not None]
+                c[phase]["time_to_react_intervals"] = {
+                    "mean": float(np.mean(got)) / iv if got else None,
+                    "max": max(got) / iv if got else None,
+                    "never": len(react) - len(got)}
+        sp = c["spike"]
+        never = sp["time_to_react_intervals"]["never"] + c["degraded"][
+            "time_to_react_intervals"]["never"]
+        worst = max((c[p]["time_to_react_intervals"]["max"] or 0.0)
+                    for p in ("spike", "degraded"))
+        c["checks"] = {
+            "spike_p99_le_0.7x_peak_ewma": _le(sp["p99_vs_peak_ewma"]["mean"], P99_VS_PEAK_EWMA),
+            "spike_p99_le_0.5x_round_robin": _le(sp["p99_vs_round_robin"]["mean"],
+                                                 P99_VS_ROUND_ROBIN),
+            "spike_errors_plus_shed_le_peak_ewma": _le(
+                sp["errors_plus_shed_minus_peak_ewma_points"]["mean"], 0.0),
+            "time_to_react_le_2_intervals": never == 0 and worst <= REACT_INTERVALS,
+        }
+        out[pred] = c
+    return out
+
+
+def _le(x: float | None, bound: float) -> bool:
+    return x is not None and x <= bound
+
+
+# -- output -------------------------------------------------------------------------------
+
+
+def _fmt(agg: dict[str, Any] | None, digits: int = 0, ci: bool = True) -> str:
+    if agg is None or agg.get("mean") is None:
+        never = (agg or {}).get("never")
+        return f"never ({never})" if never else "-"
+    s = f"{agg['mean']:.{digits}f}"
+    if ci and agg.get("ci95"):
+        s += f" ±{agg['ci95']:.{digits}f}"
+    if agg.get("never"):
+        s += f" ({agg['never']} never)"
+    return s
+
+
+def print_tables(console: Console, res: dict[str, Any]) -> None:
+    cal = res.get("calibration")
+    if cal:
+        t = Table(title=f"Calibration: Linkerd 'Beyond Round Robin' ({res['seeds']} seeds)")
+        for col in ("policy", "success % (≤1 s)", "Linkerd", "diff", "ok",
+                    "p99 ms", "p99.9 ms", "slow x10 variant %"):
+            t.add_column(col, justify="right" if col != "policy" else "left")
+        for pol, a in cal["policies"].items():
+            var = cal["variant_slow_x10"].get(pol)
+            t.add_row(pol, _fmt(a["success_pct"], 3), f"{a['published_pct']:.1f}",
+                      f"{a['diff_points']:+.3f}", "yes" if a["within_tolerance"] else "NO",
+                      _fmt(a["p99_ms"], 0, False), _fmt(a["p999_ms"], 0, False),
+                      _fmt(var["success_pct"], 3, False) if var else "-")
+        console.print(t)
+    main = res.get("main")
+    if not main:
+        return
+    for phase in ("steady", "spike", "degraded"):
+        t = Table(title=f"Main scenario, {phase} phase (mean ±95 % CI over {res['seeds']} "
+                        "seeds; latency in ms)")
+        cols = ["policy", "p50", "p95", "p99", "p99.9", "errors %", "shed %",
+                "util max/avg", "churn"]
+        if phase != "steady":
+            cols += ["react s", "recover s"]
+        for c in cols:
+            t.add_column(c, justify="left" if c == "policy" else "right")
+        for pol, p in main["policies"].items():
+            a = p["phases"][phase]
+            util = (f"{a['util_max']['mean']:.2f}/{a['util_avg']['mean']:.2f}"
+                    if a["util_max"]["mean"] is not None else "-")
+            row = [pol + (" (experiment)" if p["variant"] else ""), _fmt(a["p50_ms"], 0, False),
+                   _fmt(a["p95_ms"], 0, False), _fmt(a["p99_ms"]), _fmt(a["p999_ms"], 0, False),
+                   _fmt(a["errors_pct"], 2), _fmt(a["shed_pct"], 2), util,
+                   _fmt(a["weight_churn"], 3, False)]
+            if phase != "steady":
+                row += [_fmt(a["time_to_react_s"], 1, False),
+                        _fmt(a["time_to_recover_s"], 1, False)]
+            t.add_row(*row)
+        console.print(t)
+    t = Table(title="Predictive vs the others (per-seed ratios: mean ±95 % CI)")
+    for c in ("policy", "phase", "p99 / peak-ewma", "p99 / round-robin", "p99 / oracle",
+              "err+shed − peak-ewma (pts)", "react (intervals)"):
+        t.add_column(c, justify="left" if c in ("policy", "phase") else "right")
+    for pred, c in main["comparisons"].items():
+        for phase in ("steady", "spike", "degraded"):
+            x = c[phase]
+            react = x.get("time_to_react_intervals")
+            t.add_row(pred, phase, _fmt(x["p99_vs_peak_ewma"], 2),
+                      _fmt(x["p99_vs_round_robin"], 2), _fmt(x["p99_vs_oracle"], 2),
+                      _fmt(x["errors_plus_shed_minus_peak_ewma_points"], 2),
+                      "-" if react is None else (
+                          f"{react['mean']:.2f} (max {react['max']:.2f})"
+                          if react["mean"] is not None else f"never ({react['never']})"))
+    console.print(t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true",
+                    help="1 seed; main scenario at 1/4 time (a few seconds)")
+    ap.add_argument("--seeds", type=int, default=None, help="seeds per policy (default 10)")
+    ap.add_argument("--only", choices=("all", "calibration", "main"), default="all")
+    ap.add_argument("--trace", type=Path, default=None,
+                    help="timestamp,value CSV replayed (compressed) as the load shape")
+    ap.add_argument("--actuation-ms", type=float, default=50.0,
+                    help="data-plane actuation delay for new weights (default 50)")
+    ap.add_argument("--telemetry-lag-s", type=float, default=0.5)
+    ap.add_argument("--score-lag-s", type=float, default=0.5)
+    ap.add_argument("--interval-s", type=float, default=5.0, help="telemetry interval")
+    ap.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--out", type=Path, default=OUT_DIR / "routing.json")
+    args = ap.parse_args(argv)
+    console = Console(width=None if sys.stdout.isatty() else 150)
+    if args.trace is not None and not args.trace.is_file():
+        console.print(f"[red]--trace: no such file: {args.trace}[/red]")
+        return 2
+    for name in ("actuation_ms", "telemetry_lag_s", "score_lag_s"):
+        if getattr(args, name) < 0:
+            console.print(f"[red]--{name.replace('_', '-')} must be >= 0[/red]")
+            return 2
+    if args.interval_s <= 0 or (args.seeds is not None and args.seeds < 1):
+        console.print("[red]--interval-s must be > 0 and --seeds >= 1[/red]")
+        return 2
+    seeds = args.seeds or (1 if args.quick else 10)
+    scenario = MainScenario(
+        scale=QUICK_SCALE if args.quick else 1.0, trace=args.trace,
+        interval_s=args.interval_s, telemetry_lag_s=args.telemetry_lag_s,
+        score_lag_s=args.score_lag_s, actuation_s=args.actuation_ms / 1000.0,
+    )
+    try:
+        scenario.load()  # a bad trace fails here, with its line
+    except ValueError as e:
+        console.print(f"[red]--trace: {e}[/red]")
+        return 2
+
+    jobs: list[tuple[str, Any]] = []
+    if args.only in ("all", "calibration"):
+        jobs += [("cal", (p, s, None)) for p in CALIBRATION_POLICIES for s in range(seeds)]
+        jobs += [("cal", (p, s, 10.0)) for p in CALIBRATION_POLICIES for s in range(seeds)]
+    if args.only in ("all", "main"):
+        # the slow predictive jobs first, so two workers finish together
+        order = sorted(MAIN_POLICIES, key=lambda p: not p.startswith("predictive"))
+        jobs += [("main", (p, s, scenario, s == 0)) for p in order for s in range(seeds)]
+    t0 = time.perf_counter()
+    if args.workers > 1:
+        with ProcessPoolExecutor(max_workers=args.workers) as ex:
+            results = list(ex.map(_job, jobs))
+    else:
+        results = [_job(j) for j in jobs]
+    elapsed = time.perf_counter() - t0
+
+    res: dict[str, Any] = {
+        "benchmark": "routing",
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "quick": args.quick, "seeds": seeds, "workers": args.workers,
+        "elapsed_s": round(elapsed, 2),
+    }
+    cal_runs = [r for j, r in zip(jobs, results, strict=True) if j[0] == "cal"]
+    main_runs = [r for j, r in zip(jobs, results, strict=True) if j[0] == "main"]
+    if cal_runs:
+        res["calibration"] = summarize_calibration(cal_runs)
+    if main_runs:
+        res["main"] = summarize_main(main_runs, scenario)
+    checks: dict[str, Any] = {}
+    if cal_runs:
+        checks["calibration_within_0.5_points"] = res["calibration"]["all_within_tolerance"]
+    if main_runs:
+        checks.update(res["main"]["comparisons"].get("predictive", {}).get("checks", {}))
+    res["checks"] = checks
+    print_tables(console, res)
+    for k, v in checks.items():
+        console.print(f"  {k}: {'[green]yes[/green]' if v else '[red]NO[/red]'}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1, default=_json_default))
+    print(f"{len(jobs)} runs in {elapsed:.1f} s; wrote {args.out}")
+    return 0
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    raise TypeError(f"not JSON-serializable: {type(o).__name__}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
