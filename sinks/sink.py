@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from schemas.codec import Codec, CodecError
 from sinks import metrics
@@ -150,19 +151,23 @@ class Sink:
         self._backoff = settings.backoff_initial_seconds
         self._retry_at = 0.0
         self._lag_at = 0.0
+        self._admin: AdminClient | None = None
+        self._lag_stop = threading.Event()
+        self._lag_thread: threading.Thread | None = None
         self._lag: dict[str, int] = {}
-        self._lock = threading.Lock()  # guards _lag for the admin thread
+        self._lock = threading.Lock()  # guards _lag, _next, _assigned (lag thread)
         self.last_error: str | None = None
         self.ready = threading.Event()  # set once ClickHouse is open and migrated
 
     # ------------------------------------------------------------------ Kafka callbacks
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
-            self._assigned.add(key)
-            self._unchecked.add(key)
-            self._next.pop(key, None)
+        with self._lock:
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self._assigned.add(key)
+                self._unchecked.add(key)
+                self._next.pop(key, None)
         self._paused = False
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -171,12 +176,13 @@ class Sink:
         if self._batch.messages:
             log.info("partitions revoked: dropping %d uncommitted records", self._batch.messages)
         self._batch = _Batch()
-        for tp in partitions:
-            key = (tp.topic, tp.partition)
-            self._assigned.discard(key)
-            self._unchecked.discard(key)
-            self._stored.pop(key, None)
-            self._next.pop(key, None)
+        with self._lock:
+            for tp in partitions:
+                key = (tp.topic, tp.partition)
+                self._assigned.discard(key)
+                self._unchecked.discard(key)
+                self._stored.pop(key, None)
+                self._next.pop(key, None)
         self._paused = False
 
     # ------------------------------------------------------------------ records
@@ -380,6 +386,7 @@ class Sink:
         self.last_error = None
         if self._after_insert is not None:
             self._after_insert()
+        log.debug("inserted %d rows", rows)
         if b.dead:
             for key, value, headers in b.dead:
                 self.producer.produce(self.dead_letter_topic, value=value, key=key,
@@ -399,9 +406,11 @@ class Sink:
             # are re-read and skipped as already stored.
             log.warning("commit failed (records are stored; will be skipped): %s", e)
         for (t, p), last in b.last.items():
-            self._next[(t, p)] = last + 1
+            with self._lock:
+                self._next[(t, p)] = last + 1
             metrics.SINK_RECORDS.labels(self.topics[t]).inc(b.last[(t, p)] - b.first[(t, p)] + 1)
         self.stats.records += b.messages
+        log.debug("stored %d records (%d rows) of %d partitions", b.messages, rows, len(b.last))
         self.stats.rows += rows
         self.stats.batches += 1
         self._batch = _Batch()
@@ -428,23 +437,23 @@ class Sink:
 
     # ------------------------------------------------------------------ lag
 
-    def lag(self, timeout: float = 2.0) -> dict[str, int]:
-        """Records per topic not yet stored (high watermark - next offset to store)."""
+    def lag(self, timeout: float = 10.0) -> dict[str, int]:
+        """Records per topic not yet stored: high watermark - next offset to store (the
+        committed offset, or the earliest when nothing was committed). One ListOffsets
+        request for all partitions, so it is safe to call from another thread."""
+        with self._lock:
+            assigned = list(self._assigned)
+            nexts = {k: self._next.get(k) for k in assigned}
+        latest = self._list_offsets(assigned, OffsetSpec.latest(), timeout)
+        earliest = self._list_offsets(
+            [k for k, n in nexts.items() if n is None], OffsetSpec.earliest(), timeout
+        )
         out: dict[str, int] = {}
-        for key in list(self._assigned):
-            topic, partition = key
-            tp = TopicPartition(topic, partition)
-            try:
-                low, high = self.consumer.get_watermark_offsets(tp, timeout=timeout, cached=False)
-                nxt = self._next.get(key)
-                if nxt is None:
-                    committed = self.consumer.committed([tp], timeout=timeout)[0].offset
-                    nxt = committed if committed >= 0 else low
-                    self._next[key] = nxt
-            except KafkaException as e:
-                log.debug("lag of %s[%d] unknown: %s", topic, partition, e)
-                continue
-            short = self.topics[topic]
+        for key, high in latest.items():
+            nxt = nexts.get(key)
+            if nxt is None:
+                nxt = earliest.get(key, 0)
+            short = self.topics[key[0]]
             out[short] = out.get(short, 0) + max(0, high - nxt)
         for short in self.settings.topics:
             metrics.SINK_LAG.labels(short).set(out.get(short, 0))
@@ -452,10 +461,50 @@ class Sink:
             self._lag = out
         return out
 
+    def _list_offsets(self, keys: list[TP], spec: OffsetSpec, timeout: float) -> dict[TP, int]:
+        if not keys:
+            return {}
+        if self._admin is None:
+            self._admin = AdminClient(self.kafka.client_config())
+        futures = self._admin.list_offsets(
+            {TopicPartition(t, p): spec for t, p in keys}, request_timeout=timeout
+        )
+        out: dict[TP, int] = {}
+        for tp, fut in futures.items():
+            try:
+                out[(tp.topic, tp.partition)] = fut.result().offset
+            except KafkaException as e:
+                log.debug("offsets of %s[%d] unknown: %s", tp.topic, tp.partition, e)
+        return out
+
     def last_lag(self) -> dict[str, int]:
         """The lag as last computed (cheap; for health endpoints)."""
         with self._lock:
             return dict(self._lag)
+
+    def _lag_loop(self, every: float) -> None:
+        while not self._lag_stop.wait(every):
+            try:
+                self.lag()
+            except Exception as e:  # never let the metric thread die silently
+                log.warning("lag not computed: %s", e)
+
+    def _fill_committed(self) -> None:
+        """Next offsets of partitions assigned since the last call (committed offsets)."""
+        with self._lock:
+            missing = [k for k in self._assigned if self._next.get(k) is None]
+        if not missing:
+            return
+        try:
+            tps = self.consumer.committed([TopicPartition(t, p) for t, p in missing], timeout=5)
+        except KafkaException as e:
+            log.debug("committed offsets unknown: %s", e)
+            return
+        with self._lock:
+            for tp in tps:
+                key = (tp.topic, tp.partition)
+                if tp.offset >= 0 and key in self._assigned and key not in self._next:
+                    self._next[key] = tp.offset
 
     # ------------------------------------------------------------------ loop
 
@@ -468,12 +517,16 @@ class Sink:
         )
         s = self.settings
         idle_since = time.monotonic()
+        self._lag_thread = threading.Thread(
+            target=self._lag_loop, args=(lag_every,), name="sink-lag", daemon=True
+        )
+        self._lag_thread.start()
         try:
             while not stop.is_set():
                 now = time.monotonic()
                 if now >= self._lag_at:
-                    self._lag_at = now + lag_every
-                    self.lag()
+                    self._lag_at = now + 1.0
+                    self._fill_committed()
                 if self._paused or (self._batch.messages and self._retry_at > now):
                     # Backing off: keep the group membership alive, take nothing new.
                     for m in self.consumer.consume(100, 0.1):
@@ -509,6 +562,9 @@ class Sink:
 
     def close(self) -> None:
         """Flush what can be flushed, leave the group, close ClickHouse."""
+        self._lag_stop.set()
+        if self._lag_thread is not None:
+            self._lag_thread.join(15)
         if self._batch.messages and not self._paused:
             self.flush()
         try:
