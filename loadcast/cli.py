@@ -284,6 +284,14 @@ from streams.sidecar.cli import sidecar as _sidecar  # noqa: E402  (light: typer
 
 app.command("sidecar")(_sidecar)
 
+# --------------------------------------------------------------------------- federated
+
+from processors.coordinator_cli import coordinator as _coordinator  # noqa: E402  (typer only)
+from processors.coordinator_cli import model_app as _model_app  # noqa: E402
+
+app.command("coordinator")(_coordinator)
+app.add_typer(_model_app, name="model")
+
 # --------------------------------------------------------------------------- sink, query
 
 from sinks.cli import register as _register_sinks  # noqa: E402  (light: typer only)

@@ -30,6 +30,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from processors.federated_settings import FederatedSettings
 from processors.settings import ProcessorSettings
 from sinks.settings import SinkSettings
 from streams.settings import KafkaSettings
@@ -74,6 +75,7 @@ class Settings(BaseSettings):
     processor: ProcessorSettings = Field(default_factory=ProcessorSettings)
     sidecar: SidecarSettings = Field(default_factory=SidecarSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
+    federated: FederatedSettings = Field(default_factory=FederatedSettings)
 
     @classmethod
     def settings_customise_sources(

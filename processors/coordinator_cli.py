@@ -1,0 +1,137 @@
+"""``loadcast coordinator`` and ``loadcast model list/show`` (registered in loadcast.cli)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+model_app = typer.Typer(help="The global model repository (the global-model topic).",
+                        no_args_is_help=True)
+
+BootstrapOpt = Annotated[
+    str | None,
+    typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers (overrides settings)."),
+]
+
+
+def coordinator(
+    bootstrap: BootstrapOpt = None,
+    aggregation: Annotated[
+        str | None, typer.Option(help="fedavg, median or trimmed-mean (overrides settings).")
+    ] = None,
+    min_updates: Annotated[
+        int | None, typer.Option(help="Edges that close a round.", min=1)
+    ] = None,
+    round_timeout: Annotated[
+        float | None, typer.Option(help="Seconds after a round's first update.", min=0.001)
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="Faust log level.")] = "warn",
+) -> None:
+    """Run the federated coordinator: rounds of model updates -> global model versions."""
+    from pydantic import ValidationError
+
+    from loadcast.cli import fail, settings
+    from processors.coordinator import run_coordinator
+    from processors.federated_settings import FederatedSettings
+    from streams.topics import ensure_topics
+
+    s = settings(bootstrap)
+    over = {k: v for k, v in (("aggregation", aggregation), ("min_updates", min_updates),
+                              ("round_timeout_seconds", round_timeout)) if v is not None}
+    try:
+        fed = FederatedSettings(**{**s.federated.model_dump(), **over})
+    except ValidationError as e:
+        raise fail("; ".join(f"federated.{'.'.join(map(str, x['loc']))}: {x['msg']}"
+                             for x in e.errors())) from None
+    try:
+        ensure_topics(s.kafka)
+    except Exception as e:
+        raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
+    run_coordinator(s.kafka, fed, loglevel=log_level)
+
+
+def _when(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _repo(bootstrap: str | None, timeout: float):  # type: ignore[no-untyped-def]
+    from loadcast.cli import fail, settings
+    from streams.model_repo import ModelRepository
+    from streams.sdk import make_codec
+
+    s = settings(bootstrap)
+    try:
+        repo = ModelRepository(s.kafka, make_codec(s.kafka), client_id="loadcast-model-cli")
+    except Exception as e:
+        raise fail(f"cannot read the global-model topic at {s.kafka.bootstrap_servers}: {e}",
+                   1) from None
+    repo.refresh(timeout)
+    return repo
+
+
+@model_app.command("list")
+def model_list(
+    bootstrap: BootstrapOpt = None,
+    family: Annotated[str | None, typer.Option(help="Only this model family.")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to read the topic.", min=0)] = 10.0,
+) -> None:
+    """Every global model version on the topic: family, version, round, edges, samples."""
+    from rich.console import Console
+    from rich.table import Table
+
+    repo = _repo(bootstrap, timeout)
+    try:
+        table = Table("family", "version", "round", "created (UTC)", "aggregation", "edges",
+                      "samples", "validation error")
+        for fam in repo.families():
+            if family and fam != family:
+                continue
+            for v in repo.versions(fam):
+                verr = v.metrics.get("validation_error")
+                table.add_row(fam, str(v.version), str(v.round), _when(v.created_at),
+                              v.aggregation, str(len(v.participants)), str(v.num_samples),
+                              "-" if verr is None else f"{verr:.4f}")
+        Console().print(table)
+    finally:
+        repo.close()
+
+
+@model_app.command("show")
+def model_show(
+    family: Annotated[str, typer.Argument(help="Model family, e.g. default-rls/60s/86400s/h15.")],
+    version: Annotated[int | None, typer.Option(help="Default: the latest.")] = None,
+    bootstrap: BootstrapOpt = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to read the topic.", min=0)] = 10.0,
+    values: Annotated[bool, typer.Option("--values", help="Print every parameter value.")
+                      ] = False,
+) -> None:
+    """One version as JSON: metadata, metrics, and parameter shapes and norms (or values)."""
+    import numpy as np
+
+    from loadcast.cli import fail
+
+    repo = _repo(bootstrap, timeout)
+    try:
+        state = repo.latest(family) if version is None else repo.get(family, version)
+        if state is None:
+            known = ", ".join(repo.families()) or "none"
+            raise fail(f"no version {version if version is not None else ''} of {family!r} "
+                       f"on the topic (families: {known})", 1)
+        out = {
+            "family": state.family, "version": state.version, "round": state.round,
+            "created_at": _when(state.created_at), "aggregation": state.aggregation,
+            "participants": state.participants, "num_samples": state.num_samples,
+            "metrics": state.metrics,
+            "params": {k: {"shape": list(v.shape), "l2_norm": float(np.linalg.norm(v)),
+                           "samples": state.samples.get(k),
+                           **({"values": v.tolist()} if values else {})}
+                       for k, v in state.params.items()},
+            "stats": {k: {"shape": list(v.shape), **({"values": v.tolist()} if values else {})}
+                      for k, v in state.stats.items()},
+        }
+        print(json.dumps(out, indent=2, default=str))
+    finally:
+        repo.close()
