@@ -52,7 +52,6 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):  # run as a script 
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-
 from routing_sim.engine import OK  # noqa: E402
 from routing_sim.metrics import aggregate, mean_ci, phase_metrics  # noqa: E402
 from routing_sim.scenarios import (  # noqa: E402
@@ -100,7 +99,7 @@ def run_main(policy: str, seed: int, scenario: MainScenario, timeline: bool) -> 
     out: dict[str, Any] = {
         "policy": policy, "seed": seed, "wall_s": time.perf_counter() - t0,
         "phases": {ph.name: phase_metrics(r, ph, scenario.slo_ms) for ph in scenario.phases()},
-        "control": control.summary() if hasattr(control, "summary") else {},
+        "control": getattr(control, "summary", dict)(),
         "requests": int(r.rtt_ms.size),
     }
     if timeline:
@@ -111,7 +110,7 @@ def run_main(policy: str, seed: int, scenario: MainScenario, timeline: bool) -> 
 def _timeline(r: Any, ids: list[str]) -> dict[str, Any]:
     """Per-second p99, errors + shed and offered rate; weights when they changed."""
     sec = r.t_arrival.astype(np.int64)
-    n = int(math.ceil(r.duration_s))
+    n = math.ceil(r.duration_s)
     p99: list[float | None] = []
     bad: list[float] = []
     rate: list[int] = []

@@ -24,6 +24,7 @@ weights, shedding only what exceeds the true capacity. The limit of what routing
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Mapping, Sequence
@@ -260,7 +261,7 @@ class PredictiveControl:
 
     def _actuate(self, changes: list[WeightChange], t: float) -> None:
         for c in changes:
-            self.sim.schedule(t + self.cfg.actuation_s, lambda tt, c=c: self._apply(c, tt))
+            self.sim.schedule(t + self.cfg.actuation_s, functools.partial(self._apply, c))
 
     def _apply(self, c: WeightChange, t: float) -> None:
         # What the sidecar app does with a WeightChange (streams/sidecar/app.py _changed).

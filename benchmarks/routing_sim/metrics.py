@@ -74,11 +74,11 @@ def phase_metrics(r: RunResult, phase: Phase, slo_ms: float) -> dict[str, Any]:
         "success_pct": 100.0 * float((out == OK).sum()) / n if n else 0.0,
     }
     res["errors_plus_shed_pct"] = res["errors_pct"] + res["shed_pct"]
-    secs = [s for a, b in phase.spans for s in range(int(math.ceil(a)), int(b))]
+    secs = [s for a, b in phase.spans for s in range(math.ceil(a), int(b))]
     secs = [s for s in secs if s < r.busy.shape[1]]
     limited = [i for i, s in enumerate(r.slots) if s is not None]
     if limited and secs:
-        util = np.array([r.busy[i, secs] / r.slots[i] for i in limited])  # type: ignore[operator]
+        util = np.array([r.busy[i, secs] / r.slots[i] for i in limited])
         res["util_max"] = float(util.max())
         res["util_avg"] = float(util.mean())
         # per-backend utilization averaged over the phase: how even the load was
@@ -98,7 +98,7 @@ def churn(r: RunResult, spans: Sequence[tuple[float, float]]) -> float | None:
     vals: list[float] = []
     for a, b in spans:
         prev = None
-        for s in range(int(math.ceil(a)), int(b) - iv + 1, iv):
+        for s in range(math.ceil(a), int(b) - iv + 1, iv):
             d = r.dispatched[:, s:s + iv].sum(axis=1)
             tot = d.sum()
             if tot <= 0:
