@@ -13,8 +13,8 @@ is within ``slo_ms`` and errors + shed within 1 % for 5 seconds in a row. ``weig
 per telemetry interval, the share of traffic that moved between backends
 (``sum |d share| / 2``), averaged.
 
->>> mean_ci([1.0, 2.0, 3.0])
-(2.0, 2.484...)
+>>> [round(x, 3) for x in mean_ci([1.0, 2.0, 3.0])]
+[2.0, 2.484]
 """
 
 from __future__ import annotations
