@@ -43,6 +43,7 @@ __all__ = [
     "ScoreBreakdown",
     "ScorePolicy",
     "compute_score",
+    "forecast_peaks",
     "haproxy_weights",
     "load_score_record",
     "prioritize",
@@ -85,6 +86,13 @@ def _nonneg(x: float) -> float:
     return x if math.isfinite(x) and x > 0 else 0.0
 
 
+def forecast_peaks(forecast: Sequence[ForecastPoint]) -> tuple[float, float]:
+    """(highest mean, highest upper band edge) over the horizon, both >= 0."""
+    peak_mean = max((_nonneg(p.mean) for p in forecast), default=0.0)
+    peak_upper = max((_nonneg(p.upper) for p in forecast), default=0.0)
+    return peak_mean, max(peak_upper, peak_mean)
+
+
 def compute_score(
     forecast: Sequence[ForecastPoint],
     *,
@@ -95,13 +103,16 @@ def compute_score(
     anomaly_score: float = 0.0,
     anomalous: bool = False,
     policy: ScorePolicy | None = None,
+    peaks: tuple[float, float] | None = None,
 ) -> ScoreBreakdown:
-    """Score one endpoint (pure).  See the module docstring for the formula."""
+    """Score one endpoint (pure).  See the module docstring for the formula.
+
+    ``peaks`` = :func:`forecast_peaks` of ``forecast``, for callers that score many windows
+    against one forecast (the formula only needs the peaks).
+    """
     pol = policy or ScorePolicy()
     cap = capacity_rps if math.isfinite(capacity_rps) and capacity_rps > 0 else 1e-9
-    peak_mean = max((_nonneg(p.mean) for p in forecast), default=0.0)
-    peak_upper = max((_nonneg(p.upper) for p in forecast), default=0.0)
-    peak_upper = max(peak_upper, peak_mean)
+    peak_mean, peak_upper = peaks if peaks is not None else forecast_peaks(forecast)
     u_now = _nonneg(current_rps) / cap
     u_pred = peak_mean / cap
     u_risk = peak_upper / cap

@@ -47,6 +47,7 @@ SCORES = Counter("loadcast_processor_scores_published_total", "LoadScore records
 ANOMALIES = Counter("loadcast_processor_anomalies_total", "Anomaly records published")
 DEAD = Counter("loadcast_processor_dead_letters_total", "Records sent to dead-letter", ["reason"])
 ENDPOINTS = Gauge("loadcast_processor_endpoints", "Endpoint models held by this worker")
+PARTITIONS = Gauge("loadcast_processor_partitions", "Telemetry partitions assigned and recovered")
 SNAPSHOT_AGE = Gauge(
     "loadcast_processor_snapshot_age_seconds", "Seconds since the last snapshot round"
 )
@@ -121,8 +122,51 @@ def read_snapshots(
         c.close()
 
 
+FETCH_MAX_WAIT_MS = 20
+
+
+def _short_fetch_wait() -> None:
+    """Faust hard-codes aiokafka's ``fetch_max_wait_ms=1500``. A broker with nothing new
+    holds a fetch that long (Tansu does), so a window arriving just after a fetch waited up
+    to 1.5 s before it was scored. Scores are about acting early: wait at most 20 ms."""
+    import aiokafka
+
+    if getattr(aiokafka.AIOKafkaConsumer.__init__, "_loadcast", False):
+        return
+    original = aiokafka.AIOKafkaConsumer.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("fetch_max_wait_ms") == 1500:
+            kwargs["fetch_max_wait_ms"] = FETCH_MAX_WAIT_MS
+        original(self, *args, **kwargs)
+
+    init._loadcast = True  # type: ignore[attr-defined]
+    aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
+
+
 def faust_broker_urls(kafka: KafkaSettings) -> list[str]:
     return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
+
+
+def faust_settings(kafka: KafkaSettings) -> dict[str, Any]:
+    """The Faust app settings loadcast uses (module docstring says why)."""
+    _short_fetch_wait()
+    return {
+        "broker": faust_broker_urls(kafka),
+        "broker_credentials": _credentials(kafka),
+        "broker_session_timeout": 6.0,
+        "broker_heartbeat_interval": 1.0,
+        "broker_rebalance_timeout": 6.0,
+        "table_standby_replicas": 0,
+        "topic_allow_declare": False,
+        "topic_disable_leader": True,
+        "consumer_auto_offset_reset": "earliest",
+        "web_enabled": False,
+        "value_serializer": "raw",
+        "key_serializer": "raw",
+        "processing_guarantee": "at_least_once",
+        "store": "memory://",
+    }
 
 
 class Worker:
@@ -137,23 +181,7 @@ class Worker:
         self.engine = Engine(settings.config(), self.codec, self.outputs)
         self.last_snapshot = time.monotonic()
         self._exported = (0, 0)
-        self.app = faust.App(
-            settings.app_id,
-            broker=faust_broker_urls(kafka),
-            broker_credentials=_credentials(kafka),
-            broker_session_timeout=6.0,
-            broker_heartbeat_interval=1.0,
-            broker_rebalance_timeout=6.0,
-            table_standby_replicas=0,
-            topic_allow_declare=False,
-            topic_disable_leader=True,
-            consumer_auto_offset_reset="earliest",
-            web_enabled=False,
-            value_serializer="raw",
-            key_serializer="raw",
-            processing_guarantee="at_least_once",
-            store="memory://",
-        )
+        self.app = faust.App(settings.app_id, **faust_settings(kafka))
         self.telemetry = self.app.topic(
             topic_name(kafka, "telemetry"), key_type=bytes, value_type=bytes,
             key_serializer="raw", value_serializer="raw",
@@ -169,10 +197,10 @@ class Worker:
             async for event in stream.events():
                 m = event.message
                 engine.handle(m.partition, m.offset, m.key, m.value)
+                self._export()
                 n += 1
                 if n % 64 == 0:
                     producer.poll(0)
-                    self._export()
 
         @app.timer(interval=self.settings.snapshot_every_seconds)
         async def snapshot_timer() -> None:
@@ -190,6 +218,7 @@ class Worker:
                 engine.hold(p)  # before any await: nothing is applied until restored
             if new:
                 await self.recover(new)
+            self._export()
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def revoked(sender: Any, *args: Any, **kw: Any) -> None:
@@ -201,6 +230,7 @@ class Worker:
                 await self.snapshot(gone)
                 for p in gone:
                     engine.drop(p)
+                self._export()
 
         @app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def shutdown(sender: Any, *args: Any, **kw: Any) -> None:
@@ -258,6 +288,7 @@ class Worker:
         REPLAYED.inc(s.skipped_replayed - self._exported[1])
         self._exported = (s.windows, s.skipped_replayed)
         ENDPOINTS.set(self.engine.endpoints())
+        PARTITIONS.set(sum(1 for s in self.engine.partitions.values() if s.resume >= 0))
         SNAPSHOT_AGE.set(time.monotonic() - self.last_snapshot)
 
 
