@@ -78,23 +78,19 @@ def model_list(
     family: Annotated[str | None, typer.Option(help="Only this model family.")] = None,
     timeout: Annotated[float, typer.Option(help="Seconds to read the topic.", min=0)] = 10.0,
 ) -> None:
-    """Every global model version on the topic: family, version, round, edges, samples."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """Every global model version on the topic, one per line (tab-separated)."""
     repo = _repo(bootstrap, timeout)
     try:
-        table = Table("family", "version", "round", "created (UTC)", "aggregation", "edges",
-                      "samples", "validation error")
+        print("family\tversion\tround\tcreated_utc\taggregation\tedges\tsamples\t"
+              "validation_error")
         for fam in repo.families():
             if family and fam != family:
                 continue
             for v in repo.versions(fam):
                 verr = v.metrics.get("validation_error")
-                table.add_row(fam, str(v.version), str(v.round), _when(v.created_at),
-                              v.aggregation, str(len(v.participants)), str(v.num_samples),
-                              "-" if verr is None else f"{verr:.4f}")
-        Console().print(table)
+                print(f"{fam}\t{v.version}\t{v.round}\t{_when(v.created_at)}\t"
+                      f"{v.aggregation}\t{len(v.participants)}\t{v.num_samples}\t"
+                      f"{'-' if verr is None else f'{verr:.4f}'}")
     finally:
         repo.close()
 

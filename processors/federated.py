@@ -373,6 +373,8 @@ def aggregate(state: GlobalState, updates: Sequence[ModelDelta], config: Aggrega
         elif any(k in state.params and v.shape != state.params[k].shape
                  for k, v in u.delta.items()):
             rejected[u.edge_id] = "parameter shapes do not match the global model"
+        elif not all(np.all(np.isfinite(v)) for v in u.delta.values()):
+            rejected[u.edge_id] = "non-finite values in the delta"
         else:
             kept.append((u, factor))
     params = {k: v.copy() for k, v in state.params.items()}
@@ -658,11 +660,17 @@ def warm_start(forecaster: Any, global_params: GlobalState | Mapping[str, np.nda
 # ----------------------------------------------------------------------------- Avro
 
 
+#: Statistics whose missing entries (NaN here) travel as -1: Avro values must be finite.
+_NEGATIVE_IS_MISSING = ("cold_errors",)
+
+
 def _to_avro(params: Mapping[str, np.ndarray], samples: Mapping[str, int] | None = None
              ) -> list[dict[str, Any]]:
     out = []
     for name in sorted(params):
         v = np.asarray(params[name], dtype=float)
+        if name in _NEGATIVE_IS_MISSING:
+            v = np.where(np.isfinite(v) & (v >= 0), v, -1.0)
         out.append({"name": name, "values": [float(x) for x in v.ravel()],
                     "shape": [int(d) for d in v.shape],
                     "num_samples": None if samples is None or name not in samples
@@ -680,6 +688,8 @@ def _from_avro(items: Iterable[Mapping[str, Any]]) -> tuple[Params, dict[str, in
             if math.prod(shape) != v.size:
                 raise ValueError(f"parameter {p['name']}: {v.size} values for shape {shape}")
             v = v.reshape(shape)
+        if p["name"] in _NEGATIVE_IS_MISSING:
+            v = np.where(v >= 0, v, np.nan)
         params[p["name"]] = v
         if p.get("num_samples") is not None:
             samples[p["name"]] = int(p["num_samples"])
