@@ -4,7 +4,9 @@ statistics. Skipped only where the haproxy binary is missing (``make test`` inst
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +24,8 @@ from streams.sidecar.haproxy import (
     server_counts,
 )
 from streams.sidecar.testing import BackendProcess, score_record
+from streams.topics import topic_name
+from tests.kafka_helpers import read_topic
 from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
 
 pytestmark = [
@@ -86,6 +90,14 @@ async def test_scores_drive_haproxy_weights_and_shares(
         # dynamic routing off per request: HAProxy's "balance first" twin backend
         off, _ = await drive(sc.port, 200, headers={"X-Loadcast-Dynamic-Routing": "off"})
         assert off == {"a": 200}
+        await asyncio.sleep(1.2)  # one more stats poll for the edge agent
+    # the sidecar is a telemetry source with HAProxy too (from HAProxy's counters)
+    tele = read_topic(kafka.bootstrap_servers, topic_name(kafka, "telemetry"), min_records=1)
+    counted = Counter()
+    for m in tele:
+        w = codec.decode(m.value() or b"")
+        counted[w["endpoint_id"]] += w["request_count"]
+    assert set(counted) == {"a", "b", "c"} and sum(counted.values()) >= 1000, counted
 
 
 @pytest.mark.asyncio

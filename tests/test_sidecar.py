@@ -23,7 +23,6 @@ from streams.sidecar.testing import BackendProcess, score_record
 from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 
-pytestmark = pytest.mark.asyncio
 TOKEN = "s3cret-token"
 
 
@@ -113,6 +112,7 @@ def normalized(w: dict[str, float]) -> dict[str, float]:
     return {k: v / total for k, v in w.items()}
 
 
+@pytest.mark.asyncio
 async def test_scores_shift_traffic_shares_within_two_intervals(
     kafka: KafkaSettings, codec: Codec, backends: BackendProcess
 ) -> None:
@@ -152,6 +152,7 @@ async def test_scores_shift_traffic_shares_within_two_intervals(
     assert tele, "no telemetry from the sidecar's agent"
 
 
+@pytest.mark.asyncio
 async def test_garbage_on_score_topic_is_counted_and_skipped(
     kafka: KafkaSettings, codec: Codec, backends: BackendProcess
 ) -> None:
@@ -175,6 +176,7 @@ async def test_garbage_on_score_topic_is_counted_and_skipped(
     assert len(reasons) == 3 and "bad_magic" in reasons
 
 
+@pytest.mark.asyncio
 async def test_stale_scores_fall_back_to_peak_ewma(
     kafka: KafkaSettings, codec: Codec, backends: BackendProcess
 ) -> None:
@@ -205,6 +207,7 @@ async def test_stale_scores_fall_back_to_peak_ewma(
                                             "available": 3, "endpoints": 3}
 
 
+@pytest.mark.asyncio
 async def test_dynamic_routing_off_uses_first_available(
     kafka: KafkaSettings, codec: Codec, backends: BackendProcess
 ) -> None:
@@ -232,6 +235,7 @@ async def test_dynamic_routing_off_uses_first_available(
         assert bad == {400: 3}
 
 
+@pytest.mark.asyncio
 async def test_killed_upstream_idempotent_requests_never_fail(
     kafka: KafkaSettings, codec: Codec
 ) -> None:
@@ -257,6 +261,7 @@ async def test_killed_upstream_idempotent_requests_never_fail(
             assert 'loadcast_sidecar_ejections_total{endpoint="a",sidecar="sc-kill"}' in text
 
 
+@pytest.mark.asyncio
 async def test_non_idempotent_request_already_sent_gets_502(
     kafka: KafkaSettings, codec: Codec
 ) -> None:
@@ -280,6 +285,7 @@ async def test_non_idempotent_request_already_sent_gets_502(
                     assert r2.headers["X-Endpoint"] == "b"
 
 
+@pytest.mark.asyncio
 async def test_no_endpoint_503_with_retry_after_and_admin_needs_token(
     backends: BackendProcess,
 ) -> None:
@@ -307,6 +313,7 @@ async def test_no_endpoint_503_with_retry_after_and_admin_needs_token(
         assert bad == {400: 2}
 
 
+@pytest.mark.asyncio
 async def test_compression_passes_through_and_can_be_added(backends: BackendProcess) -> None:
     sc = Sidecar(sidecar_settings(backends.urls, compress_responses=True), None)
     async with running(sc), aiohttp.ClientSession(auto_decompress=False) as cs:
@@ -324,6 +331,7 @@ async def test_compression_passes_through_and_can_be_added(backends: BackendProc
             assert "Content-Encoding" not in r.headers and len(await r.read()) == 300 * 1024
 
 
+@pytest.mark.asyncio
 async def test_overload_sheds_lowest_priority_first(backends: BackendProcess) -> None:
     sc = Sidecar(sidecar_settings(backends.urls), None, sidecar_id="sc-shed")
     async with running(sc):
@@ -341,3 +349,43 @@ async def test_overload_sheds_lowest_priority_first(backends: BackendProcess) ->
         )
         assert low[1][503] >= 300, low  # half the traffic must go: the low half goes
         assert high[1] == {200: 400}, high
+
+
+@pytest.mark.parametrize(
+    ("env", "args", "field"),
+    [
+        ({"LOADCAST_SIDECAR__UPSTREAMS": '[{"id": "a", "url": "ftp://127.0.0.1:1"}]'}, [],
+         "sidecar.upstreams.0.url"),
+        ({"LOADCAST_SIDECAR__UPSTREAMS": '[{"id": "a", "url": "http://127.0.0.1:1", '
+          '"capacity_rps": "lots"}]'}, [], "sidecar.upstreams.0.capacity_rps"),
+        ({}, ["--policy", "fastest"], "sidecar.policy"),
+        ({}, [], "sidecar.upstreams: no upstream endpoints configured"),
+    ],
+)
+def test_malformed_config_stops_start_up_naming_the_field(
+    env: dict[str, str], args: list[str], field: str, tmp_path: Any
+) -> None:
+    from typer.testing import CliRunner
+
+    from loadcast.cli import app
+
+    if field == "sidecar.policy":
+        ups = tmp_path / "ups.json"
+        ups.write_text('[{"id": "a", "url": "http://127.0.0.1:1"}]')
+        args = [*args, "--upstreams", str(ups)]
+    r = CliRunner().invoke(app, ["sidecar", "--no-kafka", *args], env=env)
+    assert r.exit_code == 2, r.output
+    assert field in " ".join(r.output.split()), r.output
+
+
+def test_bad_upstreams_file_via_cli_names_entry_and_field(tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from loadcast.cli import app
+
+    ups = tmp_path / "ups.toml"
+    ups.write_text('[[upstreams]]\nid = "a"\nurl = "http://127.0.0.1:9001"\n'
+                   '[[upstreams]]\nid = "b"\nurl = "http://127.0.0.1"\n')
+    r = CliRunner().invoke(app, ["sidecar", "--no-kafka", "--upstreams", str(ups)])
+    assert r.exit_code == 2
+    assert "ups.toml: upstreams.1.url" in " ".join(r.output.split())

@@ -41,6 +41,11 @@ log = logging.getLogger(__name__)
 
 STALE_TICK_S = 0.05  # how often validity times are checked
 HAPROXY_FALLBACK_S = 1.0  # stale scores: peak-EWMA-like weights from HAProxy stats this often
+HAPROXY_TELEMETRY_S = 1.0
+MAX_TELEMETRY_RECORDS = 20_000  # per server and poll: bounds the agent's CPU
+# HAProxy per-server counters -> a representative status for the edge agent (0 = connect)
+STATUS_COLUMNS = {"hrsp_1xx": 100, "hrsp_2xx": 200, "hrsp_3xx": 300, "hrsp_4xx": 400,
+                  "hrsp_5xx": 500, "econ": 0}
 
 
 def now_ms() -> int:
@@ -108,7 +113,7 @@ class Sidecar:
         self.weight_changes = 0
         self.last_change_ms: dict[str, int] = {}
         self.haproxy_errors = 0
-        self._runners: list[web.AppRunner] = []
+        self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._pending: dict[str, dict[str, int]] = {}
         self._push = asyncio.Event()
@@ -141,7 +146,8 @@ class Sidecar:
             )
             self._agent_thread.start()
         if self.proxy is not None:
-            runner, self.port = await serve(self.proxy.app(), s.listen_host, s.listen_port)
+            await self.proxy.open()
+            runner, self.port = await serve(self.proxy.server(), s.listen_host, s.listen_port)
             self._runners.append(runner)
         else:
             await self._start_haproxy()
@@ -188,6 +194,9 @@ class Sidecar:
         self._tasks.append(asyncio.create_task(self._push_loop(), name="sidecar-haproxy"))
         self._tasks.append(asyncio.create_task(self._haproxy_fallback_loop(),
                                                name="sidecar-haproxy-fallback"))
+        if self.agent is not None:
+            self._tasks.append(asyncio.create_task(self._haproxy_telemetry_loop(),
+                                                   name="sidecar-haproxy-telemetry"))
 
     async def stop(self) -> None:
         """Stop everything started, in reverse order; publish what is open."""
@@ -203,6 +212,8 @@ class Sidecar:
         for r in reversed(self._runners):
             await r.cleanup()
         self._runners.clear()
+        if self.proxy is not None:
+            await self.proxy.close()
         if self.haproxy is not None:
             await asyncio.to_thread(self.haproxy.stop)
             self.haproxy = None
@@ -357,6 +368,41 @@ class Sidecar:
                 if costs:
                     self._pending[api] = cost_weights(costs)
                     self._push.set()
+
+    async def _haproxy_telemetry_loop(self) -> None:
+        """HAProxy routes the requests: feed the edge agent from its per-server counters
+        (deltas of responses by status class and connection errors each second, latency
+        = HAProxy's mean response time of the server)."""
+        assert self.runtime is not None and self.agent is not None
+        agent = self.agent
+        last: dict[tuple[str, str], dict[str, int]] = {}
+        while True:
+            await asyncio.sleep(HAPROXY_TELEMETRY_S)
+            try:
+                stats = await self.runtime.stats()
+            except (OSError, TimeoutError) as e:
+                log.warning("reading HAProxy stats failed: %s", e)
+                continue
+            for row in stats:
+                api = row.get("pxname", "")[3:]
+                ep = row.get("svname", "")
+                if not row.get("pxname", "").startswith("be_") or api not in self.router.routes \
+                        or ep not in self.router.endpoints:
+                    continue  # the "_first" twins and FRONTEND/BACKEND rows
+                now = {k: int(row.get(k) or 0) for k in STATUS_COLUMNS}
+                prev = last.get((api, ep))
+                last[(api, ep)] = now
+                if prev is None:
+                    if self.haproxy is None:
+                        continue  # attached: counters from before us are not ours
+                    prev = dict.fromkeys(STATUS_COLUMNS, 0)  # our own HAProxy: from 0
+                rtime = float(row.get("rtime") or 0)
+                budget = MAX_TELEMETRY_RECORDS
+                for col, status in STATUS_COLUMNS.items():
+                    n = min(budget, max(0, now[col] - prev[col]))
+                    budget -= n
+                    for _ in range(n):
+                        agent.record(ep, rtime, status, api=api, connect_failure=status == 0)
 
     # ----------------------------------------------------------------- telemetry
 

@@ -47,6 +47,7 @@ def sidecar(
 ) -> None:
     """Run a routing sidecar: consume load scores, re-weight traffic, proxy or drive HAProxy."""
     import asyncio
+    import gc
     import threading
 
     from pydantic import ValidationError
@@ -85,6 +86,10 @@ def sidecar(
 
     async def run(stop: threading.Event) -> None:
         await sc.start()
+        # Everything allocated at start-up lives as long as the process: keep the cyclic
+        # GC from rescanning it, and run it less often (fewer pauses on the request path).
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
         console.print(f"data plane on {sc_settings.listen_host}:{sc.port}, "
                       f"admin on {sc_settings.listen_host}:{sc.admin_port}")
         try:

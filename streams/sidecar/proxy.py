@@ -95,20 +95,13 @@ class Proxy:
         self.session: aiohttp.ClientSession | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
         self._m: dict[tuple[str, str, str], Any] = {}
+        self._urls: dict[tuple[str, str], URL] = {}
         self._lat = {api: m.LATENCY.labels(sidecar_id, api) for api in router.routes}
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=0)
-        app.router.add_route("*", "/{tail:.*}", self.handle)
-        app.on_startup.append(self._open)
-        app.on_cleanup.append(self._close)
-        return app
-
-    async def _open(self, app: web.Application) -> None:
-        await self.open()
-
-    async def _close(self, app: web.Application) -> None:
-        await self.close()
+    def server(self) -> web.Server:
+        """The low-level aiohttp server (no router or middlewares: every path is ours).
+        Call :meth:`open` before serving and :meth:`close` after."""
+        return web.Server(self.handle)
 
     async def open(self) -> None:
         if self.session is None:
@@ -132,6 +125,17 @@ class Proxy:
             await self.session.close()
             self.session = None
 
+    def _url(self, ep: Endpoint, path: str) -> URL:
+        # Parsing a URL per request is a measurable share of the proxy's CPU: keep the
+        # hot ones (bounded).
+        key = (ep.id, path)
+        url = self._urls.get(key)
+        if url is None:
+            if len(self._urls) >= 4096:
+                self._urls.clear()
+            url = self._urls[key] = self._bases[ep.id].join(URL(path, encoded=True))
+        return url
+
     def _count(self, api: str, endpoint: str, outcome: str) -> None:
         key = (api, endpoint, outcome)
         c = self._m.get(key)
@@ -148,7 +152,7 @@ class Proxy:
             {"error": reason, "message": message}, status=status, headers=headers
         )
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         h = request.headers
         route = self.router.route_for(h.get(API_HEADER), request.path)
         if route is None:
@@ -185,7 +189,7 @@ class Proxy:
                                 str(wait))
         return await self._forward(request, route, ep, dynamic, now)
 
-    async def _forward(self, request: web.Request, route: Route, ep: Endpoint, dynamic: bool,
+    async def _forward(self, request: web.BaseRequest, route: Route, ep: Endpoint, dynamic: bool,
                        t0: float) -> web.StreamResponse:
         method = request.method
         idempotent = method in IDEMPOTENT
@@ -214,7 +218,7 @@ class Proxy:
             ep.in_flight += 1
             try:
                 resp = await self.session.request(
-                    method, self._bases[ep.id].join(URL(path, encoded=True)),
+                    method, self._url(ep, path),
                     headers=headers, data=body, allow_redirects=False,
                 )
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
@@ -271,7 +275,7 @@ class Proxy:
             self.observe(Outcome(route, ep, status, latency_ms, attempts, dynamic,
                                  connect_failure))
 
-    async def _respond(self, request: web.Request, route: Route, ep: Endpoint,
+    async def _respond(self, request: web.BaseRequest, route: Route, ep: Endpoint,
                        resp: aiohttp.ClientResponse, start: float, attempts: int,
                        dynamic: bool) -> web.StreamResponse:
         now = time.monotonic()
@@ -316,7 +320,7 @@ class Proxy:
             resp.release()
 
     @staticmethod
-    def _compressible(request: web.Request, resp: aiohttp.ClientResponse) -> bool:
+    def _compressible(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> bool:
         if "Content-Encoding" in resp.headers or request.method == "HEAD":
             return False
         if "gzip" not in request.headers.get("Accept-Encoding", ""):
@@ -326,9 +330,14 @@ class Proxy:
         return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
 
 
-async def serve(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, int]:
+async def serve(app: web.Application | web.Server, host: str,
+                port: int) -> tuple[web.BaseRunner, int]:
     """Start ``app`` on ``host:port`` (0 = free port); returns the runner and the port."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+    runner: web.BaseRunner
+    if isinstance(app, web.Server):
+        runner = web.ServerRunner(app, handle_signals=False, shutdown_timeout=2.0)
+    else:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, host, port, reuse_address=True, backlog=1024)
     await site.start()

@@ -137,7 +137,12 @@ class ScoreSubscriber:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                msgs = self._consumer.consume(self.max_batch, 0.1)
+                # consume(n, timeout) waits the whole timeout unless n arrive: wait for the
+                # first record with poll(), then take whatever else is already there.
+                first = self._consumer.poll(0.1)
+                if first is None:
+                    continue
+                msgs = [first, *self._consumer.consume(self.max_batch, 0)]
             except KafkaException as e:
                 log.warning("score consumer error: %s", e)
                 self._stop.wait(0.5)

@@ -1,0 +1,385 @@
+"""Data-plane throughput and score-to-weight latency of the routing sidecar.
+
+Side by side in one run, against the same three loopback upstreams (aiohttp servers in
+processes of their own), with the same load generator (``wrk`` from Debian when installed:
+fixed connections for a fixed time, so bounded in count and time; else a Python one):
+
+- ``direct``: the three upstreams hit directly (one wrk per upstream, in parallel);
+- ``haproxy``: plain HAProxy (same config the sidecar writes, equal weights, no sidecar);
+- ``haproxy+sidecar``: HAProxy started and driven by ``loadcast sidecar`` while scores
+  arrive every 500 ms and the sidecar pushes weights;
+- ``proxy``: the built-in proxy (``loadcast sidecar --data-plane proxy``, uvloop).
+
+Then score published -> weight live for both data planes: publish scores that send all
+traffic to one endpoint, and time until the first request through the data plane is
+answered by that endpoint (a tight sequential request loop; resolution ~1 request).
+
+Ratios: proxy / haproxy requests/s (target >= 0.25), haproxy+sidecar / haproxy (>= 0.95),
+score->live p99 for HAProxy (<= 50 ms). The four configurations run back to back in each
+round (order rotated per round); ratios are medians of the per-round ratios, because the
+machine is shared and its speed drifts between rounds.
+
+    python benchmarks/proxy.py            # full run (about 3 minutes)
+    python benchmarks/proxy.py --quick    # seconds; what the test runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from confluent_kafka import Producer
+from rich.console import Console
+from rich.table import Table
+
+from schemas.codec import Codec
+from streams.broker import EmbeddedBroker, free_port
+from streams.settings import KafkaSettings
+from streams.sidecar.config import Upstream
+from streams.sidecar.haproxy import HAProxyProcess, haproxy_binary, render_config
+from streams.sidecar.testing import BackendProcess, score_record
+from streams.topics import ensure_topics, topic_name
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "out" / "benchmarks" / "proxy.json"
+API = "bench"
+IDS = ("a", "b", "c")
+console = Console()
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _ms(value: str, unit: str) -> float:
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
+
+
+def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
+    """Run wrk on each URL in parallel (connections split between them); summed req/s,
+    the worst p50/p99 of the runs."""
+    procs = []
+    per = max(1, connections // len(urls))
+    for url in urls:
+        procs.append(subprocess.Popen(
+            ["wrk", "-t1", f"-c{per}", f"-d{max(1, round(seconds))}s", "--latency",
+             "--timeout", "5s", url],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        ))
+    rps = 0.0
+    p50: list[float] = []
+    p99: list[float] = []
+    errors = 0
+    for p in procs:
+        out, _ = p.communicate(timeout=seconds + 30)
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        if m is None:
+            raise RuntimeError(f"wrk output not understood: {out[-500:]}")
+        rps += float(m.group(1))
+        for q, into in (("50", p50), ("99", p99)):
+            mq = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
+            if mq:
+                into.append(_ms(mq.group(1), mq.group(2)))
+        me = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        errors += int(me.group(1)) if me else 0
+        ms = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                       out)
+        errors += sum(int(x) for x in ms.groups()) if ms else 0
+    return {"rps": rps, "p50_ms": max(p50, default=float("nan")),
+            "p99_ms": max(p99, default=float("nan")), "errors": errors}
+
+
+async def _py_load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
+    lat: list[float] = []
+    errors = 0
+    deadline = time.monotonic() + seconds
+    conn = aiohttp.TCPConnector(limit=connections)
+    async with aiohttp.ClientSession(connector=conn) as cs:
+        async def worker(url: str) -> None:
+            nonlocal errors
+            while time.monotonic() < deadline:
+                t = time.perf_counter()
+                async with cs.get(url) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                lat.append((time.perf_counter() - t) * 1000)
+
+        await asyncio.gather(*(worker(urls[i % len(urls)]) for i in range(connections)))
+    lat.sort()
+    return {"rps": len(lat) / seconds, "p50_ms": lat[len(lat) // 2],
+            "p99_ms": lat[int(len(lat) * 0.99)], "errors": errors}
+
+
+def load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
+    """Closed-loop load for ``seconds`` with ``connections`` connections."""
+    if shutil.which("wrk"):
+        return wrk(urls, seconds, connections)
+    return asyncio.run(_py_load(urls, seconds, connections))
+
+
+# --------------------------------------------------------------------------- parts
+
+
+@contextmanager
+def sidecar_process(kafka: KafkaSettings, upstreams: list[Upstream], plane: str,
+                    port: int) -> Iterator[int]:
+    """``loadcast sidecar`` in a subprocess; yields its admin port once it is healthy."""
+    admin = free_port()
+    env = dict(os.environ)
+    env.update({
+        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
+        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
+        "LOADCAST_SIDECAR__UPSTREAMS": json.dumps([u.model_dump() for u in upstreams]),
+        "LOADCAST_SIDECAR__SIDECAR_ID": f"bench-{plane}",
+        "LOADCAST_SIDECAR__DECISION_SAMPLE_RATE": "0.001",
+    })
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "loadcast", "sidecar", "--data-plane", plane,
+         "--port", str(port), "--admin-port", str(admin)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode() if proc.stderr else ""
+                raise RuntimeError(f"sidecar exited: {err[-1000:]}")
+            try:
+                import urllib.request
+
+                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/health", timeout=1) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("sidecar did not become healthy in 30 s")
+            time.sleep(0.1)
+        yield admin
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+class ScorePublisher:
+    """Publishes LoadScore records for the benchmark's upstreams."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self.codec = Codec.embedded()
+        self.topic = topic_name(kafka, "load-scores")
+        self.producer = Producer({"bootstrap.servers": kafka.bootstrap_servers,
+                                  "linger.ms": 0, "acks": 1})
+
+    def publish(self, scores: dict[str, float], valid_s: float = 30.0) -> None:
+        for e, s in scores.items():
+            rec = score_record(e, s, api=API, valid_for_s=valid_s)
+            self.producer.produce(self.topic, self.codec.encode("LoadScore", rec), e.encode())
+        self.producer.flush(5)
+
+
+async def _score_to_live(pub: ScorePublisher, port: int, samples: int) -> list[float]:
+    """ms from publishing 'all traffic to X' to the first response from X."""
+    out: list[float] = []
+    url = f"http://127.0.0.1:{port}/x"
+    async with aiohttp.ClientSession() as cs:
+        for i in range(samples + 1):
+            target = IDS[i % len(IDS)]
+            scores = {e: (1.0 if e == target else 0.0) for e in IDS}
+            t0 = time.perf_counter()
+            pub.publish(scores)
+            deadline = t0 + 5.0
+            while time.perf_counter() < deadline:
+                async with cs.get(url) as r:
+                    await r.read()
+                    if r.headers.get("X-Endpoint") == target:
+                        break
+            else:
+                raise RuntimeError(f"weights never went live for {target}")
+            if i > 0:  # the first one also warms up the consumer: not counted
+                out.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(0.1)
+    return out
+
+
+async def _under_scores(pub: ScorePublisher, url: str, seconds: float,
+                        connections: int) -> dict[str, float]:
+    """Load ``url`` while new scores arrive every 500 ms (the sidecar keeps working)."""
+    stop = asyncio.Event()
+
+    async def keep_scoring() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            pub.publish({"a": 0.5 + 0.01 * (n % 3), "b": 0.5, "c": 0.5 - 0.01 * (n % 3)})
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), 0.5)
+
+    task = asyncio.create_task(keep_scoring())
+    try:
+        return await asyncio.to_thread(load, [url], seconds, connections)
+    finally:
+        stop.set()
+        await task
+
+
+def score_to_live(kafka: KafkaSettings, port: int, samples: int) -> list[float]:
+    return asyncio.run(_score_to_live(ScorePublisher(kafka), port, samples))
+
+
+def plain_haproxy(ups: list[Upstream], seconds: float, connections: int) -> dict[str, float]:
+    """HAProxy alone, with the config the sidecar writes (equal weights)."""
+    port = free_port()
+    h = HAProxyProcess("")
+    sock = h.dir / "admin.sock"
+    h.config_path.write_text(render_config(ups, bind=f"127.0.0.1:{port}", socket_path=sock))
+    h.start(sock)
+    try:
+        return load([f"http://127.0.0.1:{port}/x"], seconds, connections)
+    finally:
+        h.stop()
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int) -> dict[str, Any]:
+    if haproxy_binary() is None:
+        raise SystemExit("haproxy is not installed: make system-deps")
+    results: dict[str, list[dict[str, float]]] = {
+        "direct": [], "haproxy": [], "haproxy+sidecar": [], "proxy": []}
+    live: dict[str, list[float]] = {"haproxy+sidecar": [], "proxy": []}
+    backends = [BackendProcess({e: 0}) for e in IDS]
+    with EmbeddedBroker() as broker:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap,
+                              topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", partitions=3)
+        ensure_topics(kafka)
+        try:
+            for b in backends:
+                b.start()
+            ups = [Upstream(id=e, url=b.urls[e], api=API) for e, b in zip(IDS, backends,
+                                                                         strict=True)]
+            direct_urls = [f"{u.url}/x" for u in ups]
+            pub = ScorePublisher(kafka)
+            for r in range(rounds):
+                console.print(f"round {r + 1}/{rounds}")
+                # rotate the order each round: no configuration always runs first or last
+                order = ["direct", "haproxy", "haproxy+sidecar", "proxy"]
+                order = order[r % 4:] + order[:r % 4]
+                for key in order:
+                    if key == "direct":
+                        results[key].append(load(direct_urls, seconds, connections))
+                    elif key == "haproxy":
+                        results[key].append(plain_haproxy(ups, seconds, connections))
+                    else:
+                        plane = "haproxy" if key == "haproxy+sidecar" else "proxy"
+                        port = free_port()
+                        with sidecar_process(kafka, ups, plane, port):
+                            pub.publish({"a": 0.5, "b": 0.5, "c": 0.5})
+                            results[key].append(asyncio.run(_under_scores(
+                                pub, f"http://127.0.0.1:{port}/x", seconds, connections)))
+                            live[key] += score_to_live(kafka, port, samples)
+        finally:
+            for b in backends:
+                b.stop()
+    med = {k: {m: statistics.median(r[m] for r in v) for m in ("rps", "p50_ms", "p99_ms")}
+           | {"errors": sum(r["errors"] for r in v)} for k, v in results.items()}
+    lat = {k: {"p50_ms": pct(v, 0.5), "p99_ms": pct(v, 0.99), "max_ms": max(v), "n": len(v)}
+           for k, v in live.items()}
+    # The machine is shared and noisy: compare within each round (the four runs of a
+    # round are seconds apart), then take the median of the per-round ratios.
+    def per_round(a: str, b: str) -> list[float]:
+        return [x["rps"] / y["rps"] for x, y in zip(results[a], results[b], strict=True)]
+
+    raw_ratios = {
+        "proxy_vs_haproxy_rps": per_round("proxy", "haproxy"),
+        "sidecar_haproxy_vs_haproxy_rps": per_round("haproxy+sidecar", "haproxy"),
+        "haproxy_vs_direct_rps": per_round("haproxy", "direct"),
+    }
+    ratios = {k: statistics.median(v) for k, v in raw_ratios.items()}
+    return {"quick": quick, "rounds": rounds, "seconds": seconds, "connections": connections,
+            "generator": "wrk" if shutil.which("wrk") else "python", "cpus": os.cpu_count(),
+            "throughput": med, "rounds_raw": results, "score_to_live": lat,
+            "score_to_live_raw_ms": live, "ratios": ratios, "ratios_per_round": raw_ratios,
+            "targets": {"proxy_vs_haproxy_rps": ">= 0.25",
+                        "sidecar_haproxy_vs_haproxy_rps": ">= 0.95",
+                        "haproxy_score_to_live_p99_ms": "<= 50"}}
+
+
+def show(res: dict[str, Any]) -> None:
+    t = Table(title=f"data planes, {res['connections']} connections, {res['seconds']}s x "
+                    f"{res['rounds']} rounds ({res['generator']}), medians")
+    for col in ("data plane", "req/s", "p50 ms", "p99 ms", "errors", "req/s / haproxy"):
+        t.add_column(col, justify="right")
+    base = res["throughput"]["haproxy"]["rps"]
+    for k, v in res["throughput"].items():
+        t.add_row(k, f"{v['rps']:.0f}", f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}",
+                  str(v["errors"]), f"{v['rps'] / base:.2f}x")
+    console.print(t)
+    t2 = Table(title="score published -> weight live (first request to the new endpoint)")
+    for col in ("data plane", "n", "p50 ms", "p99 ms", "max ms"):
+        t2.add_column(col, justify="right")
+    for k, v in res["score_to_live"].items():
+        t2.add_row(k, str(v["n"]), f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}",
+                   f"{v['max_ms']:.1f}")
+    console.print(t2)
+    r = res["ratios"]
+    console.print("ratios: medians of per-round ratios "
+                  + ", ".join(f"{k}: {[round(x, 2) for x in v]}"
+                              for k, v in res["ratios_per_round"].items()))
+    console.print(f"proxy / haproxy = {r['proxy_vs_haproxy_rps']:.2f}x (target >= 0.25); "
+                  f"haproxy+sidecar / haproxy = {r['sidecar_haproxy_vs_haproxy_rps']:.2f}x "
+                  f"(target >= 0.95); haproxy score->live p99 = "
+                  f"{res['score_to_live']['haproxy+sidecar']['p99_ms']:.1f} ms (target <= 50)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="one short round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--seconds", type=float, default=4.0)
+    p.add_argument("--connections", type=int, default=48)
+    p.add_argument("--samples", type=int, default=40, help="score->live samples per plane")
+    p.add_argument("--out", type=Path, default=OUT)
+    a = p.parse_args(argv)
+    if a.quick:
+        a.rounds, a.seconds, a.samples = 1, 1.0, 5
+    res = run(a.quick, a.rounds, a.seconds, a.connections, a.samples)
+    show(res)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=2))
+    console.print(f"wrote {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
