@@ -28,7 +28,13 @@ from typing import Any
 
 from river import anomaly
 
-__all__ = ["AnomalyDetector", "AnomalyResult", "RobustSquasher", "telemetry_features"]
+__all__ = [
+    "AnomalyDetector",
+    "AnomalyResult",
+    "RobustSquasher",
+    "RobustZDetector",
+    "telemetry_features",
+]
 
 #: Features that are heavy-tailed and non-negative: compared on a log scale.
 LOG_FEATURES = frozenset({"rate", "p50_ms", "p99_ms", "max_ms", "in_flight"})
@@ -136,3 +142,50 @@ class AnomalyDetector:
             self.scaler.learn(features)
         self.seen += 1
         return AnomalyResult(score if warm else 0.0, flagged, warm, dict(features))
+
+
+class RobustZDetector:
+    """Online anomaly detector: the largest robust z-score over the features.
+
+    Each feature is compared with its running centre and spread (the same robust,
+    spike-proof statistics as :class:`RobustSquasher`); the score maps the largest
+    deviation, in spreads, linearly from ``z_low`` (score 0) to ``z_high`` (score 1).
+    Cheaper (a few µs, under 1 KB per endpoint) than half-space trees and, on telemetry
+    where an incident moves one or two features far from their usual band (latency,
+    errors), more sensitive: HST's mass-based score stays near its usual range for such
+    single-feature outliers. Windows it flags are not learned, so an incident does not
+    become the new normal.
+
+    >>> det = RobustZDetector(warmup=50)
+    >>> for i in range(300):
+    ...     r = det.score_and_learn({"rate": 100 + i % 7, "error_rate": 0.01, "p99_ms": 80})
+    >>> det.score_and_learn({"rate": 100, "error_rate": 0.01, "p99_ms": 1600}).is_anomaly
+    True
+    """
+
+    def __init__(self, threshold: float = 0.8, warmup: int = 200, z_low: float = 4.0,
+                 z_high: float = 12.0, alpha: float = 0.02) -> None:
+        self.threshold = float(threshold)
+        self.warmup = int(warmup)
+        self.z_low, self.z_high = float(z_low), float(z_high)
+        self.seen = 0
+        self.scaler = RobustSquasher(alpha=alpha)
+
+    def score_and_learn(self, features: Mapping[str, float]) -> AnomalyResult:
+        """Score a window (before learning it), then learn it unless flagged."""
+        sc = self.scaler
+        z = 0.0
+        for k, v in features.items():
+            c = sc.centre.get(k)
+            if c is None:
+                continue
+            x = _prep(k, v)
+            s = max(sc.spread.get(k, 0.0), 1e-3 + 0.01 * abs(c))
+            z = max(z, abs(x - c) / s)
+        warm = self.seen >= self.warmup
+        score = min(max((z - self.z_low) / (self.z_high - self.z_low), 0.0), 1.0) if warm else 0.0
+        flagged = warm and score >= self.threshold
+        if not flagged:
+            sc.learn(features)
+        self.seen += 1
+        return AnomalyResult(score, flagged, warm, dict(features))

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.anomaly import AnomalyDetector, telemetry_features
+from processors.anomaly import AnomalyDetector, RobustZDetector, telemetry_features
 from processors.forecasting import Forecaster, ForecastPoint, make_forecaster
 from processors.scoring import (
     CapacityEstimate,
@@ -64,10 +64,11 @@ class ProcessorConfig:
     score_validity_seconds: float | None = None  # default: 2 model steps
     anomaly_threshold: float = 0.8
     anomaly_warmup: int = 200
-    # Every window goes through the detector: 10 trees of height 5 cost a third of River's
-    # default 25 x 6 per window and a quarter of the memory.
-    anomaly_trees: int = 10
-    anomaly_tree_height: int = 5
+    # robust-z: largest robust z-score; hst: River HalfSpaceTrees (10 trees of height 5).
+    # robust-z is the default: on injected incidents (p99 x20, errors x30) it flagged 20 of
+    # 20 where HST flagged 0, with no false positives on 2,000 ELB-shaped windows, at 7 us
+    # and < 1 KB per endpoint against 25 us and ~120 KB (README, "Anomalies").
+    anomaly_detector: str = "robust-z"
 
     @property
     def validity_seconds(self) -> float:
@@ -76,6 +77,19 @@ class ProcessorConfig:
     @property
     def score_policy(self) -> ScorePolicy:
         return ScorePolicy(valid_steps=self.validity_seconds / self.step_seconds)
+
+
+DETECTORS = ("robust-z", "hst")
+
+
+def make_detector(config: ProcessorConfig) -> AnomalyDetector | RobustZDetector:
+    """The per-endpoint anomaly detector the config names."""
+    if config.anomaly_detector == "hst":
+        return AnomalyDetector(threshold=config.anomaly_threshold, warmup=config.anomaly_warmup,
+                               n_trees=10, height=5)
+    if config.anomaly_detector == "robust-z":
+        return RobustZDetector(threshold=config.anomaly_threshold, warmup=config.anomaly_warmup)
+    raise ValueError(f"anomaly detector must be one of {', '.join(DETECTORS)}")
 
 
 @dataclass
@@ -98,7 +112,7 @@ class EndpointModel:
     config: ProcessorConfig
     forecaster: Forecaster
     stepper: Stepper
-    anomaly: AnomalyDetector
+    anomaly: AnomalyDetector | RobustZDetector
     capacity: CapacityEstimator
     api: str = "default"
     region: str = ""
@@ -126,10 +140,7 @@ class EndpointModel:
                 max_horizon=config.horizon,
             ),
             stepper=Stepper(config.step_seconds, lateness_seconds=config.lateness_seconds),
-            anomaly=AnomalyDetector(
-                threshold=config.anomaly_threshold, warmup=config.anomaly_warmup,
-                n_trees=config.anomaly_trees, height=config.anomaly_tree_height,
-            ),
+            anomaly=make_detector(config),
             capacity=CapacityEstimator(
                 default_rps=config.default_capacity_rps,
                 configured_rps=config.capacity_rps.get(endpoint_id),
@@ -216,7 +227,7 @@ class EndpointModel:
                 "window_start": window["window_start"],
                 "score": result.score,
                 "threshold": self.anomaly.threshold,
-                "detector": "halfspacetrees",
+                "detector": self.config.anomaly_detector,
                 "features": {k: float(v) for k, v in result.features.items()
                              if math.isfinite(v)},
             }

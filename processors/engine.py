@@ -193,34 +193,40 @@ class Engine:
 
     # ----------------------------------------------------------------- snapshots
 
-    def take_snapshot(
-        self, partition: int
-    ) -> tuple[list[SnapshotRecord], SnapshotRecord] | None:
-        """The dirty models of ``partition`` and the checkpoint to write after them (None
-        while the partition is held for recovery: there is nothing to save yet).
+    def begin_snapshot(self, partition: int) -> tuple[list[str], SnapshotRecord] | None:
+        """Start a snapshot round: the endpoints to save and the checkpoint to write once
+        they are saved (None while the partition is held for recovery).
 
-        Pickling happens here, synchronously, so the round is one consistent instant.
+        The checkpoint names the offset processed *now*; each listed model may be pickled
+        later (:meth:`snapshot_record`, in chunks, so the event loop keeps serving), and
+        then holds at least that much. Models changed meanwhile are dirty again and go in
+        the next round.
         """
-        state = self.partitions[partition]
-        if state.resume < 0:
+        state = self.partitions.get(partition)
+        if state is None or state.resume < 0:
             return None
-        now_ms = round(time.time() * 1000)
-        records = []
-        for endpoint in sorted(state.dirty):
-            model = state.models[endpoint]
-            offset, index = model.applied
-            records.append(SnapshotRecord(partition, endpoint, {
-                "endpoint_id": endpoint, "source_partition": partition, "offset": offset,
-                "index": index, "taken_at": now_ms, "model": self.config.forecaster,
-                "format": "pickle", "state": pickle.dumps(model, protocol=5),
-            }))
+        endpoints = sorted(state.dirty)
         state.dirty.clear()
         checkpoint = SnapshotRecord(partition, CHECKPOINT_KEY.format(partition=partition), {
             "endpoint_id": None, "source_partition": partition, "offset": state.processed,
-            "index": -1, "taken_at": now_ms, "model": self.config.forecaster,
-            "format": "none", "state": b"",
+            "index": -1, "taken_at": round(time.time() * 1000),
+            "model": self.config.forecaster, "format": "none", "state": b"",
         })
-        return records, checkpoint
+        return endpoints, checkpoint
+
+    def snapshot_record(self, partition: int, endpoint: str) -> SnapshotRecord | None:
+        """The pickled model of ``endpoint`` with the position it contains."""
+        state = self.partitions.get(partition)
+        model = state.models.get(endpoint) if state is not None else None
+        if model is None:
+            return None
+        offset, index = model.applied
+        return SnapshotRecord(partition, endpoint, {
+            "endpoint_id": endpoint, "source_partition": partition, "offset": offset,
+            "index": index, "taken_at": round(time.time() * 1000),
+            "model": self.config.forecaster, "format": "pickle",
+            "state": pickle.dumps(model, protocol=5),
+        })
 
     def hold(self, partition: int) -> None:
         """Drop records of ``partition`` until :meth:`restore` (called as soon as a

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from processors.endpoint import ProcessorConfig
@@ -26,6 +28,9 @@ class ProcessorSettings(BaseModel):
     min_change: float = Field(0.02, ge=0, le=1, description="publish a score that moved this much")
     score_validity_seconds: float | None = Field(
         None, gt=0, description="LoadScore lifetime (default: 2 model steps)"
+    )
+    anomaly_detector: Literal["robust-z", "hst"] = Field(
+        "robust-z", description="robust-z (largest robust z-score) or hst (HalfSpaceTrees)"
     )
     anomaly_threshold: float = Field(0.8, gt=0, le=1)
     anomaly_warmup: int = Field(200, ge=0, description="windows learned before flagging")
@@ -56,4 +61,5 @@ class ProcessorSettings(BaseModel):
             score_validity_seconds=self.score_validity_seconds,
             anomaly_threshold=self.anomaly_threshold,
             anomaly_warmup=self.anomaly_warmup,
+            anomaly_detector=self.anomaly_detector,
         )

@@ -123,6 +123,7 @@ def read_snapshots(
 
 
 FETCH_MAX_WAIT_MS = 20
+SNAPSHOT_CHUNK = 8  # models pickled between two yields to the event loop (~2 ms each)
 
 
 def _short_fetch_wait() -> None:
@@ -141,7 +142,7 @@ def _short_fetch_wait() -> None:
         original(self, *args, **kwargs)
 
     init._loadcast = True  # type: ignore[attr-defined]
-    aiokafka.AIOKafkaConsumer.__init__ = init  # type: ignore[method-assign]
+    aiokafka.AIOKafkaConsumer.__init__ = init
 
 
 def faust_broker_urls(kafka: KafkaSettings) -> list[str]:
@@ -181,6 +182,7 @@ class Worker:
         self.engine = Engine(settings.config(), self.codec, self.outputs)
         self.last_snapshot = time.monotonic()
         self._exported = (0, 0)
+        self._snapshot_lock = asyncio.Lock()
         self.app = faust.App(settings.app_id, **faust_settings(kafka))
         self.telemetry = self.app.topic(
             topic_name(kafka, "telemetry"), key_type=bytes, value_type=bytes,
@@ -251,30 +253,35 @@ class Worker:
         self._export()
 
     async def snapshot(self, partitions: Iterable[int]) -> int:
-        """One snapshot round for ``partitions``; returns how many models were written."""
-        loop = asyncio.get_running_loop()
-        producer = self.outputs.producer
-        rounds: list[tuple[list[SnapshotRecord], SnapshotRecord]] = []
-        for p in partitions:
-            taken = self.engine.take_snapshot(p) if p in self.engine.partitions else None
-            if taken is not None:
-                rounds.append(taken)
-        written = 0
-        for records, _ in rounds:
-            for r in records:
-                self._produce_snapshot(r)
-                written += 1
-        # Checkpoints only once every model of the round is acknowledged.
-        left = await loop.run_in_executor(None, producer.flush, 30.0)
-        if left:
-            log.error("snapshot round not acknowledged (%d left): no checkpoint written", left)
+        """One snapshot round for ``partitions``; returns how many models were written.
+
+        Models are pickled SNAPSHOT_CHUNK at a time with a yield in between: a round of
+        hundreds of models would otherwise stall scoring for a second.
+        """
+        async with self._snapshot_lock:
+            loop = asyncio.get_running_loop()
+            producer = self.outputs.producer
+            rounds = [r for r in (self.engine.begin_snapshot(p) for p in partitions) if r]
+            written = 0
+            for (endpoints, checkpoint) in rounds:
+                for i, endpoint in enumerate(endpoints):
+                    record = self.engine.snapshot_record(checkpoint.partition, endpoint)
+                    if record is not None:
+                        self._produce_snapshot(record)
+                        written += 1
+                    if i % SNAPSHOT_CHUNK == SNAPSHOT_CHUNK - 1:
+                        await asyncio.sleep(0)
+            # Checkpoints only once every model of the round is acknowledged.
+            left = await loop.run_in_executor(None, producer.flush, 30.0)
+            if left:
+                log.error("snapshot round not acknowledged (%d left): no checkpoint", left)
+                return written
+            for _, checkpoint in rounds:
+                self._produce_snapshot(checkpoint)
+            await loop.run_in_executor(None, producer.flush, 30.0)
+            self.last_snapshot = time.monotonic()
+            self._export()
             return written
-        for _, checkpoint in rounds:
-            self._produce_snapshot(checkpoint)
-        await loop.run_in_executor(None, producer.flush, 30.0)
-        self.last_snapshot = time.monotonic()
-        self._export()
-        return written
 
     def _produce_snapshot(self, r: SnapshotRecord) -> None:
         value = self.codec.encode("ModelSnapshot", r.value)

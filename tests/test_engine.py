@@ -1,0 +1,106 @@
+"""The processor engine without a broker: anomalies, batch positions, snapshot/restore."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from processors.endpoint import ProcessorConfig
+from processors.engine import Engine
+from schemas.codec import Codec
+from tests.worker_helpers import make_windows
+
+
+class Outputs:
+    def __init__(self) -> None:
+        self.scores: list[dict[str, Any]] = []
+        self.anomalies: list[dict[str, Any]] = []
+        self.dead: list[tuple[str, str]] = []
+        self.codec = Codec.embedded()
+
+    def score(self, endpoint_id: str, value: bytes) -> None:
+        self.scores.append(self.codec.decode(value, "LoadScore"))
+
+    def anomaly(self, endpoint_id: str, value: bytes) -> None:
+        self.anomalies.append(self.codec.decode(value, "Anomaly"))
+
+    def dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
+                    partition: int, offset: int) -> None:
+        self.dead.append((reason, detail))
+
+
+CONFIG = ProcessorConfig(step_seconds=300, anomaly_warmup=50, min_change=0.0)
+
+
+def engine() -> tuple[Engine, Outputs]:
+    out = Outputs()
+    return Engine(CONFIG, out.codec, out), out
+
+
+def test_an_incident_is_an_anomaly_and_lowers_the_score(codec: Codec) -> None:
+    eng, out = engine()
+    windows = make_windows(["e1"], 0, 200)
+    for i, w in enumerate(windows):
+        eng.handle(0, i, b"e1", codec.encode("EndpointTelemetry", w), now=float(i))
+    assert out.anomalies == []  # the ELB-shaped series itself is normal
+    before = out.scores[-1]["score"]
+    bad = dict(make_windows(["e1"], 200, 1)[0], latency_p99_ms=20_000.0, errors_5xx=40)
+    eng.handle(0, 200, b"e1", codec.encode("EndpointTelemetry", bad), now=200.0)
+    (anomaly,) = out.anomalies
+    assert anomaly["endpoint_id"] == "e1" and anomaly["score"] >= anomaly["threshold"]
+    after = out.scores[-1]
+    assert after["score"] < before and after["anomaly_score"] >= 0.8
+    assert any("anomalous" in r for r in after["reasons"])
+
+
+def test_two_windows_of_one_endpoint_in_one_batch_are_both_applied(codec: Codec) -> None:
+    eng, _ = engine()
+    ws = make_windows(["e1"], 0, 2)
+    batch = codec.encode("TelemetryBatch", {"agent_id": "a", "region": "eu", "created_at": 0,
+                                            "windows": ws})
+    eng.handle(0, 0, b"e1", batch, now=0.0)
+    eng.handle(0, 0, b"e1", batch, now=1.0)  # redelivered: nothing twice
+    assert eng.partitions[0].models["e1"].windows == 2
+    assert eng.stats.skipped_replayed == 2
+
+
+def test_one_bad_window_in_a_batch_is_dead_lettered_alone(codec: Codec) -> None:
+    eng, out = engine()
+    ws = make_windows(["e1", "e2"], 0, 1)
+    ws[1]["request_count"] = -3
+    lax = Codec(codec.ids, validate_on_encode=False)
+    batch = lax.encode("TelemetryBatch", {"agent_id": "a", "region": "eu", "created_at": 0,
+                                          "windows": ws})
+    eng.handle(0, 0, b"e1", batch, now=0.0)
+    assert [r for r, _ in out.dead] == ["out_of_range"] and "request_count" in out.dead[0][1]
+    assert set(eng.partitions[0].models) == {"e1"}
+
+
+def test_restore_then_replay_equals_one_uninterrupted_run(codec: Codec) -> None:
+    values = [codec.encode("EndpointTelemetry", w)
+              for w in make_windows(["e1", "e2", "e3"], 0, 150)]
+    whole, _ = engine()
+    for i, v in enumerate(values):
+        whole.handle(0, i, None, v, now=0.0)
+
+    first, _ = engine()
+    for i, v in enumerate(values[:200]):
+        first.handle(0, i, None, v, now=0.0)
+    taken = first.begin_snapshot(0)
+    assert taken is not None
+    endpoints, checkpoint = taken
+    records = [first.snapshot_record(0, e) for e in endpoints]
+    for i, v in enumerate(values[200:300], start=200):  # applied after the snapshot: lost
+        first.handle(0, i, None, v, now=0.0)
+
+    second, _ = engine()
+    resume = second.restore(0, [r.value for r in records if r] + [checkpoint.value])
+    assert resume == 200
+    second.handle(0, 250, None, values[250], now=0.0)  # fetched before the seek: dropped
+    for i, v in enumerate(values[resume:], start=resume):
+        second.handle(0, i, None, v, now=0.0)
+    for e in ("e1", "e2", "e3"):
+        a = whole.partitions[0].models[e]
+        b = second.partitions[0].models[e]
+        assert a.windows == b.windows == 150
+        assert [p.mean for p in a.forecaster.forecast(15)] == [
+            p.mean for p in b.forecaster.forecast(15)]
