@@ -9,8 +9,9 @@ process whose CPU time and resident memory are read with psutil:
 2. ``single``: the loadcast worker on single EndpointTelemetry values;
 3. ``noop``: a no-op Faust agent (benchmarks/noop_faust.py) on the same single values: the
    ceiling Faust itself sets;
-4. ``latency``: the worker publishing a score for every window (``min_change=0``) at half
-   the measured single-record rate; window produced → score received, p50/p99.
+4. ``latency``: background single records at half the measured single-record rate, plus
+   20 probe windows a second from fresh endpoints (an endpoint's first window is always
+   published); probe produced → its score received by a consumer, p50/p99.
 
 Windows are 5 s, the model step 60 s (the forecaster learns once per 12 windows and every
 window is scored), endpoints' request counts follow the real ELB trace.
@@ -221,31 +222,28 @@ def throughput(broker: EmbeddedBroker, codec: Codec, kind: str, endpoints: int,
 
 
 def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
-            endpoints: int) -> dict[str, Any]:
+            endpoints: int, probes_per_s: float = 20.0) -> dict[str, Any]:
+    """Background windows at ``rate`` plus probe windows of fresh endpoints (a first
+    window is always published), in the default configuration; probe -> score latency."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, partitions=PARTITIONS,
                           topic_prefix=f"l{uuid.uuid4().hex[:6]}.")
     ensure_topics(kafka)
     per_endpoint = max(2, int(rate * seconds / endpoints))
-    records = encode(codec, windows(endpoints, per_endpoint), batch=False)
-    proc = Proc(kafka, noop=False, env={"LOADCAST_PROCESSOR__MIN_CHANGE": "0"})
-    sent: dict[bytes, list[float]] = {}
+    background = encode(codec, windows(endpoints, per_endpoint), batch=False)
+    probe = windows(1, 1)[0][0]
+    sent: dict[bytes, float] = {}
     got: list[float] = []
     stop = threading.Event()
+    proc = Proc(kafka, noop=False)
     c = Consumer(kafka.consumer_config(None, **{"fetch.wait.max.ms": 5}))
     c.assign([TopicPartition(topic_name(kafka, "load-scores"), p, 0) for p in range(PARTITIONS)])
 
     def collect() -> None:
-        seen: dict[bytes, int] = {}
         while not stop.is_set():
             for m in c.consume(1000, 0.05):
-                if m.error() or m.key() is None:
-                    continue
-                t = time.time()
-                k = m.key() or b""
-                i = seen.get(k, 0)
-                seen[k] = i + 1
-                if i < len(sent.get(k, ())):
-                    got.append(t - sent[k][i])
+                k = m.key()
+                if not m.error() and k in sent:
+                    got.append(time.time() - sent.pop(k))
 
     try:
         proc.wait_ready()
@@ -253,17 +251,23 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
         reader.start()
         p = Producer({**kafka.client_config(), "linger.ms": 1, "partitioner": "murmur2_random"})
         topic = topic_name(kafka, "telemetry")
+        every = max(1, round(rate / probes_per_s))
         t0 = time.monotonic()
-        for i, (key, value, _) in enumerate(records):
+        for i, (key, value, _) in enumerate(background):
             delay = t0 + i / rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            sent.setdefault(key, []).append(time.time())
             p.produce(topic, value, key)
+            if i % every == 0:
+                name = f"probe-{i}"
+                pk = name.encode()
+                sent[pk] = time.time()
+                p.produce(topic, codec.encode("EndpointTelemetry", dict(probe, endpoint_id=name)),
+                          pk)
             p.poll(0)
         p.flush(30)
         deadline = time.monotonic() + 30
-        while len(got) < len(records) and time.monotonic() < deadline:
+        while sent and time.monotonic() < deadline:
             time.sleep(0.1)
         stop.set()
         reader.join(10)
@@ -271,10 +275,10 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
         c.close()
         proc.stop()
     lat = sorted(got[len(got) // 10:])  # drop the first tenth: warm-up
-    if not lat:
-        return {"rate": rate, "received": 0}
+    if len(lat) < 2:
+        return {"rate": round(rate), "probes": len(got), "lost": len(sent)}
     q = statistics.quantiles(lat, n=100)
-    return {"rate": round(rate), "sent": len(records), "received": len(got),
+    return {"rate": round(rate), "probes": len(got), "lost": len(sent),
             "p50_ms": round(statistics.median(lat) * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
@@ -322,7 +326,7 @@ def show(r: dict[str, Any]) -> None:
     lat = ph["latency"]
     Console().print(f"window -> score published at {lat.get('rate')} windows/s: "
                     f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms "
-                    f"({lat.get('received')}/{lat.get('sent')} scores)")
+                    f"({lat.get('probes')} probes, {lat.get('lost')} unanswered)")
 
 
 if __name__ == "__main__":

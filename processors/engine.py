@@ -26,7 +26,7 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -91,10 +91,14 @@ class SnapshotRecord:
 class Engine:
     """Per-partition endpoint models; see the module docstring."""
 
-    def __init__(self, config: ProcessorConfig, codec: Codec, outputs: Outputs) -> None:
+    def __init__(
+        self, config: ProcessorConfig, codec: Codec, outputs: Outputs,
+        warm_start: Callable[[EndpointModel], None] | None = None,
+    ) -> None:
         self.config = config
         self.codec = codec
         self.outputs = outputs
+        self.warm_start = warm_start
         self.partitions: dict[int, PartitionState] = {}
         self.stats = EngineStats()
 
@@ -182,8 +186,12 @@ class Engine:
             self.stats.anomalies += 1
 
     def new_model(self, endpoint_id: str) -> EndpointModel:
-        """A model for an endpoint seen for the first time (hook for warm starts)."""
-        return EndpointModel.create(endpoint_id, self.config)
+        """A model for an endpoint seen for the first time (from the global model when a
+        ``warm_start`` hook is set; an endpoint restored from a snapshot never gets here)."""
+        model = EndpointModel.create(endpoint_id, self.config)
+        if self.warm_start is not None:
+            self.warm_start(model)
+        return model
 
     def _dead(self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int,
               offset: int) -> None:

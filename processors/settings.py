@@ -37,6 +37,9 @@ class ProcessorSettings(BaseModel):
     snapshot_every_seconds: float = Field(
         10.0, gt=0, description="how often dirty endpoint models are snapshotted"
     )
+    warm_start: bool = Field(
+        False, description="start new endpoints from the latest federated global model"
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics here (0 = off)")
     uvloop: bool = Field(True, description="run Faust on uvloop when installed")
 

@@ -30,6 +30,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from faust.types import TP
 from prometheus_client import Counter, Gauge
 
+from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
 from processors.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
@@ -179,7 +180,14 @@ class Worker:
         self.settings = settings
         self.codec = codec or Codec.embedded()
         self.outputs = KafkaOutputs(kafka, f"{settings.app_id}-out")
-        self.engine = Engine(settings.config(), self.codec, self.outputs)
+        self.models: Any = None
+        if settings.warm_start and settings.forecaster == "default":
+            from streams.model_repo import ModelRepository
+
+            self.models = ModelRepository(kafka, self.codec, client_id=f"{settings.app_id}-models")
+            self.models.refresh(10)
+        self.engine = Engine(settings.config(), self.codec, self.outputs,
+                             warm_start=self._warm_start if self.models is not None else None)
         self.last_snapshot = time.monotonic()
         self._exported = (0, 0)
         self._snapshot_lock = asyncio.Lock()
@@ -207,6 +215,8 @@ class Worker:
         @app.timer(interval=self.settings.snapshot_every_seconds)
         async def snapshot_timer() -> None:
             await self.snapshot(list(engine.partitions))
+            if self.models is not None:  # new global versions, for later cold starts
+                await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode stub wants signal=
         async def assigned(sender: Any, *args: Any, **kw: Any) -> None:
@@ -282,6 +292,14 @@ class Worker:
             self.last_snapshot = time.monotonic()
             self._export()
             return written
+
+    def _warm_start(self, model: EndpointModel) -> None:
+        """A new endpoint begins from the latest global model of its family, if any."""
+        from processors.federated import family_of, warm_start
+
+        latest = self.models.latest(family_of(model.forecaster))
+        if latest is not None:
+            model.forecaster = warm_start(model.forecaster, latest)
 
     def _produce_snapshot(self, r: SnapshotRecord) -> None:
         value = self.codec.encode("ModelSnapshot", r.value)
