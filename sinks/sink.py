@@ -27,6 +27,7 @@ into the ``dead_letter`` table (or inserts the row itself when it does not consu
 
 from __future__ import annotations
 
+import json
 import logging
 import struct
 import threading
@@ -134,6 +135,9 @@ class Sink:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "client.id": client_id,
+                # librdkafka statistics carry the fetch responses' high watermarks.
+                "statistics.interval.ms": 1000,
+                "stats_cb": self._on_stats,
             },
         )
         self.consumer = Consumer(conf)
@@ -146,6 +150,8 @@ class Sink:
         self._stored: dict[TP, tuple[set[int], int]] = {}  # offsets already in ClickHouse
         self._unchecked: set[TP] = set()  # assigned, not yet compared with ClickHouse
         self._next: dict[TP, int] = {}  # next offset to store, per partition
+        self._seen: dict[TP, int] = {}  # next offset after the last one consumed
+        self._fetched_hwm: dict[TP, int] = {}  # high watermarks of fetch responses
         self._assigned: set[TP] = set()
         self._paused = False
         self._backoff = settings.backoff_initial_seconds
@@ -170,6 +176,17 @@ class Sink:
                 self._next.pop(key, None)
         self._paused = False
 
+    def _on_stats(self, stats_json: str) -> None:
+        try:
+            topics = json.loads(stats_json).get("topics", {})
+        except ValueError:
+            return
+        for topic, t in topics.items():
+            for p, part in t.get("partitions", {}).items():
+                hi = part.get("hi_offset", -1)
+                if p != "-1" and isinstance(hi, int) and hi >= 0:
+                    self._fetched_hwm[(topic, int(p))] = hi
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Eager rebalancing: everything goes back to the committed offsets, so the
         # uncommitted batch is dropped here and read again by whoever gets the partitions.
@@ -193,6 +210,7 @@ class Sink:
         key = (topic, partition)
         b = self._batch
         b.note(key, offset)
+        self._seen[key] = offset + 1
         short = self.topics[topic]
         value = msg.value()
         if short == "dead-letter":
@@ -445,6 +463,12 @@ class Sink:
             assigned = list(self._assigned)
             nexts = {k: self._next.get(k) for k in assigned}
         latest = self._list_offsets(assigned, OffsetSpec.latest(), timeout)
+        # Tansu answers ListOffsets(latest) with the last batch's base offset + 1, so also
+        # take the high watermark of fetch responses and the last offset seen.
+        seen = dict(self._seen)  # one C-level copy: safe against the consumer thread
+        fetched = dict(self._fetched_hwm)
+        for key in assigned:
+            latest[key] = max(latest.get(key, -1), fetched.get(key, -1), seen.get(key, -1))
         earliest = self._list_offsets(
             [k for k, n in nexts.items() if n is None], OffsetSpec.earliest(), timeout
         )
