@@ -53,7 +53,7 @@ OUT = REPO / "out" / "benchmarks" / "processor.json"
 ELB = REPO.parent / "shared" / "data" / "elb_request_count_8c0756.csv"
 PARTITIONS = 6
 INTERVAL_MS = 5000
-SNAPSHOT_EVERY = 10.0  # the worker's default; --snapshot-every changes it
+RUN = {"snapshot_every": 10.0}  # the worker's default; --snapshot-every changes it
 
 
 def windows(endpoints: int, per_endpoint: int, start: int = 0) -> list[list[dict[str, Any]]]:
@@ -145,7 +145,7 @@ class Proc:
                     "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
                     "LOADCAST_PROCESSOR__APP_ID": app_id,
                     "LOADCAST_PROCESSOR__STEP_SECONDS": "60",
-                    "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": str(SNAPSHOT_EVERY),
+                    "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": str(RUN["snapshot_every"]),
                     **(env or {})}
         self.log = (log or Path(os.devnull)).open("ab")
         self.p = subprocess.Popen(cmd, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
@@ -290,17 +290,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--latency-rate", type=float, default=None,
                     help="only the latency phase, at this many windows/s")
-    ap.add_argument("--snapshot-every", type=float, default=SNAPSHOT_EVERY,
+    ap.add_argument("--snapshot-every", type=float, default=RUN["snapshot_every"],
                     help="worker snapshot interval, seconds (default: the worker's 10)")
     a = ap.parse_args(argv)
     if a.snapshot_every <= 0:
         ap.error("--snapshot-every must be > 0")
-    global SNAPSHOT_EVERY
-    SNAPSHOT_EVERY = a.snapshot_every
+    RUN["snapshot_every"] = a.snapshot_every
     endpoints, per_endpoint = (50, 40) if a.quick else (300, 200)
     codec = Codec.embedded()
     result: dict[str, Any] = {"quick": a.quick, "interval_s": INTERVAL_MS / 1000,
-                              "step_s": 60, "snapshot_every_s": SNAPSHOT_EVERY, "phases": {}}
+                              "step_s": 60, "snapshot_every_s": a.snapshot_every, "phases": {}}
     if a.latency_rate:
         with EmbeddedBroker() as broker:
             lat = latency(broker, codec, a.latency_rate, 3 if a.quick else 20, endpoints)
