@@ -14,7 +14,7 @@ SINK_RECORDS = Counter(
     "loadcast_sink_records_total", "Kafka records consumed and committed", ["topic"]
 )
 SINK_DEAD = Counter(
-    "loadcast_sink_dead_letter_total", "Records sent to dead-letter by the sink", ["reason"]
+    "loadcast_sink_dead_letters_total", "Records sent to dead-letter by the sink", ["reason"]
 )
 SINK_SKIPPED = Counter(
     "loadcast_sink_already_stored_total",

@@ -6,6 +6,8 @@ and ``reason``. Every process serves them on ``/metrics`` (``serve_metrics``).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import Counter, Gauge, start_http_server
 
 AGENT_REQUESTS = Counter(
@@ -49,7 +51,11 @@ CONSUMER_SKIPPED = Counter(
 )
 
 
-def serve_metrics(port: int, addr: str = "127.0.0.1") -> None:
-    """Serve ``/metrics`` on ``addr:port`` from a background thread (0 = do not serve)."""
+def serve_metrics(port: int, addr: str | None = None) -> None:
+    """Serve ``/metrics`` on ``addr:port`` from a background thread (0 = do not serve).
+
+    ``addr`` defaults to ``$LOADCAST_METRICS_HOST`` or loopback; containers set
+    ``LOADCAST_METRICS_HOST=0.0.0.0`` so Prometheus in another container or pod can scrape.
+    """
     if port:
-        start_http_server(port, addr=addr)
+        start_http_server(port, addr=addr or os.environ.get("LOADCAST_METRICS_HOST", "127.0.0.1"))
