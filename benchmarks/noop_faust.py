@@ -3,7 +3,7 @@
 Same Faust settings as the loadcast worker; it only counts events
 (``loadcast_noop_events_total`` on ``--metrics-port``).
 
-    python benchmarks/noop_faust.py --bootstrap 127.0.0.1:9092 --prefix loadcast. --metrics-port 9300
+    python benchmarks/noop_faust.py --bootstrap 127.0.0.1:9092 --metrics-port 9300
 """
 
 from __future__ import annotations

@@ -23,4 +23,4 @@ def test_processor_benchmark_quick(tmp_path: Path) -> None:
     assert r["phases"]["batch"]["scores_published"] > 0
     lat = r["phases"]["latency"]
     assert lat["probes"] > 0 and lat["lost"] == 0 and lat["p99_ms"] > 0
-    assert 0 < r["single_vs_noop"]
+    assert r["single_vs_noop"] > 0
