@@ -52,9 +52,10 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):  # run as a script 
 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
-from routing_sim.engine import OK  # noqa: E402
-from routing_sim.metrics import aggregate, mean_ci, phase_metrics  # noqa: E402
-from routing_sim.scenarios import (  # noqa: E402
+
+from benchmarks.routing_sim.engine import OK  # noqa: E402
+from benchmarks.routing_sim.metrics import aggregate, mean_ci, phase_metrics  # noqa: E402
+from benchmarks.routing_sim.scenarios import (  # noqa: E402
     CALIBRATION_POLICIES,
     LINKERD_PUBLISHED,
     MAIN_POLICIES,

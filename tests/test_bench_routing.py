@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "benchmarks") not in sys.path:
     sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from routing_sim.backends import BackendSpec, ServiceTime  # noqa: E402
-from routing_sim.engine import (  # noqa: E402
+from benchmarks.routing_sim.backends import BackendSpec, ServiceTime  # noqa: E402
+from benchmarks.routing_sim.engine import (  # noqa: E402
     EXPIRED,
     OK,
     SHED_BACKEND,
@@ -24,8 +24,8 @@ from routing_sim.engine import (  # noqa: E402
     SimConfig,
     Simulation,
 )
-from routing_sim.loadshape import LoadShape  # noqa: E402
-from routing_sim.scenarios import build, calibration_config  # noqa: E402
+from benchmarks.routing_sim.loadshape import LoadShape  # noqa: E402
+from benchmarks.routing_sim.scenarios import build, calibration_config  # noqa: E402
 
 
 def _run(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -93,7 +93,7 @@ async def test_scores_drive_haproxy_weights_and_shares(
         await asyncio.sleep(1.2)  # one more stats poll for the edge agent
     # the sidecar is a telemetry source with HAProxy too (from HAProxy's counters)
     tele = read_topic(kafka.bootstrap_servers, topic_name(kafka, "telemetry"), min_records=1)
-    counted = Counter()
+    counted: Counter[str] = Counter()
     for m in tele:
         w = codec.decode(m.value() or b"")
         counted[w["endpoint_id"]] += w["request_count"]

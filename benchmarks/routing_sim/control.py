@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.routing_sim.engine import T0, Simulation
 from processors.endpoint import EndpointModel, ProcessorConfig
-from routing_sim.engine import T0, Simulation
 from streams.agent import TelemetryAggregator
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.weights import WeightChange, WeightTable

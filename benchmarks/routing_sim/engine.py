@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from routing_sim.backends import Backend, BackendSpec, Slowdown
-from routing_sim.loadshape import LoadShape
+from benchmarks.routing_sim.backends import Backend, BackendSpec, Slowdown
+from benchmarks.routing_sim.loadshape import LoadShape
 from streams.sidecar.config import Upstream
 from streams.sidecar.router import Route, Router
 

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from routing_sim.engine import ERROR_OUTCOMES, OK, SHED_OUTCOMES, RunResult
+from benchmarks.routing_sim.engine import ERROR_OUTCOMES, OK, SHED_OUTCOMES, RunResult
 
 # two-sided 95 % Student-t quantiles, df = 1..30 (no scipy needed for this)
 _T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,

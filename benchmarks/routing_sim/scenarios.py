@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routing_sim.backends import BackendSpec, ServiceTime, Slowdown
-from routing_sim.control import (
+from benchmarks.routing_sim.backends import BackendSpec, ServiceTime, Slowdown
+from benchmarks.routing_sim.control import (
     OracleControl,
     PredictiveConfig,
     PredictiveControl,
     SmoothWeighted,
     StaticWeightsControl,
 )
-from routing_sim.engine import Control, SimConfig, Simulation
-from routing_sim.loadshape import LoadShape, Spike
-from routing_sim.metrics import Phase
+from benchmarks.routing_sim.engine import Control, SimConfig, Simulation
+from benchmarks.routing_sim.loadshape import LoadShape, Spike
+from benchmarks.routing_sim.metrics import Phase
 
 LINKERD_PUBLISHED = {"round-robin": 95.0, "least-request": 99.0, "peak-ewma": 99.9}
 CALIBRATION_POLICIES = ("round-robin", "least-request", "peak-ewma")

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints a table, writes JSON to out/benchmarks/, and has --quick."""
