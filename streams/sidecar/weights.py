@@ -1,12 +1,26 @@
 """The weight table: per API, the latest score of each endpoint and the weights they give.
 
 Pure: takes LoadScore / Anomaly dicts and "now", returns :class:`WeightChange` values.
-Weights come from ``processors.scoring`` (relative weights, best endpoint = 1, and HAProxy
-integers 0-256 where a positive score never rounds to 0).
+
+Weights are **capacity x health**, not scores (``processors.scoring`` says why: a score's
+own-load factor is a consequence of the weights, and weights proportional to it herd):
+
+- capacity: the record's LEARNED knee, else the upstream's configured ``capacity_rps`` hint,
+  else the record's CONFIGURED capacity; an endpoint with none of these (a DEFAULT guess
+  grows with the traffic it was given: feeding it back would herd again) gets the mean of
+  the known ones;
+- health: errors x latency x anomaly from the record's measured fields, floored (a live
+  endpoint is never weighted 0) and, times capacity, rate-limited to ``max_step`` x per
+  ``step_ms`` so the loop cannot oscillate;
+- explicit: what the score says beyond load and health (an operator's override, the
+  anomaly penalty) is applied as is, at once; an explicit 0 drains the endpoint.
+
+Whether the API is over capacity is decided on the sum: :meth:`WeightTable.overload` is the
+predicted demand of all its endpoints over their total capacity (the router sheds above 1).
 
 An API's table is *fresh* while at least one of its endpoints has a score whose
 ``valid_until`` is in the future; an endpoint without a fresh score then gets the mean
-fresh score (neither starved nor flooded). With no fresh score the table is *stale*:
+fresh health (neither starved nor flooded). With no fresh score the table is *stale*:
 weights go back to equal and the router switches to its fallback policy.
 
 >>> t = WeightTable({"orders": ["a", "b"]})
@@ -16,6 +30,11 @@ weights go back to equal and the router switches to its fallback policy.
 [('orders', {'a': 1.0, 'b': 1.0}, False)]
 >>> t.stale_changes(now_ms=2001)[0].stale
 True
+>>> t = WeightTable({"api": ["big", "small"]}, capacities={"big": 300.0, "small": 100.0})
+>>> ch = t.apply_scores([{"endpoint_id": e, "api": "api", "score": 0.2, "valid_until": 9000,
+...     "computed_at": 0, "predicted_utilization": 0.9} for e in ("big", "small")], now_ms=0)
+>>> {e: round(w, 3) for e, w in ch[0].weights.items()}  # 3:1, whatever the scores' load
+{'big': 1.0, 'small': 0.333}
 """
 
 from __future__ import annotations
@@ -25,7 +44,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.scoring import haproxy_weights, prioritize, routing_weights
+from processors.scoring import (
+    ScoreParts,
+    haproxy_weights,
+    limit_change,
+    prioritize,
+    routing_weights,
+    split_score,
+)
 
 
 @dataclass(frozen=True)
@@ -36,6 +62,7 @@ class ScoreEntry:
     valid_until_ms: int
     computed_at_ms: int
     predicted_utilization: float
+    parts: ScoreParts | None = None  # load / health / explicit split of the record
 
 
 @dataclass(frozen=True)
@@ -58,6 +85,9 @@ class _Api:
     weights: dict[str, float] = field(default_factory=dict)
     haproxy: dict[str, int] = field(default_factory=dict)
     stale: bool = True
+    # capacity x health per endpoint (rps) as rate-limited so far, and when
+    measured: dict[str, float] = field(default_factory=dict)
+    measured_at_ms: int = 0
 
 
 class WeightTable:
@@ -69,11 +99,24 @@ class WeightTable:
         *,
         anomaly_damping: float = 0.5,
         anomaly_hold_ms: int = 30_000,
+        capacities: Mapping[str, float | None] | None = None,
+        health_floor: float = 0.05,
+        max_step: float = 2.0,
+        step_ms: int = 5_000,
     ) -> None:
+        """``capacities``: configured capacity hints (rps) per endpoint id; ``health_floor``:
+        the least health a live endpoint is weighted with; weights move at most
+        ``max_step`` x per ``step_ms`` (the score interval) unless a score drains or
+        overrides them explicitly."""
         self._apis = {api: _Api(list(eps)) for api, eps in apis.items()}
         self._api_of = {e: api for api, a in self._apis.items() for e in a.endpoints}
         self.anomaly_damping = anomaly_damping
         self.anomaly_hold_ms = anomaly_hold_ms
+        self.hints = {e: float(c) for e, c in (capacities or {}).items()
+                      if c is not None and math.isfinite(c) and c > 0}
+        self.health_floor = health_floor
+        self.max_step = max_step
+        self.step_ms = step_ms
         self.unknown = 0  # scores for endpoints this sidecar does not route to
         for a in self._apis.values():
             a.weights = dict.fromkeys(a.endpoints, 1.0)
@@ -113,6 +156,7 @@ class WeightTable:
                 int(r["valid_until"]),
                 int(r["computed_at"]),
                 float(r.get("predicted_utilization", 0.0)),
+                split_score(r),
             )
             touched.add(api)
         return [c for api in touched if (c := self._recompute(api, now_ms)) is not None]
@@ -149,34 +193,82 @@ class WeightTable:
         ranked = prioritize(recs, now_ms)
         return ranked + [e for e in a.endpoints if e not in ranked]
 
-    def overload(self, api: str, now_ms: int) -> float:
-        """The lowest fresh predicted utilization of the API's endpoints (0 without
-        fresh scores or when an endpoint has no fresh score: it may have room)."""
+    def capacities(self, api: str) -> dict[str, float]:
+        """The capacity (rps) each endpoint is weighted by (see the module docstring)."""
         a = self._apis[api]
-        fresh = [s for s in a.scores.values() if s.valid_until_ms >= now_ms]
-        if not fresh or len(fresh) < len(a.endpoints):
+        known: dict[str, float] = {}
+        for e in a.endpoints:
+            s = a.scores.get(e)
+            p = s.parts if s is not None else None
+            if p is not None and p.capacity_source == "LEARNED" and p.capacity_rps:
+                known[e] = p.capacity_rps
+            elif e in self.hints:
+                known[e] = self.hints[e]
+            elif p is not None and p.capacity_source == "CONFIGURED" and p.capacity_rps:
+                known[e] = p.capacity_rps
+        guess = sum(known.values()) / len(known) if known else 1.0
+        return {e: known.get(e, guess) for e in a.endpoints}
+
+    def overload(self, api: str, now_ms: int, horizon: str = "next") -> float:
+        """Predicted demand of the whole API over its total capacity (0 without fresh
+        scores). ``horizon="next"``: demand in the next model step (what shedding, which
+        acts now, should go by); ``"peak"``: the peak over the forecast horizon (for what
+        needs lead time, e.g. mirrors). Endpoints without a fresh score add their
+        capacity (they may have room) and no demand; drained endpoints add nothing."""
+        a = self._apis[api]
+        fresh = {e: s for e, s in a.scores.items() if s.valid_until_ms >= now_ms}
+        if not fresh:
             return 0.0
-        return min(s.predicted_utilization for s in fresh)
+        caps = self.capacities(api)
+        demand = 0.0
+        capacity = 0.0
+        for e in a.endpoints:
+            s = fresh.get(e)
+            p = s.parts if s is not None else None
+            if p is not None and p.explicit <= 0:
+                continue
+            capacity += caps[e]
+            if s is None:
+                continue
+            d = None if p is None else p.next_demand_rps if horizon == "next" else p.demand_rps
+            if d is None:  # no capacity in the record: its utilization of ours
+                d = max(0.0, s.predicted_utilization) * caps[e]
+            demand += d
+        return demand / capacity if capacity > 0 else 0.0
 
     def _recompute(self, api: str, now_ms: int) -> WeightChange | None:
         a = self._apis[api]
-        fresh = self.fresh_scores(api, now_ms)
+        fresh = {e: s for e, s in a.scores.items() if s.valid_until_ms >= now_ms}
         stale = not fresh
         if stale:
             effective = dict.fromkeys(a.endpoints, 1.0)
+            a.measured = {}  # fresh again later: start from the scores, not from here
         else:
-            mean = sum(fresh.values()) / len(fresh)
+            parts = {e: s.parts or split_score({"score": s.score}) for e, s in fresh.items()}
+            mean_h = sum(p.health for p in parts.values()) / len(parts)
+            mean_x = sum(p.explicit for p in parts.values()) / len(parts)
+            caps = self.capacities(api)
+            target = {
+                e: caps[e] * max(parts[e].health if e in parts else mean_h, self.health_floor)
+                for e in a.endpoints
+            }
+            if a.measured:
+                dt = max(0, now_ms - a.measured_at_ms) / self.step_ms
+                f = self.max_step ** min(dt, 1.0)
+                target = {e: limit_change(a.measured.get(e, v), v, f) for e, v in target.items()}
+            a.measured, a.measured_at_ms = target, now_ms
             effective = {}
             for e in a.endpoints:
-                s = fresh.get(e, mean)
+                w = target[e] * (parts[e].explicit if e in parts else mean_x)
                 if a.anomaly_until.get(e, 0) > now_ms:
-                    s *= self.anomaly_damping
-                effective[e] = s
+                    w *= self.anomaly_damping
+                effective[e] = w
         hap = haproxy_weights(effective)
+        new = routing_weights(effective)
         if hap == a.haproxy and stale == a.stale:
             return None
         previous = a.weights
-        a.weights = routing_weights(effective)
+        a.weights = new
         a.haproxy = hap
         a.stale = stale
         return WeightChange(
@@ -207,5 +299,7 @@ class WeightTable:
                     for e, s in a.scores.items()
                 },
                 "score_order": self.score_order(api, now_ms),
+                "capacity_rps": self.capacities(api),
+                "overload": self.overload(api, now_ms),
             }
         return out
