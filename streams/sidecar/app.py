@@ -30,6 +30,7 @@ from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.sidecar import metrics as m
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
+from streams.sidecar.director import MirrorDirector
 from streams.sidecar.haproxy import HAProxyProcess, RuntimeAPI, backend_name, render_config
 from streams.sidecar.proxy import Outcome, Proxy, serve
 from streams.sidecar.router import Router
@@ -86,6 +87,13 @@ class Sidecar:
             {api: [e.id for e in r.endpoints] for api, r in self.router.routes.items()},
             anomaly_damping=s.anomaly_damping,
         )
+        self.director: MirrorDirector | None = None
+        if s.director and s.data_plane == "proxy" and kafka is not None:
+            self.director = MirrorDirector(
+                region=s.region, central_region=s.central_region,
+                central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
+                headroom=s.mirror_headroom, rng=self.rng,
+            )
         self.proxy: Proxy | None = None
         if s.data_plane == "proxy":
             self.proxy = Proxy(
@@ -99,6 +107,8 @@ class Sidecar:
                 retry_after_s=s.retry_after_s,
                 compress_responses=s.compress_responses,
                 observe=self._observe,
+                director=self.director,
+                region=s.region,
             )
         self.haproxy: HAProxyProcess | None = None
         self.runtime: RuntimeAPI | None = None
@@ -158,6 +168,7 @@ class Sidecar:
             self.subscriber = ScoreSubscriber(
                 self.kafka, self.codec, self.deliver, sidecar_id=self.id,
                 dead_letter=self.producer, lookback_s=s.score_lookback_s,
+                mirror_status_lookback_s=s.mirror_lookback_s if self.director else None,
             )
             await asyncio.to_thread(self.subscriber.start)
         log.info("sidecar %s: %s on %s:%d, admin on :%d", self.id, s.data_plane,
@@ -255,6 +266,12 @@ class Sidecar:
             changes += self.table.apply_anomalies(anomalies, t)
         for c in changes:
             self._changed(c, t)
+        if self.director is not None:
+            self.director.apply_scores(scores, t)
+            statuses = [r for name, r in batch if name == "MirrorStatus"]
+            if statuses and self.director.apply_statuses(statuses, t):
+                log.info("edge mirrors now: %s", {f"{a}/{r}": sorted(u) for (a, r), u
+                                                  in self.director.mirrors.items()})
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
             self.router.routes[api].overload = self.table.overload(api, t)
         return changes
@@ -323,6 +340,8 @@ class Sidecar:
             t = now_ms()
             for c in self.table.stale_changes(t):
                 self._changed(c, t)
+            if self.director is not None:
+                self.director.tick(t)
             for api, route in self.router.routes.items():
                 route.overload = self.table.overload(api, t)
                 m.SHED.labels(self.id, api).set(route.shed_share if route.overload else 0.0)
@@ -448,6 +467,7 @@ class Sidecar:
             "apis": apis,
             "scores_received": self.subscriber.received if self.subscriber else 0,
             "scores_skipped": self.subscriber.skipped if self.subscriber else 0,
+            "mirrors": self.director.view() if self.director is not None else {},
         }
 
     def weights_view(self) -> dict[str, Any]:

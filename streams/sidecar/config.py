@@ -119,6 +119,18 @@ class SidecarSettings(BaseModel):
         None, description="attach to a running HAProxy's admin socket instead of starting one"
     )
     haproxy_threads: int = Field(2, ge=1, le=64)
+    # traffic director (edge mirrors, streams.sidecar.director; built-in proxy only)
+    director: bool = Field(True, description="route regions' requests to their edge mirrors")
+    central_region: str = Field("central", min_length=1)
+    central_capacity_rps: dict[str, float] = Field(
+        default_factory=dict, description="per API (default: the scores' capacity_rps)"
+    )
+    mirror_lookahead_s: float = Field(
+        10.0, ge=0, description="a mirror takes a region when demand within this exceeds "
+        "central capacity"
+    )
+    mirror_headroom: float = Field(0.9, gt=0, le=1, description="share of mirror capacity used")
+    mirror_lookback_s: float = Field(86_400.0, ge=0, description="read mirror-status this far back")
 
     def resolved_upstreams(self) -> list[Upstream]:
         """Upstreams from settings plus ``upstreams_file``; ids must be unique."""

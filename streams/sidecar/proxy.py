@@ -26,6 +26,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from streams.sidecar import metrics as m
+from streams.sidecar.director import REGION_HEADER, MirrorDirector, valid_region
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
 
@@ -81,6 +82,8 @@ class Proxy:
         retry_after_s: int = 1,
         compress_responses: bool = False,
         observe: Observer | None = None,
+        director: MirrorDirector | None = None,
+        region: str = "central",
     ) -> None:
         self.router = router
         self.sidecar_id = sidecar_id
@@ -92,6 +95,8 @@ class Proxy:
         self.retry_after = str(retry_after_s)
         self.compress = compress_responses
         self.observe = observe
+        self.director = director  # edge mirrors by request region (X-Loadcast-Region)
+        self.region = region
         self.session: aiohttp.ClientSession | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
         self._m: dict[tuple[str, str, str], Any] = {}
@@ -133,7 +138,10 @@ class Proxy:
         if url is None:
             if len(self._urls) >= 4096:
                 self._urls.clear()
-            url = self._urls[key] = self._bases[ep.id].join(URL(path, encoded=True))
+            base = self._bases.get(ep.id)
+            if base is None:  # a mirror added at run time by the director
+                base = self._bases[ep.id] = URL(ep.url)
+            url = self._urls[key] = base.join(URL(path, encoded=True))
         return url
 
     def _count(self, api: str, endpoint: str, outcome: str) -> None:
@@ -176,12 +184,27 @@ class Proxy:
                 return self._reject(route, 400, "bad_request",
                                     f"{PRIORITY_HEADER} must be a digit 0-9, got {prio_h!r}")
             prio = int(prio_h)
-        if route.overload > 0 and self.router.should_shed(route, prio):
+        now = time.monotonic()
+        ep = None
+        region = self.region
+        if self.director is not None:
+            reg_h = h.get(REGION_HEADER)
+            if reg_h is not None:
+                if not valid_region(reg_h):
+                    return self._reject(route, 400, "bad_request",
+                                        f"{REGION_HEADER} must be a region name (letters, "
+                                        f"digits, '_.:-', at most 100), got {reg_h[:120]!r}")
+                region = reg_h
+            if dynamic:  # the seeds' director: the region's mirror when central will not do
+                ep = self.director.choose(route, region, now, int(time.time()))
+        if ep is None and route.overload > 0 and self.router.should_shed(route, prio):
             return self._reject(route, 503, "shed",
                                 "every endpoint is predicted over capacity; low-priority "
                                 "request shed", self.retry_after)
-        now = time.monotonic()
-        ep = self.router.choose(route, dynamic, now)
+        if ep is None:
+            ep = self.router.choose(route, dynamic, now)
+        if ep is None and self.director is not None:
+            ep = self.director.fallback(route, region, now, int(time.time()))
         if ep is None:
             wait = max(1, round(self.router.readmit_in(route, now)))
             return self._reject(route, 503, "no_endpoint",

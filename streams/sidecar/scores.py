@@ -51,6 +51,7 @@ class ScoreSubscriber:
         dead_letter: RecordProducer | None = None,
         lookback_s: float = 300.0,
         max_batch: int = 1000,
+        mirror_status_lookback_s: float | None = None,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -60,6 +61,11 @@ class ScoreSubscriber:
         self.dlq_topic = topic_name(settings, "dead-letter")
         self.topics = [topic_name(settings, "load-scores"), topic_name(settings, "anomalies")]
         self.lookback_s = lookback_s
+        self.lookbacks = dict.fromkeys(self.topics, lookback_s)
+        if mirror_status_lookback_s is not None:  # the traffic director's mirrors
+            status = topic_name(settings, "mirror-status")
+            self.topics.append(status)
+            self.lookbacks[status] = mirror_status_lookback_s
         self.max_batch = max_batch
         self.skipped = 0
         self.received = 0
@@ -81,9 +87,9 @@ class ScoreSubscriber:
 
     def _assign(self) -> None:
         md = self._consumer.list_topics(timeout=10)
-        since_ms = int((time.time() - self.lookback_s) * 1000)
+        now = time.time()
         parts = [
-            TopicPartition(t, p, since_ms)
+            TopicPartition(t, p, int((now - self.lookbacks[t]) * 1000))
             for t in self.topics
             if t in md.topics
             for p in md.topics[t].partitions
@@ -113,7 +119,7 @@ class ScoreSubscriber:
             if value is None:
                 raise CodecError("truncated", "empty value")
             name = self.codec.name_of(value).rsplit(".", 1)[-1]
-            if name not in ("LoadScore", "Anomaly"):
+            if name not in ("LoadScore", "Anomaly", "MirrorStatus"):
                 raise CodecError("wrong_schema", f"{name} on {topic}")
             return name, self.codec.decode(value)
         except CodecError as e:

@@ -1,0 +1,201 @@
+"""The mirror planner (``loadcast planner``): thin Faust wiring around
+:class:`processors.mirroring.MirrorPlanner`.
+
+Its own Faust app rather than an agent inside the forecasting worker: the worker's
+consumer group splits telemetry partitions among workers, so no single worker sees every
+endpoint of an API in a region, which the planner needs to add their forecasts up; and
+planning (a few records per second, one decision per (api, region) and second) should not
+share an event loop with scoring. It consumes ``load-scores`` and ``mirror-status`` (for
+measured activation times), evaluates every ``tick_seconds`` and on each score, and
+produces signed commands to ``mirror-commands`` keyed by region with a confluent-kafka
+producer (aiokafka's idempotent producer fails against Tansu), flushed at once: a command
+is worth nothing late.
+
+Run **one** planner per cluster: a second one in the same group would get only some of
+the score partitions. At start-up it reads its earlier commands back from
+``mirror-commands`` (to the end, by Fetch) so it continues each (api, region) where it
+left off: active or not, the sequence, when the last state change was. Undecodable
+records go to ``dead-letter`` with the reason in the headers.
+
+Faust settings as the other loadcast apps (``processors.worker.faust_settings``): short
+session timeouts for Tansu, no tables, topics not declared by Faust, raw values.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+from confluent_kafka import Consumer, KafkaError, TopicPartition
+from prometheus_client import Counter, Gauge
+
+from processors.mirroring import MirrorPlanner, MirrorSettings
+from processors.worker import faust_settings
+from schemas.codec import Codec, CodecError, Record
+from streams.producer import RecordProducer
+from streams.settings import KafkaSettings
+from streams.topics import topic_name
+
+log = logging.getLogger(__name__)
+
+COMMANDS = Counter("loadcast_planner_commands_total", "Mirror commands issued",
+                   ["action"])
+INPUTS = Counter("loadcast_planner_records_total", "Records consumed by outcome",
+                 ["topic", "outcome"])
+ACTIVATION = Gauge("loadcast_planner_activation_seconds",
+                   "Activation time planned for (slowest recent command -> READY)", ["api"])
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def read_commands(kafka: KafkaSettings, codec: Codec, timeout: float = 20.0) -> list[Record]:
+    """Every MirrorCommand on the topic (each partition read to its end by Fetch)."""
+    topic = topic_name(kafka, "mirror-commands")
+    c = Consumer(kafka.consumer_config(None, **{"enable.partition.eof": True}))
+    out: list[Record] = []
+    try:
+        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
+        c.assign([TopicPartition(topic, p, 0) for p in parts])
+        open_parts = set(parts)
+        deadline = time.monotonic() + timeout
+        while open_parts:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"reading {topic} did not reach its end in {timeout}s")
+            for msg in c.consume(500, 0.2):
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        open_parts.discard(msg.partition() or 0)
+                    continue
+                try:
+                    out.append(codec.decode(msg.value() or b"", "MirrorCommand"))
+                except CodecError as e:
+                    log.warning("skipping undecodable command at %d: %s", msg.offset(), e)
+        return out
+    finally:
+        c.close()
+
+
+class Planner:
+    """The planner's Kafka side; :meth:`handle_score`, :meth:`handle_status` and
+    :meth:`tick` are synchronous and usable without Faust."""
+
+    def __init__(self, kafka: KafkaSettings, settings: MirrorSettings,
+                 codec: Codec | None = None, *, restore: bool = True) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.codec = codec or Codec.embedded()
+        self.logic = MirrorPlanner(settings.planner_config(), settings.signer())
+        self.producer = RecordProducer(kafka, f"{settings.planner_app_id}-out", linger_ms=0.0)
+        self.scores_topic = topic_name(kafka, "load-scores")
+        self.status_topic = topic_name(kafka, "mirror-status")
+        self.commands_topic = topic_name(kafka, "mirror-commands")
+        self.dead_topic = topic_name(kafka, "dead-letter")
+        self.issued: list[Record] = []
+        if restore:
+            n = self.logic.restore(read_commands(kafka, self.codec))
+            log.info("planner restored %d earlier commands", n)
+
+    def _decode(self, topic: str, expect: str, key: bytes | None, value: bytes | None,
+                partition: int, offset: int) -> Record | None:
+        try:
+            if value is None:
+                raise CodecError("invalid", "record has no value")
+            return self.codec.decode(value, expect)
+        except CodecError as e:
+            INPUTS.labels(topic, "dead_letter").inc()
+            log.warning("%s at %d@%d to dead-letter: %s", topic, partition, offset, e)
+            self.producer.produce(self.dead_topic, value or b"", key, headers=[
+                ("loadcast.reason", e.reason.encode()),
+                ("loadcast.error", str(e).encode()[:1000]),
+                ("loadcast.source_topic", topic.encode()),
+                ("loadcast.partition", str(partition).encode()),
+                ("loadcast.offset", str(offset).encode()),
+            ])
+            self.producer.poll(0)
+            return None
+
+    def handle_score(self, key: bytes | None, value: bytes | None, partition: int = -1,
+                     offset: int = -1) -> None:
+        r = self._decode(self.scores_topic, "LoadScore", key, value, partition, offset)
+        if r is not None:
+            INPUTS.labels(self.scores_topic, "ok").inc()
+            self.logic.observe_score(r, now_ms())
+
+    def handle_status(self, key: bytes | None, value: bytes | None, partition: int = -1,
+                      offset: int = -1) -> None:
+        r = self._decode(self.status_topic, "MirrorStatus", key, value, partition, offset)
+        if r is not None:
+            INPUTS.labels(self.status_topic, "ok").inc()
+            measured = self.logic.observe_status(r)
+            if measured is not None:
+                log.info("%s in %s: ready %.2f s after the command", r["api"], r["region"],
+                         measured)
+                ACTIVATION.labels(r["api"]).set(self.logic.activation_estimate(r["api"]))
+
+    def tick(self, now: int | None = None) -> list[Record]:
+        """Evaluate every (api, region) and publish the commands due."""
+        cmds = self.logic.evaluate(now_ms() if now is None else now)
+        for c in cmds:
+            self.producer.produce(self.commands_topic, self.codec.encode("MirrorCommand", c),
+                                  str(c["region"]).encode())
+            COMMANDS.labels(c["action"]).inc()
+            log.info("%s %s in %s (sequence %d): %s", c["action"], c["api"], c["region"],
+                     c["sequence"], c["reason"])
+        if cmds:
+            left = self.producer.flush(10.0)
+            if left:
+                log.error("%d mirror commands not yet delivered", left)
+            self.issued.extend(cmds)
+        else:
+            self.producer.poll(0)
+        return cmds
+
+    def close(self) -> None:
+        self.producer.flush(10.0)
+
+
+def make_app(kafka: KafkaSettings, settings: MirrorSettings,
+             codec: Codec | None = None) -> tuple[faust.App, Planner]:
+    """The planner's Faust app: two agents and a timer."""
+    planner = Planner(kafka, settings, codec)
+    app = faust.App(settings.planner_app_id, **faust_settings(kafka))
+    raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
+                           "value_serializer": "raw"}
+    scores = app.topic(planner.scores_topic, **raw)
+    statuses = app.topic(planner.status_topic, **raw)
+
+    @app.agent(scores, name="load-scores")
+    async def on_scores(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            planner.handle_score(m.key, m.value, m.partition, m.offset)
+
+    @app.agent(statuses, name="mirror-status")
+    async def on_status(stream: Any) -> None:
+        async for event in stream.events():
+            m = event.message
+            planner.handle_status(m.key, m.value, m.partition, m.offset)
+
+    @app.timer(settings.tick_seconds)
+    async def evaluate() -> None:
+        planner.tick()
+
+    @app.on_before_shutdown.connect  # type: ignore[arg-type]
+    async def shutdown(sender: Any, *args: Any, **kw: Any) -> None:
+        planner.close()
+
+    return app, planner
+
+
+def run_planner(kafka: KafkaSettings, settings: MirrorSettings, loglevel: str = "warn") -> None:
+    """Run the planner until SIGTERM/SIGINT (Faust's worker handles the signals)."""
+    from streams.metrics import serve_metrics
+
+    serve_metrics(settings.planner_metrics_port)
+    app, _ = make_app(kafka, settings)
+    faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()
