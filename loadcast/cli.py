@@ -292,6 +292,18 @@ from processors.coordinator_cli import model_app as _model_app  # noqa: E402
 app.command("coordinator")(_coordinator)
 app.add_typer(_model_app, name="model")
 
+# --------------------------------------------------------------------------- mirroring
+
+from streams.mirror_cli import bundle_app as _bundle_app  # noqa: E402  (typer only)
+from streams.mirror_cli import executor as _executor  # noqa: E402
+from streams.mirror_cli import mirror_app as _mirror_app  # noqa: E402
+from streams.mirror_cli import planner as _planner  # noqa: E402
+
+app.add_typer(_bundle_app, name="bundle")
+app.add_typer(_mirror_app, name="mirror")
+app.command("planner")(_planner)
+app.command("executor")(_executor)
+
 # --------------------------------------------------------------------------- sink, query
 
 from sinks.cli import register as _register_sinks  # noqa: E402  (light: typer only)

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from processors.federated_settings import FederatedSettings
+from processors.mirroring import MirrorSettings
 from processors.settings import ProcessorSettings
 from sinks.settings import SinkSettings
 from streams.settings import KafkaSettings
@@ -76,6 +77,7 @@ class Settings(BaseSettings):
     sidecar: SidecarSettings = Field(default_factory=SidecarSettings)
     sink: SinkSettings = Field(default_factory=SinkSettings)
     federated: FederatedSettings = Field(default_factory=FederatedSettings)
+    mirror: MirrorSettings = Field(default_factory=MirrorSettings)
 
     @classmethod
     def settings_customise_sources(
