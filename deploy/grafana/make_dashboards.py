@@ -415,6 +415,25 @@ WHERE api IN (${{api:singlequote}}) AND $__timeFilter(issued_at)
 GROUP BY time, region
 ORDER BY time""",
     ))
+    lay.add(prom(
+        "Planner: commands issued and inputs /s",
+        ("sum by (action) (rate(loadcast_planner_commands_total[5m]))", "commands {{action}}"),
+        ("sum by (topic, outcome) (rate(loadcast_planner_records_total[5m]))",
+         "{{topic}} {{outcome}}"),
+        unit="ops",
+    ), w=8)
+    lay.add(prom(
+        "Planned activation time",
+        ('max by (api) (loadcast_planner_activation_seconds{api=~"$api"})', "{{api}}"),
+        unit="s", description="How long before the demand crossing the planner acts.",
+    ), w=8)
+    lay.add(prom(
+        "Executors: commands by outcome, instances",
+        ("sum by (executor, outcome) (rate(loadcast_executor_commands_total[5m]))",
+         "{{executor}} {{outcome}}"),
+        ('sum by (executor, api) (loadcast_executor_instances{api=~"$api"})',
+         "instances {{executor}} {{api}}"),
+    ), w=8)
     lay.row("Mirrors")
     lay.add(sql(
         "Latest state per mirror",
