@@ -90,7 +90,9 @@ def bundle_serve(
 
     with stop_on_signals() as stop:
         if duration is not None:
-            threading.Timer(duration, stop.set).start()
+            timer = threading.Timer(duration, stop.set)
+            timer.daemon = True  # a stop by signal must not wait for it
+            timer.start()
         try:
             asyncio.run(run(stop))
         except OSError as e:
@@ -176,7 +178,9 @@ def executor(
     )
     with stop_on_signals() as stop:
         if duration is not None:
-            threading.Timer(duration, stop.set).start()
+            timer = threading.Timer(duration, stop.set)
+            timer.daemon = True  # a stop by signal must not wait for it
+            timer.start()
         try:
             ex.start()
         except Exception as e:
