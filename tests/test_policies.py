@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import Counter
 
 import pytest
 
+from processors.forecasting import ForecastPoint
+from processors.scoring import CapacityEstimate, load_score_record
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError, load_upstreams
 from streams.sidecar.policies import Endpoint, fallback_order, make_policy, shed_plan
 from streams.sidecar.router import Router
@@ -158,6 +161,105 @@ def test_anomaly_damps_weight_for_a_while() -> None:
     assert ch[0].weights == {"a": 0.5, "b": 1.0}
     assert t.apply_anomalies([{"endpoint_id": "b", "score": 0.1, "threshold": 0.7}], 0) == []
     assert t.stale_changes(now_ms=1001)[0].weights == {"a": 1.0, "b": 1.0}
+
+
+def scored(e: str, cap: float, rps: float, at_ms: int, p99: float = 150.0,
+           err: float = 0.0, source: str = "CONFIGURED", valid_s: float = 20.0) -> dict:  # type: ignore[type-arg]
+    """A LoadScore the processor would publish for endpoint ``e`` (forecast: flat at
+    ``rps``), as the sidecar receives it."""
+    rec = load_score_record(
+        endpoint_id=e, api="api", region="r", computed_at=at_ms / 1000, step_seconds=10,
+        forecast=[ForecastPoint(h, at_ms / 1000 + 10 * h, rps, 0.8 * rps, 1.2 * rps)
+                  for h in (1, 2, 3)],
+        capacity=CapacityEstimate(cap, source), current_rps=rps, latency_p99_ms=p99,
+        error_rate=err)
+    rec["valid_until"] = at_ms + int(valid_s * 1000)
+    return rec
+
+
+CAPS = {"big": 300.0, "mid": 100.0, "small": 50.0}
+
+
+def test_weights_follow_capacity_ratios_whatever_each_share_of_the_load() -> None:
+    # The old herding state: the small endpoints are nearly full, the big one is idle-ish;
+    # their scores differ by a factor of ~20.  Weights must still be 6:2:1, not follow the
+    # scores (which would pile everything onto "big" and move the herd next interval).
+    t = WeightTable({"api": list(CAPS)})
+    loads = {"big": 60.0, "mid": 95.0, "small": 49.0}
+    recs = [scored(e, CAPS[e], loads[e], 0) for e in CAPS]
+    assert max(r["score"] for r in recs) > 10 * min(r["score"] for r in recs)
+    w = t.apply_scores(recs, now_ms=0)[0].weights
+    assert w == pytest.approx({"big": 1.0, "mid": 1 / 3, "small": 1 / 6})
+    # and so in steady state too, at low load, where 1 - u^2 hardly tells them apart
+    t2 = WeightTable({"api": list(CAPS)})
+    w2 = t2.apply_scores([scored(e, CAPS[e], 10.0, 0) for e in CAPS], now_ms=0)[0].weights
+    assert w2 == pytest.approx({"big": 1.0, "mid": 1 / 3, "small": 1 / 6})
+    # sidecar hints count when the processor only has a default guess
+    t3 = WeightTable({"api": list(CAPS)}, capacities=CAPS)
+    w3 = t3.apply_scores([scored(e, 100.0, 10.0, 0, source="DEFAULT") for e in CAPS],
+                         now_ms=0)[0].weights
+    assert w3 == pytest.approx({"big": 1.0, "mid": 1 / 3, "small": 1 / 6})
+
+
+def test_no_live_endpoint_ever_gets_weight_zero() -> None:
+    t = WeightTable({"api": list(CAPS)})
+    now = 0
+    for rps, p99, err in itertools.product((0.0, 50.0, 99.0, 300.0, 900.0),
+                                           (20.0, 800.0, 30_000.0), (0.0, 0.2, 1.0)):
+        now += 5000
+        recs = [scored("big", 300.0, 100.0, now), scored("mid", 100.0, rps, now, p99, err),
+                scored("small", 50.0, rps, now, p99, err)]
+        t.apply_scores(recs, now_ms=now)
+        w, hap = t.weights("api"), t.haproxy("api")
+        assert min(w.values()) > 0 and min(hap.values()) >= 1, (rps, p99, err, w, hap)
+    # an explicit 0 (an operator's override) still drains
+    t.apply_scores([{**scored("mid", 100.0, 10.0, now + 1), "score": 0.0}], now_ms=now + 1)
+    assert t.weights("api")["mid"] == 0.0 and t.haproxy("api")["mid"] == 0
+
+
+def test_weight_change_per_interval_is_bounded() -> None:
+    step = 5000
+    t = WeightTable({"api": ["a", "b"]}, max_step=2.0, step_ms=step)
+    t.apply_scores([scored(e, 100.0, 50.0, 0, valid_s=600) for e in "ab"], now_ms=0)
+    assert t.weights("api") == {"a": 1.0, "b": 1.0}
+    # b turns slow (p99 10 s: health 0.05): its weight may halve per interval, no faster
+    ratios = []
+    for k in range(1, 41):  # ticks of a quarter interval, as the sidecar's stale loop
+        now = k * step // 4
+        if k % 4 == 0:
+            t.apply_scores([scored("a", 100.0, 50.0, now, valid_s=600),
+                            scored("b", 100.0, 50.0, now, p99=10_000.0, valid_s=600)], now)
+        t.stale_changes(now)
+        ratios.append(t.weights("api")["b"])
+    per_interval = [ratios[i] / ratios[i + 4] for i in range(len(ratios) - 4)]
+    assert max(per_interval) <= 2.0 + 1e-9
+    assert ratios[-1] == pytest.approx(0.05, abs=1 / 256)  # but it gets there: health 0.05
+    # and back up no faster either
+    for k in range(41, 81):
+        now = k * step // 4
+        t.apply_scores([scored(e, 100.0, 50.0, now, valid_s=600) for e in "ab"], now)
+        ratios.append(t.weights("api")["b"])
+    up = [ratios[i + 4] / ratios[i] for i in range(39, len(ratios) - 4)]
+    assert max(up) <= 2.0 + 1e-9 and ratios[-1] == 1.0
+
+
+def test_overload_is_the_apis_demand_over_its_total_capacity() -> None:
+    t = WeightTable({"api": list(CAPS)})
+    # one endpoint at 3x its capacity is not an overload of the API (0.5 overall) ...
+    t.apply_scores([scored("big", 300.0, 100.0, 0), scored("mid", 100.0, 25.0, 0),
+                    scored("small", 50.0, 150.0, 0)], now_ms=0)
+    assert t.overload("api", 0) == pytest.approx(275 / 450)
+    # ... every endpoint over capacity in sum is, whatever the split
+    t.apply_scores([scored("big", 300.0, 500.0, 1), scored("mid", 100.0, 100.0, 1),
+                    scored("small", 50.0, 75.0, 1)], now_ms=1)
+    assert t.overload("api", 1) == pytest.approx(675 / 450)
+    # shedding goes by the next step, lead-time decisions by the peak of the horizon
+    rising = scored("mid", 100.0, 100.0, 2)
+    rising["forecast"] = [{**p, "mean": 100.0 + 50 * p["horizon"]} for p in rising["forecast"]]
+    rising["predicted_utilization"] = 2.5
+    t.apply_scores([rising], now_ms=2)
+    assert t.overload("api", 2) == pytest.approx(725 / 450)
+    assert t.overload("api", 2, horizon="peak") == pytest.approx(825 / 450)
 
 
 @pytest.mark.parametrize(

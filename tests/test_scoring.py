@@ -14,12 +14,15 @@ from processors.forecasting import ForecastPoint
 from processors.scoring import (
     CapacityEstimate,
     CapacityEstimator,
+    capacity_weights,
     compute_score,
     haproxy_weights,
+    limit_change,
     load_score_record,
     prioritize,
     prioritize_by_api,
     routing_weights,
+    split_score,
 )
 
 SCHEMA = Path(__file__).resolve().parents[1] / "schemas" / "LoadScore.avsc"
@@ -169,3 +172,56 @@ def test_weights_relative_and_haproxy() -> None:
     assert hw == {"a": 256, "b": 128, "c": 0, "d": 1}
     assert all(0 <= v <= 256 for v in hw.values())
     assert haproxy_weights({"a": 0.0, "b": 0.0}) == {"a": 256, "b": 256}  # never no routing
+
+
+def _record(cap: float = 100.0, rps: float = 30.0, p99: float = 100.0, err: float = 0.0,
+            anomaly: float = 0.0, mean: float | None = None) -> dict[str, Any]:
+    return load_score_record(
+        endpoint_id="e", api="a", region="r", computed_at=0.0, step_seconds=10,
+        forecast=_fc(rps if mean is None else mean), capacity=CapacityEstimate(cap, "CONFIGURED"),
+        current_rps=rps, latency_p99_ms=p99, error_rate=err, anomaly_score=anomaly)
+
+
+def test_split_score_takes_the_own_load_out_of_a_score() -> None:
+    # the scorer's own records: health is what was measured, nothing is left unexplained,
+    # however close to (or past) capacity the endpoint's own share of the traffic is
+    for rps in (0.0, 30.0, 80.0, 99.0, 150.0):
+        for p99, err, anomaly in ((100.0, 0.0, 0.0), (2000.0, 0.0, 0.0), (100.0, 0.05, 0.6)):
+            rec = _record(rps=rps, p99=p99, err=err, anomaly=anomaly)
+            parts = split_score(rec)
+            want = min(1.0, 500.0 / p99) * np.exp(-err / 0.05) * (1 - 0.5 * anomaly)
+            assert parts.health == pytest.approx(want)
+            assert parts.explicit == pytest.approx(1.0)
+            assert parts.capacity_rps == 100.0 and parts.capacity_source == "CONFIGURED"
+    # next-step and peak demand, in rps
+    rising = load_score_record(
+        endpoint_id="e", api="a", region="r", computed_at=0.0, step_seconds=10,
+        forecast=[ForecastPoint(h, 10.0 * h, 40.0 + 10 * h, 0.0, 60.0 + 10 * h)
+                  for h in (1, 2, 3)],
+        capacity=CapacityEstimate(100.0, "LEARNED"), current_rps=45.0, latency_p99_ms=50.0,
+        error_rate=0.0)
+    p = split_score(rising)
+    assert (p.next_demand_rps, p.demand_rps) == (pytest.approx(50.0), pytest.approx(70.0))
+    # a hand-set score (an operator, a test) says more than load and health: kept as is
+    hand = {"endpoint_id": "e", "score": 0.25, "predicted_utilization": 0.0}
+    assert split_score(hand).explicit == pytest.approx(0.25)
+    assert split_score(hand).demand_rps is None
+    assert split_score({**hand, "score": 0.0}).explicit == 0.0
+
+
+def test_capacity_weights_follow_capacity_and_never_zero_a_live_endpoint() -> None:
+    w = capacity_weights({"a": 300.0, "b": 100.0, "c": 100.0}, dict.fromkeys("abc", 1.0))
+    assert w == pytest.approx({"a": 1.0, "b": 1 / 3, "c": 1 / 3})
+    sick = capacity_weights({"a": 100.0, "b": 100.0}, {"a": 1.0, "b": 1e-12})
+    assert sick["b"] == pytest.approx(0.05)  # floored: a trickle shows when it recovers
+    assert capacity_weights({"a": 1.0, "b": 1.0}, {"a": 1.0, "b": 1.0}, {"b": 0.0})["b"] == 0
+    assert haproxy_weights({"a": 110.0, "b": 37.0}) == {"a": 256, "b": 86}  # rps are fine
+
+
+def test_limit_change_is_bounded_both_ways() -> None:
+    for prev, target in itertools.product((0.5, 10.0, 300.0), (0.01, 1.0, 9.0, 1000.0)):
+        got = limit_change(prev, target, 2.0)
+        assert prev / 2.0 <= got <= prev * 2.0
+        assert (got - prev) * (target - prev) >= 0  # towards the target, never past it
+        assert abs(got - target) <= abs(prev - target)
+    assert limit_change(5.0, 0.0, 2.0) == 0.0 and limit_change(0.0, 5.0, 2.0) == 5.0
