@@ -9,9 +9,10 @@ clock, nothing re-implemented:
   ``make_forecaster("default")`` -> ``CapacityEstimator`` / anomaly detector ->
   ``load_score_record``) turns them into LoadScore dicts;
 - published scores reach the sidecar after ``score_lag_s``: ``WeightTable.apply_scores``
-  (``processors.scoring.routing_weights``) gives the weights, which the data plane applies
-  ``actuation_s`` later; the router's predicted-overload shedding and its fall-back to
-  peak-EWMA on stale scores are the sidecar's own.
+  gives the weights (capacity x health, rate-limited; ``streams/sidecar/weights.py``), which
+  the data plane applies ``actuation_s`` later; the router's shedding on the API's
+  predicted demand over its total capacity and its fall-back to peak-EWMA on stale scores
+  are the sidecar's own.
 
 Before the run the processor has seen ``history`` (earlier seasons of the same load shape)
 as telemetry windows, split over the endpoints by configured capacity: a processor that
@@ -171,7 +172,11 @@ class PredictiveControl:
         )
         self.models = {i: EndpointModel.create(i, pcfg) for i in self.ids}
         self._observe_kw = _position_kw()
-        self.table = WeightTable({api: self.ids})
+        # as the sidecar app builds it: upstream capacity hints, the score interval
+        self.table = WeightTable(
+            {api: self.ids}, capacities={e.id: e.capacity_rps for e in sim.endpoints},
+            step_ms=round(cfg.interval_s * 1000),
+        )
         last = self._prefeed()
         if last:  # the processor was running before t = 0: its latest scores are in
             for c in self.table.apply_scores(last, round(T0 * 1000)):

@@ -86,6 +86,8 @@ class Sidecar:
         self.table = WeightTable(
             {api: [e.id for e in r.endpoints] for api, r in self.router.routes.items()},
             anomaly_damping=s.anomaly_damping,
+            capacities={u.id: u.capacity_rps for u in self.upstreams},
+            step_ms=round(s.telemetry_interval_s * 1000),  # the score interval
         )
         self.director: MirrorDirector | None = None
         if s.director and s.data_plane == "proxy" and kafka is not None:

@@ -4,9 +4,10 @@ Every policy picks one endpoint from the candidates (endpoints that are not ejec
 the router tries the others in score order after a connection failure.
 
 - ``predictive``: weighted power-of-two-choices: draw two endpoints with probability
-  proportional to their score weights, keep the one with fewer in-flight requests per
-  unit of weight (ties: the first draw). Idle, it reproduces the weights exactly; under
-  load it steers away from a backed-up endpoint.
+  proportional to their weights (capacity x health from the scores, ``weights.py``),
+  keep the one with fewer in-flight requests per unit of weight (ties: the first draw).
+  Idle, it reproduces the weights exactly; under load it steers away from a backed-up
+  endpoint.
 - ``first-available``: the first candidate in configuration order (dynamic routing off).
 - ``round-robin``: candidates in turn.
 - ``least-request``: power-of-two-choices on in-flight requests (Envoy's least_request).
@@ -115,7 +116,7 @@ def _weighted_draw(candidates: Sequence[Endpoint], total: float, rng: random.Ran
 
 
 class Predictive:
-    """Score-weighted power-of-two-choices."""
+    """Weighted power-of-two-choices, in-flight per unit of weight as the tie-breaker."""
 
     name = "predictive"
 
