@@ -14,6 +14,7 @@ import inspect
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
@@ -696,6 +697,24 @@ def test_k8s_manifests_use_real_commands_settings_and_references(
                 if any(s.get("secretRef", {}).get("name") == "loadcast-signing-key"
                        for s in c.get("envFrom", []))}
     assert with_key == {"loadcast-planner"}
+
+
+def test_k8s_kustomization_renders() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not installed")
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    rendered = [d for d in yaml.safe_load_all(out.stdout) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in rendered) == sorted(
+        (o["kind"], o["metadata"]["name"]) for o in k8s_objects())
+    for d in rendered:
+        if d["kind"] != "Namespace":
+            assert d["metadata"]["namespace"] == "loadcast", d["metadata"]
+        if d["kind"] == "Deployment":
+            images = [c["image"] for c in d["spec"]["template"]["spec"]["containers"]]
+            assert all(":" in i for i in images), images  # `images:` pinned a tag
 
 
 def test_k8s_workers_scale_on_their_consumer_lag(
