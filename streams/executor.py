@@ -188,9 +188,12 @@ def _alive(inst: Instance) -> bool:
         return False
 
 
+_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # instances are local
+
+
 def _healthy(url: str, timeout: float = 1.0) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:  # loopback/edge http only
+        with _DIRECT.open(url, timeout=timeout) as r:
             return int(r.status) == 200
     except (urllib.error.URLError, OSError, ValueError):
         return False
