@@ -137,6 +137,7 @@ def run_demo(
             time.sleep(1.0)  # let the consumer read the last windows
             stop.set()
             threads[0].join(30)
+            threads.clear()  # they hold the agents' bound methods
             agents.clear()
             gc.collect()  # destroy the producers before their broker goes away
     console.print(_view(tally, time.monotonic() - start, duration))
