@@ -78,7 +78,7 @@ class Coordinator:
                  codec: Codec | None = None, *, restore: bool = True) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.embedded()
+        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
         self.logic = RoundCoordinator(settings.aggregation_config(),
                                       min_updates=settings.min_updates,
                                       round_timeout=settings.round_timeout_seconds)

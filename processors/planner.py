@@ -88,7 +88,7 @@ class Planner:
                  codec: Codec | None = None, *, restore: bool = True) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.embedded()
+        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
         self.logic = MirrorPlanner(settings.planner_config(), settings.signer())
         self.producer = RecordProducer(kafka, f"{settings.planner_app_id}-out", linger_ms=0.0)
         self.scores_topic = topic_name(kafka, "load-scores")

@@ -179,7 +179,7 @@ class Worker:
                  codec: Codec | None = None) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.embedded()
+        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
         self.outputs = KafkaOutputs(kafka, f"{settings.app_id}-out")
         self.models: Any = None
         if settings.warm_start and settings.forecaster == "default":

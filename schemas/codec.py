@@ -354,6 +354,12 @@ class Codec:
         return cls(EmbeddedIds())
 
     @classmethod
+    def for_registry(cls, url: str | None) -> Codec:
+        """The codec a process's settings ask for: a Schema Registry when ``url`` is set,
+        else the embedded id table. Every process must choose the same way."""
+        return cls.from_registry(url) if url else cls.embedded()
+
+    @classmethod
     def from_registry(cls, url: str, config: Mapping[str, Any] | None = None) -> Codec:
         """A codec on a Confluent-compatible Schema Registry."""
         return cls(RegistryIds(url, config))

@@ -74,8 +74,12 @@ def connect(settings: SinkSettings, *, create_database: bool = True) -> Client:
             path.mkdir(parents=True, exist_ok=True)
             client = clickhouse_connect.get_client(interface="chdb", path=str(path))
         else:
+            # clickhouse-connect infers TLS from the port (8443/443), not from the scheme:
+            # an https:// or clickhouses:// DSN on any port must mean TLS.
+            secure = settings.dsn.split("://", 1)[0].lower() in ("https", "clickhouses")
             client = clickhouse_connect.get_client(
                 dsn=settings.dsn,
+                secure=secure,
                 username=settings.user,
                 password=settings.password.get_secret_value() if settings.password else "",
                 connect_timeout=settings.connect_timeout_seconds,

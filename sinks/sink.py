@@ -123,7 +123,7 @@ class Sink:
     ) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.embedded()
+        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
         self._client_factory = client_factory or (lambda: connect(settings))
         self._after_insert = after_insert
         self.topics = {f"{kafka.topic_prefix}{short}": short for short in settings.topics}

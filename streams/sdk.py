@@ -27,9 +27,7 @@ log = logging.getLogger(__name__)
 
 def make_codec(settings: KafkaSettings) -> Codec:
     """The codec the settings ask for: a Schema Registry by URL, or the embedded ids."""
-    if settings.schema_registry_url:
-        return Codec.from_registry(settings.schema_registry_url)
-    return Codec.embedded()
+    return Codec.for_registry(settings.schema_registry_url)
 
 
 class TelemetryProducer:

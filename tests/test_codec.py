@@ -170,3 +170,11 @@ def test_typed_telemetry_matches_schema(codec: Codec) -> None:
     assert list(records.EndpointTelemetry.__annotations__) == [
         f["name"] for f in codec.schema("EndpointTelemetry")["fields"]
     ]
+
+
+def test_registry_url_selects_the_registry_codec() -> None:
+    """Every process picks its codec the same way: registry if configured, else embedded."""
+    from schemas.codec import EmbeddedIds, RegistryIds
+
+    assert isinstance(Codec.for_registry(None).ids, EmbeddedIds)
+    assert isinstance(Codec.for_registry("http://127.0.0.1:9").ids, RegistryIds)

@@ -72,7 +72,7 @@ class Sidecar:
             raise UpstreamConfigError("sidecar.upstreams: no upstream endpoints configured")
         self.id = sidecar_id or s.sidecar_id or f"sidecar-{s.region}-{socket.gethostname()}"
         self.kafka = kafka
-        self.codec = codec or Codec.embedded()
+        self.codec = codec or Codec.for_registry(kafka.schema_registry_url if kafka else None)
         self.rng = rng or random.Random()
         self.router = Router(
             self.upstreams,
