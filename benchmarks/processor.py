@@ -224,14 +224,17 @@ def throughput(broker: EmbeddedBroker, codec: Codec, kind: str, endpoints: int,
 
 
 def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
-            endpoints: int, probes_per_s: float = 20.0) -> dict[str, Any]:
-    """Background windows at ``rate`` plus probe windows of fresh endpoints (a first
-    window is always published), in the default configuration; probe -> score latency."""
+            endpoints: int, probes_per_s: float = 20.0, batch: bool = False) -> dict[str, Any]:
+    """Background windows at ``rate`` (single values, or TelemetryBatch values as agents
+    send them) plus probe windows of fresh endpoints (a first window is always published),
+    in the default configuration; probe -> score latency."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, partitions=PARTITIONS,
                           topic_prefix=f"l{uuid.uuid4().hex[:6]}.")
     ensure_topics(kafka)
     per_endpoint = max(2, int(rate * seconds / endpoints))
-    background = encode(codec, windows(endpoints, per_endpoint), batch=False)
+    background = encode(codec, windows(endpoints, per_endpoint), batch=batch)
+    per_record = endpoints * per_endpoint / len(background)  # windows in each value
+    record_rate = rate / per_record
     probe = windows(1, 1)[0][0]
     sent: dict[bytes, float] = {}
     got: list[float] = []
@@ -253,13 +256,17 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
         reader.start()
         p = Producer({**kafka.client_config(), "linger.ms": 1, "partitioner": "murmur2_random"})
         topic = topic_name(kafka, "telemetry")
-        every = max(1, round(rate / probes_per_s))
+        every = max(1, round(record_rate / probes_per_s))
         t0 = time.monotonic()
-        for i, (key, value, _) in enumerate(background):
-            delay = t0 + i / rate - time.monotonic()
+        cpu0 = proc.cpu()
+        for i, (key, value, part) in enumerate(background):
+            delay = t0 + i / record_rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
-            p.produce(topic, value, key)
+            if part is None:
+                p.produce(topic, value, key)
+            else:
+                p.produce(topic, value, key, partition=part)
             if i % every == 0:
                 name = f"probe-{i}"
                 pk = name.encode()
@@ -268,6 +275,7 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
                           pk)
             p.poll(0)
         p.flush(30)
+        busy = (proc.cpu() - cpu0) / (time.monotonic() - t0)  # worker cores in use
         deadline = time.monotonic() + 30
         while sent and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -280,7 +288,8 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
     if len(lat) < 2:
         return {"rate": round(rate), "probes": len(got), "lost": len(sent)}
     q = statistics.quantiles(lat, n=100)
-    return {"rate": round(rate), "probes": len(got), "lost": len(sent),
+    return {"rate": round(rate), "batch": batch, "probes": len(got), "lost": len(sent),
+            "worker_cpu": round(busy, 2),
             "p50_ms": round(statistics.median(lat) * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
@@ -290,6 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--latency-rate", type=float, default=None,
                     help="only the latency phase, at this many windows/s")
+    ap.add_argument("--latency-batch", action="store_true",
+                    help="with --latency-rate: background as TelemetryBatch values")
     ap.add_argument("--snapshot-every", type=float, default=RUN["snapshot_every"],
                     help="worker snapshot interval, seconds (default: the worker's 10)")
     a = ap.parse_args(argv)
@@ -302,15 +313,20 @@ def main(argv: list[str] | None = None) -> int:
                               "step_s": 60, "snapshot_every_s": a.snapshot_every, "phases": {}}
     if a.latency_rate:
         with EmbeddedBroker() as broker:
-            lat = latency(broker, codec, a.latency_rate, 3 if a.quick else 20, endpoints)
+            lat = latency(broker, codec, a.latency_rate, 3 if a.quick else 20, endpoints,
+                          batch=a.latency_batch)
         print(json.dumps(lat))
         return 0
     with EmbeddedBroker() as broker:
         for kind in ("batch", "single", "noop"):
             result["phases"][kind] = throughput(broker, codec, kind, endpoints, per_endpoint)
         single = result["phases"]["single"]["windows_per_s"] or 100
+        batched = result["phases"]["batch"]["windows_per_s"] or 100
+        seconds = 3 if a.quick else 20
         result["phases"]["latency"] = latency(
-            broker, codec, rate=single / 2, seconds=3 if a.quick else 20, endpoints=endpoints)
+            broker, codec, rate=single / 2, seconds=seconds, endpoints=endpoints)
+        result["phases"]["latency_batch"] = latency(
+            broker, codec, rate=batched / 2, seconds=seconds, endpoints=endpoints, batch=True)
     ph = result["phases"]
     noop = ph["noop"]["records_per_s"] or 1
     result["single_vs_noop"] = round((ph["single"]["windows_per_s"] or 0) / noop, 3)
@@ -337,10 +353,12 @@ def show(r: dict[str, Any]) -> None:
                   else "-", f"{p['rss_per_endpoint_kb']}" if kind != "noop" else "-",
                   f"{p['records_per_s'] / noop:.2f}")
     Console().print(t)
-    lat = ph["latency"]
-    Console().print(f"window -> score published at {lat.get('rate')} windows/s: "
-                    f"p50 {lat.get('p50_ms')} ms, p99 {lat.get('p99_ms')} ms "
-                    f"({lat.get('probes')} probes, {lat.get('lost')} unanswered)")
+    for key, label in (("latency", "single values"), ("latency_batch", "TelemetryBatch")):
+        lat = ph[key]
+        Console().print(
+            f"window -> score published, background of {label} at {lat.get('rate')} "
+            f"windows/s (worker {lat.get('worker_cpu')} cores): p50 {lat.get('p50_ms')} ms, "
+            f"p99 {lat.get('p99_ms')} ms ({lat.get('probes')} probes, {lat.get('lost')} lost)")
 
 
 if __name__ == "__main__":

@@ -125,7 +125,10 @@ def read_snapshots(
 
 
 FETCH_MAX_WAIT_MS = 20
-SNAPSHOT_CHUNK = 8  # models pickled between two yields to the event loop (~2 ms each)
+# A round is paced: SNAPSHOT_CHUNK models (~0.5 ms and ~200 KB each), then a pause, so
+# scoring and the broker keep up instead of taking a burst of every model at once.
+SNAPSHOT_CHUNK = 8
+SNAPSHOT_PAUSE = 0.005
 
 
 def _short_fetch_wait() -> None:
@@ -266,8 +269,8 @@ class Worker:
     async def snapshot(self, partitions: Iterable[int]) -> int:
         """One snapshot round for ``partitions``; returns how many models were written.
 
-        Models are pickled SNAPSHOT_CHUNK at a time with a yield in between: a round of
-        hundreds of models would otherwise stall scoring for a second.
+        Models are pickled SNAPSHOT_CHUNK at a time with a short pause in between: a round
+        of hundreds of models at once would stall scoring (and load the broker) in a burst.
         """
         async with self._snapshot_lock:
             loop = asyncio.get_running_loop()
@@ -281,7 +284,7 @@ class Worker:
                         self._produce_snapshot(record)
                         written += 1
                     if i % SNAPSHOT_CHUNK == SNAPSHOT_CHUNK - 1:
-                        await asyncio.sleep(0)
+                        await asyncio.sleep(SNAPSHOT_PAUSE)
             # Checkpoints only once every model of the round is acknowledged.
             left = await loop.run_in_executor(None, producer.flush, 30.0)
             if left:
