@@ -189,12 +189,16 @@ class TelemetryAggregator:
         at: float | None = None,
         connect_failure: bool = False,
         timed_out: bool = False,
+        count: int = 1,
     ) -> None:
-        """Count one request. ``status`` is the HTTP status (0 when there was none).
+        """Count one request (or ``count`` alike ones: same latency and status, e.g. from a
+        load balancer's counters). ``status`` is the HTTP status (0 when there was none).
 
         Raises :class:`TelemetryInputError` (and counts it) for bad input; the agent's
         state is unchanged then.
         """
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise self._reject("count", f"must be a whole number >= 0, got {count!r}")
         if not isinstance(endpoint_id, str) or not endpoint_id or len(endpoint_id) > MAX_ID_LENGTH:
             raise self._reject(
                 "endpoint_id", f"must be a non-empty string of at most {MAX_ID_LENGTH} chars"
@@ -228,22 +232,24 @@ class TelemetryAggregator:
             elif start < w.start:
                 self._m_late.inc()  # its window is already out: count it in the current one
             ep.idle_windows = 0
-            w.count += 1
+            if count == 0:
+                return
+            w.count += count
             if connect_failure:
-                w.econnect += 1
+                w.econnect += count
             elif timed_out:
-                w.etimeout += 1
+                w.etimeout += count
             elif 400 <= status < 500:
-                w.e4xx += 1
+                w.e4xx += count
             elif status >= 500:
-                w.e5xx += 1
+                w.e5xx += count
             if not connect_failure:
-                w.sketch.add(float(latency_ms))
+                w.sketch.add(float(latency_ms), float(count))
                 if latency_ms > w.max_ms:
                     w.max_ms = float(latency_ms)
             if client is not None:
                 w.clients.add(hmac.new(self._key, client.encode(), "sha256").digest()[:16])
-        self._m_requests.inc()
+        self._m_requests.inc(count)
 
     def request_started(self, endpoint_id: str) -> None:
         """Track in-flight requests (optional; call ``request_finished`` after)."""

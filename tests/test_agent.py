@@ -132,3 +132,17 @@ def test_replay_with_finer_interval_spreads_each_row() -> None:
     assert len(counts) == 5 * 20
     for ts, v in trace.rows:
         assert sum(counts[round(ts * 1000) + k * 60_000] for k in range(5)) == round(v)
+
+
+def test_record_many_alike_requests_at_once() -> None:
+    a = agg()
+    a.record("e1", 20.0, 200, at=1000.0, count=500)
+    a.record("e1", 900.0, 503, at=1001.0, count=10)
+    a.record("e1", 0.0, 0, at=1001.0, connect_failure=True, count=3)
+    (w,) = a.close_due(1005.0)
+    assert (w["request_count"], w["errors_5xx"], w["errors_connect"]) == (513, 10, 3)
+    assert w["latency_p50_ms"] == pytest.approx(20, rel=0.02)
+    assert w["latency_p99_ms"] == pytest.approx(900, rel=0.02)
+    with pytest.raises(TelemetryInputError) as e:
+        a.record("e1", 1.0, 200, count=-1)
+    assert e.value.field == "count"

@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 STALE_TICK_S = 0.05  # how often validity times are checked
 HAPROXY_FALLBACK_S = 1.0  # stale scores: peak-EWMA-like weights from HAProxy stats this often
 HAPROXY_TELEMETRY_S = 1.0
-MAX_TELEMETRY_RECORDS = 20_000  # per server and poll: bounds the agent's CPU
 # HAProxy per-server counters -> a representative status for the edge agent (0 = connect)
 STATUS_COLUMNS = {"hrsp_1xx": 100, "hrsp_2xx": 200, "hrsp_3xx": 300, "hrsp_4xx": 400,
                   "hrsp_5xx": 500, "econ": 0}
@@ -418,12 +417,11 @@ class Sidecar:
                         continue  # attached: counters from before us are not ours
                     prev = dict.fromkeys(STATUS_COLUMNS, 0)  # our own HAProxy: from 0
                 rtime = float(row.get("rtime") or 0)
-                budget = MAX_TELEMETRY_RECORDS
                 for col, status in STATUS_COLUMNS.items():
-                    n = min(budget, max(0, now[col] - prev[col]))
-                    budget -= n
-                    for _ in range(n):
-                        agent.record(ep, rtime, status, api=api, connect_failure=status == 0)
+                    n = max(0, now[col] - prev[col])
+                    if n:  # one weighted call per status class, not one per request
+                        agent.record(ep, rtime, status, api=api, connect_failure=status == 0,
+                                     count=n)
 
     # ----------------------------------------------------------------- telemetry
 
