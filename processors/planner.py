@@ -6,10 +6,10 @@ consumer group splits telemetry partitions among workers, so no single worker se
 endpoint of an API in a region, which the planner needs to add their forecasts up; and
 planning (a few records per second, one decision per (api, region) and second) should not
 share an event loop with scoring. It consumes ``load-scores`` and ``mirror-status`` (for
-measured activation times), evaluates every ``tick_seconds`` and on each score, and
-produces signed commands to ``mirror-commands`` keyed by region with a confluent-kafka
-producer (aiokafka's idempotent producer fails against Tansu), flushed at once: a command
-is worth nothing late.
+measured activation times), evaluates every ``tick_seconds``, and produces signed
+commands to ``mirror-commands`` keyed by region with a confluent-kafka producer
+(aiokafka's idempotent producer fails against Tansu), flushed at once: a command is worth
+nothing late.
 
 Run **one** planner per cluster: a second one in the same group would get only some of
 the score partitions. At start-up it reads its earlier commands back from
