@@ -21,8 +21,8 @@ Every query takes the same bound parameters (never pasted into SQL): ``since_ms`
   (``stale_fraction`` > 0 marks stale-score periods).
 - ``mirror-lead-time``: per mirror activation (first READY status of a command): when the
   mirror was ready, when demand first crossed central capacity (the first LoadScore of that
-  api and region at or after the command's first status minus ``lookback_s`` with
-  ``current_rps > capacity_rps``) and the lead time (positive = ready before the crossing).
+  api at or after the command's first status minus ``lookback_s`` with ``current_rps >
+  capacity_rps``) and the lead time (positive = ready before the crossing).
 - ``anomalies``: anomalies in the range, newest first.
 - ``dead-letter``: dead letters per source topic and reason, with the latest detail.
 """
@@ -207,7 +207,7 @@ activations AS (
   HAVING countIf(state = 'READY') > 0 AND ready_at >= {_T0} AND ready_at < {_T1}
 ),
 crossings AS (
-  SELECT api, region, computed_at, endpoint_id, current_rps, capacity_rps
+  SELECT api, computed_at, endpoint_id, current_rps, capacity_rps
   FROM load_scores FINAL
   WHERE current_rps > capacity_rps AND api IN (SELECT api FROM activations)
 )
@@ -216,7 +216,7 @@ SELECT a.api AS api, a.region AS region, a.command_id AS command_id,
   min(c.computed_at) AS crossed_at,
   round(dateDiff('millisecond', a.ready_at, min(c.computed_at)) / 1000, 3) AS lead_seconds
 FROM activations AS a
-LEFT JOIN crossings AS c ON c.api = a.api AND c.region = a.region
+LEFT JOIN crossings AS c ON c.api = a.api
   AND c.computed_at >= a.first_status_at - toIntervalSecond({{lookback_s:UInt32}})
 GROUP BY a.api, a.region, a.command_id, a.executor_id, a.first_status_at, a.ready_at
 ORDER BY a.ready_at
