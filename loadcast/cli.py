@@ -116,9 +116,9 @@ def broker(
         if create_topics:
             s.kafka.bootstrap_servers = b.bootstrap
             ensure_topics(s.kafka)
-        print(b.bootstrap, flush=True)
-        console.print(f"broker ready at {b.bootstrap} (Ctrl-C stops it)")
-        with stop_on_signals() as stop:
+        with stop_on_signals() as stop:  # before announcing: a SIGTERM right after is ours
+            print(b.bootstrap, flush=True)
+            console.print(f"broker ready at {b.bootstrap} (Ctrl-C stops it)")
             while not stop.wait(0.5):
                 if not b.alive():
                     raise fail(f"broker exited: {b.log_tail()}", 1)
@@ -223,7 +223,9 @@ def agent(
     started = time.monotonic()
     with stop_on_signals() as stop:
         if duration is not None:
-            threading.Timer(duration, stop.set).start()
+            timer = threading.Timer(duration, stop.set)
+            timer.daemon = True  # a signal-stopped agent must not wait for it
+            timer.start()
         try:
             if trace is not None:
                 names = [f"{api or a.api}-{region}-{i + 1}" for i in range(endpoints)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 from collections import Counter
+from typing import Any
 
 import pytest
 
@@ -164,7 +165,7 @@ def test_anomaly_damps_weight_for_a_while() -> None:
 
 
 def scored(e: str, cap: float, rps: float, at_ms: int, p99: float = 150.0,
-           err: float = 0.0, source: str = "CONFIGURED", valid_s: float = 20.0) -> dict:  # type: ignore[type-arg]
+           err: float = 0.0, source: str = "CONFIGURED", valid_s: float = 20.0) -> dict[str, Any]:
     """A LoadScore the processor would publish for endpoint ``e`` (forecast: flat at
     ``rps``), as the sidecar receives it."""
     rec = load_score_record(
