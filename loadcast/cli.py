@@ -317,19 +317,33 @@ _register_sinks(app, settings)
 
 @app.command()
 def demo(
-    duration: Annotated[float, typer.Option(help="Seconds to run.", min=1)] = 30.0,
-    speedup: Annotated[float, typer.Option(help="Trace seconds per wall second.", min=1)] = 3600.0,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="About a minute of live traffic instead of four.")
+    ] = False,
+    out: Annotated[
+        Path, typer.Option(help="Where report.html, summary.json and the logs go.")
+    ] = Path("out/demo"),
+    live_seconds: Annotated[
+        int | None, typer.Option(help="Seconds of live traffic (default 240, quick 60).", min=10)
+    ] = None,
     trace: Annotated[
         Path | None, typer.Option(help="timestamp,value CSV (default: the ELB trace).")
     ] = None,
 ) -> None:
-    """The pipeline on embedded defaults, with a live view, ending in a summary."""
-    from loadcast.demo import run_demo
+    """The whole pipeline on embedded defaults under real-shaped traffic, with a live view;
+    ends in OUT/report.html and OUT/summary.json."""
+    from loadcast.demo import DemoError, run_demo
 
     try:
-        run_demo(settings(), duration=duration, speedup=speedup, trace_path=trace)
+        run_demo(settings(), out_dir=out, quick=quick, live_seconds=live_seconds,
+                 trace_path=trace)
     except FileNotFoundError as e:
         raise fail(str(e)) from None
+    except DemoError as e:
+        raise fail(str(e), 1) from None
+    except KeyboardInterrupt:
+        console.print("demo interrupted: everything stopped, no report written")
+        raise typer.Exit(130) from None
 
 
 def main() -> None:

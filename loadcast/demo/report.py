@@ -1,0 +1,461 @@
+"""The demo's report: ClickHouse queries over what the pipeline stored, the headline
+numbers, ``summary.json``, and a self-contained ``report.html`` (matplotlib charts as
+base64 PNGs).
+
+Every number comes from the sink's tables (queried directly on the chDB directory once the
+sink has stopped): the lanes' client-side latency and errors from the ``telemetry`` the
+load generator's edge agents published, forecasts from ``forecast_points``, weights from
+``routing_decisions``, mirrors from the ``mirror-lead-time`` canned query and
+``mirror_commands``. Per-phase p99 is the request-weighted mean of the per-second window
+p99s (as the canned ``latency`` query does per minute).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from loadcast.demo import scenario as scn
+from loadcast.demo.loadgen import client_endpoint
+
+HORIZON = 5  # the forecast horizon drawn against the actuals (steps = seconds)
+PHASES = ("overall", "steady", "degraded", "spike")
+COLORS = {"predictive": "#1f77b4", "round-robin": "#d62728", "peak-ewma": "#2ca02c"}
+
+
+def _q(dsn: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    from sinks.service import query
+    from sinks.settings import SinkSettings
+
+    r = query(SinkSettings(dsn=dsn, admin_enabled=False), body, "direct")
+    return [dict(zip(r.columns, row, strict=True)) for row in r.rows]
+
+
+CLIENT_SQL = """
+SELECT endpoint_id, region, toUnixTimestamp64Milli(window_start) AS t_ms,
+  sum(request_count) AS n, sum(arraySum(mapValues(errors))) AS errors,
+  max(latency_p99_ms) AS p99
+FROM telemetry FINAL
+WHERE api = {api:String} AND window_start >= fromUnixTimestamp64Milli({since:Int64})
+GROUP BY endpoint_id, region, t_ms ORDER BY t_ms
+"""
+ACTUAL_SQL = """
+SELECT endpoint_id, region, intDiv(toUnixTimestamp64Milli(window_start), 1000) AS t_s,
+  sum(request_count) AS n
+FROM telemetry FINAL
+WHERE api = {api:String} AND window_start >= fromUnixTimestamp64Milli({since:Int64})
+GROUP BY endpoint_id, region, t_s ORDER BY t_s
+"""
+FORECAST_SQL = """
+SELECT endpoint_id, intDiv(toUnixTimestamp64Milli(at), 1000) AS t_s,
+  argMax(mean, computed_at) AS mean, argMax(lower, computed_at) AS lower,
+  argMax(upper, computed_at) AS upper
+FROM forecast_points FINAL
+WHERE api = {api:String} AND horizon = {h:UInt16}
+  AND at >= fromUnixTimestamp64Milli({since:Int64})
+  AND at < fromUnixTimestamp64Milli({until:Int64})
+GROUP BY endpoint_id, t_s ORDER BY t_s
+"""
+WEIGHTS_SQL = """
+SELECT sidecar_id, toUnixTimestamp64Milli(at) AS t_ms, w.1 AS endpoint_id, w.2 AS weight,
+  stale, policy
+FROM routing_decisions FINAL ARRAY JOIN CAST(weights, 'Array(Tuple(String, Float64))') AS w
+WHERE kind = 'WEIGHTS' AND at >= fromUnixTimestamp64Milli({since:Int64})
+ORDER BY t_ms
+"""
+COMMANDS_SQL = """
+SELECT command_id, action, region, desired_instances, toUnixTimestamp64Milli(issued_at) AS t_ms,
+  reason
+FROM mirror_commands FINAL ORDER BY issued_at
+"""
+STATUS_SQL = """
+SELECT command_id, state, toUnixTimestamp64Milli(at) AS t_ms, instance_url
+FROM mirror_status FINAL ORDER BY at
+"""
+
+
+def _phase_stats(rows: list[dict[str, Any]], phase: Any) -> dict[str, dict[str, Any]]:
+    """Per phase: requests, errors, error rate, request-weighted mean of window p99s."""
+    acc: dict[str, list[float]] = {p: [0.0, 0.0, 0.0] for p in PHASES}
+    for r in rows:
+        n = float(r["n"])
+        for p in ("overall", phase(r["t_ms"] / 1000)):
+            acc[p][0] += n
+            acc[p][1] += float(r["errors"])
+            acc[p][2] += float(r["p99"]) * n
+    return {p: {"requests": int(a[0]), "errors": int(a[1]),
+                "error_rate": round(a[1] / a[0], 5) if a[0] else None,
+                "p99_ms": round(a[2] / a[0], 1) if a[0] else None} for p, a in acc.items()}
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
+    """Everything the report shows, from ClickHouse."""
+    dsn = f"chdb://{facts['chdb']}"
+    since = int(facts["t_live"] * 1000)
+    until = int(facts["t_end"] * 1000) + 1
+    sc = facts["scenario"]
+    d0, d1 = facts["degrade_window"]
+    spikes = [tuple(w) for w in facts["spike_windows"]]
+
+    def phase(t: float) -> str:
+        if d0 <= t < d1:
+            return "degraded"
+        if any(a <= t < b for a, b in spikes):
+            return "spike"
+        return "steady"
+
+    client = _q(dsn, {"sql": CLIENT_SQL, "params": {"api": scn.CLIENT_API, "since": since}})
+    policies: dict[str, Any] = {}
+    p99_series: dict[str, dict[str, list[list[float]]]] = {}
+    err_series: dict[str, dict[str, list[list[float]]]] = {}
+    for p in scn.POLICIES:
+        mine = [r for r in client if r["endpoint_id"].startswith(f"client-{p}-")]
+        policies[p] = {"all": _phase_stats(mine, phase)}
+        p99_series[p], err_series[p] = {}, {}
+        for region in (scn.CENTRAL, scn.EDGE):
+            rr = [r for r in mine if r["endpoint_id"] == client_endpoint(p, region)]
+            policies[p][region] = _phase_stats(rr, phase)
+            p99_series[p][region] = [[round(r["t_ms"] / 1000 - facts["t_live"], 1),
+                                      round(float(r["p99"]), 1)] for r in rr]
+            err_series[p][region] = [[round(r["t_ms"] / 1000 - facts["t_live"], 1),
+                                      int(r["errors"]), int(r["n"])] for r in rr]
+    actual = _q(dsn, {"sql": ACTUAL_SQL, "params": {"api": scn.API, "since": since}})
+    fc = _q(dsn, {"sql": FORECAST_SQL, "params": {"api": scn.API, "h": HORIZON,
+                                                  "since": since, "until": until}})
+    act_by: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in actual:
+        act_by[r["endpoint_id"]][int(r["t_s"])] = float(r["n"])
+    forecast: dict[str, list[list[float | None]]] = {}
+    for ep in facts["capacities"]:
+        pts = [r for r in fc if r["endpoint_id"] == ep]
+        forecast[ep] = [[int(r["t_s"]) - facts["t_live"], act_by[ep].get(int(r["t_s"])),
+                         round(float(r["mean"]), 2), round(float(r["lower"]), 2),
+                         round(float(r["upper"]), 2)] for r in pts]
+    accuracy = _q(dsn, {"query": "forecast-accuracy",
+                        "params": {"since_ms": since, "until_ms": until, "api": scn.API}})
+    weights_rows = _q(dsn, {"sql": WEIGHTS_SQL, "params": {"since": since}})
+    weights: dict[str, dict[str, list[list[float]]]] = defaultdict(lambda: defaultdict(list))
+    stale = 0
+    for r in weights_rows:
+        weights[r["sidecar_id"]][r["endpoint_id"]].append(
+            [round(r["t_ms"] / 1000 - facts["t_live"], 2), round(float(r["weight"]), 4)])
+        stale += bool(r["stale"])
+    lead = _q(dsn, {"query": "mirror-lead-time",
+                    "params": {"since_ms": int(facts["t0"] * 1000), "until_ms": until + 60_000,
+                               "api": scn.API, "lookback_s": 60}})
+    commands = _q(dsn, {"sql": COMMANDS_SQL})
+    statuses = _q(dsn, {"sql": STATUS_SQL})
+    # Mirror instances are not in the sidecar's telemetry: count what answered (X-Endpoint
+    # headers the load generator saw) instead.
+    seen = facts["client"]["predictive"]["by_endpoint"]
+    mirror_requests = sum(n for e, n in seen.items() if "@" in e)
+    edge_requests = sum(n for e, n in seen.items() if "@" in e or f"-{scn.EDGE}-" in e)
+    edge_demand: dict[int, float] = defaultdict(float)
+    for r in actual:
+        if r["region"] == scn.EDGE:
+            edge_demand[int(r["t_s"]) - int(facts["t_live"])] += float(r["n"])
+    return {
+        "policies": policies, "p99": p99_series, "errors": err_series, "forecast": forecast,
+        "accuracy": accuracy, "weights": {k: dict(v) for k, v in weights.items()},
+        "stale_weight_rows": stale, "lead": lead, "commands": commands, "statuses": statuses,
+        "mirror_share_of_edge": round(mirror_requests / edge_requests, 4)
+        if edge_requests else 0.0,
+        "edge_demand": sorted([t, n] for t, n in edge_demand.items()),
+        "horizon": HORIZON, "scenario": sc,
+    }
+
+
+def headline(q: dict[str, Any]) -> dict[str, Any]:
+    """The comparison in numbers and in words (saying so where prediction does not win)."""
+    pol = q["policies"]
+    out: dict[str, Any] = {}
+    lines = []
+    for base in ("round-robin", "peak-ewma"):
+        for ph in PHASES:
+            r = _ratio(pol["predictive"]["all"][ph]["p99_ms"], pol[base]["all"][ph]["p99_ms"])
+            out[f"p99_ratio_vs_{base}_{ph}"] = r
+        r = out[f"p99_ratio_vs_{base}_overall"]
+        e_p = pol["predictive"]["all"]["overall"]["error_rate"] or 0.0
+        e_b = pol[base]["all"]["overall"]["error_rate"] or 0.0
+        if r is None:
+            lines.append(f"no latency data to compare with {base}")
+        elif r < 1 and e_p <= e_b:
+            lines.append(f"predictive beats {base}: p99 x{r:.2f}, errors {e_p:.2%} vs "
+                         f"{e_b:.2%}")
+        else:
+            lines.append(f"predictive does NOT beat {base}: p99 x{r:.2f}, errors {e_p:.2%} "
+                         f"vs {e_b:.2%}")
+    out["predictive_wins"] = all(s.startswith("predictive beats") for s in lines)
+    leads = [r["lead_seconds"] for r in q["lead"] if r.get("lead_seconds") is not None]
+    out["mirror_activations"] = len(q["lead"])
+    out["mirror_lead_seconds"] = leads
+    if q["lead"]:
+        ahead = sum(1 for x in leads if x > 0)
+        shown = ", ".join(f"{x:+.1f}s" for x in leads) or "n/a"
+        lines.append(f"{len(q['lead'])} edge mirror activation(s); ready before demand "
+                     f"crossed capacity in {ahead} (lead {shown})")
+    else:
+        lines.append("no edge mirror was activated")
+    acc = [r for r in q["accuracy"] if r["horizon"] == q["horizon"]]
+    if acc:
+        mase = [r["mase"] for r in acc if r["mase"] is not None]
+        cov = [r["coverage"] for r in acc if r["coverage"] is not None]
+        out["forecast_mase_h"] = round(sum(mase) / len(mase), 3) if mase else None
+        out["forecast_coverage_h"] = round(sum(cov) / len(cov), 3) if cov else None
+        lines.append(f"forecasts {q['horizon']} s ahead: mean MASE "
+                     f"{out['forecast_mase_h']}, 90 % band coverage {out['forecast_coverage_h']}")
+    out["statements"] = lines
+    return out
+
+
+# ------------------------------------------------------------------------- charts
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _shade(ax: Any, facts: dict[str, Any], legend: bool = False) -> None:
+    t = facts["t_live"]
+    d0, d1 = facts["degrade_window"]
+    ax.axvspan(d0 - t, d1 - t, color="orange", alpha=0.15,
+               label="central backend degraded" if legend else None)
+    for i, (a, b) in enumerate(facts["spike_windows"]):
+        ax.axvspan(a - t, b - t, color="red", alpha=0.10,
+                   label="edge spike" if legend and i == 0 else None)
+
+
+def _rolling(xs: list[float], n: int = 5) -> list[float]:
+    out, acc = [], []
+    for x in xs:
+        acc.append(x)
+        if len(acc) > n:
+            acc.pop(0)
+        out.append(sum(acc) / len(acc))
+    return out
+
+
+def charts(facts: dict[str, Any], q: dict[str, Any]) -> dict[str, str]:
+    """Base64 PNGs by name."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.grid": True, "grid.alpha": 0.3})
+    out = {}
+    # p99 and errors per lane and region
+    fig, axes = plt.subplots(2, 2, figsize=(13, 7), sharex=True)
+    for col, region in enumerate((scn.CENTRAL, scn.EDGE)):
+        ax, ax2 = axes[0][col], axes[1][col]
+        for p in scn.POLICIES:
+            s = q["p99"][p][region]
+            if s:
+                ax.plot([x[0] for x in s], _rolling([x[1] for x in s]), color=COLORS[p],
+                        label=p, lw=1.6)
+            e = q["errors"][p][region]
+            if e:
+                ax2.plot([x[0] for x in e], _rolling([100 * x[1] / x[2] if x[2] else 0
+                                                      for x in e]), color=COLORS[p], label=p)
+        _shade(ax, facts, legend=col == 0)
+        _shade(ax2, facts)
+        ax.set_title(f"{region} clients: p99 latency (5 s rolling)")
+        ax.set_ylabel("p99 ms")
+        ax.set_yscale("log")
+        ax2.set_title(f"{region} clients: errors (5 s rolling)")
+        ax2.set_ylabel("% of requests")
+        ax2.set_xlabel("seconds since live start")
+    axes[0][0].legend(loc="upper left", fontsize=9)
+    fig.tight_layout()
+    out["latency"] = _png(fig)
+    # forecast vs actual
+    eps = list(q["forecast"])
+    fig, axes = plt.subplots(len(eps), 1, figsize=(13, 2.3 * len(eps)), sharex=True,
+                             squeeze=False)
+    for ax, ep in zip(axes[:, 0], eps, strict=True):
+        pts = q["forecast"][ep]
+        if pts:
+            xs = [p[0] for p in pts]
+            ax.fill_between(xs, [p[3] for p in pts], [p[4] for p in pts], color="#1f77b4",
+                            alpha=0.2, label="90 % band")
+            ax.plot(xs, [p[2] for p in pts], color="#1f77b4", lw=1.4,
+                    label=f"forecast made {q['horizon']} s before")
+            ax.plot([p[0] for p in pts if p[1] is not None],
+                    [p[1] for p in pts if p[1] is not None], color="black", lw=1.0,
+                    label="actual")
+        ax.axhline(facts["capacities"][ep], color="gray", ls="--", lw=1, label="capacity")
+        _shade(ax, facts)
+        ax.set_title(ep, loc="left", fontsize=10)
+        ax.set_ylabel("req/s")
+    axes[0, 0].legend(loc="upper left", ncol=4, fontsize=8)
+    axes[-1, 0].set_xlabel("seconds since live start")
+    fig.tight_layout()
+    out["forecast"] = _png(fig)
+    # weights
+    fig, axes = plt.subplots(1, 2, figsize=(13, 3.6), sharey=True)
+    for ax, sid in zip(axes, ("predictive-central", "predictive-edge"), strict=True):
+        for ep, pts in sorted(q["weights"].get(sid, {}).items()):
+            if "@" in ep:
+                continue
+            ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label=ep)
+        _shade(ax, facts)
+        ax.set_title(f"{sid} sidecar: routing weights")
+        ax.set_xlabel("seconds since live start")
+        ax.legend(fontsize=8, loc="lower left")
+    axes[0].set_ylabel("weight")
+    fig.tight_layout()
+    out["weights"] = _png(fig)
+    # edge demand and mirrors
+    fig, ax = plt.subplots(figsize=(13, 3.4))
+    d = q["edge_demand"]
+    ax.plot([x[0] for x in d], [x[1] for x in d], color="black", lw=1.2,
+            label="edge demand, predictive lane (req/s)")
+    ax.axhline(facts["edge_capacity_rps"], color="gray", ls="--", lw=1,
+               label="edge region's central capacity")
+    t = facts["t_live"]
+    ready = {s["command_id"]: s["t_ms"] / 1000 - t for s in q["statuses"]
+             if s["state"] == "READY"}
+    gone = {s["command_id"]: s["t_ms"] / 1000 - t for s in q["statuses"]
+            if s["state"] in ("DRAINING", "RETIRED")}
+    first = True
+    for cid, a in ready.items():
+        b = min(gone.get(cid, facts["t_end"] - t), facts["t_end"] - t)
+        ax.axvspan(a, b, color="green", alpha=0.15, label="mirror ready" if first else None)
+        first = False
+    for c in q["commands"]:
+        ax.axvline(c["t_ms"] / 1000 - t, color="green" if c["action"] == "ACTIVATE" else
+                   "purple", lw=1, ls=":")
+    _shade(ax, facts)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds since live start (dotted: ACTIVATE green, RETIRE purple)")
+    ax.set_ylabel("req/s")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title("edge region: demand, capacity and mirror activations")
+    fig.tight_layout()
+    out["mirrors"] = _png(fig)
+    return out
+
+
+# ------------------------------------------------------------------------- html
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
+color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid
+#ddd}table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;
+text-align:right;white-space:nowrap}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+img{max-width:100%;border:1px solid #eee}.win{color:#1a7f37}.lose{color:#b42318}
+.note{color:#555;font-size:.92em}ul.head li{margin:.25em 0;font-size:1.05em}"""
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    h = "".join(f"<th>{html.escape(str(x))}</th>" for x in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape('-' if v is None else str(v))}</td>"
+                                    for v in r) + "</tr>" for r in rows)
+    return f"<table><tr>{h}</tr>{body}</table>"
+
+
+def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
+    """The self-contained report page."""
+    s, hl = summary, summary["headline"]
+    sc = s["scenario"]
+    def cls(x: str) -> str:
+        return "win" if x.startswith("predictive beats") else "lose" if "NOT" in x else ""
+
+    head = "".join(f"<li class='{cls(x)}'>{html.escape(x)}</li>" for x in hl["statements"])
+    rows = []
+    for p in scn.POLICIES:
+        for region in ("all", scn.CENTRAL, scn.EDGE):
+            st = s["policies"][p][region]
+            rows.append([p, region, st["overall"]["requests"],
+                         *(st[ph]["p99_ms"] for ph in PHASES),
+                         *(f"{(st[ph]['error_rate'] or 0):.2%}" for ph in PHASES)])
+    pol_table = _table(["lane", "clients", "requests", *(f"p99 ms {ph}" for ph in PHASES),
+                        *(f"errors {ph}" for ph in PHASES)], rows)
+    acc = _table(["endpoint", "horizon s", "points", "MAE", "MASE", "90% coverage"],
+                 [[r["endpoint_id"], r["horizon"], r["points"], r["mae"], r["mase"],
+                   r["coverage"]] for r in s["forecast_accuracy"]
+                  if r["horizon"] in (1, 5, 15)])
+    lead = _table(["command", "ready at", "demand crossed", "lead s"],
+                  [[r["command_id"], r["ready_at"], r["crossed_at"], r["lead_seconds"]]
+                   for r in s["mirrors"]["activations"]])
+    mode = "quick" if sc.get("quick") else "full"
+    return f"""<!doctype html><html><head><meta charset="utf-8">
+<title>loadcast demo report</title><style>{CSS}</style></head><body>
+<h1>loadcast demo report</h1>
+<p class="note">{mode} run, {s['live_seconds']} s of live traffic ({s['duration_s']:.0f} s in
+all), {s['arrivals']:,} arrivals sent to each of three policy lanes side by side on identical
+simulated backends. Trace shape: {html.escape(Path(s['trace']).name)}, one day compressed into
+{sc['season_s']} s. Numbers from ClickHouse queries over what the pipeline stored.</p>
+<h2>Headline</h2><ul class="head">{head}</ul>
+<h2>Latency and errors by policy</h2>
+<p class="note">Client-side, per lane: p99 is the request-weighted mean of per-second window
+p99s. Phases: <b>degraded</b> = one central backend {sc['degrade'][2]:g}x slower,
+<b>spike</b> = edge demand x{sc['spike'][2]:g} (shaded red), <b>steady</b> = the rest.
+The predictive lane also has edge mirrors; the baselines are reactive proxies without
+Kafka, so on the edge the comparison is prediction + mirroring against reaction alone;
+the central columns compare routing policies only.</p>
+{pol_table}
+<img src="data:image/png;base64,{imgs['latency']}" alt="p99 and errors over time">
+<h2>Forecast vs actual (predictive lane, {s['horizon']} s ahead)</h2>
+<img src="data:image/png;base64,{imgs['forecast']}" alt="forecast vs actual">
+<p class="note">forecast-accuracy query (live range), horizons 1, 5, 15 s:</p>{acc}
+<h2>Routing weights over time</h2>
+<img src="data:image/png;base64,{imgs['weights']}" alt="weights over time">
+<h2>Edge mirrors</h2>
+<p class="note">mirror-lead-time query: lead = demand crossing capacity minus mirror ready
+(positive = ready before; the query takes the first crossing of any of the API's endpoints
+within 60 s before the command, so per-endpoint noise can count as a crossing). Share of the
+predictive edge's requests answered by a mirror (load generator's count):
+{s['mirrors']['share_of_edge_requests']:.1%}.</p>{lead}
+<img src="data:image/png;base64,{imgs['mirrors']}" alt="edge demand and mirrors">
+<p class="note">Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by <code>loadcast demo</code>;
+processes left behind: {s['leftover_processes']}.</p>
+</body></html>"""
+
+
+def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
+    """Query, summarise, draw; write ``summary.json`` and ``report.html``."""
+    q = query_facts(facts)
+    hl = headline(q)
+    summary: dict[str, Any] = {
+        "version": 1,
+        "quick": bool(facts["scenario"].get("quick")),
+        "live_seconds": facts["scenario"]["live_seconds"],
+        "duration_s": round(time.time() - facts["started"], 1),
+        "trace": facts["trace"],
+        "comparison": "three policy lanes side by side on identical backends, same arrivals",
+        "scenario": facts["scenario"],
+        "arrivals": facts["arrivals"],
+        "load_generator": facts["client"],
+        "policies": q["policies"],
+        "headline": hl,
+        "series": {"p99_ms": q["p99"], "errors": q["errors"], "weights": q["weights"],
+                   "forecast": q["forecast"], "edge_demand": q["edge_demand"]},
+        "horizon": q["horizon"],
+        "forecast_accuracy": q["accuracy"],
+        "mirrors": {"activations": q["lead"], "commands": q["commands"],
+                    "statuses": q["statuses"],
+                    "share_of_edge_requests": q["mirror_share_of_edge"]},
+        "leftover_processes": facts.get("leftover_processes", 0),
+        "scores_seen": facts["scores_seen"],
+    }
+    imgs = charts(facts, q)
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str,
+                                                     allow_nan=False) + "\n")
+    (out_dir / "report.html").write_text(render_html(summary, imgs))
+    return summary
+
