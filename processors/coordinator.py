@@ -27,6 +27,7 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
+from processors.faust_config import faust_settings
 from processors.federated import (
     GlobalState,
     RoundCoordinator,
@@ -48,26 +49,6 @@ VERSIONS = Counter("loadcast_coordinator_versions_total", "Global versions publi
                    ["family"])
 PARTICIPANTS = Gauge("loadcast_coordinator_round_participants",
                      "Edges in the last closed round", ["family"])
-
-
-def faust_settings(kafka: KafkaSettings) -> dict[str, Any]:
-    """Faust settings that work with Tansu (module docstring says why)."""
-    return {
-        "broker": [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",")
-                   if hp.strip()],
-        "broker_session_timeout": 6.0,
-        "broker_heartbeat_interval": 1.0,
-        "broker_rebalance_timeout": 6.0,
-        "table_standby_replicas": 0,
-        "topic_allow_declare": False,
-        "topic_disable_leader": True,
-        "consumer_auto_offset_reset": "earliest",
-        "web_enabled": False,
-        "value_serializer": "raw",
-        "key_serializer": "raw",
-        "processing_guarantee": "at_least_once",
-        "store": "memory://",
-    }
 
 
 class Coordinator:

@@ -17,7 +17,7 @@ the score partitions. At start-up it reads its earlier commands back from
 left off: active or not, the sequence, when the last state change was. Undecodable
 records go to ``dead-letter`` with the reason in the headers.
 
-Faust settings as the other loadcast apps (``processors.worker.faust_settings``): short
+Faust settings as the other loadcast apps (``processors.faust_config``): short
 session timeouts for Tansu, no tables, topics not declared by Faust, raw values.
 """
 
@@ -31,8 +31,8 @@ import faust
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
 
+from processors.faust_config import faust_settings
 from processors.mirroring import MirrorPlanner, MirrorSettings
-from processors.worker import faust_settings
 from schemas.codec import Codec, CodecError, Record
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings

@@ -2,19 +2,8 @@
 
 One agent consumes the telemetry topic; outputs (scores, anomalies, dead letters,
 snapshots) go through a confluent-kafka producer (idempotent; aiokafka's idempotent
-producer fails against Tansu). Faust settings, and why:
-
-- ``broker_session_timeout=6``, ``broker_heartbeat_interval=1``,
-  ``broker_rebalance_timeout=6``: Tansu answers JoinGroup after about half the session
-  timeout, so Faust's default 60 s would mean 30 s per rebalance; 6 s also notices a dead
-  worker quickly.
-- ``table_standby_replicas=0`` and no Faust tables: model state lives in the
-  ``processor-snapshots`` topic, recovered by the engine (see its docstring) rather than by
-  Faust's changelog recovery, which relies on ListOffsets (undercounted by Tansu).
-- ``processing_guarantee="at_least_once"``: exactly-once *effect* comes from snapshot
-  positions; Kafka transactions are not available on Tansu.
-- ``topic_allow_declare=False``: topics come from ``streams.topics.ensure_topics``.
-- ``web_enabled=False``: metrics are served by prometheus-client on ``metrics_port``.
+producer fails against Tansu). The Faust settings, and why, are in
+``processors.faust_config``.
 """
 
 from __future__ import annotations
@@ -33,6 +22,7 @@ from prometheus_client import Counter, Gauge
 
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
+from processors.faust_config import faust_settings
 from processors.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
 from streams.producer import RecordProducer
@@ -124,55 +114,10 @@ def read_snapshots(
         c.close()
 
 
-FETCH_MAX_WAIT_MS = 20
 # A round is paced: SNAPSHOT_CHUNK models (~0.5 ms and ~200 KB each), then a pause, so
 # scoring and the broker keep up instead of taking a burst of every model at once.
 SNAPSHOT_CHUNK = 8
 SNAPSHOT_PAUSE = 0.005
-
-
-def _short_fetch_wait() -> None:
-    """Faust hard-codes aiokafka's ``fetch_max_wait_ms=1500``. A broker with nothing new
-    holds a fetch that long (Tansu does), so a window arriving just after a fetch waited up
-    to 1.5 s before it was scored. Scores are about acting early: wait at most 20 ms."""
-    import aiokafka
-
-    if getattr(aiokafka.AIOKafkaConsumer.__init__, "_loadcast", False):
-        return
-    original = aiokafka.AIOKafkaConsumer.__init__
-
-    def init(self: Any, *args: Any, **kwargs: Any) -> None:
-        if kwargs.get("fetch_max_wait_ms") == 1500:
-            kwargs["fetch_max_wait_ms"] = FETCH_MAX_WAIT_MS
-        original(self, *args, **kwargs)
-
-    init._loadcast = True  # type: ignore[attr-defined]
-    aiokafka.AIOKafkaConsumer.__init__ = init
-
-
-def faust_broker_urls(kafka: KafkaSettings) -> list[str]:
-    return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
-
-
-def faust_settings(kafka: KafkaSettings) -> dict[str, Any]:
-    """The Faust app settings loadcast uses (module docstring says why)."""
-    _short_fetch_wait()
-    return {
-        "broker": faust_broker_urls(kafka),
-        "broker_credentials": _credentials(kafka),
-        "broker_session_timeout": 6.0,
-        "broker_heartbeat_interval": 1.0,
-        "broker_rebalance_timeout": 6.0,
-        "table_standby_replicas": 0,
-        "topic_allow_declare": False,
-        "topic_disable_leader": True,
-        "consumer_auto_offset_reset": "earliest",
-        "web_enabled": False,
-        "value_serializer": "raw",
-        "key_serializer": "raw",
-        "processing_guarantee": "at_least_once",
-        "store": "memory://",
-    }
 
 
 class Worker:
@@ -319,27 +264,6 @@ class Worker:
         ENDPOINTS.set(self.engine.endpoints())
         PARTITIONS.set(sum(1 for s in self.engine.partitions.values() if s.resume >= 0))
         SNAPSHOT_AGE.set(time.monotonic() - self.last_snapshot)
-
-
-def _credentials(kafka: KafkaSettings) -> Any:
-    """Faust (aiokafka) credentials from the shared SASL/TLS settings."""
-    proto = (kafka.security_protocol or "PLAINTEXT").upper()
-    if proto == "PLAINTEXT":
-        return None
-    ssl_context = None
-    if "SSL" in proto:
-        import ssl
-
-        ssl_context = ssl.create_default_context(cafile=kafka.ssl_ca_location)
-        if kafka.ssl_certificate_location:
-            ssl_context.load_cert_chain(kafka.ssl_certificate_location, kafka.ssl_key_location)
-    if proto.startswith("SASL"):
-        password = kafka.sasl_password.get_secret_value() if kafka.sasl_password else ""
-        return faust.SASLCredentials(
-            username=kafka.sasl_username, password=password,
-            mechanism=kafka.sasl_mechanism or "PLAIN", ssl_context=ssl_context,
-        )
-    return faust.SSLCredentials(ssl_context)
 
 
 def run_worker(kafka: KafkaSettings, settings: ProcessorSettings, loglevel: str = "warn") -> None:
