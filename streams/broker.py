@@ -69,6 +69,18 @@ def wait_for_metadata(bootstrap: str, timeout: float) -> None:
     raise BrokerError(f"broker at {bootstrap} did not answer metadata in {timeout:.0f}s: {last}")
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies, so a
+    SIGKILLed test or demo never leaves a broker behind (Linux; elsewhere a no-op)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class EmbeddedBroker:
     """A Tansu broker process on a loopback port; a context manager.
 
@@ -106,8 +118,10 @@ class EmbeddedBroker:
         ]
         with self.log_path.open("wb") as log:
             # A new session so Ctrl-C in a terminal reaches us, and we stop it in order.
+            # PDEATHSIG follows the starting *thread*: start brokers from a long-lived one.
             self.process = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         try:
             wait_for_metadata(self.bootstrap, self.start_timeout)

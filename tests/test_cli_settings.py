@@ -101,3 +101,34 @@ def test_broker_command_prints_address_and_stops_on_sigterm() -> None:
             p.kill()
             p.wait(10)
 
+
+
+def test_broker_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """A SIGKILLed process (a timed-out test, a killed demo) leaves no broker behind."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import sys, time\n"
+        "from streams.broker import EmbeddedBroker\n"
+        "b = EmbeddedBroker().start()\n"
+        "print(b.process.pid, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait(10)
+    import psutil
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and psutil.pid_exists(child):
+        try:
+            if psutil.Process(child).status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.1)
+    alive = psutil.pid_exists(child) and psutil.Process(child).status() != psutil.STATUS_ZOMBIE
+    assert not alive, "the broker outlived its killed parent"
