@@ -53,7 +53,7 @@ OUT = REPO / "out" / "benchmarks" / "processor.json"
 ELB = REPO.parent / "shared" / "data" / "elb_request_count_8c0756.csv"
 PARTITIONS = 6
 INTERVAL_MS = 5000
-RUN = {"snapshot_every": 10.0}  # the worker's default; --snapshot-every changes it
+RUN = {"snapshot_every": 30.0}  # the worker's default; --snapshot-every changes it
 
 
 def windows(endpoints: int, per_endpoint: int, start: int = 0) -> list[list[dict[str, Any]]]:
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-batch", action="store_true",
                     help="with --latency-rate: background as TelemetryBatch values")
     ap.add_argument("--snapshot-every", type=float, default=RUN["snapshot_every"],
-                    help="worker snapshot interval, seconds (default: the worker's 10)")
+                    help="worker snapshot interval, seconds (default: the worker's 30)")
     a = ap.parse_args(argv)
     if a.snapshot_every <= 0:
         ap.error("--snapshot-every must be > 0")
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                               "step_s": 60, "snapshot_every_s": a.snapshot_every, "phases": {}}
     if a.latency_rate:
         with EmbeddedBroker() as broker:
-            lat = latency(broker, codec, a.latency_rate, 3 if a.quick else 20, endpoints,
+            lat = latency(broker, codec, a.latency_rate,
+                          3 if a.quick else 2 * RUN["snapshot_every"], endpoints,
                           batch=a.latency_batch)
         print(json.dumps(lat))
         return 0
@@ -325,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
             result["phases"][kind] = throughput(broker, codec, kind, endpoints, per_endpoint)
         single = result["phases"]["single"]["windows_per_s"] or 100
         batched = result["phases"]["batch"]["windows_per_s"] or 100
-        seconds = 3 if a.quick else 20
+        seconds = 3 if a.quick else 2 * RUN["snapshot_every"]  # always spans snapshot rounds
         result["phases"]["latency"] = latency(
             broker, codec, rate=single / 2, seconds=seconds, endpoints=endpoints)
         result["phases"]["latency_batch"] = latency(
