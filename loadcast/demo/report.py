@@ -356,7 +356,7 @@ def charts(facts: dict[str, Any], q: dict[str, Any]) -> dict[str, str]:
 CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;
 color:#222;line-height:1.45}h1{margin-bottom:.2em}h2{margin-top:1.6em;border-bottom:1px solid
 #ddd}table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.3em .6em;
-text-align:right;white-space:nowrap}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left;white-space:nowrap}
 img{max-width:100%;border:1px solid #eee}.win{color:#1a7f37}.lose{color:#b42318}
 .note{color:#555;font-size:.92em}ul.head li{margin:.25em 0;font-size:1.05em}"""
 
