@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -28,8 +29,32 @@ class BrokerError(RuntimeError):
     """The embedded broker could not be started."""
 
 
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
+    """A TCP port that is free on ``host`` right now, below the kernel's ephemeral range.
+
+    A port is often picked long before it is bound (a config written first). Inside the
+    ephemeral range the kernel may meanwhile hand it to an outgoing connection as its
+    local port, and the bind fails; below it, only another listener can take it.
+    """
+    low = _ephemeral_low()
+    if low > 11_000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(10_000, low)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

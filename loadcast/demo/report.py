@@ -280,8 +280,11 @@ def charts(facts: dict[str, Any], q: dict[str, Any]) -> dict[str, str]:
         ax2.set_title(f"{region} clients: errors (5 s rolling)")
         ax2.set_ylabel("% of requests")
         ax2.set_xlabel("seconds since live start")
-    axes[0][0].legend(loc="upper left", fontsize=9)
-    fig.tight_layout()
+    # Above the charts, not over the lines.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), fontsize=9,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     out["latency"] = _png(fig)
     # forecast vs actual
     eps = list(q["forecast"])
