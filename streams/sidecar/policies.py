@@ -160,6 +160,15 @@ class RoundRobin:
         return candidates[self._i % len(candidates)]
 
 
+def two_distinct(rng: random.Random, candidates: Sequence[Endpoint]) -> tuple[Endpoint, Endpoint]:
+    """The power-of-two-choices draw: two different candidates, uniformly (n >= 2)."""
+    n = len(candidates)
+    i = rng.randrange(n)
+    j = rng.randrange(n - 1)
+    j += j >= i
+    return candidates[i], candidates[j]
+
+
 class LeastRequest:
     """Power-of-two-choices on in-flight requests."""
 
@@ -169,13 +178,9 @@ class LeastRequest:
         self.rng = rng or random.Random()
 
     def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             return candidates[0]
-        i = self.rng.randrange(n)
-        j = self.rng.randrange(n - 1)
-        j += j >= i
-        a, b = candidates[i], candidates[j]
+        a, b = two_distinct(self.rng, candidates)
         return b if b.in_flight < a.in_flight else a
 
 
@@ -188,13 +193,9 @@ class PeakEwma:
         self.rng = rng or random.Random()
 
     def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
-        n = len(candidates)
-        if n == 1:
+        if len(candidates) == 1:
             return candidates[0]
-        i = self.rng.randrange(n)
-        j = self.rng.randrange(n - 1)
-        j += j >= i
-        a, b = candidates[i], candidates[j]
+        a, b = two_distinct(self.rng, candidates)
         return b if b.cost(now) < a.cost(now) else a
 
 
