@@ -33,13 +33,13 @@ quantiles of the final forecast's past errors (see :mod:`processors.forecasting.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from processors.forecasting.bands import BandedForecaster
 
-__all__ = ["DirectForecaster"]
+__all__ = ["DirectForecaster", "RowObserver"]
 
 _TWO_PI = 2.0 * math.pi
 _EW_ALPHAS = (0.5, 0.15, 0.05)  # level EW means offered as candidates
@@ -65,6 +65,13 @@ CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew
               "long_season_naive", "multi_season_mean")
 
 
+class RowObserver(Protocol):
+    """Receives the learning rows of a :class:`DirectForecaster` (see ``observe_rows``)."""
+
+    def rows(self, horizons: np.ndarray, X: np.ndarray, target: np.ndarray,
+             missing: np.ndarray, seasonal: np.ndarray) -> None: ...
+
+
 class DirectForecaster(BandedForecaster):
     """Per-horizon online linear models on scale-free features, with online selection.
 
@@ -80,6 +87,9 @@ class DirectForecaster(BandedForecaster):
     """
 
     kind = "default"
+    #: Observer of learning rows (see :meth:`observe_rows`); None = off.  A class-level
+    #: default so forecasters pickled before the hook existed load unchanged.
+    _row_observer: RowObserver | None = None
 
     def __init__(
         self,
@@ -185,6 +195,82 @@ class DirectForecaster(BandedForecaster):
                     raise ValueError(f"{key}: expected shape {cur.shape}, got {value.shape}")
                 setattr(self, attr, value.copy())
 
+    def set_prior(self, weights: np.ndarray | None = None,
+                  covariance: float | np.ndarray | None = None) -> None:
+        """Start the per-horizon learners from ``weights`` (H x F, raw scale-free features
+        for ``"rls"``) with RLS covariance ``covariance``: a scalar ``v`` means ``v * I``
+        for every horizon, an (H, F, F) array one matrix per horizon.
+
+        The covariance is the prior's *uncertainty*: the inverse of how many samples'
+        worth of information the prior stands for.  Small values keep the weights close to
+        the prior for long, ``0`` freezes them (learning no longer moves them).
+
+        >>> f = DirectForecaster(step_seconds=3600, max_horizon=2)
+        >>> f.set_prior(np.ones_like(f.weights), covariance=0.0)
+        >>> float(f.weights.sum()) == f.weights.size
+        True
+        """
+        H, F = self.weights.shape
+        if weights is not None:
+            w = np.asarray(weights, dtype=float)
+            if w.shape != (H, F):
+                raise ValueError(f"weights: expected shape {(H, F)}, got {w.shape}")
+            self.weights = w.copy()
+        if covariance is not None:
+            c = np.asarray(covariance, dtype=float)
+            if c.ndim == 0:
+                c = np.repeat(np.eye(F)[None] * float(c), H, axis=0)
+            if c.shape != (H, F, F) or not np.all(np.isfinite(c)):
+                raise ValueError(f"covariance: expected a finite scalar or shape {(H, F, F)}")
+            self._P = c.copy()
+
+    def selector_errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scale-free EW mean absolute error of each selector candidate (H x C, columns
+        in :data:`CANDIDATES` order; NaN = never scored) and the weight behind each entry
+        (the bias-corrected EW weight sum, about the number of recent errors)."""
+        num, w = self._cerr_num, self._cerr_w
+        with np.errstate(invalid="ignore", divide="ignore"):
+            err = np.where(w > 0, num / np.maximum(w, 1e-12), np.nan)
+        return err, w.copy()
+
+    def seed_selector(self, errors: np.ndarray, pseudo_count: float) -> None:
+        """Give the online selector a track record before it has one of its own.
+
+        ``errors`` (H x C, :data:`CANDIDATES` order, NaN = no record) count as
+        ``pseudo_count`` past errors of each candidate, so they are usable at once and own
+        errors replace them as they arrive (the EW mean is bias-corrected).  Without a
+        record a new forecaster uses seasonal naive (or the level) until every candidate
+        has scored ``min(halflife, 100)`` errors itself.
+        """
+        e = np.asarray(errors, dtype=float)
+        if e.shape != self._cerr.shape:
+            raise ValueError(f"errors: expected shape {self._cerr.shape}, got {e.shape}")
+        if not pseudo_count > 0:
+            raise ValueError("pseudo_count must be > 0")
+        ok = np.isfinite(e)
+        self._cerr_num = np.where(ok, e * pseudo_count, self._cerr_num)
+        self._cerr_w = np.where(ok, float(pseudo_count), self._cerr_w)
+        self._cerr_n = np.where(ok, np.maximum(self._cerr_n, self._warm), self._cerr_n)
+        self._cerr = np.where(ok, e, self._cerr)
+
+    def observe_rows(self, observer: RowObserver | None) -> None:
+        """Hand every learning row to ``observer`` (None: stop).  Used to collect
+        sufficient statistics for federated least squares; does not change what the
+        forecaster learns or forecasts.
+
+        Each time actuals complete targets, ``observer.rows(horizons, X, target, missing,
+        seasonal)`` gets, for ``k`` rows: horizon indices (0-based), the scale-free
+        features (k x F, as learned: unknown entries are 0), the clipped scale-free
+        targets, which features were unknown when the forecast was made (k x F bool),
+        and whether the base forecast was seasonal naive (k bool; False = no value one
+        season back, the base was the level, as in an endpoint's first season).
+        """
+        self._row_observer = observer
+        self._pmiss = np.zeros((self.max_horizon,) * 2 + (N_FEATURES,), dtype=bool)
+        self._psn = np.zeros((self.max_horizon,) * 2, dtype=bool)
+        self._miss = np.zeros((self.max_horizon, N_FEATURES), dtype=bool)
+        self._sn_ok = np.zeros(self.max_horizon, dtype=bool)
+
     # -- BandedForecaster hooks -------------------------------------------------------
     def _max_gap_fill(self) -> int:
         return self._L
@@ -265,6 +351,9 @@ class DirectForecaster(BandedForecaster):
         k = np.arange(1, _DOW_K + 1) * (_TWO_PI * ts / long_s)
         X[:, _C_DOW : _C_DOW + _DOW_K] = np.sin(k)
         X[:, _C_DOW + _DOW_K : _C_DOW + 2 * _DOW_K] = np.cos(k)
+        if self._row_observer is not None:
+            self._miss = ~np.isfinite(X)
+            self._sn_ok = ~np.isnan(sn)
         np.nan_to_num(X, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
         np.clip(X, -_FCLIP, _FCLIP, out=X)
         return X, base, cand, s
@@ -291,6 +380,9 @@ class DirectForecaster(BandedForecaster):
         self._ps[r] = s
         self._pC[r] = C
         self._pk[r] = self._t
+        if self._row_observer is not None:
+            self._pmiss[r] = self._miss
+            self._psn[r] = self._sn_ok
         return self._combine(C)
 
     def _combine(self, C: np.ndarray) -> np.ndarray:
@@ -347,9 +439,11 @@ class DirectForecaster(BandedForecaster):
         tgt = np.clip((value - self._pbase[rws, hi]) / s, -_FCLIP, _FCLIP)
         good = np.isfinite(tgt)
         if not good.all():
-            hi, X, tgt = hi[good], X[good], tgt[good]
+            hi, X, tgt, rws = hi[good], X[good], tgt[good], rws[good]
             if hi.size == 0:
                 return
+        if self._row_observer is not None:
+            self._row_observer.rows(hi, X, tgt, self._pmiss[rws, hi], self._psn[rws, hi])
         if self.learner == "rls":
             self._rls_update(hi, X, tgt)
         else:
