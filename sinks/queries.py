@@ -19,10 +19,26 @@ Every query takes the same bound parameters (never pasted into SQL): ``since_ms`
   requests (telemetry), share of sampled routed requests (REQUEST decisions), mean weight
   given (WEIGHTS decisions) and the fraction of decisions made on stale scores
   (``stale_fraction`` > 0 marks stale-score periods).
-- ``mirror-lead-time``: per mirror activation (first READY status of a command): when the
-  mirror was ready, when demand first crossed central capacity (the first LoadScore of that
-  api at or after the command's first status minus ``lookback_s`` with ``current_rps >
-  capacity_rps``) and the lead time (positive = ready before the crossing).
+- ``mirror-lead-time``: per mirror activation (a command with a READY status, ready in the
+  range): when the mirror was ready, when the region's demand crossed central capacity, and
+  the lead time ``lead_seconds`` = crossing - ready (positive = ready before the crossing).
+  **Regional demand** is what the planner and the traffic director add up
+  (``processors.mirroring.DemandTable``): the sum of ``current_rps`` of the latest
+  LoadScore of every endpoint of the command's api *and region* (the endpoints a region's
+  telemetry names, the mirror's own included, so demand a ready mirror serves still counts),
+  each score counting from its ``computed_at`` until the endpoint's next score or its
+  ``valid_until``, whichever is first. It is evaluated at every score time; the crossing is
+  the ``computed_at`` of the score that took it over capacity, i.e. when the control plane
+  saw it (one telemetry interval plus the scoring delay after the requests, so the lead is
+  generous by about that much). **Central capacity** is the command's
+  ``central_capacity_rps`` (what the planner compared against), else the summed
+  ``capacity_rps`` of the counting scores of the region's central endpoints (not of its
+  mirrors, which the director names ``{api}-mirror-{region}-...``). **Which crossing:** if
+  demand was over capacity at the command's first status, the start of that over-capacity
+  run (searched back ``lookback_s``; began earlier: no crossing, ``note`` says so); else
+  the first crossing after it and before the next command of that (api, region). No
+  crossing: ``crossed_at`` and ``lead_seconds`` are NULL and ``note`` says why.
+  ``demand_rps`` and ``capacity_rps`` are the values at the crossing.
 - ``anomalies``: anomalies in the range, newest first.
 - ``dead-letter``: dead letters per source topic and reason, with the latest detail.
 """
@@ -199,27 +215,99 @@ SETTINGS join_use_nulls = 1
 MIRROR_LEAD_TIME = f"""
 WITH
 status AS (SELECT * FROM mirror_status FINAL WHERE ({{api:String}} = '' OR api = {{api:String}})),
-activations AS (
+commands AS (
   SELECT api, region, command_id, min(at) AS first_status_at,
-    minIf(at, state = 'READY') AS ready_at, anyIf(executor_id, state = 'READY') AS executor_id
+    minIf(at, state = 'READY') AS ready_at, anyIf(executor_id, state = 'READY') AS executor_id,
+    countIf(state = 'READY') > 0 AS was_ready,
+    leadInFrame(toNullable(min(at))) OVER (PARTITION BY api, region ORDER BY min(at)
+      ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING) AS next_status_at
   FROM status
   GROUP BY api, region, command_id
-  HAVING countIf(state = 'READY') > 0 AND ready_at >= {_T0} AND ready_at < {_T1}
 ),
-crossings AS (
-  SELECT api, computed_at, endpoint_id, current_rps, capacity_rps
+activations AS (
+  SELECT c.api AS api, c.region AS region, c.command_id AS command_id,
+    c.executor_id AS executor_id, c.first_status_at AS first_status_at,
+    c.ready_at AS ready_at,
+    c.first_status_at - toIntervalSecond({{lookback_s:UInt32}}) AS look_from,
+    ifNull(c.next_status_at, toDateTime64('2299-12-31 00:00:00', 3, 'UTC')) AS look_until,
+    m.capacity AS command_capacity
+  FROM commands AS c
+  LEFT JOIN (SELECT command_id, any(central_capacity_rps) AS capacity
+             FROM mirror_commands FINAL GROUP BY command_id) AS m
+    ON m.command_id = c.command_id
+  WHERE c.was_ready AND c.ready_at >= {_T0} AND c.ready_at < {_T1}
+),
+-- Each score holds its endpoint's current_rps (and, for non-mirror endpoints, its
+-- capacity_rps) from computed_at until gone_at: the endpoint's next score or valid_until.
+scores AS (
+  SELECT api, region, computed_at,
+    if(isFinite(current_rps), current_rps, 0) AS rps,
+    if(startsWith(endpoint_id, concat(api, '-mirror-', region, '-'))
+       OR NOT isFinite(capacity_rps), 0, capacity_rps) AS cap,
+    greatest(computed_at, least(valid_until, ifNull(leadInFrame(toNullable(computed_at))
+      OVER (PARTITION BY api, region, endpoint_id ORDER BY computed_at
+            ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING), valid_until))) AS gone_at
   FROM load_scores FINAL
-  WHERE current_rps > capacity_rps AND api IN (SELECT api FROM activations)
+  WHERE (api, region) IN (SELECT api, region FROM activations)
+    AND computed_at >= (SELECT min(look_from) FROM activations) - INTERVAL 1 HOUR
+),
+-- Regional demand and summed capacity after every score (+) and expiry (-) event.
+series AS (
+  SELECT api, region, t,
+    round(sum(d_rps) OVER w, 6) AS demand, round(sum(d_cap) OVER w, 6) AS capacity_sum
+  FROM (
+    SELECT api, region, t, sum(d_rps) AS d_rps, sum(d_cap) AS d_cap
+    FROM (
+      SELECT api, region, computed_at AS t, rps AS d_rps, cap AS d_cap FROM scores
+      UNION ALL
+      SELECT api, region, gone_at AS t, -rps AS d_rps, -cap AS d_cap FROM scores
+    )
+    GROUP BY api, region, t
+  )
+  WINDOW w AS (PARTITION BY api, region ORDER BY t ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+),
+-- Per activation: the state at look_from, then every event up to the next command.
+points AS (
+  SELECT a.command_id AS command_id, a.look_from AS t,
+    ifNull(s.demand, 0) AS demand, ifNull(a.command_capacity, ifNull(s.capacity_sum, 0)) AS cap
+  FROM activations AS a
+  ASOF LEFT JOIN series AS s ON s.api = a.api AND s.region = a.region AND s.t <= a.look_from
+  UNION ALL
+  SELECT a.command_id AS command_id, s.t AS t, s.demand AS demand,
+    ifNull(a.command_capacity, s.capacity_sum) AS cap
+  FROM activations AS a
+  INNER JOIN series AS s ON s.api = a.api AND s.region = a.region
+  WHERE s.t > a.look_from AND s.t < a.look_until
+),
+per AS (
+  SELECT command_id, arraySort(x -> x.1, groupArray((t, demand, cap))) AS pts,
+    arrayMap(x -> x.2 > x.3, pts) AS over
+  FROM points GROUP BY command_id
+),
+-- Over capacity at the first status: the start of that run (the first over point after
+-- the last under one); none under within the look-back: unknown. Else the next crossing.
+found AS (
+  SELECT a.*, p.pts AS pts, p.over AS over,
+    arrayLastIndex(x -> x.1 <= a.first_status_at, pts) AS i_s,
+    over[i_s] AS over_at_start,
+    arrayLastIndex((x, o) -> x.1 <= a.first_status_at AND NOT o, pts, over) AS i_under,
+    if(over_at_start AND i_under = 0, 0,
+       arrayFirstIndex((o, i) -> o AND i > i_under, over, arrayEnumerate(over))) AS i_cross
+  FROM activations AS a INNER JOIN per AS p ON p.command_id = a.command_id
 )
-SELECT a.api AS api, a.region AS region, a.command_id AS command_id,
-  a.executor_id AS executor_id, a.first_status_at AS first_status_at, a.ready_at AS ready_at,
-  min(c.computed_at) AS crossed_at,
-  round(dateDiff('millisecond', a.ready_at, min(c.computed_at)) / 1000, 3) AS lead_seconds
-FROM activations AS a
-LEFT JOIN crossings AS c ON c.api = a.api
-  AND c.computed_at >= a.first_status_at - toIntervalSecond({{lookback_s:UInt32}})
-GROUP BY a.api, a.region, a.command_id, a.executor_id, a.first_status_at, a.ready_at
-ORDER BY a.ready_at
+SELECT api, region, command_id, executor_id, first_status_at, ready_at,
+  if(i_cross = 0, NULL, pts[i_cross].1) AS crossed_at,
+  if(i_cross = 0, NULL, round(dateDiff('millisecond', ready_at, pts[i_cross].1) / 1000, 3))
+    AS lead_seconds,
+  if(i_cross = 0, NULL, round(pts[i_cross].2, 3)) AS demand_rps,
+  round(if(i_cross = 0, pts[i_s].3, pts[i_cross].3), 3) AS capacity_rps,
+  multiIf(over_at_start AND i_under = 0,
+          'demand already over capacity for the whole look-back before the command',
+          i_cross = 0, 'demand did not cross capacity (before the next command, if any)',
+          pts[i_cross].1 >= ready_at, 'mirror ready before demand crossed capacity',
+          'mirror ready after demand crossed capacity') AS note
+FROM found
+ORDER BY ready_at
 SETTINGS join_use_nulls = 1
 """
 
@@ -259,7 +347,8 @@ CANNED: dict[str, CannedQuery] = {
         ),
         CannedQuery(
             "mirror-lead-time",
-            "per mirror activation: ready time, demand crossing central capacity, lead time",
+            "per mirror activation: ready time, regional demand crossing central capacity, "
+            "lead time",
             MIRROR_LEAD_TIME,
             {"lookback_s": ("UInt32", 3600)},
         ),

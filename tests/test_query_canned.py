@@ -1,11 +1,11 @@
-"""Canned queries on embedded chDB with synthetic rows (mirroring and routing records are
-not produced by the pipeline yet): mirror-lead-time and routing-shares give the numbers
-worked out here by hand."""
+"""Canned queries on embedded chDB with synthetic rows: mirror-lead-time and routing-shares
+give the numbers worked out here by hand."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,37 +44,99 @@ def status(command: str, state: str, at: int) -> dict[str, Any]:
             "sequence": 1, "state": state, "at": at}
 
 
-def score(at: int, current: float, capacity: float = 10.0) -> dict[str, Any]:
-    return {"endpoint_id": "central-1", "api": "orders", "region": "central",
-            "computed_at": at, "valid_until": at + 60_000, "score": 0.5,
+def score(endpoint: str, at_s: float, current: float, capacity: float = 10.0,
+          region: str = "eu", valid_s: float = 60.0) -> dict[str, Any]:
+    at = T + round(at_s * 1000)
+    return {"endpoint_id": endpoint, "api": "orders", "region": region,
+            "computed_at": at, "valid_until": at + round(valid_s * 1000), "score": 0.5,
             "capacity_rps": capacity, "current_rps": current, "predicted_utilization": 0.5,
-            "latency_p99_ms": 10.0, "error_rate": 0.0, "step_seconds": 60, "forecast": []}
+            "latency_p99_ms": 10.0, "error_rate": 0.0, "step_seconds": 1, "forecast": []}
 
 
-def test_mirror_lead_time(client: Any) -> None:
+def command(command_id: str, at_s: float, central_capacity: float) -> dict[str, Any]:
+    at = T + round(at_s * 1000)
+    return {"command_id": command_id, "action": "ACTIVATE", "api": "orders", "region": "eu",
+            "bundle_digest": "sha256:" + "a" * 64, "desired_instances": 1, "sequence": at,
+            "issued_at": at, "expires_at": at + 60_000, "reason": "test",
+            "central_capacity_rps": central_capacity, "forecast": [], "key_id": "k1",
+            "signature": b"x"}
+
+
+E1, E2, MIRROR = "orders-eu-1", "orders-eu-2", "orders-mirror-eu-127.0.0.1-9000"
+
+
+def lead_rows(client: Any, **params: int) -> dict[str, dict[str, Any]]:
+    rows = run_canned(client, "mirror-lead-time",
+                      {"since_ms": T - 3_600_000, "until_ms": T + 3_600_000, **params})
+    return {r[2]: dict(zip(rows.columns, r, strict=True)) for r in rows.rows}
+
+
+def offset_s(iso: str | None) -> float | None:
+    """Seconds after T of an ISO time from a query row."""
+    if iso is None:
+        return None
+    return round(datetime.fromisoformat(iso).timestamp() - T / 1000, 3)
+
+
+def test_mirror_lead_time_regional_demand(client: Any) -> None:
+    """Region eu: two central endpoints of 10 rps each (central capacity 20) and, later, a
+    mirror. Times in seconds after T."""
     s = 1000
     insert(client, "mirror-status", [
+        # c1: ready at 40; demand crosses 20 rps at 101.
         status("c1", "ACCEPTED", T), status("c1", "STARTING", T + 10 * s),
         status("c1", "READY", T + 40 * s), status("c1", "READY", T + 45 * s),  # repeat
-        status("c2", "ACCEPTED", T + 200 * s), status("c2", "READY", T + 230 * s),
-        status("c3", "ACCEPTED", T + 250 * s), status("c3", "FAILED", T + 260 * s),
+        status("r1", "ACCEPTED", T + 200 * s), status("r1", "RETIRED", T + 202 * s),
+        # c2: ready at 310, demand stays under capacity until the next command (c3, 500).
+        status("c2", "ACCEPTED", T + 300 * s), status("c2", "READY", T + 310 * s),
+        # c3: ready at 505, its command says capacity 25; crossed at 600 through the mirror.
+        status("c3", "ACCEPTED", T + 500 * s), status("c3", "READY", T + 505 * s),
+        # c4: ordered while demand was already over capacity (since 700): late.
+        status("c4", "ACCEPTED", T + 720 * s), status("c4", "READY", T + 730 * s),
+        status("c5", "ACCEPTED", T + 800 * s), status("c5", "FAILED", T + 810 * s),
     ])
+    insert(client, "mirror-commands", [command("c3", 499, 25.0)])
     insert(client, "load-scores", [
-        score(T + 20 * s, 5.0), score(T + 100 * s, 12.0), score(T + 110 * s, 13.0),
-        score(T + 300 * s, 11.0),
+        # One endpoint over its own capacity long before the region's sum is.
+        score(E1, 20, 12.0), score(E2, 20, 3.0),  # 15
+        score("orders-central-1", 50, 500.0, region="central"),  # another region: ignored
+        score(E1, 60, 12.0), score(E2, 60, 6.0),  # 18
+        score(E1, 100, 12.0),  # still 18
+        score(E2, 101, 9.0),  # 21 > 20: the crossing
+        score(E1, 130, 5.0), score(E2, 130, 5.0),  # 10
+        # c2: 19 at 320; E2's 15 rps expires at 330 (no later E2 score before 560), so at
+        # 340 demand is 8 of 10 (E1 alone), not 23 of 20.
+        score(E1, 300, 4.0), score(E2, 320, 15.0, valid_s=10), score(E1, 340, 8.0),
+        # c3: the mirror's requests count as demand, its capacity does not.
+        score(E1, 560, 8.0), score(E2, 560, 8.0), score(MIRROR, 560, 6.0, capacity=100.0),
+        score(MIRROR, 600, 10.0, capacity=100.0),  # 26 > 25 (22 at 560 was only > 20)
+        # c4: 11 at 690, 32 from 700 on (over 20 = the central endpoints' capacities).
+        score(E1, 690, 5.0), score(E2, 690, 5.0), score(MIRROR, 690, 1.0, capacity=100.0),
+        score(E1, 700, 15.0), score(E2, 700, 15.0), score(MIRROR, 700, 2.0, capacity=100.0),
+        score(E1, 710, 15.0), score(E2, 710, 15.0), score(MIRROR, 710, 2.0, capacity=100.0),
     ])
-    params = {"since_ms": T - 3_600_000, "until_ms": T + 3_600_000}
-    rows = run_canned(client, "mirror-lead-time", params)
-    got = {r[2]: dict(zip(rows.columns, r, strict=True)) for r in rows.rows}
-    assert set(got) == {"c1", "c2"}  # c3 never became ready
-    # c1: ready at +40 s, demand first above central capacity at +100 s: 60 s early.
-    assert got["c1"]["lead_seconds"] == 60.0
-    # c2 with the default look-back finds that same crossing: ready 130 s late.
-    assert got["c2"]["lead_seconds"] == -130.0
-    # Without look-back, c2 waits for the next crossing after it began (+300 s): 70 s early.
-    rows = run_canned(client, "mirror-lead-time", {**params, "lookback_s": 0})
-    got = {r[2]: dict(zip(rows.columns, r, strict=True)) for r in rows.rows}
-    assert got["c1"]["lead_seconds"] == 60.0 and got["c2"]["lead_seconds"] == 70.0
+    got = lead_rows(client)
+    assert set(got) == {"c1", "c2", "c3", "c4"}  # c5 never became ready, r1 is a retire
+    c1, c2, c3, c4 = (got[k] for k in ("c1", "c2", "c3", "c4"))
+    # c1: the sum crossed at 101 (not E1's own crossing at 20): ready 61 s before.
+    assert offset_s(c1["crossed_at"]) == 101.0 and c1["lead_seconds"] == 61.0
+    assert (c1["demand_rps"], c1["capacity_rps"]) == (21.0, 20.0)
+    assert c1["note"] == "mirror ready before demand crossed capacity"
+    # c2: no crossing before c3 was issued (the one at 600 is c3's): NULL, and why.
+    assert c2["crossed_at"] is None and c2["lead_seconds"] is None
+    assert c2["demand_rps"] is None and "did not cross" in c2["note"]
+    # c3: the command's 25 rps, not the summed 20 (which 22 rps at 560 exceeded).
+    assert offset_s(c3["crossed_at"]) == 600.0 and c3["lead_seconds"] == 95.0
+    assert (c3["demand_rps"], c3["capacity_rps"]) == (26.0, 25.0)
+    # c4: the over-capacity run it came into began at 700: ready 30 s late.
+    assert offset_s(c4["crossed_at"]) == 700.0 and c4["lead_seconds"] == -30.0
+    assert (c4["demand_rps"], c4["capacity_rps"]) == (32.0, 20.0)
+    assert c4["note"] == "mirror ready after demand crossed capacity"
+    # A look-back too short to see where c4's run began: no number, a note instead.
+    got = lead_rows(client, lookback_s=10)
+    assert got["c4"]["crossed_at"] is None and got["c4"]["lead_seconds"] is None
+    assert "already over capacity" in got["c4"]["note"]
+    assert got["c1"]["lead_seconds"] == 61.0 and got["c3"]["lead_seconds"] == 95.0
 
 
 def test_routing_shares_and_stale_periods(client: Any) -> None:
