@@ -18,6 +18,7 @@ import io
 import json
 import time
 from collections import defaultdict
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -199,11 +200,16 @@ def headline(q: dict[str, Any]) -> dict[str, Any]:
     leads = [r["lead_seconds"] for r in q["lead"] if r.get("lead_seconds") is not None]
     out["mirror_activations"] = len(q["lead"])
     out["mirror_lead_seconds"] = leads
+    # No crossing (NULL lead): demand never went over capacity, said as such, not a number.
+    out["mirror_no_crossing"] = len(q["lead"]) - len(leads)
     if q["lead"]:
         ahead = sum(1 for x in leads if x > 0)
-        shown = ", ".join(f"{x:+.1f}s" for x in leads) or "n/a"
-        lines.append(f"{len(q['lead'])} edge mirror activation(s); ready before demand "
-                     f"crossed capacity in {ahead} (lead {shown})")
+        shown = ", ".join("no crossing" if r.get("lead_seconds") is None
+                          else f"{r['lead_seconds']:+.1f}s" for r in q["lead"])
+        lines.append(f"{len(q['lead'])} edge mirror activation(s): ready before the edge "
+                     f"demand crossed central capacity in {ahead}, after it in "
+                     f"{len(leads) - ahead}, no crossing in {out['mirror_no_crossing']} "
+                     f"(lead {shown})")
     else:
         lines.append("no edge mirror was activated")
     acc = [r for r in q["accuracy"] if r["horizon"] == q["horizon"]]
@@ -343,6 +349,11 @@ def charts(facts: dict[str, Any], q: dict[str, Any]) -> dict[str, str]:
     for c in q["commands"]:
         ax.axvline(c["t_ms"] / 1000 - t, color="green" if c["action"] == "ACTIVATE" else
                    "purple", lw=1, ls=":")
+    crossed = [datetime.fromisoformat(r["crossed_at"]).timestamp() - t for r in q["lead"]
+               if r.get("crossed_at")]
+    if crossed:
+        ax.plot(crossed, [facts["edge_capacity_rps"]] * len(crossed), "rv", ms=8,
+                label="demand crossed capacity (mirror-lead-time)")
     _shade(ax, facts)
     ax.set_xlim(left=0)
     ax.set_xlabel("seconds since live start (dotted: ACTIVATE green, RETIRE purple)")
@@ -392,8 +403,10 @@ def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
                  [[r["endpoint_id"], r["horizon"], r["points"], r["mae"], r["mase"],
                    r["coverage"]] for r in s["forecast_accuracy"]
                   if r["horizon"] in (1, 5, 15)])
-    lead = _table(["command", "ready at", "demand crossed", "lead s"],
-                  [[r["command_id"], r["ready_at"], r["crossed_at"], r["lead_seconds"]]
+    lead = _table(["command", "ready at", "demand crossed", "lead s", "demand rps",
+                   "capacity rps", ""],
+                  [[r["command_id"], r["ready_at"], r["crossed_at"], r["lead_seconds"],
+                    r.get("demand_rps"), r.get("capacity_rps"), r.get("note")]
                    for r in s["mirrors"]["activations"]])
     mode = "quick" if sc.get("quick") else "full"
     return f"""<!doctype html><html><head><meta charset="utf-8">
@@ -419,9 +432,13 @@ the central columns compare routing policies only.</p>
 <h2>Routing weights over time</h2>
 <img src="data:image/png;base64,{imgs['weights']}" alt="weights over time">
 <h2>Edge mirrors</h2>
-<p class="note">mirror-lead-time query: lead = demand crossing capacity minus mirror ready
-(positive = ready before; the query takes the first crossing of any of the API's endpoints
-within 60 s before the command, so per-endpoint noise can count as a crossing). Share of the
+<p class="note">mirror-lead-time query: lead = when the edge region's demand crossed central
+capacity minus when the mirror was ready (positive = ready before). Demand is the sum of the
+latest scores' current rates over the region's endpoints, the mirror's included; capacity is
+the one the planner's command compared against. The crossing is the start of the
+over-capacity run the command met (looked for up to 60 s back), else the next one before the
+following command; it is the time a score first showed it, about one second after the
+requests (the chart's demand is per telemetry second). No crossing: no lead. Share of the
 predictive edge's requests answered by a mirror (load generator's count):
 {s['mirrors']['share_of_edge_requests']:.1%}.</p>{lead}
 <img src="data:image/png;base64,{imgs['mirrors']}" alt="edge demand and mirrors">
