@@ -7,9 +7,12 @@ same schema, materialized views included):
   in blocks as large as the sink's (the baseline: what clickhouse-connect and chDB do
   without loadcast);
 - ``sink``: the loadcast sink consuming TelemetryBatch values (``--windows`` per value)
-  from the embedded broker (Tansu), decoding, converting, inserting columnar batches and
-  committing offsets. Timed from the first record consumed to the last row stored (group
-  join and chDB start-up excluded; they are once per process).
+  from the embedded broker (Tansu), handing the Avro bodies to ClickHouse to decode
+  (:mod:`sinks.avro_ingest`; range checks in the view) and committing offsets. Timed from
+  the first record consumed to the last row stored (group join and chDB start-up
+  excluded; they are once per process).
+- ``sink_python_decode``: the same sink with ``decode_in_clickhouse = false``: decoding,
+  range checks and conversion in Python, columnar inserts (the path refused batches take).
 
 Rates are rows per wall second, medians over ``--repeats`` runs.
 
@@ -88,7 +91,7 @@ def run_raw(path: Path, rows: list[dict[str, Any]], block: int, run: int) -> flo
 
 
 def run_sink(path: Path, broker: EmbeddedBroker, codec: Codec, rows: list[dict[str, Any]],
-             per_value: int, batch_records: int, run: int) -> float:
+             per_value: int, batch_records: int, run: int, in_clickhouse: bool = True) -> float:
     """Produce TelemetryBatch values, then time the sink storing them; rows/s."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap,
                           topic_prefix=f"b{uuid.uuid4().hex[:6]}.", partitions=3)
@@ -104,7 +107,8 @@ def run_sink(path: Path, broker: EmbeddedBroker, codec: Codec, rows: list[dict[s
         p.produce(topic, value, key=str(i).encode())
         p.poll(0)
     assert p.flush(60) == 0
-    settings = SinkSettings(dsn=f"chdb://{path}", database=f"sink{run}", topics=["telemetry"],
+    settings = SinkSettings(dsn=f"chdb://{path}", database=f"sink{run}{int(in_clickhouse)}",
+                            topics=["telemetry"], decode_in_clickhouse=in_clickhouse,
                             group_id=f"bench-{kafka.topic_prefix}",
                             batch_max_records=batch_records, batch_max_seconds=2.0,
                             admin_enabled=False)
@@ -165,21 +169,27 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="loadcast-bench-sink-"))
     raw: list[float] = []
     sink: list[float] = []
+    python: list[float] = []
     try:
         with EmbeddedBroker() as broker:
             for r in range(args.repeats):  # interleaved, so drift hits both alike
                 raw.append(run_raw(tmp / "ch", rows, block, r))
                 sink.append(run_sink(tmp / "ch", broker, codec, rows, args.windows,
                                      args.batch_records, r))
+                python.append(run_sink(tmp / "ch", broker, codec, rows, args.windows,
+                                       args.batch_records, r, in_clickhouse=False))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     raw_med, sink_med = statistics.median(raw), statistics.median(sink)
+    py_med = statistics.median(python)
     result = {
         "rows": args.rows, "windows_per_value": args.windows, "block_rows": block,
         "repeats": args.repeats,
         "modes": {
             "raw": {"rows_per_s": raw_med, "runs": raw, "ratio_vs_raw": 1.0},
             "sink": {"rows_per_s": sink_med, "runs": sink, "ratio_vs_raw": sink_med / raw_med},
+            "sink_python_decode": {"rows_per_s": py_med, "runs": python,
+                                   "ratio_vs_raw": py_med / raw_med},
         },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -28,3 +28,7 @@ SINK_INSERT_SECONDS = Histogram(
     "loadcast_sink_insert_seconds", "Time to insert one batch into one table", ["table"]
 )
 SINK_UP = Gauge("loadcast_sink_clickhouse_up", "1 while the last ClickHouse call succeeded")
+SINK_SLOW_BATCHES = Counter(
+    "loadcast_sink_refused_raw_batches_total",
+    "Telemetry batches ClickHouse refused to decode (bad values); decoded in Python instead",
+)

@@ -44,6 +44,11 @@ class SinkSettings(BaseModel):
     )
     batch_max_records: int = Field(50_000, ge=1, le=5_000_000, description="rows per insert")
     batch_max_seconds: float = Field(1.0, gt=0, le=600, description="max wait before an insert")
+    decode_in_clickhouse: bool = Field(
+        True,
+        description="let ClickHouse decode telemetry values (much faster); records it "
+        "refuses are decoded in Python and dead-lettered one by one",
+    )
     ttl_days: int = Field(90, ge=0, le=36_500, description="keep rows this long (0 = forever)")
     backoff_initial_seconds: float = Field(0.5, gt=0, le=60)
     backoff_max_seconds: float = Field(30.0, gt=0, le=3600)

@@ -4,7 +4,9 @@ One loop (:meth:`Sink.run`) consumes with confluent-kafka, decodes with the code
 values into rows (:mod:`sinks.convert`) and keeps them per table until the batch holds
 ``batch_max_records`` records or is ``batch_max_seconds`` old; then it inserts one
 columnar block per table through clickhouse-connect and, only after every insert of the
-batch succeeded, commits the offsets.
+batch succeeded, commits the offsets. Telemetry values of the current schemas are not
+decoded here: they are kept raw and ClickHouse decodes them (:mod:`sinks.avro_ingest`,
+about 6x faster); a batch it refuses is decoded here instead.
 
 Why nothing is stored twice:
 
@@ -42,6 +44,7 @@ from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from schemas.codec import Codec, CodecError
 from sinks import metrics
+from sinks.avro_ingest import FastPath, IngestTable
 from sinks.convert import (
     TOPIC_SCHEMAS,
     ConversionError,
@@ -90,6 +93,8 @@ class _Batch:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     inserted: set[str] = field(default_factory=set)
     filtered: bool = False
+    # Telemetry values ClickHouse decodes itself (sinks.avro_ingest), per ingest table.
+    raw: dict[str, list[Message]] = field(default_factory=dict)
 
     def note(self, key: TP, offset: int) -> None:
         if not self.messages:
@@ -129,6 +134,10 @@ class Sink:
         self.topics = {f"{kafka.topic_prefix}{short}": short for short in settings.topics}
         self.dead_letter_topic = f"{kafka.topic_prefix}dead-letter"
         self._sinks_dead_letter = "dead-letter" in settings.topics
+        self.fast = FastPath(self.codec) if settings.decode_in_clickhouse else None
+        self._fast_tables: dict[str, IngestTable] = (
+            {t.table: t for t in self.fast.tables} if self.fast else {}
+        )
         conf = kafka.consumer_config(
             settings.group_id,
             **{
@@ -223,6 +232,18 @@ class Sink:
             return
         if value is None:  # a tombstone (compacted global-model): nothing to store
             return
+        if self.fast is not None and short == "telemetry":
+            ingest = self.fast.table_for(value)
+            if ingest is not None:
+                b.raw.setdefault(ingest.table, []).append(msg)
+                return
+        self._decode(msg, short, value)
+
+    def _decode(self, msg: Message, short: str, value: bytes) -> None:
+        """Decode and convert one value in Python into the batch's rows (or dead letters)."""
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        assert topic is not None and partition is not None and offset is not None
+        b = self._batch
         try:
             name = self.codec.name_of(value)
             if name not in TOPIC_SCHEMAS[short]:
@@ -266,6 +287,8 @@ class Sink:
             client = self._client_factory()
             try:
                 migrate(client, self.settings.ttl_days)
+                for sql in self.fast.ddl() if self.fast else ():
+                    client.command(sql)
             except Exception:
                 close_quietly(client)
                 raise
@@ -324,6 +347,15 @@ class Sink:
                     continue
                 kept.append(r)
             b.rows[table] = kept
+        for table, msgs in b.raw.items():
+            kept_msgs = []
+            for m in msgs:
+                s = self._stored.get((str(m.topic()), int(m.partition() or 0)))
+                if s is not None and m.offset() in s[0]:
+                    skipped[str(m.topic())] = skipped.get(str(m.topic()), 0) + 1
+                    continue
+                kept_msgs.append(m)
+            b.raw[table] = kept_msgs
         # A dead letter already in dead_letter was produced before the crash.
         b.dead = [
             d for d in b.dead
@@ -363,6 +395,41 @@ class Sink:
         metrics.SINK_ROWS.labels(table).inc(len(rows))
         return len(rows)
 
+    def _insert_raw(self, client: Client, ingest: IngestTable, msgs: list[Message],
+                    token: str) -> int:
+        """Let ClickHouse decode telemetry values; if it refuses any (garbage, out of
+        range), decode these in Python instead, which dead-letters exactly the bad ones."""
+        from clickhouse_connect.driver.exceptions import OperationalError
+
+        assert self.fast is not None
+        started = time.perf_counter()
+        values = [m.value() or b"" for m in msgs]
+        data = self.fast.container(ingest, (
+            (str(m.topic()), int(m.partition() or 0), int(m.offset() or 0), v)
+            for m, v in zip(msgs, values, strict=True)
+        ))
+        try:
+            client.raw_insert(
+                ingest.table, None, data, fmt="Avro",
+                settings={
+                    "insert_deduplication_token": token,
+                    "deduplicate_blocks_in_dependent_materialized_views": 1,
+                },
+            )
+        except (OperationalError, ClickHouseUnavailable):
+            raise  # ClickHouse is away: keep the batch and retry it as it is
+        except Exception as e:
+            log.info("ClickHouse refused %d telemetry values (%s); decoding them here",
+                     len(msgs), str(e).splitlines()[0][:300])
+            metrics.SINK_SLOW_BATCHES.inc()
+            for m, v in zip(msgs, values, strict=True):
+                self._decode(m, "telemetry", v)
+            return 0
+        rows = self.fast.rows(ingest, values)
+        metrics.SINK_INSERT_SECONDS.labels("telemetry").observe(time.perf_counter() - started)
+        metrics.SINK_ROWS.labels("telemetry").inc(rows)
+        return rows
+
     def _bisect(self, client: Client, table: str, rows: list[Row], token: str,
                 error: Exception) -> int:
         if len(rows) == 1:
@@ -392,6 +459,12 @@ class Sink:
             self._check_stored(client)
             self._filter_stored()
             rows = 0
+            for table, msgs in b.raw.items():
+                if table in b.inserted or not msgs:
+                    continue
+                rows += self._insert_raw(client, self._fast_tables[table], msgs,
+                                         f"{b.token}-{table}")
+                b.inserted.add(table)
             for table, table_rows in b.rows.items():
                 if table in b.inserted or not table_rows:
                     continue

@@ -21,8 +21,9 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from prometheus_client import REGISTRY
 
-from schemas.codec import Codec
+from schemas.codec import Codec, EmbeddedIds
 from sinks.service import serve
 from sinks.settings import SinkSettings
 from sinks.sink import Sink
@@ -33,6 +34,7 @@ from tests.kafka_helpers import read_topic
 pytestmark = pytest.mark.slow
 
 STEP = 60
+BAD_RECORDS = 5  # undecodable records produce() adds (each becomes one dead letter)
 WINDOW_MS = 10_000
 MINUTES = 10
 
@@ -138,7 +140,14 @@ def produce(kafka: KafkaSettings, codec: Codec, windows: list[dict[str, Any]],
             "endpoint_id": "e1", "api": "orders", "region": "eu", "detected_at": 1,
             "window_start": 1, "score": 0.5, "threshold": 0.5}), key=b"e1")
         p.produce(sc, codec.encode("LoadScore", scores[0])[:-3], key=b"e1")  # truncated
-        n += 3
+        # Current telemetry schemas, which ClickHouse decodes: it must refuse these two,
+        # and the sink must still dead-letter exactly them and store the rest once.
+        unchecked = Codec(EmbeddedIds(), validate_on_encode=False)
+        hot = {**windows[0], "cpu_percent": 250.0}
+        p.produce(tel, unchecked.encode("EndpointTelemetry", hot), key=b"e1")  # out of range
+        batch = {"agent_id": "a1", "region": "eu", "created_at": 1, "windows": windows[:4]}
+        p.produce(tel, codec.encode("TelemetryBatch", batch)[:-40], key=b"e2")  # truncated
+        n += BAD_RECORDS
     e2 = [w for w in windows if w["endpoint_id"] == "e2"]
     for w in windows:
         if w["endpoint_id"] == "e1":
@@ -212,11 +221,12 @@ def wait_for(cond: Any, timeout: float, what: str) -> None:
 def test_queries_return_known_numbers_while_running_and_after(
     kafka: KafkaSettings, codec: Codec, base_ms: int, running_sink: dict[str, Any]
 ) -> None:
+    refused = REGISTRY.get_sample_value("loadcast_sink_refused_raw_batches_total") or 0.0
     windows, scores = known_input(base_ms)
     n = produce(kafka, codec, windows, scores)
     sink: Sink = running_sink["sink"]
-    # n records, plus the 3 dead letters the sink produced and reads back into dead_letter.
-    wait_for(lambda: sink.stats.records >= n + 3, 60, "the sink to store everything")
+    # n records, plus the dead letters the sink produced and reads back into dead_letter.
+    wait_for(lambda: sink.stats.records >= n + BAD_RECORDS, 60, "the sink to store everything")
     env = cli_env(kafka, running_sink["settings"].dsn)
 
     # While the sink runs it holds the chDB directory: the query goes through its admin
@@ -252,20 +262,27 @@ def test_queries_return_known_numbers_while_running_and_after(
     # The fixture's numbers are not trivial: coverage differs across the table.
     assert len({round(r["coverage"], 3) for r in accuracy_running}) > 1
 
-    # Bad input: three undecodable records, each in dead_letter with its reason, and on the
+    # Bad input: five undecodable records, each in dead_letter with its reason, and on the
     # dead-letter topic with the headers; everything after them was stored.
     reasons = {(r["source_topic"].split(".")[-1], r["reason"]): r["records"]
                for r in dead_running}
     assert reasons == {("telemetry", "bad_magic"): 1, ("telemetry", "wrong_schema"): 1,
-                       ("load-scores", "truncated"): 1}
-    dl = read_topic(kafka.bootstrap_servers, topic_name(kafka, "dead-letter"), min_records=3)
-    assert len(dl) == 3
+                       ("load-scores", "truncated"): 1, ("telemetry", "out_of_range"): 1,
+                       ("telemetry", "truncated"): 1}
+    dl = read_topic(kafka.bootstrap_servers, topic_name(kafka, "dead-letter"), min_records=5)
+    assert len(dl) == 5
     heads = [dict(m.headers() or []) for m in dl]
-    assert {h["loadcast.reason"] for h in heads} == {b"bad_magic", b"wrong_schema", b"truncated"}
+    got_reasons = [r.decode() if isinstance(r, bytes) else str(r)
+                   for r in (h["loadcast.reason"] for h in heads)]
+    assert sorted(got_reasons) == [
+        "bad_magic", "out_of_range", "truncated", "truncated", "wrong_schema"]
     assert all(h["loadcast.source_topic"] in (topic_name(kafka, "telemetry").encode(),
                                               topic_name(kafka, "load-scores").encode())
                for h in heads)
     assert {m.value() for m in dl} >= {b"not avro at all"}
+    # The two bad telemetry values were refused by ClickHouse's decoding (the fast path
+    # ran), then decoded here one by one.
+    assert (REGISTRY.get_sample_value("loadcast_sink_refused_raw_batches_total") or 0) > refused
 
 
 def test_query_errors_are_clear(tmp_path: Path, kafka: KafkaSettings) -> None:

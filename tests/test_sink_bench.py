@@ -22,7 +22,7 @@ def test_sink_benchmark_quick(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(out.read_text())
-    assert set(result["modes"]) == {"raw", "sink"}
+    assert set(result["modes"]) == {"raw", "sink", "sink_python_decode"}
     assert result["rows"] == 50_000
     for m in result["modes"].values():
         assert m["rows_per_s"] > 0

@@ -23,7 +23,7 @@ from sinks.settings import SinkSettings
 from sinks.sink import Sink
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
-from tests.test_sink import known_input, produce, wait_for
+from tests.test_sink import BAD_RECORDS, known_input, produce, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -96,7 +96,7 @@ def check_exactly_once(dsn: str, windows: list[dict[str, Any]], scores: int, ext
             assert n == keys == extra // 3, table
         n, keys = one("SELECT count(), uniqExact(source_topic, source_partition, source_offset) "
                       "FROM dead_letter")
-        assert n == keys == 3
+        assert n == keys == BAD_RECORDS
         # The rollups (materialized views, which cannot collapse duplicates) agree too.
         (requests,) = one("SELECT sum(requests) FROM telemetry_1m")
         assert requests == sum(w["request_count"] for w in windows)
@@ -136,7 +136,7 @@ def test_kill_9_between_insert_and_commit_stores_each_record_once(
     t = threading.Thread(target=sink.run, args=(stop,), daemon=True)
     t.start()
     try:
-        wait_for(lambda: sink.stats.records >= n + extra + 3, 90, "the restarted sink")
+        wait_for(lambda: sink.stats.records >= n + extra + BAD_RECORDS, 90, "the restarted sink")
     finally:
         stop.set()
         t.join(30)
@@ -182,7 +182,7 @@ def test_clickhouse_unavailable_then_back_loses_and_doubles_nothing(
         holder.wait(10)
     try:
         # Back: the kept batch goes in, then the rest, the dead letters, and lag returns to 0.
-        wait_for(lambda: sink.stats.records >= n + extra + 3, 60, "recovery")
+        wait_for(lambda: sink.stats.records >= n + extra + BAD_RECORDS, 60, "recovery")
         wait_for(lambda: sum(sink.last_lag().values()) == 0, 30, "lag back to 0")
         assert sink.stats.insert_failures >= failures
         assert sink.stats.already_stored == 0
