@@ -339,11 +339,13 @@ def charts(facts: dict[str, Any], q: dict[str, Any]) -> dict[str, str]:
     t = facts["t_live"]
     ready = {s["command_id"]: s["t_ms"] / 1000 - t for s in q["statuses"]
              if s["state"] == "READY"}
-    gone = {s["command_id"]: s["t_ms"] / 1000 - t for s in q["statuses"]
-            if s["state"] in ("DRAINING", "RETIRED")}
+    # DRAINING/RETIRED carry the RETIRE command's id, not the activation's: a ready span
+    # ends at the first of them after it (the demo has one edge region).
+    gone = sorted(s["t_ms"] / 1000 - t for s in q["statuses"]
+                  if s["state"] in ("DRAINING", "RETIRED"))
     first = True
-    for cid, a in ready.items():
-        b = min(gone.get(cid, facts["t_end"] - t), facts["t_end"] - t)
+    for a in ready.values():
+        b = min([g for g in gone if g > a] + [facts["t_end"] - t])
         ax.axvspan(a, b, color="green", alpha=0.15, label="mirror ready" if first else None)
         first = False
     for c in q["commands"]:
