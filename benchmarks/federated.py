@@ -38,6 +38,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,7 @@ def frozen_mae(weights: np.ndarray, ts: np.ndarray, y: np.ndarray, test_start: i
     """MAE (all horizons) over the test section with ``weights`` frozen."""
     f = DirectForecaster(step, max_horizon=H, select="model")
     load_weights(f, weights)
-    f._P[:] = 0.0  # RLS gain 0: the weights stay as given
+    f.set_prior(covariance=0.0)  # RLS gain 0: the weights stay as given
     start = max(0, test_start - f._L)
     n = len(y)
     err_sum, cnt = 0.0, 0
@@ -133,9 +134,11 @@ def _poison(u: ModelDelta) -> ModelDelta:
 
 
 def federate(parts: list[tuple[np.ndarray, np.ndarray]], cfg: EdgeTrainingConfig,
-             rounds: int, agg: AggregationConfig | None, poison: bool = False
+             rounds: int, agg: AggregationConfig | None, poison: bool = False,
+             attack: Callable[[ModelDelta], ModelDelta] = _poison,
              ) -> tuple[GlobalState | None, list[np.ndarray]]:
-    """Run ``rounds`` rounds over the edges' data; agg None = edges alone (no rounds)."""
+    """Run ``rounds`` rounds over the edges' data; agg None = edges alone (no rounds).
+    With ``poison`` edge 3 sends ``attack(update)`` (default: its delta x -1000)."""
     trainers = [LocalTrainer(f"edge-{k}", cfg) for k in range(EDGES)]
     coord = RoundCoordinator(agg or AggregationConfig(), min_updates=EDGES, round_timeout=1e9)
     state = None
@@ -151,7 +154,7 @@ def federate(parts: list[tuple[np.ndarray, np.ndarray]], cfg: EdgeTrainingConfig
             if u is None:
                 continue
             if poison and k == POISONED_EDGE:
-                u = _poison(u)
+                u = attack(u)
             for s in coord.offer(u, now=float(r)):
                 state = s
         if state is not None:

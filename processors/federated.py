@@ -1,65 +1,81 @@
-"""Federated averaging for the default forecaster: what is shared, deltas, robust FedAvg.
+"""Federated learning of the default forecaster: what is shared, statistics, robust rounds.
 
 Plain Python (numpy): no Kafka.  The edge (:mod:`streams.federated_edge`) and the
 coordinator (:mod:`processors.coordinator`) wire it to topics.
 
-**What is shared (global) and what stays per endpoint.**  The default forecaster
+**Federated least squares.**  The default forecaster
 (:class:`~processors.forecasting.direct.DirectForecaster`) predicts, per horizon, a
-*scale-free* correction of the seasonal-naive forecast from features divided by the
-endpoint's level, so its regression weights transfer between endpoints of any size.
+*scale-free* correction of the seasonal-naive forecast, linear in features divided by the
+endpoint's level.  Its weights are a (recursive) least-squares fit, and least squares has
+sufficient statistics: for rows ``z = (x, target)`` the sums ``S = sum z z^T`` (the
+information matrix ``X^T X``, ``X^T y`` and ``y^T y``; ``x_0 = 1`` so ``S[0, 0]`` is the row
+count).  Edges send the sums of their new rows; the coordinator adds them up and the global
+weights are the ridge solution of the summed statistics,
+``w_h = (S_xx + ridge I)^-1 S_xy`` - the same as least squares on all edges' rows in one
+place (central training), whatever way the rows are split between the edges.  Averaging
+weights instead (FedAvg) is only exact when the edges' data look alike: on time-split
+traces it was 1.3x central's test error (see ``benchmarks/federated.py``).  Rows are kept
+apart by regime: ``gram`` from rows whose base was the seasonal-naive value (an endpoint
+with a season of history: the model used from then on), ``cold_gram`` from rows made in an
+endpoint's first season (base = the level; the edges' *shadow cold starts* produce them),
+which give the ``cold_weights`` a new endpoint starts with.
 
 ==========================  =========  =====================================================
 state                       where      why
 ==========================  =========  =====================================================
-``weights`` (H x F)         global     per-horizon regression weights on the scale-free
-                                       features, expressed on the *raw* scale-free features
-``cold_weights`` (H x F)    global     the same weights for an endpoint's first season, when
-                                       no seasonal history exists yet (learned at the edges
-                                       by simulated cold starts, used to warm-start)
+``gram``, ``cold_gram``     global     sums over >= ``min_samples`` rows of products of
+(H x (F+1) x (F+1))                    scale-free features and targets (see Privacy)
+``weights`` (H x F)         global     solved from ``gram``: per-horizon weights on the raw
+                                       scale-free features
+``cold_weights`` (H x F)    global     solved from ``cold_gram``: weights for an endpoint's
+                                       first season, when no seasonal history exists yet
 ``cold_errors`` (H x C)     global     scale-free mean absolute error of each candidate of
-                                       the online selector during cold starts (statistic)
+                                       the online selector during (shadow) cold starts
 ``x_mean``, ``x_var``,      global     feature-scaler moments, ``"sgd"`` learner only: merged
-``y_var`` (sgd)                        by pooling (counts, means, variances), never averaged
-                                       blindly
-RLS covariance ``P``        local      see below
+``y_var`` (sgd)                        by pooling (counts, means, variances)
+RLS covariance ``P``        local      the edge's own fit; a warm start sets it from the
+                                       global statistics (see below)
 level, value ring buffer,   local      they *are* the endpoint's traffic (raw values): they
 EW means, seasonal diffs               never leave the edge
 selector errors, band       local      per-endpoint accuracy; only their scale-free cold-start
 error quantiles                        averages are shared (``cold_errors``)
 ==========================  =========  =====================================================
 
-*Weights are averaged in raw-feature space.*  With the ``"rls"`` learner (the default) the
-weights already apply to the raw scale-free features, whose scaler stays at mean 0 and
-variance 1, so nothing else is needed and no scaler is sent.  With ``"sgd"`` the weights
-apply to features standardized by each edge's own ``x_mean``/``x_var`` and predict in units
-of ``sqrt(y_var)``; averaging those directly would mix different scales.  So every edge
-converts its weights to raw-feature coefficients (exact for a linear model), the
-coordinator averages those, merges the scaler moments by pooling (``n``-weighted means;
-variance = mean of within-edge variances + variance of the means) and edges convert back
-with the merged scaler.
+*Privacy.*  A statistic is a sum over at least ``min_samples`` rows (an update is only
+sent after that many model steps) of products of features that are all divided by the
+endpoint's level: persistence, EW means, last week's value *minus the seasonal-naive
+value, over the level*, time-of-day terms.  Neither a request count, a rate, a latency nor
+the level itself is in it, and one row cannot be told from the sum (``(F+1)^2`` sums of
+hundreds of rows, not invertible to the rows).  On the wire each horizon is sent as a row
+count (``num_samples``) with the means and covariance of the row values
+(:func:`update_to_record`), so even the count is not a value.  ``noise_multiplier`` adds
+Gaussian noise to each round's aggregate (below) for a differential-privacy budget.
 
-*The RLS covariance stays local.*  ``P`` is the inverse of the edge's own (forgetting-
-weighted) feature Gram matrix: it encodes how much *this* edge's data constrains each
-weight, i.e. the second moments of its traffic-derived features, which is more about the
-data than the model (a privacy leak), 15 x 25 x 25 numbers per update, and inverse matrices
-do not average meaningfully.  FedAvg needs only the weights.  When an edge loads a new
-global version it resets ``P`` to ``round_prior * I`` (0.1): each round's local training is
-then a regularized refit around the global weights (like FedProx's proximal term).  Keeping
-the old ``P``, which describes the old local fit, made rounds diverge in the benchmark
-(test MAE 4.7x central after 6 rounds, vs 1.02x with the reset).  A warm-started endpoint
-likewise gets ``P = prior * I``: the prior variance says how strongly it trusts the global
-weights.
+*The RLS covariance stays local* (it is one edge's fit).  A warm-started endpoint's
+``P`` comes from the global statistics: ``P = (k * G)^-1`` with ``G`` the mean information
+matrix per row and ``k`` the prior's strength in samples (default one season): the global
+weights count as much as a season of the endpoint's own data, strongly along directions
+the federation's data pin down and weakly where they do not.
 
 **Rounds, staleness, robustness.**  Round ``r`` produces version ``r``; an update for it
 should be built on version ``r - 1``.  An update built on an older version (staleness
 ``s``) is *down-weighted* by ``staleness_decay ** s`` up to ``max_staleness`` and *rejected*
 beyond (and always rejected when its base is newer than the coordinator's version).
-``"fedavg"`` is the mean of the deltas weighted by sample counts (times the staleness
-factor), after clipping each delta to an L2 norm bound; ``noise_multiplier`` adds Gaussian
-noise of ``noise_multiplier * bound * max_share`` (the most one clipped update can move the
-weighted mean: the DP-FedAvg recipe).  ``"median"`` and ``"trimmed-mean"`` aggregate
-coordinate-wise, unweighted, so one poisoned edge cannot drag any coordinate past the
-honest ones.
+For statistics each update is seen as a row count ``n`` and mean statistics ``G = S / n``:
+
+* ``"fedavg"``: the sum of the updates' statistics.  With clipping (the default,
+  ``clip_median_multiple`` and/or ``clip_norm``) each ``G`` is pulled toward the round's
+  coordinate-wise median to within the bound (*centred clipping*; honest edges are rarely
+  touched, a poisoned one moves the sum by at most the bound) and each count is kept
+  within ``[0, multiple x median count]``.  ``noise_multiplier`` adds Gaussian noise of
+  ``noise_multiplier * bound * max_share`` to the round's mean statistics.
+* ``"median"`` / ``"trimmed-mean"``: coordinate-wise over the ``G`` (unweighted), times the
+  median count per update, projected back to a positive semi-definite matrix.
+
+Updates that carry weight deltas instead (``weights``; as older edges and tests send)
+are averaged the FedAvg way: the mean of the deltas weighted by sample counts, each
+clipped to an L2 norm bound, or coordinate-wise median / trimmed mean.  Once a family has
+statistics its weights are always solved from them.
 
 >>> import numpy as np
 >>> base = GlobalState("f", 0, {"weights": np.zeros((1, 2))})
@@ -89,6 +105,8 @@ __all__ = [
     "GlobalState",
     "ModelDelta",
     "RoundCoordinator",
+    "RowStats",
+    "adopt_global",
     "aggregate",
     "clip_by_norm",
     "family_of",
@@ -96,7 +114,9 @@ __all__ = [
     "global_to_record",
     "load_weights",
     "merge_stats",
+    "prior_covariance",
     "shared_view",
+    "solve_weights",
     "staleness_weight",
     "update_from_record",
     "update_to_record",
@@ -106,7 +126,12 @@ __all__ = [
 AGGREGATIONS = ("fedavg", "median", "trimmed-mean")
 #: Parameters that are averaged as deltas (weights); the rest of a model is statistics.
 WEIGHT_PARAMS = ("weights", "cold_weights")
+#: Sufficient statistics (row sums) and the weights solved from them.
+STAT_PARAMS = {"gram": "weights", "cold_gram": "cold_weights"}
 _SCALER = ("x_mean", "x_var", "y_var")
+#: Ridge of the least-squares solution, in rows: pulls weights toward 0 (seasonal naive)
+#: where the summed rows say little.
+DEFAULT_RIDGE = 10.0
 Params = dict[str, np.ndarray]
 
 
@@ -175,13 +200,99 @@ def load_weights(f: Any, raw: np.ndarray, stats: Mapping[str, np.ndarray] | None
     inner.set_params({"weights": w, **scaler})
 
 
-def _selector_errors(f: DirectForecaster) -> tuple[np.ndarray, np.ndarray]:
-    """Scale-free EW mean |error| of each selector candidate (H x C), and its weight."""
-    # Internal to DirectForecaster (no public accessor yet): bias-corrected EW sums.
-    num, w = f._cerr_num, f._cerr_w
-    with np.errstate(invalid="ignore", divide="ignore"):
-        err = np.where(w > 0, num / np.maximum(w, 1e-12), np.nan)
-    return err, w.copy()
+# ----------------------------------------------------------------------------- statistics
+
+
+class RowStats:
+    """Sufficient statistics of least squares over a forecaster's learning rows.
+
+    Attach with ``forecaster.observe_rows(stats)``; one object may observe many
+    forecasters (an edge's endpoints).  ``sums[name]`` is (H, F+1, F+1): per horizon the sum
+    of ``z z^T`` over rows ``z = (x, target)``; ``x_0 = 1``, so ``[h, 0, 0]`` counts rows.
+    Rows whose base was seasonal naive go to ``"gram"``, first-season rows (base = the
+    level) to ``"cold_gram"``; ``keep`` says which are collected.
+
+    >>> f = DirectForecaster(step_seconds=3600, max_horizon=2)
+    >>> st = RowStats(2, keep=("gram", "cold_gram"))
+    >>> f.observe_rows(st)
+    >>> for i in range(60):
+    ...     _ = f.learn(3600 * i, 100.0 + i % 24)
+    >>> int(st.sums["cold_gram"][0, 0, 0]), int(st.sums["gram"][0, 0, 0])
+    (23, 36)
+    """
+
+    def __init__(self, horizons: int, keep: Iterable[str] = ("gram",)) -> None:
+        self.keep = tuple(keep)
+        if not set(self.keep) <= set(STAT_PARAMS):
+            raise ValueError(f"keep: choose from {sorted(STAT_PARAMS)}")
+        shape = (horizons, N_FEATURES + 1, N_FEATURES + 1)
+        self.sums: Params = {k: np.zeros(shape) for k in self.keep}
+
+    def rows(self, horizons: np.ndarray, X: np.ndarray, target: np.ndarray,
+             missing: np.ndarray, seasonal: np.ndarray) -> None:
+        """RowObserver hook (see ``DirectForecaster.observe_rows``)."""
+        z = np.concatenate([X, target[:, None]], axis=1)
+        for name, sel in (("gram", seasonal), ("cold_gram", ~seasonal)):
+            if name in self.sums and sel.any():
+                zs = z[sel]
+                # Each horizon completes at most once per step: no repeated indices.
+                self.sums[name][horizons[sel]] += np.einsum("ki,kj->kij", zs, zs)
+
+    def count(self, name: str) -> int:
+        """Rows of ``name`` (horizon 1)."""
+        return round(float(self.sums[name][0, 0, 0])) if name in self.sums else 0
+
+    def take(self) -> Params:
+        """A copy of the sums (what an update sends)."""
+        return {k: v.copy() for k, v in self.sums.items()}
+
+    def subtract(self, sent: Mapping[str, np.ndarray]) -> None:
+        """Forget rows already folded into a global version (keep the ones since)."""
+        for k, v in sent.items():
+            if k in self.sums and v.shape == self.sums[k].shape:
+                self.sums[k] -= v
+
+
+def solve_weights(sums: np.ndarray, ridge: float = DEFAULT_RIDGE) -> np.ndarray:
+    """Per-horizon ridge least squares from summed statistics (H, F+1, F+1) -> (H, F).
+
+    The bias weight is not penalized.  A horizon without rows (or a singular system)
+    gets zero weights: the seasonal-naive forecast.
+
+    >>> rng = np.random.default_rng(0)
+    >>> X = np.c_[np.ones(500), rng.normal(size=(500, 2))]
+    >>> z = np.c_[X, X @ [0.5, 2.0, -1.0]]
+    >>> np.round(solve_weights((z.T @ z)[None], ridge=0.0), 3).tolist()
+    [[0.5, 2.0, -1.0]]
+    """
+    S = np.asarray(sums, dtype=float)
+    H, F = S.shape[0], S.shape[1] - 1
+    pen = np.full(F, float(ridge))
+    pen[0] = 0.0
+    out = np.zeros((H, F))
+    for h in range(H):
+        if not S[h, 0, 0] > 0:
+            continue
+        A = S[h, :F, :F] + np.diag(pen)
+        try:
+            w = np.linalg.solve(A, S[h, :F, F])
+        except np.linalg.LinAlgError:
+            w, *_ = np.linalg.lstsq(A, S[h, :F, F], rcond=None)
+        if np.all(np.isfinite(w)):
+            out[h] = w
+    return out
+
+
+def prior_covariance(sums: np.ndarray, samples: float) -> np.ndarray:
+    """RLS prior covariance worth ``samples`` rows of the federation's statistics:
+    ``(samples * G + I / 10)^-1`` per horizon, ``G = S_xx / n`` the mean information
+    matrix (the small identity term keeps unexcited directions finite)."""
+    S = np.asarray(sums, dtype=float)
+    F = S.shape[1] - 1
+    n = np.maximum(S[:, 0, 0], 1e-9)[:, None, None]
+    G = np.where(S[:, :1, :1] > 0, S[:, :F, :F] / n, 0.0)
+    A = samples * G + np.eye(F)[None] * 0.1
+    return np.asarray(np.linalg.inv(A))
 
 
 # ----------------------------------------------------------------------------- values
@@ -232,7 +343,11 @@ class AggregationConfig:
 
     ``clip_norm`` is an absolute L2 bound per named parameter delta; ``clip_median_multiple``
     an adaptive one (that many times the round's median norm); both apply when both are
-    set.  ``noise_multiplier`` needs a bound.
+    set.  ``noise_multiplier`` needs a bound.  For statistics the bounds apply to each
+    update's mean statistics around the round's median (centred clipping).  ``ridge`` is
+    the least-squares ridge in rows; ``stats_decay`` multiplies the accumulated statistics
+    every round (1 = keep every row: the exact central solution; below 1 the global model
+    follows drift, forgetting older rounds).
     """
 
     method: str = "fedavg"
@@ -243,6 +358,8 @@ class AggregationConfig:
     max_staleness: int = 2
     staleness_decay: float = 0.5
     seed: int | None = None
+    ridge: float = DEFAULT_RIDGE
+    stats_decay: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in AGGREGATIONS:
@@ -260,6 +377,8 @@ class AggregationConfig:
             raise ValueError("trim_fraction must be in [0, 0.5)")
         if self.max_staleness < 0 or not 0 < self.staleness_decay <= 1:
             raise ValueError("max_staleness must be >= 0 and staleness_decay in (0, 1]")
+        if not self.ridge >= 0 or not 0 < self.stats_decay <= 1:
+            raise ValueError("ridge must be >= 0 and stats_decay in (0, 1]")
 
 
 @dataclass
@@ -307,6 +426,67 @@ def _robust(stack: np.ndarray, method: str, trim: float) -> np.ndarray:
     k = math.floor(trim * stack.shape[0])
     srt = np.sort(stack, axis=0)
     return np.asarray(srt[k: stack.shape[0] - k].mean(axis=0))
+
+
+def _aggregate_stats(name: str, rows: Sequence[tuple[ModelDelta, float]],
+                     config: AggregationConfig, rng: np.random.Generator,
+                     metrics: dict[str, float], prev: np.ndarray | None = None
+                     ) -> tuple[np.ndarray, int]:
+    """One round's summed statistics of ``name`` (H, F+1, F+1), and how many updates were
+    clipped.  ``prev`` is the accumulated statistics before the round.
+
+    Each update is a per-horizon count ``n`` (``S[:, 0, 0]``) and mean statistics
+    ``G = S / n``; see the module docstring for the rules.
+    """
+    sums = [np.asarray(u.delta[name], dtype=float) for u, _ in rows]
+    factors = np.array([f for _, f in rows])
+    robust = config.method != "fedavg"
+    multiple = config.clip_median_multiple
+    if not robust and config.clip_norm is None and multiple is None:
+        return np.asarray(sum(f * S for f, S in zip(factors, sums, strict=True))), 0
+    if robust and multiple is None and config.clip_norm is None:
+        multiple = 1.0  # a robust method always bounds each update around its centre
+    counts = np.stack([S[:, 0, 0] for S in sums])  # (U, H)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        G = np.stack([np.where(n[:, None, None] != 0, S / n[:, None, None], np.nan)
+                      for S, n in zip(sums, counts, strict=True)])
+    ok = np.all(np.isfinite(G.reshape(len(sums), -1)), axis=1)
+    G, counts, factors = G[ok], counts[ok], factors[ok]
+    if not len(G):
+        return np.zeros_like(sums[0]), 0
+    # The centre each update is clipped around: the global statistics so far (as weight
+    # deltas are clipped around the global weights), or the round's robust centre.
+    if robust:
+        center = _robust(G, config.method, config.trim_fraction)
+    elif prev is not None and np.all(prev[:, 0, 0] > 0):
+        center = prev / prev[:, :1, :1]
+    else:
+        center = np.median(G, axis=0)
+    dev = G - center
+    norms = np.sqrt((dev ** 2).sum(axis=(1, 2, 3)))
+    bound = config.clip_norm
+    if multiple is not None:
+        adaptive = multiple * float(np.median(norms))
+        bound = adaptive if bound is None else min(bound, adaptive)
+    assert bound is not None
+    scale = np.where(norms > bound, bound / np.maximum(norms, 1e-300), 1.0)
+    G = center + dev * scale[:, None, None, None]
+    # Counts (the weights) within [0, multiple x the round's median count].
+    cap = (multiple or 3.0) * np.median(counts, axis=0)
+    n_eff = np.clip(counts, 0.0, np.maximum(cap, 0.0)[None, :]) * factors[:, None]
+    clipped = int(((norms > bound) | np.any(n_eff != counts * factors[:, None], axis=1)).sum())
+    metrics[f"clip_bound.{name}"] = float(bound)
+    metrics[f"median_norm.{name}"] = float(np.median(norms))
+    tot = n_eff.sum(axis=0)  # (H,)
+    safe = np.where(tot > 0, tot, 1.0)
+    mean = np.einsum("uh,uhij->hij", n_eff, G) / safe[:, None, None]
+    if config.noise_multiplier > 0:
+        share = float((n_eff / safe).max())
+        sigma = config.noise_multiplier * bound * share
+        noise = rng.normal(0.0, sigma, size=mean.shape)
+        mean = mean + (noise + np.swapaxes(noise, -1, -2)) / 2
+        metrics[f"noise_std.{name}"] = sigma
+    return mean * tot[:, None, None], clipped
 
 
 def merge_stats(items: Sequence[tuple[float, Params]], method: str = "fedavg",
@@ -382,7 +562,24 @@ def aggregate(state: GlobalState, updates: Sequence[ModelDelta], config: Aggrega
     metrics: dict[str, float] = {"updates": float(len(updates)), "rejected": float(len(rejected))}
     names = sorted({k for u, _ in kept for k in u.delta})
     clipped_total = 0
+    for name in (n for n in names if n in STAT_PARAMS):
+        rows = [(u, f) for u, f in kept if name in u.delta and u.n(name) > 0]
+        if not rows:
+            continue
+        prev = params.get(name)
+        rnd, clipped_n = _aggregate_stats(name, rows, config, rng, metrics, prev)
+        clipped_total += clipped_n
+        total = rnd if prev is None else config.stats_decay * prev + rnd
+        params[name] = total
+        params[STAT_PARAMS[name]] = solve_weights(total, config.ridge)
+        samples[name] = round(float(total[0, 0, 0]))
+        samples[STAT_PARAMS[name]] = samples[name]
     for name in names:
+        if name in STAT_PARAMS:
+            continue
+        stat = next((k for k, w in STAT_PARAMS.items() if w == name), None)
+        if stat is not None and stat in params:
+            continue  # solved from the statistics, not averaged
         rows = [(u, f) for u, f in kept if name in u.delta and u.n(name) > 0]
         if not rows:
             continue
@@ -526,47 +723,63 @@ class RoundCoordinator:
 # ----------------------------------------------------------------------------- cold start
 
 
-def _seed_selector(f: DirectForecaster, errors: np.ndarray | None, pseudo_count: float) -> None:
-    """Give the online selector the federation's cold-start track record.
+def _prior(state_params: Mapping[str, np.ndarray], stat: str, samples: float,
+           fallback: float) -> float | np.ndarray:
+    """Prior covariance from the global statistics ``stat``, or ``fallback * I``."""
+    S = state_params.get(stat)
+    if S is None or np.ndim(S) != 3 or not float(np.asarray(S)[0, 0, 0]) > 0:
+        return fallback
+    return prior_covariance(S, samples)
 
-    Without it a new endpoint forecasts with seasonal naive (the level, before a season of
-    history) until every candidate has ``_warm`` errors of its own, whatever its weights.
-    """
-    H, C = f._cerr.shape
+
+def adopt_global(f: Any, state: GlobalState, prior_samples: float | None = None,
+                 fallback_prior: float = 0.1) -> bool:
+    """Load a global version's (mature) weights into a running default forecaster, with an
+    RLS prior worth ``prior_samples`` rows (default: one season) of the global statistics
+    (``fallback_prior * I`` when the version has none).  Returns False if it has no
+    weights."""
+    inner = _direct(f)
+    w = state.params.get("weights")
+    if w is None:
+        return False
+    load_weights(inner, w, {k: state.stats[k] for k in _SCALER if k in state.stats})
+    k = float(prior_samples or inner.season)
+    inner.set_prior(covariance=_prior(state.params, "gram", k, fallback_prior))
+    return True
+
+
+def _seed(f: DirectForecaster, errors: np.ndarray | None, pseudo_count: float | None) -> None:
+    """Seed the selector with the federation's cold-start errors (see warm_start)."""
+    H, C = f.max_horizon, len(CANDIDATES)
     e = np.full((H, C), np.nan) if errors is None else np.asarray(errors, dtype=float)
     if e.shape != (H, C):
         return
     if not np.isfinite(e[:, 0]).any():
         e = e.copy()
         e[:, 0] = 0.0  # no record at all: trust the model, local errors take over fast
-    ok = np.isfinite(e)
-    f._cerr_num = np.where(ok, e * pseudo_count, f._cerr_num)
-    f._cerr_w = np.where(ok, pseudo_count, f._cerr_w)
-    f._cerr_n = np.where(ok, np.maximum(f._cerr_n, f._warm), f._cerr_n)
-    f._cerr = np.where(ok, e, f._cerr)
-
-
-def _set_prior(f: DirectForecaster, variance: float) -> None:
-    f._P = np.repeat(np.eye(N_FEATURES)[None] * variance, f.max_horizon, axis=0)
+    f.seed_selector(e, pseudo_count or float(min(f.season, 100)))
 
 
 class ColdStartForecaster:
     """A warm-started default forecaster: cold-start weights for its first season, then the
     global weights.  Implements the Forecaster protocol; picklable; other attributes
     (``get_params``, ``weights`` ...) pass through to ``inner``.
+
+    ``mature_prior`` is the RLS prior covariance taken on at graduation (a scalar ``v``
+    means ``v * I``, or one (F, F) matrix per horizon).
     """
 
     kind = "default+warm"
 
     def __init__(self, inner: DirectForecaster, mature: np.ndarray | None,
                  mature_stats: Mapping[str, np.ndarray] | None = None,
-                 graduate_after: int | None = None, mature_prior: float = 0.01,
-                 version: int = 0) -> None:
+                 graduate_after: int | None = None,
+                 mature_prior: float | np.ndarray = 0.01, version: int = 0) -> None:
         self.inner = inner
         self.mature = None if mature is None else np.asarray(mature, dtype=float)
         self.mature_stats = dict(mature_stats or {})
         self.graduate_after = inner.season if graduate_after is None else int(graduate_after)
-        self.mature_prior = float(mature_prior)
+        self.mature_prior: float | np.ndarray = mature_prior
         self.graduated = False
         self.version = version  # global version it started from
 
@@ -596,15 +809,19 @@ class ColdStartForecaster:
         self.graduated = True
         if self.mature is not None:
             load_weights(self.inner, self.mature, self.mature_stats)
-            _set_prior(self.inner, self.mature_prior)
+            self.inner.set_prior(covariance=self.mature_prior)
+        self.mature_prior = 0.0  # not needed any more: keep snapshots small
 
-    def update_global(self, state: GlobalState) -> None:
+    def update_global(self, state: GlobalState, prior_samples: float | None = None) -> None:
         """A newer global version: graduate onto it (or load it, once graduated)."""
         if "weights" in state.params:
             self.mature = state.params["weights"]
             self.mature_stats = {k: state.stats[k] for k in _SCALER if k in state.stats}
             if self.graduated:
-                load_weights(self.inner, self.mature, self.mature_stats)
+                adopt_global(self.inner, state, prior_samples)
+            else:
+                k = float(prior_samples or self.inner.season)
+                self.mature_prior = _prior(state.params, "gram", k, 0.01)
 
     def __getattr__(self, name: str) -> Any:
         if name == "inner":  # during unpickling, before __dict__ is filled
@@ -613,16 +830,22 @@ class ColdStartForecaster:
 
 
 def warm_start(forecaster: Any, global_params: GlobalState | Mapping[str, np.ndarray], *,
-               cold_prior: float = 0.1, mature_prior: float = 0.01,
-               pseudo_count: float = 1.0) -> Any:
+               prior_samples: float | None = None, pseudo_count: float | None = None,
+               cold_prior: float = 0.1, mature_prior: float = 0.01) -> Any:
     """Start a *new* endpoint's default forecaster from the global model; returns the
     forecaster to use from now on (the same object, or a :class:`ColdStartForecaster`
     around it when the global model has cold-start weights).
 
-    With ``cold_weights``: those weights, RLS prior ``cold_prior * I``, and the selector
-    seeded with the federation's cold-start errors; after one season it switches to the
-    global ``weights`` with prior ``mature_prior * I``.  Without: just the global weights.
-    Forecasters of other kinds are returned unchanged.
+    With ``cold_weights``: those weights, and the selector seeded with the federation's
+    cold-start errors as ``pseudo_count`` errors of each candidate (default: a season, at
+    most 100), so it uses the model from the first step only for the horizons where the
+    model beat the baselines in cold starts; after one season it switches to the global
+    ``weights``.  Without: just the global weights.  The RLS prior of either is worth
+    ``prior_samples`` rows (default one season) of the matching global statistics
+    (``cold_gram``, ``gram``): the endpoint's own first season counts as much as the
+    federation's prior.  Global models without statistics (weight averaging) use
+    ``cold_prior * I`` / ``mature_prior * I``.  Forecasters of other kinds are returned
+    unchanged.
 
     >>> import numpy as np
     >>> f = DirectForecaster(step_seconds=3600, max_horizon=3)
@@ -631,11 +854,13 @@ def warm_start(forecaster: Any, global_params: GlobalState | Mapping[str, np.nda
     (True, True)
     """
     if isinstance(global_params, GlobalState):
-        params, stats, version = global_params.params, global_params.stats, global_params.version
+        state = global_params
     else:
-        params = {k: v for k, v in global_params.items() if k in WEIGHT_PARAMS}
-        stats = {k: v for k, v in global_params.items() if k not in WEIGHT_PARAMS}
-        version = 0
+        state = GlobalState("", 0, {k: np.asarray(v) for k, v in global_params.items()
+                                    if k in WEIGHT_PARAMS or k in STAT_PARAMS},
+                            {k: np.asarray(v) for k, v in global_params.items()
+                             if k not in WEIGHT_PARAMS and k not in STAT_PARAMS})
+    params, stats = state.params, state.stats
     if not isinstance(forecaster, DirectForecaster):
         return forecaster
     if forecaster.observations:
@@ -644,17 +869,19 @@ def warm_start(forecaster: Any, global_params: GlobalState | Mapping[str, np.nda
     mature = params.get("weights")
     cold = params.get("cold_weights")
     scaler = {k: stats[k] for k in _SCALER if k in stats}
+    k = float(prior_samples or forecaster.season)
     if mature is not None and np.shape(mature) != shape:
         raise ValueError(f"global weights have shape {np.shape(mature)}, expected {shape}")
     if cold is None or not np.any(cold) or np.shape(cold) != shape:
         if mature is not None:
-            load_weights(forecaster, mature, scaler)
+            adopt_global(forecaster, state, prior_samples, mature_prior)
         return forecaster
     load_weights(forecaster, cold, scaler)
-    _set_prior(forecaster, cold_prior)
-    _seed_selector(forecaster, stats.get("cold_errors"), pseudo_count)
-    return ColdStartForecaster(forecaster, mature, scaler, mature_prior=mature_prior,
-                               version=version)
+    forecaster.set_prior(covariance=_prior(params, "cold_gram", k, cold_prior))
+    _seed(forecaster, stats.get("cold_errors"), pseudo_count)
+    return ColdStartForecaster(forecaster, mature, scaler,
+                               mature_prior=_prior(params, "gram", k, mature_prior),
+                               version=state.version)
 
 
 # ----------------------------------------------------------------------------- Avro
@@ -664,10 +891,53 @@ def warm_start(forecaster: Any, global_params: GlobalState | Mapping[str, np.nda
 _NEGATIVE_IS_MISSING = ("cold_errors",)
 
 
+def _stats_to_avro(name: str, sums: np.ndarray) -> list[dict[str, Any]]:
+    """Row sums (H, F+1, F+1) as one parameter per horizon ``name[h]`` (0-based): the row
+    count in ``num_samples``, the values are the means (first row) and covariance (the
+    rest, F x F) of the row values after the constant 1: no count, no constant."""
+    out = []
+    for h, S in enumerate(np.asarray(sums, dtype=float)):
+        n = float(S[0, 0])
+        if n != 0:
+            mu = S[0, 1:] / n
+            cov = S[1:, 1:] / n - np.outer(mu, mu)
+        else:
+            mu, cov = np.zeros(S.shape[0] - 1), np.zeros((S.shape[0] - 1,) * 2)
+        v = np.vstack([mu[None, :], cov])
+        out.append({"name": f"{name}[{h}]", "values": [float(x) for x in v.ravel()],
+                    "shape": [int(d) for d in v.shape], "num_samples": round(n)})
+    return out
+
+
+def _stats_from_avro(rows: Mapping[int, Mapping[str, Any]]) -> np.ndarray:
+    """Inverse of :func:`_stats_to_avro` (horizon -> decoded ModelParameter)."""
+    if sorted(rows) != list(range(len(rows))):
+        raise ValueError(f"statistics: horizons {sorted(rows)} are not 0..{len(rows) - 1}")
+    out = []
+    for h in range(len(rows)):
+        p = rows[h]
+        v = np.asarray(p["values"], dtype=float)
+        shape = tuple(p.get("shape") or ())
+        if len(shape) != 2 or shape[0] != shape[1] + 1 or math.prod(shape) != v.size:
+            raise ValueError(f"statistics {p['name']}: bad shape {shape} for {v.size} values")
+        v = v.reshape(shape)
+        n = float(p.get("num_samples") or 0)
+        mu, cov = v[0], v[1:]
+        S = np.empty((shape[0], shape[0]))
+        S[0, 0] = n
+        S[0, 1:] = S[1:, 0] = n * mu
+        S[1:, 1:] = n * (cov + np.outer(mu, mu))
+        out.append(S)
+    return np.stack(out)
+
+
 def _to_avro(params: Mapping[str, np.ndarray], samples: Mapping[str, int] | None = None
              ) -> list[dict[str, Any]]:
     out = []
     for name in sorted(params):
+        if name in STAT_PARAMS:
+            out.extend(_stats_to_avro(name, params[name]))
+            continue
         v = np.asarray(params[name], dtype=float)
         if name in _NEGATIVE_IS_MISSING:
             v = np.where(np.isfinite(v) & (v >= 0), v, -1.0)
@@ -681,7 +951,12 @@ def _to_avro(params: Mapping[str, np.ndarray], samples: Mapping[str, int] | None
 def _from_avro(items: Iterable[Mapping[str, Any]]) -> tuple[Params, dict[str, int]]:
     params: Params = {}
     samples: dict[str, int] = {}
+    stat_rows: dict[str, dict[int, Mapping[str, Any]]] = {}
     for p in items:
+        base, _, idx = str(p["name"]).partition("[")
+        if base in STAT_PARAMS and idx.endswith("]") and idx[:-1].isdigit():
+            stat_rows.setdefault(base, {})[int(idx[:-1])] = p
+            continue
         v = np.asarray(p["values"], dtype=float)
         shape = tuple(p.get("shape") or ())
         if shape:
@@ -693,6 +968,9 @@ def _from_avro(items: Iterable[Mapping[str, Any]]) -> tuple[Params, dict[str, in
         params[p["name"]] = v
         if p.get("num_samples") is not None:
             samples[p["name"]] = int(p["num_samples"])
+    for name, rows in stat_rows.items():
+        params[name] = _stats_from_avro(rows)
+        samples[name] = round(float(params[name][0, 0, 0]))
     return params, samples
 
 

@@ -3,13 +3,16 @@
 - :class:`LocalTrainer` (pure): the agent's own closed telemetry windows -> model steps
   (:class:`~processors.stepping.Stepper`) -> one local copy of the global model per endpoint
   (the default forecaster, warm-started from the global model when the endpoint is new).
-  It also runs one *shadow* cold start per endpoint: a fresh forecaster started from the
-  global cold-start weights that learns for one season and then reports how it moved
-  them, so the federation learns how to forecast an endpoint it has no history for.
+  Every learning row (scale-free features and target) is added to the edge's
+  least-squares statistics (:class:`~processors.federated.RowStats`).  It also runs one
+  *shadow* cold start per endpoint: a forecaster warm-started from the global model as a
+  new endpoint would be, that lives for one season; its first-season rows feed the
+  cold-start statistics and its selector errors the federation's ``cold_errors``, so the
+  federation learns how to forecast an endpoint it has no history for.
   :meth:`LocalTrainer.make_update` returns a :class:`~processors.federated.ModelDelta`:
-  the sample-weighted mean over endpoints of (local - global) weights, sample counts,
-  scale-free statistics and a scale-free validation error; nothing in it is a telemetry
-  value, an endpoint id or a rate.
+  the row sums since the base version (``gram``, ``cold_gram``), sample counts, scale-free
+  statistics and a scale-free validation error; nothing in it is a telemetry value, an
+  endpoint id or a rate (see :mod:`processors.federated`, Privacy).
 - :class:`FederatedEdge`: the trainer on Kafka: loads new versions from ``global-model``
   (via :class:`~streams.model_repo.ModelRepository`) and publishes one ModelUpdate per
   round to ``model-updates``, keyed by model family.
@@ -20,7 +23,9 @@ Rounds are synchronous: after loading version ``v`` the edge trains until it has
 ``min_samples`` new model steps, publishes its update for round ``v + 1`` built on ``v``,
 and keeps training until version ``v + 1`` (or later) appears.  If none appears within
 ``resend_after`` seconds it sends the update again, with what it learned since (the
-coordinator keeps an edge's latest update per round).
+coordinator keeps an edge's latest update per round).  Rows learned after an update was
+sent count toward the next round once a version that includes the update arrives; if the
+version was made without this edge, they all count toward the next round.
 """
 
 from __future__ import annotations
@@ -38,10 +43,9 @@ from processors.federated import (
     ColdStartForecaster,
     GlobalState,
     ModelDelta,
-    _selector_errors,
-    _set_prior,
+    RowStats,
+    adopt_global,
     family_of,
-    load_weights,
     merge_stats,
     shared_view,
     update_to_record,
@@ -69,13 +73,19 @@ class EdgeTrainingConfig:
     learner: str = "rls"
     lateness_seconds: float = 10.0
     min_samples: int = 200  # model steps (over all endpoints) before an update is sent
+    # A statistic is sent only once it sums at least this many rows (else its rows wait
+    # for a later round): one row has ~16 unknowns once the constant and the time-of-day
+    # terms are known, the sums of a horizon give 351 numbers, so fewer than ~22 rows could
+    # in principle be solved for; 50 leaves a margin.
+    min_rows: int = 50
     resend_after: float = 60.0  # seconds without a new version before re-sending
     cold_shadows: bool = True
-    shadow_prior: float = 1.0  # RLS prior variance of a shadow cold start around the global
-    # RLS prior variance around each new global version: local training is a regularized
-    # refit around the global weights (FedProx-like).  Keeping the previous covariance
-    # instead (it describes the old local fit) made rounds diverge in the benchmark.
-    round_prior: float = 0.1
+    # Strength of the global model as the RLS prior of local models (new endpoints,
+    # shadows, and every endpoint when a new version arrives), in rows of the global
+    # statistics; None = one season.  Local models only forecast and validate at the edge:
+    # what the edge sends are row statistics, which do not depend on the local weights.
+    prior_samples: float | None = None
+    round_prior: float = 0.1  # prior variance x I for global versions without statistics
 
     def forecaster(self) -> DirectForecaster:
         return DirectForecaster(self.step_seconds, self.season_seconds, self.horizon,
@@ -84,8 +94,7 @@ class EdgeTrainingConfig:
 
 @dataclass
 class _Shadow:
-    f: DirectForecaster
-    start: np.ndarray  # the raw cold weights it started from
+    f: Any  # a warm-started DirectForecaster (or its ColdStartForecaster)
 
 
 @dataclass
@@ -99,7 +108,6 @@ class _Endpoint:
 @dataclass
 class _ColdAcc:
     n: int = 0
-    delta_sum: np.ndarray | None = None
     err_num: np.ndarray | None = None
     err_w: np.ndarray | None = None
 
@@ -119,7 +127,7 @@ class LocalTrainer:
     ...                     "window_end": 60_000 * (i + 1), "request_count": 600}])
     >>> u = t.make_update(now=0.0)
     >>> (u.round, u.base_version, u.num_samples, sorted(u.delta))
-    (1, 0, 7, ['cold_weights', 'weights'])
+    (1, 0, 7, ['cold_gram', 'gram'])
     """
 
     def __init__(self, edge_id: str, config: EdgeTrainingConfig | None = None) -> None:
@@ -132,6 +140,12 @@ class LocalTrainer:
         self._eps: dict[str, _Endpoint] = {}
         self._cold = _ColdAcc()
         self._val = _Validation()
+        H = self.config.horizon
+        # Mature rows from the endpoints' models; first-season rows from the shadows.
+        shadows = self.config.cold_shadows
+        self._stats = RowStats(H, ("gram",) if shadows else ("gram", "cold_gram"))
+        self._cold_stats = RowStats(H, ("cold_gram",) if shadows else ())
+        self._sent: dict[str, np.ndarray] = {}
         self._sent_round: int | None = None
         self._sent_at = 0.0
         self.updates_made = 0
@@ -145,21 +159,20 @@ class LocalTrainer:
 
     def _new_forecaster(self) -> Any:
         f = self.config.forecaster()
+        f.observe_rows(self._stats)
         if self.global_state is not None:
             self.cold_starts += 1
-            return warm_start(f, self.global_state)
+            return warm_start(f, self.global_state, prior_samples=self.config.prior_samples)
         return f
 
     def _new_shadow(self) -> _Shadow | None:
         if not self.config.cold_shadows:
             return None
         f = self.config.forecaster()
-        cold = None if self.global_state is None else self.global_state.params.get(
-            "cold_weights")
-        if cold is not None:
-            load_weights(f, cold)
-        _set_prior(f, self.config.shadow_prior)
-        return _Shadow(f, shared_view(f)[0].copy())
+        f.observe_rows(self._cold_stats)
+        if self.global_state is None:
+            return _Shadow(f)
+        return _Shadow(warm_start(f, self.global_state, prior_samples=self.config.prior_samples))
 
     def observe(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Learn from closed EndpointTelemetry windows; returns model steps learned."""
@@ -184,8 +197,7 @@ class LocalTrainer:
             self._val.actual += abs(rate)
         f = ep.forecaster
         f.learn(ts, rate)
-        if not isinstance(f, ColdStartForecaster) or f.graduated:
-            ep.samples += 1
+        ep.samples += 1
         pts = f.forecast(1)
         ep.pred1 = pts[0].mean if pts else math.nan
         sh = ep.shadow
@@ -196,13 +208,12 @@ class LocalTrainer:
                 ep.shadow = self._new_shadow()
 
     def _harvest(self, sh: _Shadow) -> None:
-        """A shadow cold start completed its season: keep how it moved the cold weights."""
+        """A shadow cold start completed its season: keep its selector's errors (its rows
+        are already in the cold-start statistics)."""
         n = sh.f.observations
-        d = (shared_view(sh.f)[0] - sh.start) * n
-        err, _ = _selector_errors(sh.f)
+        err, _ = sh.f.selector_errors()
         acc = self._cold
         acc.n += n
-        acc.delta_sum = d if acc.delta_sum is None else acc.delta_sum + d
         e = np.where(np.isfinite(err), err, 0.0) * n
         ok = np.isfinite(err) * float(n)
         acc.err_num = e if acc.err_num is None else acc.err_num + e
@@ -215,16 +226,20 @@ class LocalTrainer:
         if state.family != self.family or state.version <= self.base_version:
             return False
         self.global_state = state
-        weights = state.params.get("weights")
-        scaler = {k: v for k, v in state.stats.items() if k in ("x_mean", "x_var", "y_var")}
+        k = self.config.prior_samples
         for ep in self._eps.values():
             f = ep.forecaster
             if isinstance(f, ColdStartForecaster):
-                f.update_global(state)
-            elif weights is not None:
-                load_weights(f, weights, scaler)
-                _set_prior(f, self.config.round_prior)
+                f.update_global(state, k)
+            else:
+                adopt_global(f, state, k, self.config.round_prior)
             ep.samples = 0
+        if self._sent and self.edge_id in state.participants and (
+                self._sent_round is not None and state.version >= self._sent_round):
+            # Those rows are in the global statistics now; the ones since stay.
+            self._stats.subtract(self._sent)
+            self._cold_stats.subtract(self._sent)
+        self._sent = {}
         self._cold = _ColdAcc()
         self._val = _Validation()
         if self._sent_round is not None and state.version >= self._sent_round:
@@ -249,27 +264,18 @@ class LocalTrainer:
                 if ep.samples > 0]
         if not rows:
             return None
-        g = self.global_state
         n = sum(k for k, _ in rows)
-        first = rows[0][1][0]
-        base = g.params.get("weights") if g is not None else None
-        base = np.zeros_like(first) if base is None else base
-        delta: dict[str, np.ndarray] = {
-            "weights": np.asarray(sum(k * (w - base) for k, (w, _) in rows)) / n}
-        samples: dict[str, int] = {}
+        # Row sums since the base version; fewer than min_rows rows are held back (sent
+        # as zeros with 0 samples, their rows stay for a later round).
+        delta = {k: v if v[0, 0, 0] >= self.config.min_rows else np.zeros_like(v)
+                 for k, v in {**self._stats.take(), **self._cold_stats.take()}.items()}
+        samples = {k: round(float(v[0, 0, 0])) for k, v in delta.items()}
         stats = merge_stats([(k, s) for k, (_, s) in rows if s])
         acc = self._cold
-        if acc.n and acc.delta_sum is not None:
-            delta["cold_weights"] = acc.delta_sum / acc.n
-            samples["cold_weights"] = acc.n
-            if acc.err_num is not None and acc.err_w is not None:
-                with np.errstate(invalid="ignore", divide="ignore"):
-                    stats["cold_errors"] = np.where(acc.err_w > 0, acc.err_num / acc.err_w,
-                                                    np.nan)
-        elif self.config.cold_shadows:
-            # No shadow finished this round: say so explicitly (0 samples, zero delta).
-            delta["cold_weights"] = np.zeros_like(first)
-            samples["cold_weights"] = 0
+        if acc.n and acc.err_num is not None and acc.err_w is not None:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                stats["cold_errors"] = np.where(acc.err_w > 0, acc.err_num / acc.err_w, np.nan)
+        self._sent = {k: v.copy() for k, v in delta.items()}
         v = self._val
         verr = v.abs_err / v.actual if v.actual > 0 else None
         version = self.base_version

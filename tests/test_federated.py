@@ -16,17 +16,19 @@ from processors.federated import (
     GlobalState,
     ModelDelta,
     RoundCoordinator,
+    RowStats,
     aggregate,
     family_of,
     global_from_record,
     global_to_record,
     load_weights,
     shared_view,
+    solve_weights,
     update_from_record,
     update_to_record,
     warm_start,
 )
-from processors.forecasting.direct import DirectForecaster
+from processors.forecasting.direct import N_FEATURES, DirectForecaster
 from schemas.codec import Codec
 from streams.federated_edge import EdgeTrainingConfig, LocalTrainer
 from tests.conftest import ELB
@@ -134,9 +136,20 @@ def test_sgd_weights_are_averaged_on_raw_features_with_merged_scalers() -> None:
     assert np.allclose(pred, g.params["weights"] @ x0)
 
 
+def _flip_targets(u: ModelDelta) -> ModelDelta:
+    """A poisoned edge that claims the targets were -1000 x what they were: plausible
+    counts and features, the solution pulled far off."""
+    F = N_FEATURES
+    for S in u.delta.values():
+        S[:, :F, F] *= -1000.0
+        S[:, F, :F] *= -1000.0
+        S[:, F, F] *= 1e6
+    return u
+
+
 def test_poisoned_edge_is_contained_on_real_data() -> None:
-    """One edge sends -1000 x its delta every round: the median keeps the global model
-    within 10 % of the clean run's test MAE; plain FedAvg does not."""
+    """One edge poisons its statistics every round: clipping and the median keep the global
+    model within 10 % of the clean run's test MAE; plain FedAvg (no defence) does not."""
     ts, y = load_series(ELB)
     step, m = 300, 288
     test_start = int(len(y) * 0.8)
@@ -144,13 +157,107 @@ def test_poisoned_edge_is_contained_on_real_data() -> None:
     assert len(parts) == EDGES
     cfg = EdgeTrainingConfig(step_seconds=step, horizon=15, cold_shadows=False)
     clean, _ = federate(parts, cfg, 3, AggregationConfig())
-    robust, _ = federate(parts, cfg, 3, AggregationConfig(method="median"), poison=True)
-    naive, _ = federate(parts, cfg, 3, NO_CLIP, poison=True)
-    assert clean and robust and naive
-    mae = {k: frozen_mae(s.params["weights"], ts, y, test_start, step)
-           for k, s in (("clean", clean), ("robust", robust), ("naive", naive))}
-    assert mae["robust"] <= 1.10 * mae["clean"], mae
-    assert mae["naive"] > 1.5 * mae["clean"], mae
+    runs = {"clean": clean}
+    for attack_name, attack in (("x-1000", None), ("flip", _flip_targets)):
+        kw = {} if attack is None else {"attack": attack}
+        for name, agg in (("clip", AggregationConfig()),
+                          ("median", AggregationConfig(method="median")),
+                          ("naive", NO_CLIP)):
+            runs[f"{attack_name}.{name}"], _ = federate(parts, cfg, 3, agg, poison=True, **kw)
+    mae = {}
+    for k, st in runs.items():
+        assert st is not None
+        mae[k] = frozen_mae(st.params["weights"], ts, y, test_start, step)
+    for k in ("x-1000.clip", "x-1000.median", "flip.clip", "flip.median"):
+        assert mae[k] <= 1.10 * mae["clean"], (k, mae)
+    assert mae["flip.naive"] > 1.5 * mae["clean"], mae
+    assert mae["x-1000.naive"] > 1.1 * mae["clean"], mae
+
+
+def _edge_forecasters(n_edges: int = 3) -> tuple[list[RowStats], RowStats, list[tuple]]:
+    """Disjoint blocks of the ELB trace at ``n_edges`` edges; one RowStats per edge, one for
+    all (central), and every row (h, x, target) recorded."""
+    ts, y = load_series(ELB, 1800)
+    central = RowStats(5, ("gram", "cold_gram"))
+    rows: list[tuple] = []
+
+    class Both:
+        def __init__(self, own: RowStats) -> None:
+            self.own = own
+
+        def rows(self, hi, X, tgt, missing, seasonal):  # type: ignore[no-untyped-def]
+            self.own.rows(hi, X, tgt, missing, seasonal)
+            central.rows(hi, X, tgt, missing, seasonal)
+            rows.extend((int(h), x.copy(), float(t)) for h, x, t, s in
+                        zip(hi, X, tgt, seasonal, strict=True) if s)
+
+    edges = []
+    for ix in np.array_split(np.arange(len(y)), n_edges):
+        own = RowStats(5, ("gram", "cold_gram"))
+        f = DirectForecaster(300, max_horizon=5)
+        f.observe_rows(Both(own))
+        for i in ix:
+            f.learn(float(ts[i]), float(y[i]))
+        edges.append(own)
+    return edges, central, rows
+
+
+def test_summed_statistics_give_the_central_least_squares_solution() -> None:
+    """Aggregating the edges' row statistics is exactly least squares on all their rows,
+    however the rows are split; the clipped default changes nothing for honest edges."""
+    edges, central, rows = _edge_forecasters()
+    base = GlobalState("f", 0, {"gram": np.zeros_like(central.sums["gram"])})
+    ups = [ModelDelta(f"e{k}", "f", 1, 0, 100, st.take(),
+                      {n: st.count(n) for n in st.sums})
+           for k, st in enumerate(edges)]
+    for cfg in (NO_CLIP, AggregationConfig(ridge=0.0, clip_median_multiple=None)):
+        g = aggregate(base, ups, cfg).state
+        assert np.allclose(g.params["gram"], central.sums["gram"])
+    g = aggregate(base, ups, AggregationConfig(ridge=0.0, clip_median_multiple=10.0)).state
+    assert g.samples["weights"] == central.count("gram") > 500
+    # Least squares on the pooled rows of horizon 1, directly.
+    X = np.array([x for h, x, _ in rows if h == 0])
+    t = np.array([v for h, _, v in rows if h == 0])
+    used = np.abs(X).sum(axis=0) > 0  # features never seen are 0 (ridge pulls them there)
+    w_ls, *_ = np.linalg.lstsq(X[:, used], t, rcond=None)
+    assert np.allclose(g.params["weights"][0, used], w_ls, atol=1e-6)
+    assert np.allclose(solve_weights(central.sums["gram"], 0.0), g.params["weights"])
+    # And the cold-start weights from the first-season rows.
+    assert np.any(g.params["cold_weights"])
+
+
+def test_clipping_and_robust_rules_bound_poisoned_statistics() -> None:
+    edges, central, _ = _edge_forecasters(4)
+    base = GlobalState("f", 0, {"gram": np.zeros_like(central.sums["gram"])})
+
+    def ups(poison: float, counts: float = 1.0) -> list[ModelDelta]:
+        out = [ModelDelta(f"e{k}", "f", 1, 0, 100, st.take(),
+                          {n: st.count(n) for n in st.sums}) for k, st in enumerate(edges)]
+        u = out[-1]
+        u.delta = {k: v.copy() for k, v in u.delta.items()}
+        for S in u.delta.values():
+            S[:, 1:, :] *= poison  # features and targets, not the count
+            S[:, :, 1:] *= poison
+            S *= counts
+        return out
+
+    clean = aggregate(base, ups(1.0), NO_CLIP).state.params["weights"]
+
+    def err(w: np.ndarray) -> float:
+        return float(np.abs(w - clean).max())
+
+    for cfg in (AggregationConfig(), AggregationConfig(method="median"),
+                AggregationConfig(method="trimmed-mean")):
+        assert err(aggregate(base, ups(1.0), cfg).state.params["weights"]) < 1e-9
+        # Bounded influence: 1000x more poison moves the global weights no further, far
+        # less than it moves them without a defence.
+        for small, big in (((30.0, 1.0), (30_000.0, 1.0)), ((1.0, 1e3), (1.0, 1e6)),
+                           ((1.0, -1.0), (1.0, -1000.0))):
+            e_small, e_big = (err(aggregate(base, ups(*p), cfg).state.params["weights"])
+                              for p in (small, big))
+            naive = err(aggregate(base, ups(*big), NO_CLIP).state.params["weights"])
+            assert e_big < e_small + 0.05 and e_big < 0.25 * naive, (cfg.method, big, e_big,
+                                                                      e_small, naive)
 
 
 def test_warm_start_switches_to_global_weights_after_a_season() -> None:
@@ -160,7 +267,7 @@ def test_warm_start_switches_to_global_weights_after_a_season() -> None:
                 "window_end": round((t + 300) * 1000), "request_count": float(v)}
                for t, v in zip(ts, y, strict=True))
     u = tr.make_update(now=0)
-    assert u is not None and u.samples["cold_weights"] >= 288  # a shadow finished a day
+    assert u is not None and u.samples["cold_gram"] >= 288  # a shadow lived a day
     g = aggregate(GlobalState(u.family, 0, {k: np.zeros_like(v) for k, v in u.delta.items()}),
                   [u], NO_CLIP).state
     f = warm_start(DirectForecaster(300, max_horizon=15), g)
@@ -173,6 +280,23 @@ def test_warm_start_switches_to_global_weights_after_a_season() -> None:
     assert f2.forecast(3) == f.forecast(3) and f2.observations == 288
     with pytest.raises(ValueError, match="new endpoints"):
         warm_start(f.inner, g)
+
+
+def test_statistics_travel_as_counts_means_and_covariances(codec: Codec) -> None:
+    """On the wire a horizon's statistics are a row count (not a value) with means and
+    covariances; decoding restores the sums."""
+    edges, _, _ = _edge_forecasters(2)
+    st = edges[0]
+    u = ModelDelta("a", "f", 1, 0, 100, st.take(), {n: st.count(n) for n in st.sums})
+    rec = update_to_record(u, 1)
+    grams = [p for p in rec["delta"] if p["name"].startswith("gram[")]
+    assert len(grams) == 5 and grams[0]["num_samples"] == st.count("gram")
+    assert grams[0]["shape"] == [N_FEATURES + 1, N_FEATURES]
+    assert float(st.count("gram")) not in grams[0]["values"]
+    back = update_from_record(codec.decode(codec.encode("ModelUpdate", rec), "ModelUpdate"))
+    for name in ("gram", "cold_gram"):
+        assert np.allclose(back.delta[name], st.sums[name], rtol=1e-9, atol=1e-6)
+        assert back.samples[name] == st.count(name)
 
 
 def test_records_round_trip_through_the_codec(codec: Codec) -> None:

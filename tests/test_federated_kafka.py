@@ -30,7 +30,9 @@ from tests.conftest import ELB, REPO
 from tests.kafka_helpers import read_topic
 
 EDGES = 4
-ROWS_PER_ROUND = 110  # 5-min rows: > min_samples model steps per edge and round
+# 5-min rows: > min_samples model steps per edge and round, and by round 3 more than
+# min_rows (50) rows with a day of history (the mature statistics).
+ROWS_PER_ROUND = 130
 MIN_SAMPLES = 100
 STEP = 300
 
@@ -169,6 +171,12 @@ def _assert_private(values: list[bytes], codec: Codec, seen: set[float]) -> None
             assert name not in value
         numbers = [x for p in rec["delta"] + rec["scaler"] for x in p["values"]]
         assert not seen.intersection(numbers)
+        # Statistics are sums over many rows (or held back): sent as a count with means and
+        # covariances, never as single rows.
+        stats = [p for p in rec["delta"] if p["name"].split("[")[0] in ("gram", "cold_gram")]
+        assert stats and all(p["num_samples"] == 0 or p["num_samples"] >= 50 - 15
+                             for p in stats)
+        assert all(not any(p["values"]) for p in stats if p["num_samples"] == 0)
         assert rec["validation_mae"] is None or 0 <= rec["validation_mae"] < 5
 
 
