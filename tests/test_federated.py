@@ -91,6 +91,21 @@ def test_noise_is_calibrated_to_the_clip_bound() -> None:
     assert 0.05 < float(np.std(out.params["weights"])) < 0.6
 
 
+def test_noise_on_statistics_is_symmetric_and_calibrated() -> None:
+    edges, central, _ = _edge_forecasters(4)
+    base = GlobalState("f", 0, {"gram": np.zeros_like(central.sums["gram"])})
+    ups = [ModelDelta(f"e{k}", "f", 1, 0, 100, st.take(), {n: st.count(n) for n in st.sums})
+           for k, st in enumerate(edges)]
+    cfg = AggregationConfig(clip_norm=0.5, clip_median_multiple=None, noise_multiplier=1.0,
+                            seed=3)
+    g = aggregate(base, ups, cfg).state
+    share = max(st.count("gram") for st in edges) / central.count("gram")
+    assert g.metrics["noise_std.gram"] == pytest.approx(0.5 * share, rel=0.05)
+    noisy = g.params["gram"]
+    assert np.allclose(noisy, np.swapaxes(noisy, 1, 2)) and not np.allclose(
+        noisy, central.sums["gram"])
+
+
 def test_rounds_close_on_count_or_deadline_and_ignore_future_rounds() -> None:
     c = RoundCoordinator(NO_CLIP, min_updates=3, round_timeout=30)
     assert c.offer(_delta("a", 1.0), now=0) == []
