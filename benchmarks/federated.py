@@ -276,8 +276,8 @@ def print_table(result: dict[str, Any]) -> None:
               f"{cs['scratch_mase_by_day']}  warm {cs['warm_mase_by_day']}  first-day "
               f"improvement {cs['first_day_improvement']:.1%}")
         print(f"  reference: the central model with the whole history, first day MASE "
-              f"{cs['with_history_mase_day1']}  ({cs['with_history_first_day_improvement']:.1%}"
-              f" better than scratch)")
+              f"{cs['with_history_mase_day1']}  (improvement over scratch "
+              f"{cs['with_history_first_day_improvement']:.1%})")
     print("\nchecks:", json.dumps(result["checks"], indent=1))
 
 

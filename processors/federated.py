@@ -653,7 +653,8 @@ class _Round:
 class RoundCoordinator:
     """Round bookkeeping per family (pure): every accepted update joins the family's open
     round (a late one built on an older version is down-weighted, see
-    :func:`staleness_weight`; one for a future round is rejected); a round closes
+    :func:`staleness_weight`; one for a future round is rejected, and so is a re-send for
+a closed round that already includes the edge); a round closes
     (``min_updates`` distinct edges, or ``round_timeout`` seconds after its
     first update), and the aggregate it closes with.
 
@@ -698,6 +699,11 @@ class RoundCoordinator:
         want = state.version + 1
         if update.round > want:
             self._reject(update.edge_id, f"round {update.round}: the open round is {want}")
+            return []
+        if update.round == state.version and update.edge_id in state.participants:
+            # A re-send that arrived after its round closed: its rows are in already
+            # (statistics must not be counted twice).
+            self._reject(update.edge_id, f"round {update.round} already includes this edge")
             return []
         if staleness_weight(update.base_version, state.version, self.config.max_staleness,
                             self.config.staleness_decay) is None:

@@ -116,6 +116,9 @@ def test_rounds_close_on_count_or_deadline_and_ignore_future_rounds() -> None:
     assert v1.version == 1 and v1.participants == ["a"]
     assert np.allclose(v1.params["weights"], 3.0)
     assert any("round 5" in reason for _, reason in c.rejected)
+    # A late re-send of a round that already counted this edge is not counted again.
+    assert c.offer(_delta("a", 9.0), now=40) == []
+    assert "already includes" in c.rejected[-1][1] and c.pending("f") == 0
 
 
 def test_sgd_weights_are_averaged_on_raw_features_with_merged_scalers() -> None:
