@@ -7,6 +7,7 @@ until Ctrl-C/SIGTERM, then stops cleanly.
 
 from __future__ import annotations
 
+import functools
 import logging
 import signal
 import socket
@@ -180,8 +181,17 @@ def agent(
     duration: Annotated[
         float | None, typer.Option(help="Stop after this many seconds.", min=0)
     ] = None,
+    federated: Annotated[
+        bool | None,
+        typer.Option("--federated/--no-federated",
+                     help="Also train locally and send model updates (settings: agent.federated)."),
+    ] = None,
 ) -> None:
-    """Run an edge agent: aggregate per endpoint and interval, publish Avro telemetry."""
+    """Run an edge agent: aggregate per endpoint and interval, publish Avro telemetry.
+
+    With --federated it also trains the forecaster on its own telemetry and takes part in
+    the federated rounds (``loadcast coordinator``): only model updates leave the edge.
+    """
     from schemas.codec import CodecError
     from streams.agent import build_agent
     from streams.metrics import serve_metrics
@@ -206,7 +216,18 @@ def agent(
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
     serve_metrics(a.metrics_port)
     key = a.client_hash_key.get_secret_value().encode()
-    edge = build_agent(
+    build = build_agent
+    if a.federated if federated is None else federated:
+        from streams.federated_edge import EdgeTrainingConfig, build_federated_agent
+
+        p, f = s.processor, s.federated
+        training = EdgeTrainingConfig(
+            step_seconds=p.step_seconds, season_seconds=p.season_seconds, horizon=p.horizon,
+            lateness_seconds=p.lateness_seconds, min_samples=f.min_samples,
+            min_rows=f.min_rows, resend_after=f.resend_after_seconds,
+        )
+        build = functools.partial(build_federated_agent, training=training)
+    edge = build(
         s.kafka,
         make_codec(s.kafka),
         agent_id=agent_id,

@@ -57,6 +57,11 @@ class AgentSettings(BaseModel):
     )
     max_buffered: int = Field(100_000, ge=1, description="producer buffer bound, records")
     metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics here (0 = off)")
+    federated: bool = Field(
+        False,
+        description="also train the forecaster on this edge's telemetry and send model "
+        "updates (never telemetry) to the federated rounds ([federated] section)",
+    )
 
 
 class SettingsError(ValueError):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from processors.federated import AGGREGATIONS, AggregationConfig
+from processors.federated import AGGREGATIONS, DEFAULT_RIDGE, AggregationConfig
 
 
 class FederatedSettings(BaseModel):
@@ -27,8 +27,17 @@ class FederatedSettings(BaseModel):
     max_staleness: int = Field(2, ge=0, description="older bases are rejected")
     staleness_decay: float = Field(0.5, gt=0, le=1, description="weight x decay**staleness")
     seed: int | None = Field(None, description="noise seed (tests)")
+    ridge: float = Field(DEFAULT_RIDGE, ge=0, description="least-squares ridge, in rows")
+    stats_decay: float = Field(
+        1.0, gt=0, le=1,
+        description="statistics kept per round (1 = every row: the central solution; "
+        "below 1 the global model forgets older rounds and follows drift)",
+    )
     # Edge side.
     min_samples: int = Field(200, ge=1, description="model steps an edge learns per round")
+    min_rows: int = Field(
+        50, ge=1, description="an edge sends a statistic only once it sums this many rows"
+    )
     resend_after_seconds: float = Field(60.0, gt=0, description="re-send without a new version")
     metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics here (0 = off)")
 
@@ -43,5 +52,5 @@ class FederatedSettings(BaseModel):
             clip_median_multiple=self.clip_median_multiple,
             noise_multiplier=self.noise_multiplier, trim_fraction=self.trim_fraction,
             max_staleness=self.max_staleness, staleness_decay=self.staleness_decay,
-            seed=self.seed,
+            seed=self.seed, ridge=self.ridge, stats_decay=self.stats_decay,
         )

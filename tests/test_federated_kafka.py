@@ -242,3 +242,23 @@ def test_model_list_and_show_read_the_repository(kafka: KafkaSettings, codec: Co
     assert doc["version"] == 2 and doc["params"]["weights"]["shape"] == [15, 25]
     missing = runner.invoke(app, ["model", "show", "nope", "--version", "9"], env=env)
     assert missing.exit_code == 1 and "no version" in missing.output
+
+
+def test_cli_agent_federated_sends_model_updates_not_telemetry_values(
+    kafka: KafkaSettings, codec: Codec
+) -> None:
+    """`loadcast agent --federated --replay`: it publishes telemetry *and* trains locally,
+    sending ModelUpdate records (settings from the processor and federated sections)."""
+    env = {**os.environ, "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
+           "LOADCAST_PROCESSOR__STEP_SECONDS": "300", "LOADCAST_FEDERATED__MIN_SAMPLES": "200"}
+    cmd = [sys.executable, "-m", "loadcast", "agent", "--bootstrap", kafka.bootstrap_servers,
+           "--region", "eu-west", "--replay", str(ELB), "--interval", "300", "--endpoints", "2",
+           "--api", "orders", "--limit", "700", "--scale", "0.05", "--federated"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    assert read_topic(kafka.bootstrap_servers, topic_name(kafka, "telemetry"), min_records=1)
+    updates = read_topic(kafka.bootstrap_servers, topic_name(kafka, "model-updates"),
+                         min_records=1)
+    records = [codec.decode(m.value() or b"", expect="ModelUpdate") for m in updates]
+    assert records and all(r["edge_id"].startswith("eu-west-") for r in records)
+    assert all(r["num_samples"] >= 200 for r in records)
