@@ -213,13 +213,25 @@ def headline(q: dict[str, Any]) -> dict[str, Any]:
     else:
         lines.append("no edge mirror was activated")
     acc = [r for r in q["accuracy"] if r["horizon"] == q["horizon"]]
-    if acc:
-        mase = [r["mase"] for r in acc if r["mase"] is not None]
-        cov = [r["coverage"] for r in acc if r["coverage"] is not None]
-        out["forecast_mase_h"] = round(sum(mase) / len(mase), 3) if mase else None
-        out["forecast_coverage_h"] = round(sum(cov) / len(cov), 3) if cov else None
-        lines.append(f"forecasts {q['horizon']} s ahead: mean MASE "
-                     f"{out['forecast_mase_h']}, 90 % band coverage {out['forecast_coverage_h']}")
+    # Mirrors live for seconds and start cold: their few points would swamp the mean of
+    # the endpoints that run all along, so they are reported apart.
+    regular = [r for r in acc if "-mirror-" not in r["endpoint_id"]]
+    mirrors = [r for r in acc if "-mirror-" in r["endpoint_id"]]
+
+    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
+        xs = [r[key] for r in rows if r[key] is not None]
+        return round(sum(xs) / len(xs), 3) if xs else None
+
+    if regular:
+        out["forecast_mase_h"] = mean(regular, "mase")
+        out["forecast_coverage_h"] = mean(regular, "coverage")
+        out["forecast_mase_h_mirrors"] = mean(mirrors, "mase")
+        line = (f"forecasts {q['horizon']} s ahead, central and edge endpoints: mean MASE "
+                f"{out['forecast_mase_h']}, 90 % band coverage {out['forecast_coverage_h']}")
+        if mirrors:
+            line += (f"; mirror endpoints (short-lived, cold): MASE "
+                     f"{out['forecast_mase_h_mirrors']}")
+        lines.append(line)
     out["statements"] = lines
     return out
 
@@ -406,7 +418,7 @@ def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
                    r["coverage"]] for r in s["forecast_accuracy"]
                   if r["horizon"] in (1, 5, 15)])
     lead = _table(["command", "ready at", "demand crossed", "lead s", "demand rps",
-                   "capacity rps", ""],
+                   "capacity rps", "note"],
                   [[r["command_id"], r["ready_at"], r["crossed_at"], r["lead_seconds"],
                     r.get("demand_rps"), r.get("capacity_rps"), r.get("note")]
                    for r in s["mirrors"]["activations"]])
