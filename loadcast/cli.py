@@ -9,13 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -23,6 +19,7 @@ import typer
 from rich.console import Console
 
 from loadcast.settings import Settings, SettingsError, load_settings
+from streams.signals import stop_on_signals
 
 app = typer.Typer(
     help="loadcast: forecast each API endpoint's load online and act before the spike.",
@@ -60,22 +57,6 @@ def settings(bootstrap: str | None = None) -> Settings:
     if bootstrap:
         s.kafka.bootstrap_servers = bootstrap
     return s
-
-
-@contextmanager
-def stop_on_signals() -> Iterator[threading.Event]:
-    """An event set by SIGINT/SIGTERM, so loops end and clean up instead of dying."""
-    stop = threading.Event()
-
-    def handler(signum: int, frame: Any) -> None:
-        stop.set()
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 @app.callback()
@@ -242,11 +223,7 @@ def agent(
         window_offset_seconds=window_offset(trace, interval or a.interval_seconds) if trace else 0,
     )
     started = time.monotonic()
-    with stop_on_signals() as stop:
-        if duration is not None:
-            timer = threading.Timer(duration, stop.set)
-            timer.daemon = True  # a signal-stopped agent must not wait for it
-            timer.start()
+    with stop_on_signals(duration) as stop:
         try:
             if trace is not None:
                 names = [f"{api or a.api}-{region}-{i + 1}" for i in range(endpoints)]

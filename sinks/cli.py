@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import sys
-import threading
 from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
@@ -110,6 +109,7 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
 
         from sinks.service import serve
         from streams.metrics import serve_metrics
+        from streams.signals import stop_on_signals
         from streams.topics import ensure_topics
 
         root = get_settings()
@@ -130,33 +130,16 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
         except Exception as e:
             raise _fail(f"cannot reach Kafka at {k.bootstrap_servers}: {e}", 1) from None
         serve_metrics(s.metrics_port)
-        stop = threading.Event()
-        import signal
-
-        def handler(signum: int, frame: Any) -> None:
-            stop.set()
-
-        old = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-        timer = None
-        if duration is not None:
-            timer = threading.Timer(duration, stop.set)
-            timer.daemon = True
-            timer.start()
-
         def ready(sink: Any, admin: Any) -> None:
             where = f"; admin on {admin.url}" if admin is not None else ""
             print(f"sink consuming {len(s.topics)} topics into {s.dsn}{where}",
                   file=sys.stderr, flush=True)
 
-        try:
-            stats = serve(k, s, stop, on_ready=ready, until_idle=until_idle)
-        except OSError as e:
-            raise _fail(f"admin endpoint: {e}", 1) from None
-        finally:
-            if timer is not None:
-                timer.cancel()
-            for sig, h in old.items():
-                signal.signal(sig, h)
+        with stop_on_signals(duration) as stop:
+            try:
+                stats = serve(k, s, stop, on_ready=ready, until_idle=until_idle)
+            except OSError as e:
+                raise _fail(f"admin endpoint: {e}", 1) from None
         print(
             f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_lettered} "
             f"dead-lettered, {stats.already_stored} already stored, {stats.batches} batches, "

@@ -67,10 +67,11 @@ def bundle_serve(
     import asyncio
     import threading
 
-    from loadcast.cli import console, fail, settings, stop_on_signals
+    from loadcast.cli import console, fail, settings
     from streams.bundles import DirectoryStore
     from streams.bundles import bundle_app as make_app
     from streams.sidecar.proxy import serve
+    from streams.signals import stop_on_signals
 
     s = settings()
     root = store or s.mirror.store_dir
@@ -88,11 +89,7 @@ def bundle_serve(
         finally:
             await runner.cleanup()
 
-    with stop_on_signals() as stop:
-        if duration is not None:
-            timer = threading.Timer(duration, stop.set)
-            timer.daemon = True  # a stop by signal must not wait for it
-            timer.start()
+    with stop_on_signals(duration) as stop:
         try:
             asyncio.run(run(stop))
         except OSError as e:
@@ -147,12 +144,12 @@ def executor(
     ] = None,
 ) -> None:
     """Run a mirror executor: verified mirror commands of one region -> API processes."""
-    import threading
 
-    from loadcast.cli import console, fail, settings, stop_on_signals
+    from loadcast.cli import console, fail, settings
     from streams.executor import Executor
     from streams.metrics import serve_metrics
     from streams.sdk import make_codec
+    from streams.signals import stop_on_signals
     from streams.topics import ensure_topics
 
     s = settings(bootstrap)
@@ -176,11 +173,7 @@ def executor(
         stop_instances_on_exit=(m.stop_instances_on_exit if stop_instances_on_exit is None
                                 else stop_instances_on_exit),
     )
-    with stop_on_signals() as stop:
-        if duration is not None:
-            timer = threading.Timer(duration, stop.set)
-            timer.daemon = True  # a stop by signal must not wait for it
-            timer.start()
+    with stop_on_signals(duration) as stop:
         try:
             ex.start()
         except Exception as e:

@@ -52,10 +52,11 @@ def sidecar(
 
     from pydantic import ValidationError
 
-    from loadcast.cli import console, fail, settings, stop_on_signals
+    from loadcast.cli import console, fail, settings
     from streams.sidecar.app import Sidecar
     from streams.sidecar.config import SidecarSettings, UpstreamConfigError
     from streams.sidecar.haproxy import HAProxyError
+    from streams.signals import stop_on_signals
     from streams.topics import ensure_topics
 
     s = settings(bootstrap)
@@ -100,9 +101,7 @@ def sidecar(
         finally:
             await sc.stop()
 
-    with stop_on_signals() as stop:
-        if duration is not None:
-            threading.Timer(duration, stop.set).start()
+    with stop_on_signals(duration) as stop:
         console.print(
             f"sidecar {sc.id}: {sc_settings.data_plane}, {len(sc.upstreams)} upstreams, "
             f"policy {sc_settings.policy} (Ctrl-C stops it)"
