@@ -172,21 +172,17 @@ class MirrorDirector:
     def choose(self, route: Route, region: str | None, now: float, now_s: int) -> Endpoint | None:
         """A mirror endpoint for a request of ``route`` from ``region`` (None: central).
         ``now`` is monotonic seconds (ejection), ``now_s`` the wall-clock second."""
-        g = self.groups.get((route.api, region or self.region))
-        if g is None or not g.overflow or not g.urls:
-            return None
-        eps = self._candidates(g, now, now_s)
-        if not eps:
-            return None
-        g.count += 1
-        g.routed += 1
-        return self.policy.pick(eps, now)
+        return self._pick(route, region, now, now_s, overflow_only=True)
 
     def fallback(self, route: Route, region: str | None, now: float,
                  now_s: int) -> Endpoint | None:
         """A mirror when no central endpoint can take the request (any demand)."""
+        return self._pick(route, region, now, now_s, overflow_only=False)
+
+    def _pick(self, route: Route, region: str | None, now: float, now_s: int,
+              overflow_only: bool) -> Endpoint | None:
         g = self.groups.get((route.api, region or self.region))
-        if g is None or not g.urls:
+        if g is None or not g.urls or (overflow_only and not g.overflow):
             return None
         eps = self._candidates(g, now, now_s)
         if not eps:

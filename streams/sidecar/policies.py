@@ -169,34 +169,40 @@ def two_distinct(rng: random.Random, candidates: Sequence[Endpoint]) -> tuple[En
     return candidates[i], candidates[j]
 
 
-class LeastRequest:
+class _TwoChoices:
+    """Power-of-two-choices: of two distinct random candidates, the one with less load."""
+
+    name = ""
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random()
+
+    def load(self, e: Endpoint, now: float) -> float:
+        raise NotImplementedError
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        if len(candidates) == 1:
+            return candidates[0]
+        a, b = two_distinct(self.rng, candidates)
+        return b if self.load(b, now) < self.load(a, now) else a
+
+
+class LeastRequest(_TwoChoices):
     """Power-of-two-choices on in-flight requests."""
 
     name = "least-request"
 
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self.rng = rng or random.Random()
-
-    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
-        if len(candidates) == 1:
-            return candidates[0]
-        a, b = two_distinct(self.rng, candidates)
-        return b if b.in_flight < a.in_flight else a
+    def load(self, e: Endpoint, now: float) -> float:
+        return e.in_flight
 
 
-class PeakEwma:
+class PeakEwma(_TwoChoices):
     """Power-of-two-choices on peak-EWMA cost (RTT × (in-flight + 1))."""
 
     name = "peak-ewma"
 
-    def __init__(self, rng: random.Random | None = None) -> None:
-        self.rng = rng or random.Random()
-
-    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
-        if len(candidates) == 1:
-            return candidates[0]
-        a, b = two_distinct(self.rng, candidates)
-        return b if b.cost(now) < a.cost(now) else a
+    def load(self, e: Endpoint, now: float) -> float:
+        return e.cost(now)
 
 
 def make_policy(name: str, rng: random.Random | None = None) -> Policy:
