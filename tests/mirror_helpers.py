@@ -29,6 +29,36 @@ from tests.kafka_helpers import read_topic
 FIXTURE = Path(__file__).parent / "fixtures" / "bundles" / "echo-api"
 
 
+@contextmanager
+def app_in_thread(app: Any) -> Iterator[str]:
+    """Serve an aiohttp ``app`` on a free loopback port in a thread; yields its URL and
+    stops it (runner cleaned up) on exit."""
+    import asyncio
+
+    from streams.sidecar.proxy import serve
+
+    ready = threading.Event()
+    state: dict[str, Any] = {}
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        runner, port = loop.run_until_complete(serve(app, "127.0.0.1", 0))
+        state.update(url=f"http://127.0.0.1:{port}", loop=loop)
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    assert ready.wait(10), "the server did not start in 10 s"
+    try:
+        yield str(state["url"])
+    finally:
+        state["loop"].call_soon_threadsafe(state["loop"].stop)
+        t.join(10)
+
+
 def base_env(kafka: KafkaSettings, **extra: str) -> dict[str, str]:
     env = {
         **os.environ,

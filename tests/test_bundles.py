@@ -9,7 +9,6 @@ import shutil
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,8 +28,7 @@ from streams.bundles import (
     push,
     unpack,
 )
-
-FIXTURE = Path(__file__).parent / "fixtures" / "bundles" / "echo-api"
+from tests.mirror_helpers import FIXTURE, app_in_thread
 
 
 def copy_bundle(dest: Path) -> Path:
@@ -143,33 +141,8 @@ class LyingStore:
 @pytest.fixture
 def lying_server() -> Iterator[str]:
     """A bundle server (in a thread) serving other bytes under any digest."""
-    import asyncio
-
-    from streams.sidecar.proxy import serve
-
-    ready = threading.Event()
-    state: dict[str, object] = {}
-
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        runner, port = loop.run_until_complete(
-            serve(bundle_app(LyingStore(pack(FIXTURE) + b"\x00")), "127.0.0.1", 0))
-        state["url"], state["loop"] = f"http://127.0.0.1:{port}", loop
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
-        yield str(state["url"])
-    finally:
-        loop = state["loop"]
-        assert isinstance(loop, asyncio.AbstractEventLoop)
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(10)
+    with app_in_thread(bundle_app(LyingStore(pack(FIXTURE) + b"\x00"))) as url:
+        yield url
 
 
 def test_push_serve_fetch_over_http(tmp_path: Path, lying_server: str) -> None:

@@ -3,13 +3,11 @@ real API processes on 127.0.0.1: what it rejects (and says why), idempotence, re
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -22,6 +20,7 @@ from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.mirror_helpers import (
     FIXTURE,
+    app_in_thread,
     bundle_server,
     cleanup_instances,
     command,
@@ -61,32 +60,11 @@ class TamperedStore:
 @pytest.fixture
 def tampered_server(tmp_path: Path) -> Iterator[tuple[str, str, str]]:
     """(url, good digest, a digest the server answers with the good bundle's bytes)."""
-    from streams.sidecar.proxy import serve
-
     store = DirectoryStore(tmp_path / "store")
     good = store.put(pack(FIXTURE))
     evil = digest_of(b"what the planner really signed")
-    ready = threading.Event()
-    state: dict[str, Any] = {}
-
-    def run() -> None:
-        loop = asyncio.new_event_loop()
-        runner, port = loop.run_until_complete(
-            serve(bundle_app(TamperedStore(store, evil)), "127.0.0.1", 0))
-        state.update(url=f"http://127.0.0.1:{port}", loop=loop)
-        ready.set()
-        loop.run_forever()
-        loop.run_until_complete(runner.cleanup())
-        loop.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    assert ready.wait(10)
-    try:
-        yield state["url"], good, evil
-    finally:
-        state["loop"].call_soon_threadsafe(state["loop"].stop)
-        t.join(10)
+    with app_in_thread(bundle_app(TamperedStore(store, evil))) as url:
+        yield url, good, evil
 
 
 def test_rejects_bad_commands_says_why_and_starts_nothing(
