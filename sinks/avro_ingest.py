@@ -11,8 +11,9 @@ How, without decoding in Python:
 - An Avro record is the concatenation of its fields' encodings, so the body of a Kafka
   value (after the 5-byte Confluent header) prefixed with the encodings of ``_topic``,
   ``_partition`` and ``_offset`` is a valid datum of a *wrapper* schema whose fields are
-  those three followed by the value schema's fields. Per record that is one bytes join.
-- The container goes into a ``Null`` table (:func:`ingest_ddl`); a materialized view turns
+  those three followed by the value schema's fields: per record, a short fastavro encode
+  and a join.
+- The container goes into a ``Null`` table (:meth:`FastPath.ddl`); a materialized view turns
   its rows into ``telemetry`` rows (``ARRAY JOIN`` for TelemetryBatch windows, with
   ``_idx`` = position in the batch), exactly as :func:`sinks.convert.telemetry_row` does.
 - The same range rules as the codec (``loadcast.min``/``loadcast.max``, finite doubles)
@@ -162,26 +163,22 @@ class IngestTable:
         return bytes([0]) + self.schema_id.to_bytes(4, "big")
 
 
-def _zigzag(n: int) -> bytes:
-    """Avro's int/long encoding (zigzag varint)."""
-    n = (n << 1) ^ (n >> 63)
-    out = bytearray()
-    while n & ~0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+_COORDINATE_SCHEMA = fastavro.parse_schema({
+    "type": "record", "name": "Coordinates", "namespace": "loadcast.ingest",
+    "fields": list(_COORDINATES),
+})
+# The fields of TelemetryBatch before its windows array (to reach the array's count).
+_BATCH_HEAD_SCHEMA = fastavro.parse_schema({
+    "type": "record", "name": "BatchHead", "namespace": "loadcast.ingest",
+    "fields": [{"name": "agent_id", "type": "string"}, {"name": "region", "type": "string"},
+               {"name": "created_at", "type": "long"}],
+})
 
 
-def _read_long(data: bytes, pos: int) -> tuple[int, int]:
-    shift = result = 0
-    while True:
-        b = data[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
-        if not b & 0x80:
-            return (result >> 1) ^ -(result & 1), pos
-        shift += 7
+def _encode(schema: Any, datum: Any) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, datum)
+    return buf.getvalue()
 
 
 def batch_windows(value: bytes) -> int:
@@ -190,12 +187,10 @@ def batch_windows(value: bytes) -> int:
     Counts the first array block, which is the whole array for every Avro writer that
     writes arrays in one block (fastavro, librdkafka's serializers, the Java client).
     """
-    pos = HEADER_BYTES
-    for _ in range(2):  # agent_id, region
-        n, pos = _read_long(value, pos)
-        pos += n
-    _, pos = _read_long(value, pos)  # created_at
-    count, _ = _read_long(value, pos)
+    buf = io.BytesIO(memoryview(value)[HEADER_BYTES:])
+    fastavro.schemaless_reader(buf, _BATCH_HEAD_SCHEMA)  # leaves buf at the array
+    count = fastavro.schemaless_reader(buf, "long")
+    assert isinstance(count, int)
     return abs(count)
 
 
@@ -243,7 +238,6 @@ class FastPath:
                                            columns, batch))
         self._by_prefix = {t.prefix: t for t in self.tables}
         self._headers: dict[str, tuple[bytes, bytes]] = {}
-        self._topics: dict[str, bytes] = {}
 
     def ddl(self) -> list[str]:
         """The Null tables and the views that turn their rows into telemetry rows
@@ -267,20 +261,16 @@ class FastPath:
 
     def container(self, t: IngestTable, records: Iterable[tuple[str, int, int, bytes]]) -> bytes:
         """One Avro object container of ``(topic, partition, offset, value)`` records."""
-        topics = self._topics
-        parts = []
-        count = 0
+        parts: list[bytes | memoryview] = []
         for topic, partition, offset, value in records:
-            enc = topics.get(topic)
-            if enc is None:
-                raw = topic.encode()
-                enc = topics[topic] = _zigzag(len(raw)) + raw
-            parts.append(enc + _zigzag(partition) + _zigzag(offset))
+            parts.append(_encode(_COORDINATE_SCHEMA, {
+                "_topic": topic, "_partition": partition, "_offset": offset}))
             parts.append(memoryview(value)[HEADER_BYTES:])
-            count += 1
         body = b"".join(parts)
         header, sync = self._header(t)
-        return b"".join((header, _zigzag(count), _zigzag(len(body)), body, sync))
+        # One block: record count, byte size, the records, the header's sync marker.
+        return b"".join((header, _encode("long", len(parts) // 2), _encode("long", len(body)),
+                         body, sync))
 
     def rows(self, t: IngestTable, values: Sequence[bytes]) -> int:
         """telemetry rows the values make (windows of batches; one per single value)."""
