@@ -46,7 +46,7 @@ from typing import Any
 
 import fastavro
 
-from schemas.codec import Codec, plain
+from schemas.codec import MAGIC, Codec, plain
 from sinks.convert import _MAX_MS, _MIN_MS
 
 HEADER_BYTES = 5  # Confluent wire format: magic byte + 4-byte schema id
@@ -155,12 +155,13 @@ class IngestTable:
     table: str
     schema_id: int
     writer_schema: dict[str, Any]  # the wrapper: coordinates + the value's fields
-    columns: tuple[tuple[str, str], ...]
     batch: bool  # TelemetryBatch: one row per window
+    header: bytes  # of an object container of writer_schema; ends in its sync marker
 
     @property
     def prefix(self) -> bytes:
-        return bytes([0]) + self.schema_id.to_bytes(4, "big")
+        """The Confluent header values of this schema start with."""
+        return bytes([MAGIC]) + self.schema_id.to_bytes(4, "big")
 
 
 _COORDINATE_SCHEMA = fastavro.parse_schema({
@@ -234,10 +235,12 @@ class FastPath:
             self._ddl.append(f"CREATE TABLE IF NOT EXISTS {table} (\n  {cols}\n) ENGINE = Null")
             self._ddl.append(f"CREATE MATERIALIZED VIEW IF NOT EXISTS {table}_mv TO telemetry AS\n"
                              + view.replace("{table}", table))
-            self.tables.append(IngestTable(name, table, codec.schema_id(name), wrapper,
-                                           columns, batch))
+            buf = io.BytesIO()
+            # An empty container is exactly the header (schema + sync marker) we need.
+            fastavro.writer(buf, fastavro.parse_schema(wrapper), [])
+            self.tables.append(IngestTable(name, table, codec.schema_id(name), wrapper, batch,
+                                           buf.getvalue()))
         self._by_prefix = {t.prefix: t for t in self.tables}
-        self._headers: dict[str, tuple[bytes, bytes]] = {}
 
     def ddl(self) -> list[str]:
         """The Null tables and the views that turn their rows into telemetry rows
@@ -248,17 +251,6 @@ class FastPath:
         """The ingest table for a raw Kafka value, or None (decode it in Python)."""
         return self._by_prefix.get(value[:HEADER_BYTES])
 
-    def _header(self, t: IngestTable) -> tuple[bytes, bytes]:
-        cached = self._headers.get(t.table)
-        if cached is None:
-            buf = io.BytesIO()
-            # An empty container is exactly the header (schema + sync marker) we need.
-            fastavro.writer(buf, fastavro.parse_schema(t.writer_schema), [])
-            data = buf.getvalue()
-            cached = (data, data[-16:])
-            self._headers[t.table] = cached
-        return cached
-
     def container(self, t: IngestTable, records: Iterable[tuple[str, int, int, bytes]]) -> bytes:
         """One Avro object container of ``(topic, partition, offset, value)`` records."""
         parts: list[bytes | memoryview] = []
@@ -267,10 +259,9 @@ class FastPath:
                 "_topic": topic, "_partition": partition, "_offset": offset}))
             parts.append(memoryview(value)[HEADER_BYTES:])
         body = b"".join(parts)
-        header, sync = self._header(t)
         # One block: record count, byte size, the records, the header's sync marker.
-        return b"".join((header, _encode("long", len(parts) // 2), _encode("long", len(body)),
-                         body, sync))
+        return b"".join((t.header, _encode("long", len(parts) // 2),
+                         _encode("long", len(body)), body, t.header[-16:]))
 
     def rows(self, t: IngestTable, values: Sequence[bytes]) -> int:
         """telemetry rows the values make (windows of batches; one per single value)."""
