@@ -50,15 +50,15 @@ def telemetry_features(window: Mapping[str, Any]) -> dict[str, float]:
     """
     seconds = max((window["window_end"] - window["window_start"]) / 1000.0, 1e-3)
     n = max(float(window.get("request_count", 0)), 0.0)
-    failed = sum(
-        float(window.get(k, 0) or 0) for k in ("errors_5xx", "errors_connect", "errors_timeout")
-    )
+    get = window.get  # called per window by the processor: no generator, no loop
+    failed = (float(get("errors_5xx", 0) or 0) + float(get("errors_connect", 0) or 0)
+              + float(get("errors_timeout", 0) or 0))
     return {
         "rate": n / seconds,
         "error_rate": min(failed / n, 1.0) if n > 0 else 0.0,
-        "p50_ms": float(window.get("latency_p50_ms", 0.0)),
-        "p99_ms": float(window.get("latency_p99_ms", 0.0)),
-        "cpu": float(window.get("cpu_percent", 0.0)) / 100.0,
+        "p50_ms": float(get("latency_p50_ms", 0.0)),
+        "p99_ms": float(get("latency_p99_ms", 0.0)),
+        "cpu": float(get("cpu_percent", 0.0)) / 100.0,
     }
 
 
@@ -82,19 +82,24 @@ class RobustSquasher:
         return out
 
     def learn(self, x: Mapping[str, float]) -> None:
+        self.learn_prepared([(k, _prep(k, v)) for k, v in x.items()])
+
+    def learn_prepared(self, x: list[tuple[str, float]]) -> None:
+        """:meth:`learn` for values already through ``_prep`` (a caller that scored them)."""
         a = self.alpha
-        for k, v in x.items():
-            v = _prep(k, v)
-            if k not in self.centre:
-                self.centre[k], self.spread[k] = v, 0.0
+        centre, spread = self.centre, self.spread
+        for k, v in x:
+            c = centre.get(k)
+            if c is None:
+                centre[k], spread[k] = v, 0.0
                 continue
-            c = self.centre[k]
             # Sign-step for the centre tracks the median, robust to spikes.
-            s = max(self.spread[k], 1e-3 + 0.01 * abs(c))
-            self.centre[k] = c + a * s * (1.0 if v > c else -1.0 if v < c else 0.0) + a * 0.1 * (
+            sk = spread[k]
+            s = max(sk, 1e-3 + 0.01 * abs(c))
+            centre[k] = c + a * s * (1.0 if v > c else -1.0 if v < c else 0.0) + a * 0.1 * (
                 v - c
             )
-            self.spread[k] += a * (min(abs(v - c), 10 * s) - self.spread[k])
+            spread[k] = sk + a * (min(abs(v - c), 10 * s) - sk)
 
 
 def _prep(key: str, value: float) -> float:
@@ -174,18 +179,20 @@ class RobustZDetector:
     def score_and_learn(self, features: Mapping[str, float]) -> AnomalyResult:
         """Score a window (before learning it), then learn it unless flagged."""
         sc = self.scaler
+        centre, spread = sc.centre, sc.spread
+        # Each value is prepared once, for the score and for learning.
+        prepared = [(k, _prep(k, v)) for k, v in features.items()]
         z = 0.0
-        for k, v in features.items():
-            c = sc.centre.get(k)
+        for k, x in prepared:
+            c = centre.get(k)
             if c is None:
                 continue
-            x = _prep(k, v)
-            s = max(sc.spread.get(k, 0.0), 1e-3 + 0.01 * abs(c))
+            s = max(spread.get(k, 0.0), 1e-3 + 0.01 * abs(c))
             z = max(z, abs(x - c) / s)
         warm = self.seen >= self.warmup
         score = min(max((z - self.z_low) / (self.z_high - self.z_low), 0.0), 1.0) if warm else 0.0
         flagged = warm and score >= self.threshold
         if not flagged:
-            sc.learn(features)
+            sc.learn_prepared(prepared)
         self.seen += 1
         return AnomalyResult(score, flagged, warm, dict(features))
