@@ -201,7 +201,7 @@ class EndpointModel:
         value = compute_score(
             forecast, capacity_rps=self._estimate.rps, current_rps=rate, latency_p99_ms=p99,
             error_rate=error_rate, anomaly_score=result.score, anomalous=result.is_anomaly,
-            policy=policy, peaks=self._peaks if self.forecast else None,
+            policy=policy, peaks=self._peaks if self.forecast else None, explain=False,
         ).score
         publish = (
             bool(steps)

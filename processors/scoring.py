@@ -108,11 +108,14 @@ def compute_score(
     anomalous: bool = False,
     policy: ScorePolicy | None = None,
     peaks: tuple[float, float] | None = None,
+    explain: bool = True,
 ) -> ScoreBreakdown:
     """Score one endpoint (pure).  See the module docstring for the formula.
 
     ``peaks`` = :func:`forecast_peaks` of ``forecast``, for callers that score many windows
-    against one forecast (the formula only needs the peaks).
+    against one forecast (the formula only needs the peaks). ``explain=False`` leaves
+    ``reasons`` empty: the processor scores every window but publishes few of them, and
+    formatting the reasons cost as much as the formula.
     """
     pol = policy or ScorePolicy()
     cap = capacity_rps if math.isfinite(capacity_rps) and capacity_rps > 0 else 1e-9
@@ -133,6 +136,8 @@ def compute_score(
     }
     score = _clip01(math.prod(factors.values()))
     reasons: list[str] = []
+    if not explain:
+        return ScoreBreakdown(score, u_pred, u, factors, reasons)
     if factors["load"] < pol.reason_below:
         which = "current" if u_now >= u_pred else "predicted"
         reasons.append(f"{which} utilization {u:.2f} of {cap:.4g} rps capacity")
