@@ -418,7 +418,7 @@ def registered_metrics() -> dict[str, set[str]]:
     """Every sample name loadcast's modules register -> its label names."""
     from prometheus_client.metrics import MetricWrapperBase
 
-    pattern = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(")
+    pattern = re.compile(r"\b(Counter|Gauge|Histogram|Summary)\(|SCRAPED_METRICS")
     out: dict[str, set[str]] = {}
     for pkg in ("loadcast", "streams", "processors", "sinks"):
         for path in sorted((ROOT / pkg).rglob("*.py")):
@@ -427,6 +427,9 @@ def registered_metrics() -> dict[str, set[str]]:
                 continue
             module = importlib.import_module(
                 ".".join(path.relative_to(ROOT).with_suffix("").parts))
+            # Metrics a collector reads at scrape time (processors.worker.SCRAPED_METRICS).
+            for name in getattr(module, "SCRAPED_METRICS", {}):
+                out[name] = set()
             for obj in vars(module).values():
                 if not isinstance(obj, MetricWrapperBase):
                     continue
