@@ -11,9 +11,7 @@ process whose CPU time and resident memory are read with psutil:
    ceiling Faust itself sets;
 4. ``latency``: background single records at half the measured single-record rate, plus
    20 probe windows a second from fresh endpoints (an endpoint's first window is always
-   published); probe produced → its score received by a consumer, p50/p99. Side by side,
-   in the same run: probe produced → the probe itself received by a plain confluent-kafka
-   consumer of the telemetry topic (what the broker alone costs at that load).
+   published); probe produced → its score received by a consumer, p50/p99.
 
 Windows are 5 s, the model step 60 s (the forecaster learns once per 12 windows and every
 window is scored), endpoints' request counts follow the real ELB trace.
@@ -242,16 +240,11 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
     record_rate = rate / per_record
     probe = windows(1, 1)[0][0]
     sent: dict[bytes, float] = {}
-    seen: dict[bytes, float] = {}  # probes as the plain consumer of telemetry received them
     got: list[float] = []
-    raw: list[float] = []
     stop = threading.Event()
     proc = Proc(kafka, noop=False)
     c = Consumer(kafka.consumer_config(None, **{"fetch.wait.max.ms": 5}))
     c.assign([TopicPartition(topic_name(kafka, "load-scores"), p, 0) for p in range(PARTITIONS)])
-    # Same fetch wait as the worker's Faust consumer.
-    t = Consumer(kafka.consumer_config(None, **{"fetch.wait.max.ms": 20}))
-    t.assign([TopicPartition(topic_name(kafka, "telemetry"), p, 0) for p in range(PARTITIONS)])
 
     def collect() -> None:
         while not stop.is_set():
@@ -260,19 +253,10 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
                 if not m.error() and k in sent:
                     got.append(time.time() - sent.pop(k))
 
-    def collect_raw() -> None:
-        while not stop.is_set():
-            for m in t.consume(1000, 0.05):
-                k = m.key()
-                if not m.error() and k is not None and k.startswith(b"probe-") and k in seen:
-                    raw.append(time.time() - seen.pop(k))
-
     try:
         proc.wait_ready()
         reader = threading.Thread(target=collect)
         reader.start()
-        raw_reader = threading.Thread(target=collect_raw)
-        raw_reader.start()
         p = Producer({**kafka.client_config(), "linger.ms": 1, "partitioner": "murmur2_random"})
         topic = topic_name(kafka, "telemetry")
         every = max(1, round(record_rate / probes_per_s))
@@ -289,7 +273,7 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
             if i % every == 0:
                 name = f"probe-{i}"
                 pk = name.encode()
-                sent[pk] = seen[pk] = time.time()
+                sent[pk] = time.time()
                 p.produce(topic, codec.encode("EndpointTelemetry", dict(probe, endpoint_id=name)),
                           pk)
             p.poll(0)
@@ -298,25 +282,18 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
         deadline = time.monotonic() + 30
         while sent and time.monotonic() < deadline:
             time.sleep(0.1)
-        while seen and time.monotonic() < deadline:
-            time.sleep(0.1)
         stop.set()
         reader.join(10)
-        raw_reader.join(10)
     finally:
         c.close()
-        t.close()
         proc.stop()
     lat = sorted(got[len(got) // 10:])  # drop the first tenth: warm-up
-    base = sorted(raw[len(raw) // 10:])
-    if len(lat) < 2 or len(base) < 2:
+    if len(lat) < 2:
         return {"rate": round(rate), "probes": len(got), "lost": len(sent)}
-    q, qb = statistics.quantiles(lat, n=100), statistics.quantiles(base, n=100)
+    q = statistics.quantiles(lat, n=100)
     return {"rate": round(rate), "batch": batch, "probes": len(got), "lost": len(sent),
             "worker_cpu": round(busy, 2),
-            "p50_ms": round(statistics.median(lat) * 1000, 1), "p99_ms": round(q[98] * 1000, 1),
-            "broker_p50_ms": round(statistics.median(base) * 1000, 1),
-            "broker_p99_ms": round(qb[98] * 1000, 1)}
+            "p50_ms": round(statistics.median(lat) * 1000, 1), "p99_ms": round(q[98] * 1000, 1)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,9 +362,7 @@ def show(r: dict[str, Any]) -> None:
         Console().print(
             f"window -> score published, background of {label} at {lat.get('rate')} "
             f"windows/s (worker {lat.get('worker_cpu')} cores): p50 {lat.get('p50_ms')} ms, "
-            f"p99 {lat.get('p99_ms')} ms ({lat.get('probes')} probes, {lat.get('lost')} lost); "
-            f"broker alone (probe -> plain consumer of telemetry): "
-            f"p50 {lat.get('broker_p50_ms')} ms, p99 {lat.get('broker_p99_ms')} ms")
+            f"p99 {lat.get('p99_ms')} ms ({lat.get('probes')} probes, {lat.get('lost')} lost)")
 
 
 if __name__ == "__main__":
