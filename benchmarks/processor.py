@@ -227,10 +227,15 @@ def throughput(broker: EmbeddedBroker, codec: Codec, kind: str, endpoints: int,
 
 
 def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
-            endpoints: int, probes_per_s: float = 20.0, batch: bool = False) -> dict[str, Any]:
+            endpoints: int, probes_per_s: float = 20.0, batch: bool = False,
+            worker: bool = True) -> dict[str, Any]:
     """Background windows at ``rate`` (single values, or TelemetryBatch values as agents
     send them) plus probe windows of fresh endpoints (a first window is always published),
-    in the default configuration; probe -> score latency."""
+    in the default configuration; probe -> score latency.
+
+    ``worker=False`` is the baseline: no worker; a plain confluent-kafka consumer of the
+    telemetry topic (fetch wait 20 ms, like the worker's) times probe -> probe received,
+    which is what the broker alone costs at that load."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, partitions=PARTITIONS,
                           topic_prefix=f"l{uuid.uuid4().hex[:6]}.")
     ensure_topics(kafka)
@@ -242,9 +247,10 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
     sent: dict[bytes, float] = {}
     got: list[float] = []
     stop = threading.Event()
-    proc = Proc(kafka, noop=False)
-    c = Consumer(kafka.consumer_config(None, **{"fetch.wait.max.ms": 5}))
-    c.assign([TopicPartition(topic_name(kafka, "load-scores"), p, 0) for p in range(PARTITIONS)])
+    proc = Proc(kafka, noop=False) if worker else None
+    c = Consumer(kafka.consumer_config(None, **{"fetch.wait.max.ms": 5 if worker else 20}))
+    read = topic_name(kafka, "load-scores" if worker else "telemetry")
+    c.assign([TopicPartition(read, p, 0) for p in range(PARTITIONS)])
 
     def collect() -> None:
         while not stop.is_set():
@@ -254,14 +260,15 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
                     got.append(time.time() - sent.pop(k))
 
     try:
-        proc.wait_ready()
+        if proc is not None:
+            proc.wait_ready()
         reader = threading.Thread(target=collect)
         reader.start()
         p = Producer({**kafka.client_config(), "linger.ms": 1, "partitioner": "murmur2_random"})
         topic = topic_name(kafka, "telemetry")
         every = max(1, round(record_rate / probes_per_s))
         t0 = time.monotonic()
-        cpu0 = proc.cpu()
+        cpu0 = proc.cpu() if proc is not None else 0.0
         for i, (key, value, part) in enumerate(background):
             delay = t0 + i / record_rate - time.monotonic()
             if delay > 0:
@@ -278,7 +285,8 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
                           pk)
             p.poll(0)
         p.flush(30)
-        busy = (proc.cpu() - cpu0) / (time.monotonic() - t0)  # worker cores in use
+        # Worker cores in use.
+        busy = (proc.cpu() - cpu0) / (time.monotonic() - t0) if proc is not None else 0.0
         deadline = time.monotonic() + 30
         while sent and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -286,7 +294,8 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
         reader.join(10)
     finally:
         c.close()
-        proc.stop()
+        if proc is not None:
+            proc.stop()
     lat = sorted(got[len(got) // 10:])  # drop the first tenth: warm-up
     if len(lat) < 2:
         return {"rate": round(rate), "probes": len(got), "lost": len(sent)}
@@ -315,11 +324,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"quick": a.quick, "interval_s": INTERVAL_MS / 1000,
                               "step_s": 60, "snapshot_every_s": a.snapshot_every, "phases": {}}
     if a.latency_rate:
+        seconds = 3 if a.quick else 2 * RUN["snapshot_every"]
         with EmbeddedBroker() as broker:
-            lat = latency(broker, codec, a.latency_rate,
-                          3 if a.quick else 2 * RUN["snapshot_every"], endpoints,
+            lat = latency(broker, codec, a.latency_rate, seconds, endpoints,
                           batch=a.latency_batch)
-        print(json.dumps(lat))
+            base = latency(broker, codec, a.latency_rate, seconds, endpoints,
+                           batch=a.latency_batch, worker=False)
+        print(json.dumps({"worker": lat, "broker_alone": base}))
         return 0
     with EmbeddedBroker() as broker:
         for kind in ("batch", "single", "noop"):
@@ -327,10 +338,13 @@ def main(argv: list[str] | None = None) -> int:
         single = result["phases"]["single"]["windows_per_s"] or 100
         batched = result["phases"]["batch"]["windows_per_s"] or 100
         seconds = 3 if a.quick else 2 * RUN["snapshot_every"]  # always spans snapshot rounds
-        result["phases"]["latency"] = latency(
-            broker, codec, rate=single / 2, seconds=seconds, endpoints=endpoints)
-        result["phases"]["latency_batch"] = latency(
-            broker, codec, rate=batched / 2, seconds=seconds, endpoints=endpoints, batch=True)
+        for key, rate, batch in (("latency", single / 2, False),
+                                 ("latency_batch", batched / 2, True)):
+            result["phases"][key] = latency(broker, codec, rate=rate, seconds=seconds,
+                                            endpoints=endpoints, batch=batch)
+            result["phases"][f"{key}_broker"] = latency(
+                broker, codec, rate=rate, seconds=seconds, endpoints=endpoints, batch=batch,
+                worker=False)
     ph = result["phases"]
     noop = ph["noop"]["records_per_s"] or 1
     result["single_vs_noop"] = round((ph["single"]["windows_per_s"] or 0) / noop, 3)
@@ -357,12 +371,18 @@ def show(r: dict[str, Any]) -> None:
                   else "-", f"{p['rss_per_endpoint_kb']}" if kind != "noop" else "-",
                   f"{(p['records_per_s'] or 0) / noop:.2f}")
     Console().print(t)
+    lt = Table(title="window -> score published, at half the measured maximum rate")
+    for col in ("background", "windows/s", "worker cores", "p50 ms", "p99 ms", "probes",
+                "lost", "broker alone p50", "broker alone p99"):
+        lt.add_column(col, justify="left" if col == "background" else "right")
     for key, label in (("latency", "single values"), ("latency_batch", "TelemetryBatch")):
-        lat = ph[key]
-        Console().print(
-            f"window -> score published, background of {label} at {lat.get('rate')} "
-            f"windows/s (worker {lat.get('worker_cpu')} cores): p50 {lat.get('p50_ms')} ms, "
-            f"p99 {lat.get('p99_ms')} ms ({lat.get('probes')} probes, {lat.get('lost')} lost)")
+        lat, base = ph[key], ph.get(f"{key}_broker", {})
+        lt.add_row(label, f"{lat.get('rate')}", f"{lat.get('worker_cpu')}",
+                   f"{lat.get('p50_ms')}", f"{lat.get('p99_ms')}", f"{lat.get('probes')}",
+                   f"{lat.get('lost')}", f"{base.get('p50_ms')}", f"{base.get('p99_ms')}")
+    Console().print(lt)
+    Console().print("broker alone: the same load with no worker; a plain consumer of the "
+                    "telemetry topic times probe -> probe received.")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ def test_processor_benchmark_quick(tmp_path: Path) -> None:
     for kind in ("batch", "single", "noop"):
         assert r["phases"][kind]["windows_per_s"] > 0
     assert r["phases"]["batch"]["scores_published"] > 0
-    lat = r["phases"]["latency"]
-    assert lat["probes"] > 0 and lat["lost"] == 0 and lat["p99_ms"] > 0
+    for key in ("latency", "latency_broker", "latency_batch", "latency_batch_broker"):
+        lat = r["phases"][key]
+        assert lat["probes"] > 0 and lat["lost"] == 0 and lat["p99_ms"] > 0, key
+    assert r["phases"]["latency"]["worker_cpu"] > 0
     assert r["single_vs_noop"] > 0
