@@ -21,6 +21,7 @@ __all__ = ["BandedForecaster"]
 
 _Q_LO, _Q_HI = 0.05, 0.95
 _QS = np.array([_Q_LO, _Q_HI])
+_MAX = float(np.finfo(np.float64).max)  # what np.nan_to_num turns +inf into
 
 
 class BandedForecaster:
@@ -176,40 +177,42 @@ class BandedForecaster:
         H, hs = self.max_horizon, self._hs
         made = t - hs  # step at which horizon h's forecast of step t was made
         rows = made % H
-        ok = self._pend_step[rows] == made
-        if not ok.any():
-            return
+        # Slots never written (or of gaps) hold NaN or stale forecasts: masked by ok.
         e = (value - self._pend[rows, hs - 1]) / self._pend_level[rows]
-        ok &= np.isfinite(e)
+        ok = (self._pend_step[rows] == made) & np.isfinite(e)
         if ok.all():  # the usual case: every horizon completes; no index arrays needed
             pos = self._err_pos
-            self._errs[np.arange(H), pos] = e
+            self._errs[hs - 1, pos] = e
             pos += 1
             pos %= self._errs.shape[1]
             self._err_n += 1
-        else:
+        elif ok.any():
             idx = np.flatnonzero(ok)
-            if not idx.size:
-                return
             pos = self._err_pos[idx]
             self._errs[idx, pos] = e[idx]
             self._err_pos[idx] = (pos + 1) % self._errs.shape[1]
             self._err_n[idx] += 1
+        else:
+            return
         self._q_age += 1
 
     def _quantiles(self) -> np.ndarray:
         if self._q_age >= self._band_refresh:
             self._q_age = 0
             if self._err_n.any():
-                q = np.nan_to_num(self._ring_quantiles(), nan=0.0)  # all-NaN rows: no errors
+                q = self._ring_quantiles()
+                # np.nan_to_num(q, nan=0.0) in fewer calls: +-inf -> +-max, an empty ring's
+                # NaN -> 0 (no errors yet).
+                np.maximum(q, -_MAX, out=q)
+                np.minimum(q, _MAX, out=q)
+                np.copyto(q, 0.0, where=np.isnan(q))
             else:
                 q = np.zeros((2, self.max_horizon))
             # Too few errors yet: keep a modest default band rather than a zero-width one.
+            # Never a band that excludes the point forecast.
             few = self._err_n < 20
-            q[0, few] = np.minimum(q[0, few], -0.5)
-            q[1, few] = np.maximum(q[1, few], 0.5)
-            q[0] = np.minimum(q[0], 0.0)
-            q[1] = np.maximum(q[1], 0.0)
+            q[0] = np.minimum(q[0], np.where(few, -0.5, 0.0))
+            q[1] = np.maximum(q[1], np.where(few, 0.5, 0.0))
             self._q = q
         return self._q
 
@@ -223,12 +226,15 @@ class BandedForecaster:
         sorted (NaN last) and interpolated at ``(n - 1) * q`` for its own count ``n``.
         """
         errs, H = self._errs, self.max_horizon
+        W = errs.shape[1]
         # Rings fill from slot 0, so slots past the fullest ring's count are all empty.
-        k = min(errs.shape[1], int(self._err_n.max()))
+        k = min(W, int(self._err_n.max()))
         srt = np.sort(errs[:, :k], axis=1)  # float32 like the rings: a cheaper sort
-        last = k - 1 - np.count_nonzero(np.isnan(srt), axis=1)  # index of the max (n - 1)
-        # As numpy's _quantile: virtual index, its neighbours (both the max when the index
-        # reaches it, i.e. n == 1; an empty ring reads NaN from its last slot) and gamma.
+        # Only finite errors are recorded (NaN marks an empty slot): n = min(count, W).
+        last = np.minimum(self._err_n, W) - 1  # index of the largest value, n - 1
+        # As numpy's _quantile: virtual index, its neighbours (both the largest value when
+        # the index reaches it, i.e. n == 1; an empty ring reads NaN from its last slot)
+        # and gamma.
         virtual = _QS[:, None] * last[None, :]
         below = np.floor(virtual)
         top = virtual >= last

@@ -48,6 +48,7 @@ _N_LAGS = 4  # recent seasonal differences y[t-k] - y[t-k-m], k < _N_LAGS
 _N_DAYS = 7  # multi-season mean over at most this many seasons
 _TOD_K, _DOW_K = 3, 2  # Fourier orders
 _FCLIP = 10.0  # feature / target clip, in units of the level
+_MAX = float(np.finfo(np.float64).max)  # what np.nan_to_num turns +inf into
 
 # Feature layout (columns of the per-horizon design matrix).
 _C_BIAS = 0
@@ -90,6 +91,9 @@ class DirectForecaster(BandedForecaster):
     #: Observer of learning rows (see :meth:`observe_rows`); None = off.  A class-level
     #: default so forecasters pickled before the hook existed load unchanged.
     _row_observer: RowObserver | None = None
+    #: All history offsets of a step's features in one array (see _gather_offsets);
+    #: derived, so not pickled.
+    _gather: np.ndarray | None = None
 
     def __init__(
         self,
@@ -151,8 +155,8 @@ class DirectForecaster(BandedForecaster):
         # Pending (made at step k, row k % H): features, base, level, candidates.
         C = len(CANDIDATES)
         self._pX = np.zeros((H, H, F), dtype=np.float32)
-        self._pbase = np.full((H, H), np.nan)
         self._ps = np.full(H, np.nan)
+        self._pbase = np.full((H, H), np.nan)  # = _pC[..., 1], for older versions' snapshots
         self._pC = np.full((H, H, C), np.nan)
         self._pk = np.full(H, -(10**9), dtype=np.int64)
         hl = error_halflife if error_halflife else min(max(m, 50), 2000)
@@ -271,6 +275,11 @@ class DirectForecaster(BandedForecaster):
         self._miss = np.zeros((self.max_horizon, N_FEATURES), dtype=bool)
         self._sn_ok = np.zeros(self.max_horizon, dtype=bool)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("_gather", None)  # derived: rebuilt on first use
+        return state
+
     # -- BandedForecaster hooks -------------------------------------------------------
     def _max_gap_fill(self) -> int:
         return self._L
@@ -309,77 +318,101 @@ class DirectForecaster(BandedForecaster):
         return np.concatenate([cur, np.where(np.isnan(extra), lvl, extra)])
 
     # -- internals --------------------------------------------------------------------
-    def _features(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """Design matrix (H, F), base forecasts (H,), candidates (H, C-1), level."""
+    # Everything here runs once per step on (H, F) = (15, 25)-sized arrays, where numpy's
+    # per-call overhead (~0.5 µs) dominates the arithmetic: the code keeps the number of
+    # numpy calls low (whole arrays in place when every horizon takes part, one gather for
+    # all history lookups) while doing exactly the same floating-point operations, so
+    # forecasts stay bit for bit the same.
+
+    def _gather_offsets(self) -> np.ndarray:
+        """Offsets (relative to t) of every history value the features read, in the order
+        :meth:`_features` slices them: seasonal naive (H), long-season naive (H, if any),
+        same step on past days (days x H), recent steps and the same steps a season back.
+        Derived from the stored offsets on first use; not pickled."""
+        if self._gather is None:
+            parts = [self._off_sn]
+            if self._off_wk is not None and self.long_season:
+                parts.append(self._off_wk)
+            parts += [self._off_days.ravel(), self._off_lag, self._off_lag - self.season]
+            self._gather = np.concatenate(parts)
+        return self._gather
+
+    def _features(self, C: np.ndarray) -> tuple[np.ndarray, float]:
+        """Design matrix (H, F) and the level; fills the candidate forecasts (H, C) from
+        column 1 on (base, persistence, EW means, long-season naive, multi-season mean)."""
         t, L, y = self._t, self._L, self._y
-        H = self.max_horizon
+        H, wk = self.max_horizon, self.long_season
         s = self._scale()
         inv = 1.0 / s
-        lvl = self._ew[-1]
-        sn = y[(t + self._off_sn) % L]
-        base = np.where(np.isnan(sn), lvl, sn)
-        if self.long_season:
-            assert self._off_wk is not None
-            wkv = y[(t + self._off_wk) % L]
+        g = y[(t + self._gather_offsets()) % L]  # float32, like the history
+        sn, i = g[:H], H
+        if wk:
+            wkv, i = g[i : i + H], i + H
         else:
             wkv = np.full(H, np.nan)
-        days = y[(t + self._off_days) % L]
-        cnt = (~np.isnan(days)).sum(axis=0)
-        mday = np.where(cnt > 0, np.nansum(days, axis=0) / np.maximum(cnt, 1), np.nan)
+        days, i = g[i : i + self._n_days * H].reshape(self._n_days, H), i + self._n_days * H
+        lag_now, lag_prev = g[i : i + _N_LAGS], g[i + _N_LAGS :]
+        C[:, 1] = np.where(np.isnan(sn), self._ew[-1], sn)  # base: seasonal naive or level
+        missing = np.isnan(days)
+        cnt = self._n_days - missing.sum(axis=0)
+        # np.nansum's own steps (NaN -> 0, then a float32 sum over the days).
+        C[:, 7] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
+                           / np.maximum(cnt, 1), np.nan)
         last = self._last
-        cand = np.empty((H, 3 + len(_EW_ALPHAS)))
-        cand[:, 0] = last
-        cand[:, 1 : 1 + len(_EW_ALPHAS)] = self._ew
-        cand[:, -2] = wkv
-        cand[:, -1] = mday
-        X = np.empty((H, N_FEATURES))
-        X[:, _C_BIAS] = 1.0
-        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (cand - base[:, None]) * inv
-        m = self.season
-        lag_now = y[(t + self._off_lag) % L]
-        lag_prev = y[(t + self._off_lag - m) % L]
-        X[:, _C_LAGS : _C_LAGS + _N_LAGS] = (lag_now - lag_prev) * inv
-        X[:, _C_SD : _C_SD + len(_SD_ALPHAS)] = self._sd * inv
-        X[:, _C_WD] = self._wd * inv
-        X[:, _C_WD + 1] = (last - y[(t - self.long_season) % L]) * inv if self.long_season else 0
+        C[:, 2] = last
+        C[:, 3 : 3 + len(_EW_ALPHAS)] = self._ew
+        C[:, 6] = wkv
+        # Columns that are the same for every horizon: one row, broadcast.
+        row = np.empty(N_FEATURES)
+        row[_C_BIAS] = 1.0
+        row[_C_LAGS : _C_LAGS + _N_LAGS] = (lag_now - lag_prev) * inv
+        row[_C_SD : _C_SD + len(_SD_ALPHAS)] = self._sd * inv
+        row[_C_WD] = self._wd * inv
+        row[_C_WD + 1] = (last - y[(t - wk) % L]) * inv if wk else 0
         ts = self._clock.last_ts or 0.0
         ph = _TWO_PI * ts / self.season_seconds
-        k = np.arange(1, _TOD_K + 1) * ph
-        X[:, _C_TOD : _C_TOD + _TOD_K] = np.sin(k)
-        X[:, _C_TOD + _TOD_K : _C_TOD + 2 * _TOD_K] = np.cos(k)
-        long_s = self.long_season_seconds or 7 * 86400
-        k = np.arange(1, _DOW_K + 1) * (_TWO_PI * ts / long_s)
-        X[:, _C_DOW : _C_DOW + _DOW_K] = np.sin(k)
-        X[:, _C_DOW + _DOW_K : _C_DOW + 2 * _DOW_K] = np.cos(k)
+        pw = _TWO_PI * ts / (self.long_season_seconds or 7 * 86400)
+        # k * phase for k = 1.._TOD_K (time of day), then 1.._DOW_K (week), one sin/cos call.
+        ang = np.array([k * ph for k in range(1, _TOD_K + 1)]
+                       + [k * pw for k in range(1, _DOW_K + 1)])
+        sin, cos = np.sin(ang), np.cos(ang)
+        row[_C_TOD : _C_TOD + _TOD_K] = sin[:_TOD_K]
+        row[_C_TOD + _TOD_K : _C_TOD + 2 * _TOD_K] = cos[:_TOD_K]
+        row[_C_DOW : _C_DOW + _DOW_K] = sin[_TOD_K:]
+        row[_C_DOW + _DOW_K : _C_DOW + 2 * _DOW_K] = cos[_TOD_K:]
+        X = np.empty((H, N_FEATURES))
+        X[:] = row
+        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (C[:, 2:] - C[:, 1:2]) * inv
         if self._row_observer is not None:
             self._miss = ~np.isfinite(X)
             self._sn_ok = ~np.isnan(sn)
-        np.nan_to_num(X, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
-        np.clip(X, -_FCLIP, _FCLIP, out=X)
-        return X, base, cand, s
+        # Clip to +-_FCLIP, unknown (NaN) -> 0: what nan_to_num + clip gave, in fewer calls.
+        np.maximum(X, -_FCLIP, out=X)
+        np.minimum(X, _FCLIP, out=X)
+        np.copyto(X, 0.0, where=np.isnan(X))
+        return X, s
 
     def _predict(self) -> np.ndarray:
-        X, base, cand, s = self._features()
+        H, t = self.max_horizon, self._t
+        r = t % H
+        # This step's candidates are written straight into the pending slot: they are
+        # remembered to learn and score them when the actuals arrive.
+        C = self._pC[r]
+        X, s = self._features(C)
         if self.learner == "rls":
             z = np.einsum("hf,hf->h", X, self.weights)
         else:
             Xs = (X - self._x_mean) / np.sqrt(self._x_var)
             Xs[:, _C_BIAS] = 1.0
             z = np.einsum("hf,hf->h", Xs, self.weights) * np.sqrt(self._y_var)
-        z = np.clip(z, -_FCLIP, _FCLIP)
-        model = base + s * z
-        H = self.max_horizon
-        C = np.empty((H, len(CANDIDATES)))
-        C[:, 0] = model
-        C[:, 1] = base
-        C[:, 2:] = cand
-        # Remember what was forecast, to learn and score it when the actuals arrive.
-        r = self._t % H
+        np.maximum(z, -_FCLIP, out=z)
+        np.minimum(z, _FCLIP, out=z)
+        C[:, 0] = C[:, 1] + s * z  # the model: base + level * scale-free correction
         self._pX[r] = X
-        self._pbase[r] = base
+        # Learning reads the base from C; _pbase is kept so a rollback can load snapshots.
+        self._pbase[r] = C[:, 1]
         self._ps[r] = s
-        self._pC[r] = C
-        self._pk[r] = self._t
+        self._pk[r] = t
         if self._row_observer is not None:
             self._pmiss[r] = self._miss
             self._psn[r] = self._sn_ok
@@ -389,16 +422,16 @@ class DirectForecaster(BandedForecaster):
         if self.select == "model":
             return C[:, 0]
         err = self._cerr
-        avail = ~np.isnan(C) & ~np.isnan(err)
-        avail[:, 0] |= ~np.isnan(C[:, 0])
-        scored = np.where(avail, np.nan_to_num(err, nan=np.inf), np.inf)
+        # A candidate without a forecast or without a score yet is never chosen (inf);
+        # the clip is nan_to_num's +-inf -> +-max, so an overflowed score still ranks.
+        scored = np.where(np.isnan(C) | np.isnan(err), np.inf,
+                          np.minimum(np.maximum(err, -_MAX), _MAX))
         if self.select == "best":
             # Before any error is known prefer seasonal naive, then the model.  Another
             # candidate must beat the model by the margin: switching on noise costs.
             scored[:, 0] *= self.guard_margin
             idx = np.argmin(scored, axis=1)
-            none = ~np.isfinite(scored[self._rows_h, idx])
-            idx = np.where(none, 1, idx)
+            idx = np.where(np.isfinite(scored[self._rows_h, idx]), idx, 1)
             out = C[self._rows_h, idx]
             out = np.where(np.isnan(out), C[:, 0], out)
             self._chosen = idx
@@ -413,66 +446,92 @@ class DirectForecaster(BandedForecaster):
     def _learn_targets(self, value: float) -> None:
         """Targets that ``value`` completes: horizon h of the forecast made h steps ago."""
         H, t = self.max_horizon, self._t
-        hs = self._hs
-        rows = (t - hs) % H
-        ok = self._pk[rows] == t - hs
-        if not ok.any():
+        made = t - self._hs
+        rows = made % H
+        ok = self._pk[rows] == made
+        # Usually every horizon completes: then whole arrays, no index copies.
+        full = bool(ok.all())
+        if full:
+            hi, rws = self._rows_h, rows
+        elif ok.any():
+            hi, rws = self._rows_h[ok], rows[ok]
+        else:
             return
-        hi = self._rows_h[ok]
-        rws = rows[ok]
         s = self._ps[rws]
+        cands = self._pC[rws, hi]  # (k, C); column 1 is the base forecast
         # Candidate errors (scale-free), EW mean per horizon.
-        cands = self._pC[rws, hi]  # (k, C)
         e = np.abs(value - cands) / s[:, None]
         # Bias-corrected EW mean (sum of decayed errors / sum of decayed weights), so the
         # first few errors of a new candidate do not stand for its accuracy for long.
         keep = 1.0 - self._err_a
         seen = ~np.isnan(e)
-        num, wsum = self._cerr_num[hi], self._cerr_w[hi]
-        num = np.where(seen, num * keep + np.nan_to_num(e), num)
+        num = self._cerr_num if full else self._cerr_num[hi]
+        wsum = self._cerr_w if full else self._cerr_w[hi]
+        # e >= 0, so the minimum is nan_to_num's inf -> max on the entries kept.
+        num = np.where(seen, num * keep + np.minimum(e, _MAX), num)
         wsum = np.where(seen, wsum * keep + 1.0, wsum)
-        self._cerr_num[hi], self._cerr_w[hi] = num, wsum
-        self._cerr_n[hi] += seen
-        ready = self._cerr_n[hi] >= self._warm
-        self._cerr[hi] = np.where(ready, num / np.maximum(wsum, 1e-12), np.nan)
+        if full:
+            self._cerr_num, self._cerr_w = num, wsum
+            self._cerr_n += seen
+            cerr_n = self._cerr_n
+        else:
+            self._cerr_num[hi], self._cerr_w[hi] = num, wsum
+            self._cerr_n[hi] += seen
+            cerr_n = self._cerr_n[hi]
+        cerr = np.where(cerr_n >= self._warm, num / np.maximum(wsum, 1e-12), np.nan)
+        if full:
+            self._cerr = cerr
+        else:
+            self._cerr[hi] = cerr
         X = self._pX[rws, hi]  # (k, F)
-        tgt = np.clip((value - self._pbase[rws, hi]) / s, -_FCLIP, _FCLIP)
+        tgt = (value - cands[:, 1]) / s
+        np.maximum(tgt, -_FCLIP, out=tgt)
+        np.minimum(tgt, _FCLIP, out=tgt)
         good = np.isfinite(tgt)
         if not good.all():
+            full = False
             hi, X, tgt, rws = hi[good], X[good], tgt[good], rws[good]
             if hi.size == 0:
                 return
         if self._row_observer is not None:
             self._row_observer.rows(hi, X, tgt, self._pmiss[rws, hi], self._psn[rws, hi])
         if self.learner == "rls":
-            self._rls_update(hi, X, tgt)
+            self._rls_update(hi, X, tgt, full)
         else:
             self._sgd_update(hi, X, tgt)
         self._n_upd[hi] += 1
 
-    def _rls_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray) -> None:
+    def _rls_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray, full: bool) -> None:
+        """One exponentially-forgetting RLS step for horizons ``hi``; ``full``: ``hi`` is
+        every horizon in order, so weights and covariances are updated in place."""
         lam = self.forgetting
-        W = self.weights[hi]
-        P = self._P[hi]
+        W = self.weights if full else self.weights[hi]
+        P = self._P if full else self._P[hi]
         err = tgt - np.einsum("kf,kf->k", X, W)
         # Robust: clip the innovation at 3 running residual standard deviations.
         rv = self._res_var[hi]
-        sd = np.sqrt(rv)
-        warm = self._n_upd[hi] > 50
-        e_c = np.where(warm, np.clip(err, -3 * sd, 3 * sd), err)
+        sd3 = 3 * np.sqrt(rv)
+        e_c = np.where(self._n_upd[hi] > 50, np.minimum(np.maximum(err, -sd3), sd3), err)
         self._res_var[hi] = rv + 0.01 * (np.minimum(err * err, 9 * rv + 1e-6) - rv)
         Px = np.einsum("kij,kj->ki", P, X)
         denom = lam + np.einsum("ki,ki->k", X, Px)
         K = Px / denom[:, None]
-        self.weights[hi] = W + K * e_c[:, None]
-        P = (P - K[:, :, None] * Px[:, None, :]) / lam
+        W += K * e_c[:, None]
+        P -= K[:, :, None] * Px[:, None, :]
+        P /= lam
         # Keep P bounded where features are not excited (forgetting would blow it up).
         tr = np.einsum("kii->k", P)
         cap = 10.0 * N_FEATURES
         big = tr > cap
         if big.any():
-            P[big] *= (cap / tr[big])[:, None, None]
-        self._P[hi] = P
+            # Scale the capped horizons, the others by exactly 1.0: one pass over P
+            # instead of gathering and scattering the capped ones.
+            scale = np.ones_like(tr)
+            np.divide(cap, tr, out=scale, where=big)
+            P *= scale[:, None, None]
+        if not full:
+            self.weights[hi] = W
+            self._P[hi] = P
 
     def _sgd_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray) -> None:
         a = 0.002
