@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 import pickle
+import warnings
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from processors.forecasting import KINDS, Forecaster, ForecastPoint, make_forecaster
+from processors.forecasting.bands import BandedForecaster
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -212,3 +214,94 @@ def test_long_forecast_before_any_data_is_zeros(kind: str) -> None:
     assert len(pts) == 40 and all(p.mean == 0.0 for p in pts)
     f.learn(0, 4.0)
     _check_points(f.forecast(40))
+
+
+# Forecasts of the default forecaster on the first 700 ELB steps (300-s steps, with a gap
+# and two bad values), recorded before its per-step speed-ups (at commit f3909fc), which
+# changed no value: {select: {step index: [(horizon, mean, lower, upper), ...]}}.
+_GOLDEN: dict[str, dict[int, list[tuple[int, float, float, float]]]] = {
+    "best": {
+        20: [
+            (1, 72.17292063627174, 0.6412021433455379, 139.68259964906053),
+            (5, 72.17292063627174, 0.0, 123.89903846097363),
+            (15, 72.17292063627174, 6.738420868771982, 117.01918090751933),
+        ],
+        150: [
+            (1, 68.02569251362812, 11.26647731663816, 154.54790607564965),
+            (5, 68.02569251362812, 12.737916191573227, 148.72372672112266),
+            (15, 68.02569251362812, 12.422748320610374, 155.73263926336807),
+        ],
+        400: [
+            (1, 57.082274762835546, 0.0, 152.781779037563),
+            (2, 68.24009483766281, 10.161327472255202, 157.2297338284845),
+            (5, 68.24009483766281, 13.552527657462377, 157.6702195136187),
+            (15, 68.24009483766281, 12.259160434398986, 159.00560094213256),
+        ],
+        699: [
+            (1, 48.59226791353602, 0.0, 138.38810784154907),
+            (2, 67.03112524464692, 9.059192504286429, 159.67306492875474),
+            (5, 46.09929610692298, 0.0, 137.82650338921835),
+            (15, 46.09929610692298, 0.0, 141.1082705404068),
+            (20, 108.0, 40.89492946904849, 217.70691392920435),
+        ],
+    },
+    "model": {
+        150: [
+            (1, 86.21630168570336, 17.681478502680463, 187.53113697233778),
+            (5, 89.18989493688352, 11.230131845494896, 178.4564521993831),
+            (15, 73.2219226125753, 0.0, 180.17435020220734),
+        ],
+        400: [
+            (1, 57.082274762835546, 0.0, 148.02922243307142),
+            (5, 53.916317556461756, 0.0, 142.7356670584129),
+            (15, 65.25958912207439, 0.0, 164.87556141184928),
+        ],
+        699: [
+            (1, 48.59226791353602, 0.0, 138.38810784154907),
+            (5, 54.161013962338195, 0.0, 152.1698083446758),
+            (15, 52.46571195524504, 0.0, 155.1948594230521),
+            (20, 108.0, 19.89062054983475, 226.62140188831833),
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize("select", ["best", "model"])
+def test_default_forecasts_are_the_recorded_ones(select: str) -> None:
+    """Speed work must not change a forecast: bands while the error rings fill and once
+    full, the online selection, the RLS model alone (``"model"``) and horizons past the
+    tracked ones.  Bit-identical on the machine that recorded them; the tolerance only
+    absorbs last-bit differences of other numpy/libm builds."""
+    ts, y = _load("elb_request_count_8c0756.csv", limit=700)
+    ts[200:] += 6 * 300  # a gap of six steps
+    y[300], y[301] = math.nan, -1.0  # bad values: learned as unknown
+    f = make_forecaster("default", step_seconds=300, season_seconds=86400, select=select)
+    want = _GOLDEN[select]
+    for i, (t, v) in enumerate(zip(ts, y, strict=True)):
+        f.learn(float(t), float(v))
+        if i in want:
+            got = {p.horizon: p for p in f.forecast(want[i][-1][0])}
+            for h, mean, lower, upper in want[i]:
+                p = got[h]
+                assert (p.mean, p.lower, p.upper) == pytest.approx(
+                    (mean, lower, upper), rel=1e-9, abs=1e-9
+                ), (i, h)
+
+
+def test_band_quantiles_are_numpy_nanquantile() -> None:
+    """The bands' vectorized ring quantiles are numpy's (linear) nanquantile of the
+    recorded errors: rings empty, filling, with one value, with ties, and full."""
+    rng = np.random.default_rng(5)
+    for trial in range(200):
+        H, W = int(rng.integers(1, 16)), int(rng.integers(1, 40))
+        b = BandedForecaster(60, max_horizon=H, band_window=W)
+        counts = rng.integers(0, 2 * W, H) if trial % 4 else np.full(H, W + trial)
+        counts[0] = max(counts[0], 1)  # at least one error somewhere
+        for r, n in enumerate(np.minimum(counts, W)):
+            vals = rng.standard_normal(n) * 10.0 ** rng.uniform(-2, 2)
+            b._errs[r, :n] = np.round(vals, 1) if trial % 3 == 0 else vals
+        b._err_n[:] = counts
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: empty rings
+            want = np.nanquantile(b._errs.astype(float), [0.05, 0.95], axis=1)
+        np.testing.assert_array_equal(b._ring_quantiles(), want)
