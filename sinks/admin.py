@@ -10,10 +10,10 @@ An embedded chDB directory opens in one process only, so while ``loadcast sink``
   ``{"columns": [...], "rows": [[...]], "truncated": false}``.
 
 Bad requests get 4xx with ``{"error": "..."}``; a missing or wrong token gets 401.
+From Python, with a sink running (so not a doctest)::
 
->>> import asyncio                          # doctest: +SKIP
->>> fetch_query("http://127.0.0.1:8125", "s3cret", {"query": "latency"})
-QueryResult(columns=[...], rows=[...], truncated=False)
+    fetch_query("http://127.0.0.1:8125", "s3cret", {"query": "latency"})
+    # -> QueryResult(columns=[...], rows=[...], truncated=False)
 """
 
 from __future__ import annotations

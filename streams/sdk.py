@@ -1,9 +1,11 @@
 """What users import: produce telemetry, consume routing decisions.
 
->>> from streams.sdk import TelemetryProducer, DecisionConsumer      # doctest: +SKIP
->>> with TelemetryProducer(settings) as tp:
-...     tp.send(window)                      # an EndpointTelemetry dict
->>> scores = DecisionConsumer(settings).latest_scores()   # {endpoint_id: LoadScore}
+With a broker to talk to (so not a doctest)::
+
+    from streams.sdk import TelemetryProducer, DecisionConsumer
+    with TelemetryProducer(settings) as tp:
+        tp.send(window)                                  # an EndpointTelemetry dict
+    scores = DecisionConsumer(settings).latest_scores()  # {endpoint_id: LoadScore}
 """
 
 from __future__ import annotations
