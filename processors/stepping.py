@@ -90,7 +90,9 @@ class Stepper:
         if end <= start or not request_count >= 0:  # also rejects NaN
             self.invalid += 1
             return []
-        ep = self._eps.setdefault(endpoint_id, _Endpoint())
+        ep = self._eps.get(endpoint_id)
+        if ep is None:  # not setdefault: that would build an _Endpoint for every window
+            ep = self._eps[endpoint_id] = _Endpoint()
         first, last = start // self.step_ms, (end - 1) // self.step_ms
         if ep.closed_through is not None and first <= ep.closed_through:
             self.late += 1
@@ -100,14 +102,21 @@ class Stepper:
             self.duplicates += 1
             return []
         duration = end - start
+        step_ms = self.step_ms
         for k in range(first, last + 1):
-            lo, hi = max(start, k * self.step_ms), min(end, (k + 1) * self.step_ms)
-            part = ep.open.setdefault(k, _Open())
+            lo, hi = max(start, k * step_ms), min(end, (k + 1) * step_ms)
+            part = ep.open.get(k) if k != first else acc
+            if part is None:
+                part = ep.open[k] = _Open()
             part.count += request_count * (hi - lo) / duration
             part.covered_ms += hi - lo
             part.starts.add(start)
-        ep.watermark_ms = end if ep.watermark_ms is None else max(ep.watermark_ms, end)
-        return self._close(ep, ep.watermark_ms - self.lateness_ms)
+        if ep.watermark_ms is None or end > ep.watermark_ms:
+            ep.watermark_ms = end
+        until = ep.watermark_ms - self.lateness_ms
+        if (min(ep.open) + 1) * step_ms > until:
+            return []  # the usual case: the window closed nothing
+        return self._close(ep, until)
 
     def close_until(self, endpoint_id: str, now_ms: int) -> list[Step]:
         """Close the steps that ended at or before ``now_ms - lateness`` (a clock tick, for
