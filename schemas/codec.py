@@ -213,7 +213,11 @@ def _nested(c: Check) -> Check:
 def _each(c: Check) -> Check:
     def check(values: Any, where: str) -> None:
         for i, v in enumerate(values or ()):
-            c(v, f"{where}[{i}]")
+            try:
+                c(v, "")
+            except CodecError:
+                c(v, f"{where}[{i}]")  # fails again, now with the path (only built on failure)
+                raise
 
     return check
 
@@ -221,7 +225,11 @@ def _each(c: Check) -> Check:
 def _each_value(c: Check) -> Check:
     def check(values: Any, where: str) -> None:
         for k, v in (values or {}).items():
-            c(v, f"{where}[{k!r}]")
+            try:
+                c(v, "")
+            except CodecError:
+                c(v, f"{where}[{k!r}]")
+                raise
 
     return check
 
