@@ -1,7 +1,8 @@
-"""Forecasting worker throughput and latency, next to a no-op Faust agent, on one broker.
+"""Forecasting worker throughput and latency, next to a no-op Faust agent, in one run.
 
-Phases, each with its own topics on one embedded broker (Tansu), each worker a separate
-process whose CPU time and resident memory are read with psutil:
+Phases, each worker a separate process whose CPU time and resident memory are read with
+psutil; the throughput phases share one embedded broker (Tansu, own topics each), every
+latency phase gets a fresh one:
 
 1. ``batch``: the loadcast worker on TelemetryBatch values (one per partition per
    monitoring interval); endpoint-windows/s (wall and per CPU-second), resident memory per
@@ -9,9 +10,13 @@ process whose CPU time and resident memory are read with psutil:
 2. ``single``: the loadcast worker on single EndpointTelemetry values;
 3. ``noop``: a no-op Faust agent (benchmarks/noop_faust.py) on the same single values: the
    ceiling Faust itself sets;
-4. ``latency``: background single records at half the measured single-record rate, plus
-   20 probe windows a second from fresh endpoints (an endpoint's first window is always
-   published); probe produced → its score received by a consumer, p50/p99.
+4. ``latency`` / ``latency_batch``: background single records (or TelemetryBatch values)
+   at half the measured maximum rate, plus 20 probe windows a second from fresh endpoints
+   (an endpoint's first window is always published); probe produced → its score received
+   by a consumer, p50/p99;
+5. ``latency_broker`` / ``latency_batch_broker``: the same load with no worker; a plain
+   confluent-kafka consumer of the telemetry topic times probe produced → probe received,
+   what the broker alone costs at that load.
 
 Windows are 5 s, the model step 60 s (the forecaster learns once per 12 windows and every
 window is scored), endpoints' request counts follow the real ELB trace.
@@ -235,7 +240,7 @@ def latency(broker: EmbeddedBroker, codec: Codec, rate: float, seconds: float,
 
     ``worker=False`` is the baseline: no worker; a plain confluent-kafka consumer of the
     telemetry topic (fetch wait 20 ms, like the worker's) times probe -> probe received,
-    which is what the broker alone costs at that load."""
+    which is what the broker alone costs at that load. ``main`` runs each on a fresh broker."""
     kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, partitions=PARTITIONS,
                           topic_prefix=f"l{uuid.uuid4().hex[:6]}.")
     ensure_topics(kafka)
@@ -325,26 +330,28 @@ def main(argv: list[str] | None = None) -> int:
                               "step_s": 60, "snapshot_every_s": a.snapshot_every, "phases": {}}
     if a.latency_rate:
         seconds = 3 if a.quick else 2 * RUN["snapshot_every"]
-        with EmbeddedBroker() as broker:
-            lat = latency(broker, codec, a.latency_rate, seconds, endpoints,
-                          batch=a.latency_batch)
-            base = latency(broker, codec, a.latency_rate, seconds, endpoints,
-                           batch=a.latency_batch, worker=False)
-        print(json.dumps({"worker": lat, "broker_alone": base}))
+        out = {}
+        for name, worker in (("worker", True), ("broker_alone", False)):
+            with EmbeddedBroker() as broker:
+                out[name] = latency(broker, codec, a.latency_rate, seconds, endpoints,
+                                    batch=a.latency_batch, worker=worker)
+        print(json.dumps(out))
         return 0
     with EmbeddedBroker() as broker:
         for kind in ("batch", "single", "noop"):
             result["phases"][kind] = throughput(broker, codec, kind, endpoints, per_endpoint)
-        single = result["phases"]["single"]["windows_per_s"] or 100
-        batched = result["phases"]["batch"]["windows_per_s"] or 100
-        seconds = 3 if a.quick else 2 * RUN["snapshot_every"]  # always spans snapshot rounds
-        for key, rate, batch in (("latency", single / 2, False),
-                                 ("latency_batch", batched / 2, True)):
-            result["phases"][key] = latency(broker, codec, rate=rate, seconds=seconds,
-                                            endpoints=endpoints, batch=batch)
-            result["phases"][f"{key}_broker"] = latency(
-                broker, codec, rate=rate, seconds=seconds, endpoints=endpoints, batch=batch,
-                worker=False)
+    single = result["phases"]["single"]["windows_per_s"] or 100
+    batched = result["phases"]["batch"]["windows_per_s"] or 100
+    seconds = 3 if a.quick else 2 * RUN["snapshot_every"]  # always spans snapshot rounds
+    for key, rate, batch in (("latency", single / 2, False), ("latency_batch", batched / 2, True)):
+        for suffix, worker in (("", True), ("_broker", False)):
+            # A fresh broker each: Tansu's memory storage keeps every earlier phase's records
+            # (hundreds of thousands of small batches after a single-record phase), and its
+            # fetches slow down with what it holds.
+            with EmbeddedBroker() as broker:
+                result["phases"][key + suffix] = latency(
+                    broker, codec, rate=rate, seconds=seconds, endpoints=endpoints, batch=batch,
+                    worker=worker)
     ph = result["phases"]
     noop = ph["noop"]["records_per_s"] or 1
     result["single_vs_noop"] = round((ph["single"]["windows_per_s"] or 0) / noop, 3)
@@ -370,7 +377,8 @@ def show(r: dict[str, Any]) -> None:
                   f"{p['records_per_s'] or 0:,}", f"{p['scores_published']:,}" if kind != "noop"
                   else "-", f"{p['rss_per_endpoint_kb']}" if kind != "noop" else "-",
                   f"{(p['records_per_s'] or 0) / noop:.2f}")
-    Console().print(t)
+    console = Console(width=120)  # wide enough for the tables when piped
+    console.print(t)
     lt = Table(title="window -> score published, at half the measured maximum rate")
     for col in ("background", "windows/s", "worker cores", "p50 ms", "p99 ms", "probes",
                 "lost", "broker alone p50", "broker alone p99"):
@@ -380,8 +388,8 @@ def show(r: dict[str, Any]) -> None:
         lt.add_row(label, f"{lat.get('rate')}", f"{lat.get('worker_cpu')}",
                    f"{lat.get('p50_ms')}", f"{lat.get('p99_ms')}", f"{lat.get('probes')}",
                    f"{lat.get('lost')}", f"{base.get('p50_ms')}", f"{base.get('p99_ms')}")
-    Console().print(lt)
-    Console().print("broker alone: the same load with no worker; a plain consumer of the "
+    console.print(lt)
+    console.print("broker alone: the same load with no worker; a plain consumer of the "
                     "telemetry topic times probe -> probe received.")
 
 
