@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from processors.forecasting.base import ForecastPoint, StepClock
+from processors.forecasting.base import ForecastPoint, StepClock, forecast_points
 
 __all__ = ["BandedForecaster"]
 
@@ -118,11 +118,7 @@ class BandedForecaster:
             means = np.concatenate([self._cur, self._points(horizon)[H:]]).tolist()
         q_lo, q_hi = self._quantiles().tolist()
         level = self._level if math.isfinite(self._level) else 0.0
-        last_ts = self._clock.last_ts
-        base_ts = last_ts if last_ts is not None else 0.0  # as StepClock.ts_of
-        step = self._clock.step_seconds
-        isfinite = math.isfinite
-        out = []
+        lowers, uppers = [], []
         for i, m in enumerate(means):
             h = i + 1
             if h <= H:
@@ -130,14 +126,9 @@ class BandedForecaster:
             else:  # random-walk-like widening past the tracked horizons
                 f = math.sqrt(h / H)
                 lo, hi = q_lo[H - 1] * f, q_hi[H - 1] * f
-            # base.sanitize inlined (a call per point costs as much as the arithmetic):
-            # finite, non-negative, lower <= mean <= upper.
-            lower, upper = m + lo * level, m + hi * level
-            mean = max(m if isfinite(m) else 0.0, 0.0)
-            lower = min(max(lower if isfinite(lower) else mean, 0.0), mean)
-            upper = max(upper if isfinite(upper) else mean, mean)
-            out.append(ForecastPoint(h, base_ts + h * step, mean, lower, upper))
-        return out
+            lowers.append(m + lo * level)
+            uppers.append(m + hi * level)
+        return forecast_points(self._clock, means, lowers, uppers)
 
     # -- for subclasses ---------------------------------------------------------------
     def _observe(self, value: float) -> None:
