@@ -113,10 +113,7 @@ class Stepper:
             part.starts.add(start)
         if ep.watermark_ms is None or end > ep.watermark_ms:
             ep.watermark_ms = end
-        until = ep.watermark_ms - self.lateness_ms
-        if (min(ep.open) + 1) * step_ms > until:
-            return []  # the usual case: the window closed nothing
-        return self._close(ep, until)
+        return self._close(ep, ep.watermark_ms - self.lateness_ms)
 
     def close_until(self, endpoint_id: str, now_ms: int) -> list[Step]:
         """Close the steps that ended at or before ``now_ms - lateness`` (a clock tick, for
@@ -136,6 +133,8 @@ class Stepper:
         return sorted(self._eps)
 
     def _close(self, ep: _Endpoint, until_ms: int) -> list[Step]:
+        if not ep.open or (min(ep.open) + 1) * self.step_ms > until_ms:
+            return []  # the usual case, once per window: nothing to close, nothing to sort
         out: list[Step] = []
         for k in sorted(ep.open):
             if (k + 1) * self.step_ms > until_ms:
