@@ -269,7 +269,12 @@ class Engine:
         self.partitions.pop(partition, None)
 
     def endpoints(self) -> int:
-        return sum(len(s.models) for s in self.partitions.values())
+        """Endpoint models held. Safe from another thread (metrics): iterates a copy."""
+        return sum(len(s.models) for s in list(self.partitions.values()))
+
+    def partitions_ready(self) -> int:
+        """Partitions assigned and recovered (same thread note as :meth:`endpoints`)."""
+        return sum(1 for s in list(self.partitions.values()) if s.resume >= 0)
 
     def forecasts(self) -> dict[str, Any]:
         """Current 1..horizon forecast means per endpoint (for tests and inspection)."""

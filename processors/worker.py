@@ -59,12 +59,11 @@ class EngineMetrics:
     def collect(self) -> Iterable[Metric]:
         w = self.worker
         s = w.engine.stats
-        states = list(w.engine.partitions.values())  # one atomic copy: the loop mutates it
         values = {
             "loadcast_processor_windows_total": s.windows,
             "loadcast_processor_replayed_total": s.skipped_replayed,
-            "loadcast_processor_endpoints": sum(len(st.models) for st in states),
-            "loadcast_processor_partitions": sum(1 for st in states if st.resume >= 0),
+            "loadcast_processor_endpoints": w.engine.endpoints(),
+            "loadcast_processor_partitions": w.engine.partitions_ready(),
             "loadcast_processor_snapshot_age_seconds": time.monotonic() - w.last_snapshot,
         }
         for name, (kind, doc) in SCRAPED_METRICS.items():

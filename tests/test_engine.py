@@ -104,3 +104,32 @@ def test_restore_then_replay_equals_one_uninterrupted_run(codec: Codec) -> None:
         assert a.windows == b.windows == 150
         assert [p.mean for p in a.forecaster.forecast(15)] == [
             p.mean for p in b.forecaster.forecast(15)]
+
+
+def test_worker_metrics_are_read_from_the_engine_at_scrape_time(codec: Codec) -> None:
+    import time
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from processors.worker import SCRAPED_METRICS, EngineMetrics
+
+    eng, _ = engine()
+    worker = SimpleNamespace(engine=eng, last_snapshot=time.monotonic())
+    registry = CollectorRegistry()
+    registry.register(EngineMetrics(worker))  # type: ignore[arg-type]  # duck-typed worker
+    eng.hold(1)  # assigned, not yet recovered: not counted as a partition
+    for i, w in enumerate(make_windows(["e1", "e2"], 0, 3)):
+        eng.handle(0, i, w["endpoint_id"].encode(), codec.encode("EndpointTelemetry", w))
+    eng.handle(0, 1, b"e1", codec.encode("EndpointTelemetry", make_windows(["e1"], 0, 1)[0]))
+
+    def value(name: str) -> float | None:
+        return registry.get_sample_value(name)
+
+    assert value("loadcast_processor_windows_total") == 6
+    assert value("loadcast_processor_replayed_total") == 1  # offset 1 again: already applied
+    assert value("loadcast_processor_endpoints") == 2
+    assert value("loadcast_processor_partitions") == 1
+    assert 0 <= (value("loadcast_processor_snapshot_age_seconds") or -1) < 60
+    exported = generate_latest(registry).decode()
+    assert all(f"# TYPE {n} " in exported for n in SCRAPED_METRICS)
