@@ -390,7 +390,7 @@ def show(r: dict[str, Any]) -> None:
                    f"{lat.get('lost')}", f"{base.get('p50_ms')}", f"{base.get('p99_ms')}")
     console.print(lt)
     console.print("broker alone: the same load with no worker; a plain consumer of the "
-                    "telemetry topic times probe -> probe received.")
+                  "telemetry topic times probe -> probe received.")
 
 
 if __name__ == "__main__":
