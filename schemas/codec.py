@@ -199,7 +199,7 @@ def compile_checks(schema: Mapping[str, Any]) -> Check:
 
 def _finite(value: Any, where: str) -> None:
     if not math.isfinite(value):
-        raise CodecError("out_of_range", f"{where} is {value}, must be a finite number")
+        raise _range_error(where, value, None, None, True)
 
 
 def _nested(c: Check) -> Check:
