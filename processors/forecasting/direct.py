@@ -356,12 +356,12 @@ class DirectForecaster(BandedForecaster):
         missing = np.isnan(days)
         cnt = self._n_days - missing.sum(axis=0)
         # np.nansum's own steps (NaN -> 0, then a float32 sum over the days).
-        C[:, 7] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
-                           / np.maximum(cnt, 1), np.nan)
+        C[:, -1] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
+                            / np.maximum(cnt, 1), np.nan)  # multi-season mean
         last = self._last
-        C[:, 2] = last
+        C[:, 2] = last  # persistence
         C[:, 3 : 3 + len(_EW_ALPHAS)] = self._ew
-        C[:, 6] = wkv
+        C[:, -2] = wkv  # long-season naive
         # Columns that are the same for every horizon: one row, broadcast.
         row = np.empty(N_FEATURES)
         row[_C_BIAS] = 1.0
