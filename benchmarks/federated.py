@@ -1,6 +1,6 @@
 """Federated learning of the default forecaster vs central training, on real traces.
 
-Protocol, per trace of ``../shared/data`` (``timestamp,value``):
+Protocol, per trace of ``streams/traces`` (or ``$LOADCAST_DATA_DIR``) (``timestamp,value``):
 
 * The last 20 % of the series is the **test** section; the first 80 % is split across 4
   simulated edges, either in 4 contiguous **time** blocks or in day-long blocks
@@ -67,8 +67,9 @@ from processors.federated import (  # noqa: E402
 )
 from processors.forecasting.direct import DirectForecaster  # noqa: E402
 from streams.federated_edge import EdgeTrainingConfig, LocalTrainer  # noqa: E402
+from streams.replay import data_dir  # noqa: E402
 
-DATA_DIR = ROOT.parent / "shared" / "data"
+DATA_DIR = data_dir()
 DEFAULT_FILES = ("elb_request_count_8c0756.csv", "nyc_taxi.csv")
 H = 15
 EDGES = 4

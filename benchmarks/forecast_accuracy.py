@@ -14,7 +14,7 @@ inside the 90 % band, per horizon and over all horizons 1..15 (target 0.85-0.95)
 
 Usage::
 
-    python benchmarks/forecast_accuracy.py                 # both files in ../shared/data
+    python benchmarks/forecast_accuracy.py                 # both traces in streams/traces
     python benchmarks/forecast_accuracy.py --data FILE.csv --data FILE2.csv
     python benchmarks/forecast_accuracy.py --quick         # first ~1500 rows, a few seconds
 
@@ -41,8 +41,9 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from processors.forecasting import KINDS, make_forecaster  # noqa: E402
+from streams.replay import data_dir  # noqa: E402
 
-DATA_DIR = ROOT.parent / "shared" / "data"
+DATA_DIR = data_dir()
 DEFAULT_FILES = ("nyc_taxi.csv", "elb_request_count_8c0756.csv")
 HORIZONS = (1, 5, 15)
 MAX_H = 15

@@ -49,13 +49,13 @@ from rich.table import Table
 from schemas.codec import Codec
 from streams.broker import EmbeddedBroker, free_port
 from streams.partitioning import partition_for
-from streams.replay import read_trace
+from streams.replay import data_dir, read_trace
 from streams.settings import KafkaSettings
 from streams.topics import ensure_topics, topic_name
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "benchmarks" / "processor.json"
-ELB = REPO.parent / "shared" / "data" / "elb_request_count_8c0756.csv"
+ELB = data_dir() / "elb_request_count_8c0756.csv"
 PARTITIONS = 6
 INTERVAL_MS = 5000
 RUN = {"snapshot_every": 30.0}  # the worker's default; --snapshot-every changes it

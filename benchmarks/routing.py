@@ -22,7 +22,7 @@ Usage::
 
     python benchmarks/routing.py                  # 10 seeds, both scenarios (~2 min)
     python benchmarks/routing.py --quick          # 1 seed, main scenario at 1/4 time
-    python benchmarks/routing.py --trace ../shared/data/elb_request_count_8c0756.csv
+    python benchmarks/routing.py --trace streams/traces/elb_request_count_8c0756.csv
     python benchmarks/routing.py --actuation-ms 500 --seeds 5
 
 Prints tables and writes ``out/benchmarks/routing.json`` (see ``--out``). Latency figures

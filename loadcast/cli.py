@@ -148,7 +148,10 @@ def agent(
     ] = None,
     api: Annotated[str | None, typer.Option(help="API name of the replayed endpoints.")] = None,
     replay: Annotated[
-        Path | None, typer.Option(help="Replay a timestamp,value CSV as request streams.")
+        Path | None,
+        typer.Option(help="Replay a timestamp,value CSV as request streams; a bare name is "
+                          "looked up in $LOADCAST_DATA_DIR, else streams/traces "
+                          "(elb_request_count_8c0756.csv, nyc_taxi.csv)."),
     ] = None,
     endpoints: Annotated[int, typer.Option(help="Endpoints the replay spreads over.", min=1)] = 3,
     speedup: Annotated[

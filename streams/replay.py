@@ -1,4 +1,4 @@
-"""Replay a ``timestamp,value`` trace (like ../shared/data) as per-endpoint requests.
+"""Replay a ``timestamp,value`` trace (like ``streams/traces/``) as per-endpoint requests.
 
 Each row says how many requests arrived in one step (the gap to the next timestamp). The
 replayer spreads each row's requests evenly over the step, splits them among the given
@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import os
 import random
 import threading
 import time
@@ -22,6 +23,36 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from schemas.codec import Record
+
+#: The traces that ship with loadcast (NAB, MIT licence): the default of the demo, the
+#: tests, the benchmarks and ``loadcast agent --replay``.
+TRACES = Path(__file__).resolve().parent / "traces"
+ELB_TRACE = "elb_request_count_8c0756.csv"
+NYC_TRACE = "nyc_taxi.csv"
+
+
+def data_dir() -> Path:
+    """Where trace names are looked up: ``$LOADCAST_DATA_DIR``, else the shipped traces.
+
+    >>> (data_dir() / ELB_TRACE).name
+    'elb_request_count_8c0756.csv'
+    """
+    env = os.environ.get("LOADCAST_DATA_DIR")
+    return Path(env) if env else TRACES
+
+
+def trace_path(name: str | Path) -> Path:
+    """``name`` as given if that file exists, else looked up in :func:`data_dir`.
+
+    So ``--replay elb_request_count_8c0756.csv`` works from any folder.
+
+    >>> trace_path(ELB_TRACE).exists()
+    True
+    """
+    path = Path(name)
+    if path.exists() or path.is_absolute() or len(path.parts) > 1:
+        return path
+    return data_dir() / path
 
 
 class TraceError(ValueError):
@@ -53,8 +84,11 @@ def _parse_ts(text: str) -> float:
 
 
 def read_trace(path: str | Path, limit: int | None = None) -> Trace:
-    """Read a ``timestamp,value`` CSV (ISO or epoch timestamps, header required)."""
-    path = Path(path)
+    """Read a ``timestamp,value`` CSV (ISO or epoch timestamps, header required).
+
+    A bare file name is looked up in :func:`data_dir` (see :func:`trace_path`).
+    """
+    path = trace_path(path)
     rows: list[tuple[float, float]] = []
     try:
         with path.open(newline="", encoding="utf-8") as f:

@@ -10,11 +10,12 @@ import pytest
 
 from schemas.codec import Codec
 from streams.broker import EmbeddedBroker
+from streams.replay import data_dir
 from streams.settings import KafkaSettings
 from streams.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
-DATA = REPO.parent / "shared" / "data"
+DATA = data_dir()
 ELB = DATA / "elb_request_count_8c0756.csv"
 NYC = DATA / "nyc_taxi.csv"
 

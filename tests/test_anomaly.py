@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import csv
 import pickle
-from pathlib import Path
 
 import numpy as np
 
 from processors.anomaly import AnomalyDetector, telemetry_features
+from streams.replay import data_dir
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_dir()
 INJECTED = (700, 1100, 1500, 1900)
 
 

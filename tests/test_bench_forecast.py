@@ -10,8 +10,10 @@ from typing import Any
 
 import pytest
 
+from streams.replay import data_dir
+
 ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT.parent / "shared" / "data"
+DATA = data_dir()
 
 
 def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
@@ -25,7 +27,6 @@ def _run(script: str, out: Path, *extra: str) -> dict[str, Any]:
     return data
 
 
-@pytest.mark.skipif(not (DATA / "nyc_taxi.csv").exists(), reason="shared traces not present")
 def test_forecast_accuracy_quick(tmp_path: Path) -> None:
     res = _run(
         "forecast_accuracy.py", tmp_path / "acc.json",

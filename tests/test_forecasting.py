@@ -7,15 +7,15 @@ import math
 import pickle
 import warnings
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from processors.forecasting import KINDS, Forecaster, ForecastPoint, make_forecaster
 from processors.forecasting.bands import BandedForecaster
+from streams.replay import data_dir
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA = data_dir()
 
 
 def _load(name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:

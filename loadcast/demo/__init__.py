@@ -41,15 +41,11 @@ from rich.table import Table
 from loadcast.demo import scenario as scn
 from loadcast.demo.loadgen import LoadGenerator, client_endpoint
 from loadcast.settings import Settings
+from streams.replay import read_trace
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = "elb_request_count_8c0756.csv"
 MIRROR_BUNDLE = Path(__file__).parent / "mirror_api"
-
-
-def data_dir() -> Path:
-    """``$LOADCAST_DATA_DIR``, else ``shared/data`` beside the checkout."""
-    return Path(os.environ.get("LOADCAST_DATA_DIR", REPO.parent / "shared" / "data"))
 
 
 class DemoError(RuntimeError):
@@ -242,9 +238,9 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool = False,
     """Run the demo; write ``out_dir/report.html`` and ``out_dir/summary.json``; return
     the summary. Raises :class:`DemoError` when a part fails, ``KeyboardInterrupt`` on
     Ctrl-C/SIGTERM (after stopping everything and checking that nothing is left)."""
-    from streams.replay import read_trace
+    from streams.replay import trace_path as find_trace
 
-    path = trace_path or data_dir() / DEFAULT_TRACE
+    path = find_trace(trace_path or DEFAULT_TRACE)
     if not path.is_file():
         raise FileNotFoundError(f"trace {path} not found (set LOADCAST_DATA_DIR or --trace)")
     sc = scn.Scenario.quick() if quick else scn.Scenario()
