@@ -33,12 +33,14 @@ def test_nothing_outside_the_clone_is_read() -> None:
     """No code, test, benchmark or deployment file points at ../shared."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.split()
+    # Spelled in pieces so that this file does not find itself.
+    needles = ("shared" + "/data", ".." + "/shared")
     offenders = []
     for name in tracked:
         if not name.endswith((".py", ".yml", ".yaml", ".toml", "Makefile", ".sh", "run")):
             continue
         text = (REPO / name).read_text(encoding="utf-8", errors="replace")
-        if "shared/data" in text or "../shared" in text:
+        if any(needle in text for needle in needles):
             offenders.append(name)
     assert offenders == [], f"files reading outside the clone: {offenders}"
 
