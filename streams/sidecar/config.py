@@ -65,7 +65,8 @@ class Upstream(BaseModel):
             raise ValueError(f"needs an explicit port, got {v!r}")
         if parts.path not in ("", "/") or parts.query:
             raise ValueError(f"must not carry a path or query, got {v!r}")
-        return f"http://{parts.hostname}:{port}"
+        host = parts.hostname
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
     @property
     def host(self) -> str:

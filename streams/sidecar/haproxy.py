@@ -92,6 +92,15 @@ def render_config(
         "",
         "frontend fe_loadcast",
         f"    bind {bind}",
+        # Never an open proxy: HAProxy only ever connects to the servers below, and a
+        # request target names nothing else either. CONNECT gets 405; a target that is
+        # not a path gets 400 unless it is absolute-form naming an upstream, and then
+        # only its path and query go on.
+        "    http-request deny deny_status 405 if METH_CONNECT",
+        "    acl lc_origin_form url_beg /",
+        f"    acl lc_upstream_target url_beg -i {' '.join(_absolute_prefixes(upstreams))}",
+        "    http-request deny deny_status 400 if !lc_origin_form !lc_upstream_target",
+        "    http-request set-uri %[pathq] if !lc_origin_form",
     ]
     first_api = next(iter(apis))
     for api in apis:
@@ -121,6 +130,17 @@ def render_config(
                 lines.append(srv)
             lines.append("")
     return "\n".join(lines) + "\n"
+
+
+def _absolute_prefixes(upstreams: Sequence[Upstream]) -> list[str]:
+    """The absolute-form target prefixes that name a configured upstream."""
+    out: list[str] = []
+    for u in upstreams:
+        for end in ("/", "?"):
+            p = f"{u.url}{end}"
+            if p not in out:
+                out.append(p)
+    return out
 
 
 def weight_commands(weights: Mapping[str, Mapping[str, int]]) -> str:

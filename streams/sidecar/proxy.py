@@ -6,6 +6,13 @@ response back. Bodies are streamed both ways (small ones are read whole: fewer w
 ``Content-Encoding`` passes through untouched (no decompression), and with
 ``compress_responses`` uncompressed text responses are gzipped for clients that accept it.
 
+Request targets: only the path and query of a request ever reach an upstream, always on
+the chosen endpoint's configured host and port. Origin-form targets (``/path?q``, also
+``//host/x``, which is a path here, not a host) are forwarded as they are; an absolute-form
+target (``http://host:port/path``) is accepted only when its host and port are one of the
+configured upstreams (400 otherwise); ``CONNECT`` gets 405, any other form 400. The
+sidecar is never an open proxy.
+
 Failures: a connection that is refused (nothing sent) goes to the next endpoint for any
 method; a connection dropped after the request was sent is retried only for idempotent
 methods, otherwise the client gets a 502 that says so. No endpoint left: 503 with
@@ -99,6 +106,8 @@ class Proxy:
         self.region = region
         self.session: aiohttp.ClientSession | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
+        # absolute-form targets may name only these (scheme, host, port)
+        self._authorities = {_authority(u) for u in self._bases.values()}
         self._m: dict[tuple[str, str, str], Any] = {}
         self._urls: dict[tuple[str, str], URL] = {}
         self._lat = {api: m.LATENCY.labels(sidecar_id, api) for api in router.routes}
@@ -141,8 +150,35 @@ class Proxy:
             base = self._bases.get(ep.id)
             if base is None:  # a mirror added at run time by the director
                 base = self._bases[ep.id] = URL(ep.url)
-            url = self._urls[key] = base.join(URL(path, encoded=True))
+            # never ``base.join(target)``: a ``//host`` or absolute target would replace
+            # the host. Only path and query go upstream, on the endpoint's own origin.
+            p, _, q = path.partition("?")
+            url = self._urls[key] = URL.build(
+                scheme=base.scheme, host=base.raw_host or "", port=base.port, path=p,
+                query_string=q, encoded=True,
+            )
         return url
+
+    def origin_target(self, method: str, raw: str) -> tuple[str | None, int, str]:
+        """The origin-form path (with query) to forward for request target ``raw``, or
+        None with the status and message of the refusal."""
+        if method == "CONNECT":
+            return None, 405, "CONNECT is not supported: this is a reverse proxy, not a tunnel"
+        raw = raw.partition("#")[0]
+        if raw.startswith("/"):
+            return raw, 200, ""
+        if "://" in raw[:16]:
+            try:
+                u = URL(raw, encoded=True)
+            except ValueError:
+                return None, 400, f"unparseable request target {raw[:200]!r}"
+            if not u.is_absolute() or _authority(u) not in self._authorities:
+                return None, 400, (f"absolute-form request target names {u.scheme}://"
+                                   f"{u.raw_authority} which is not an upstream of this "
+                                   "sidecar; send an origin-form path")
+            path = u.raw_path or "/"
+            return (path + "?" + u.raw_query_string if u.raw_query_string else path), 200, ""
+        return None, 400, f"request target must be a path starting with '/', got {raw[:200]!r}"
 
     def _count(self, api: str, endpoint: str, outcome: str) -> None:
         key = (api, endpoint, outcome)
@@ -162,7 +198,11 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         h = request.headers
-        route = self.router.route_for(h.get(API_HEADER), request.path)
+        target, status, why = self.origin_target(request.method, request.raw_path)
+        if target is None:
+            return self._reject(None, status,
+                                "method_not_allowed" if status == 405 else "bad_target", why)
+        route = self.router.route_for(h.get(API_HEADER), target.partition("?")[0])
         if route is None:
             known = ", ".join(self.router.routes)
             return self._reject(
@@ -210,10 +250,10 @@ class Proxy:
             return self._reject(route, 503, "no_endpoint",
                                 f"no endpoint of API {route.api} can take the request",
                                 str(wait))
-        return await self._forward(request, route, ep, dynamic, now)
+        return await self._forward(request, route, ep, dynamic, now, target)
 
     async def _forward(self, request: web.BaseRequest, route: Route, ep: Endpoint, dynamic: bool,
-                       t0: float) -> web.StreamResponse:
+                       t0: float, path: str) -> web.StreamResponse:
         method = request.method
         idempotent = method in IDEMPOTENT
         body: Any = None
@@ -229,7 +269,6 @@ class Proxy:
         peer = request.remote
         if peer:
             headers.append(("X-Forwarded-For", peer))
-        path = request.raw_path
         tried: list[Endpoint] = []
         failure: Exception
         attempts = 0
@@ -351,6 +390,10 @@ class Proxy:
         if resp.content_length is not None and resp.content_length < 1024:
             return False
         return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
+
+
+def _authority(u: URL) -> tuple[str, str, int | None]:
+    return (u.scheme.lower(), (u.host or "").lower(), u.port)
 
 
 async def serve(app: web.Application | web.Server, host: str,
