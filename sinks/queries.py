@@ -459,8 +459,12 @@ def run_canned(client: Client, name: str, params: dict[str, Any] | None = None) 
 
 
 def run_sql(client: Client, sql: str, params: dict[str, Any] | None = None) -> QueryResult:
-    """Run one read-only statement; ``{name:Type}`` placeholders bind ``params``."""
-    if not sql.strip():
-        raise QueryError("empty SQL")
-    # readonly=2: reads only, but the query may still set its own settings.
-    return _result(client, sql, params or {}, settings={"readonly": 2})
+    """Run one read-only statement; ``{name:Type}`` placeholders bind ``params``.
+
+    Refused before it runs (:class:`sinks.sqlguard.SqlRefused`, a :class:`QueryError`)
+    when it is not one reading statement or reaches files, URLs or other servers; then
+    run with ``readonly=1`` (no writes, no setting changes, no table functions)."""
+    from sinks.sqlguard import check_sql
+
+    check_sql(sql)
+    return _result(client, sql, params or {}, settings={"readonly": 1})
