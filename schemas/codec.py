@@ -111,6 +111,35 @@ def expand(raw: Mapping[str, Any], named: Mapping[str, Any] | None = None) -> di
     return expanded
 
 
+def registry_text(schema: Mapping[str, Any]) -> str:
+    """The JSON a registry gets for a self-contained schema: each named type defined where
+    it is first used and referred to by name after that (as the ``.avsc`` files do; the
+    expanded form repeats definitions, which Avro's Java and Python parsers refuse), and
+    without fastavro's internal keys (``__fastavro_parsed``, ``__named_schemas``).
+
+    >>> text = registry_text(Codec.embedded().schema("GlobalModel"))
+    >>> "__" in text, text.count('"name": "loadcast.ModelParameter"')
+    (False, 1)
+    """
+    return json.dumps(_public(schema, set(), ""))
+
+
+def _public(schema: Any, seen: set[str], namespace: str) -> Any:
+    if isinstance(schema, list):
+        return [_public(v, seen, namespace) for v in schema]
+    if not isinstance(schema, dict):
+        return schema
+    if schema.get("type") in ("record", "enum", "fixed") and isinstance(schema.get("name"), str):
+        name = schema["name"]
+        space = schema.get("namespace", namespace)
+        full = name if "." in name or not space else f"{space}.{name}"
+        if full in seen:
+            return full
+        seen.add(full)
+        namespace = full.rpartition(".")[0]
+    return {k: _public(v, seen, namespace) for k, v in schema.items() if not k.startswith("__")}
+
+
 def fingerprint(schema: Mapping[str, Any]) -> str:
     """SHA-256 of the Avro parsing canonical form of a self-contained schema."""
     canonical = to_parsing_canonical_form(dict(schema))
@@ -313,7 +342,7 @@ class RegistryIds:
 
         key = fingerprint(schema)
         if key not in self._ids:
-            text = json.dumps(schema)
+            text = registry_text(schema)
             self._ids[key] = self._client.register_schema(f"{name}-value", Schema(text, "AVRO"))
         return self._ids[key]
 

@@ -263,8 +263,90 @@ class FastPath:
         return b"".join((t.header, _encode("long", len(parts) // 2),
                          _encode("long", len(body)), body, t.header[-16:]))
 
+    def expired(self, t: IngestTable, values: Sequence[bytes], cutoff_ms: int) -> tuple[int, int]:
+        """(telemetry rows with window_start before ``cutoff_ms``, the newest such start),
+        read from each value's first window (one interval per batch), without decoding.
+
+        Reading a start costs a few µs, so 17 values spread over ``values`` are read first
+        and the rest only when one of them is within a day of the cutoff (a live stream
+        pays almost nothing; a replay of old dates is counted exactly).
+        """
+        if not values:
+            return 0, 0
+        step = max(1, len(values) // 16)
+        margin = cutoff_ms + 86_400_000
+        for v in [*values[::step], values[-1]]:
+            try:
+                start, windows = _first_window_start(v, t.batch)
+            except (IndexError, ValueError):
+                continue
+            if windows and start < margin:
+                break
+        else:
+            return 0, 0
+        n, newest = 0, 0
+        for v in values:
+            try:
+                start, windows = _first_window_start(v, t.batch)
+            except (IndexError, ValueError):
+                continue  # garbage: ClickHouse refuses it and the sink dead-letters it
+            if windows and start < cutoff_ms:
+                n += windows
+                newest = max(newest, start)
+        return n, newest
+
     def rows(self, t: IngestTable, values: Sequence[bytes]) -> int:
         """telemetry rows the values make (windows of batches; one per single value)."""
         if not t.batch:
             return len(values)
         return sum(batch_windows(v) for v in values)
+
+
+def _long(b: bytes, i: int) -> tuple[int, int]:
+    """A zig-zag varint at ``b[i]``: (value, next index)."""
+    shift = acc = 0
+    while True:
+        byte = b[i]
+        i += 1
+        acc |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return (acc >> 1) ^ -(acc & 1), i
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def _skip_strings(b: bytes, i: int, count: int) -> int:
+    for _ in range(count):
+        size = b[i]
+        if size < 0x80:  # the usual one-byte length
+            i += 1 + (size >> 1)
+            if size & 1:
+                raise ValueError("negative string length")
+            continue
+        size, i = _long(b, i)
+        if size < 0:
+            raise ValueError("negative string length")
+        i += size
+    return i
+
+
+def _first_window_start(value: bytes, batch: bool) -> tuple[int, int]:
+    """(window_start of the first window, windows in the value) of a telemetry value.
+
+    Relies on the field order of EndpointTelemetry (endpoint_id, region, api, agent_id,
+    window_start) and TelemetryBatch (agent_id, region, created_at, windows).
+    """
+    i, windows = HEADER_BYTES, 1
+    if batch:
+        i = _skip_strings(value, i, 2)
+        _, i = _long(value, i)  # created_at
+        windows, i = _long(value, i)
+        if windows < 0:  # a block with its byte size
+            windows = -windows
+            _, i = _long(value, i)
+        if windows == 0:
+            return 0, 0
+    i = _skip_strings(value, i, 4)
+    start, _ = _long(value, i)
+    return start, windows

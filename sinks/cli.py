@@ -142,7 +142,8 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
                 raise _fail(f"admin endpoint: {e}", 1) from None
         print(
             f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_lettered} "
-            f"dead-lettered, {stats.already_stored} already stored, {stats.batches} batches, "
+            f"dead-lettered, {stats.already_stored} already stored, {stats.expired} older "
+            f"than the TTL (dropped), {stats.batches} batches, "
             f"{stats.insert_failures} failed inserts",
             file=sys.stderr,
         )
@@ -193,6 +194,8 @@ def make_query_app(get_settings: SettingsFn) -> typer.Typer:
             raise
         sys.stdout.write(render(result, fmt, title))
         sys.stdout.flush()
+        if not result.rows:  # on stderr: csv/json output stays parseable
+            print(result.note or "no rows", file=sys.stderr, flush=True)
 
     @query_app.callback()
     def sql_query(

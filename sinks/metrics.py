@@ -32,3 +32,8 @@ SINK_SLOW_BATCHES = Counter(
     "loadcast_sink_refused_raw_batches_total",
     "Telemetry batches ClickHouse refused to decode (bad values); decoded in Python instead",
 )
+SINK_EXPIRED = Counter(
+    "loadcast_sink_expired_rows_total",
+    "Rows already older than sink.ttl_days when inserted: ClickHouse drops them at once",
+    ["table"],
+)

@@ -71,14 +71,19 @@ class QueryResult:
     columns: list[str]
     rows: list[list[Any]]
     truncated: bool = False
+    note: str = ""  # with no rows: why, most likely (see :func:`empty_reason`)
 
     def to_json(self) -> dict[str, Any]:
-        return {"columns": self.columns, "rows": self.rows, "truncated": self.truncated}
+        out: dict[str, Any] = {"columns": self.columns, "rows": self.rows,
+                               "truncated": self.truncated}
+        if self.note:
+            out["note"] = self.note
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> QueryResult:
         return cls(list(data["columns"]), [list(r) for r in data["rows"]],
-                   bool(data.get("truncated", False)))
+                   bool(data.get("truncated", False)), str(data.get("note") or ""))
 
 
 @dataclass(frozen=True)
@@ -448,14 +453,25 @@ def _result(client: Client, sql: str, params: dict[str, Any],
     r = client.query(sql, parameters=params, settings=settings)
     rows = r.result_rows
     truncated = len(rows) > MAX_ROWS
-    return QueryResult(list(r.column_names), [[_plain(v) for v in row] for row in rows[:MAX_ROWS]],
+    columns = list(r.column_names)
+    if not rows and not columns:  # no block came back: ask for the header alone
+        try:
+            d = client.query(f"DESCRIBE TABLE ({sql.strip().rstrip(';')})",
+                             parameters=params, settings=settings)
+            columns = [str(c[0]) for c in d.result_rows]
+        except Exception:  # the header is a courtesy; the (empty) answer stands
+            columns = []
+    return QueryResult(columns, [[_plain(v) for v in row] for row in rows[:MAX_ROWS]],
                        truncated)
 
 
 def run_canned(client: Client, name: str, params: dict[str, Any] | None = None) -> QueryResult:
     """Run canned query ``name`` with bound ``params`` (see :func:`canned_params`)."""
     bound = canned_params(name, params or {})
-    return _result(client, CANNED[name].sql, bound)
+    result = _result(client, CANNED[name].sql, bound)
+    if not result.rows:
+        result.note = empty_reason(client, name, bound)
+    return result
 
 
 def run_sql(client: Client, sql: str, params: dict[str, Any] | None = None) -> QueryResult:
@@ -466,5 +482,77 @@ def run_sql(client: Client, sql: str, params: dict[str, Any] | None = None) -> Q
     run with ``readonly=1`` (no writes, no setting changes, no table functions)."""
     from sinks.sqlguard import check_sql
 
+    if not sql.strip():
+        raise QueryError("empty SQL")
     check_sql(sql)
-    return _result(client, sql, params or {}, settings={"readonly": 1})
+    result = _result(client, sql, params or {}, settings={"readonly": 1})
+    if not result.rows:
+        result.note = "no rows"
+    return result
+
+
+#: The table (and event-time column) each canned query's rows come from.
+_SOURCES: dict[str, tuple[str, str]] = {
+    "latency": ("telemetry", "window_start"),
+    "forecast-accuracy": ("load_scores", "computed_at"),
+    "routing-shares": ("telemetry", "window_start"),
+    "mirror-lead-time": ("mirror_status", "at"),
+    "anomalies": ("anomalies", "window_start"),
+    "dead-letter": ("dead_letter", "at"),
+}
+
+
+def _ago(ms: int) -> str:
+    s = max(0, ms) / 1000
+    for unit, size in (("d", 86_400), ("h", 3_600), ("m", 60)):
+        if s >= size:
+            return f"{s / size:.0f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _iso(ms: int) -> str:
+    return dt.datetime.fromtimestamp(ms / 1000, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def empty_reason(client: Client, name: str, bound: dict[str, Any]) -> str:
+    """One line: canned query ``name`` found no rows, and the likeliest reason (the source
+    table is empty: sink not running or everything past the TTL; nothing in the lookback;
+    filters; or nothing to compute yet)."""
+    table, column = _SOURCES[name]
+    try:
+        count, oldest, newest = client.query(
+            f"SELECT count(), toUnixTimestamp64Milli(min({column})), "
+            f"toUnixTimestamp64Milli(max({column})) FROM {table}"
+        ).result_rows[0]
+    except Exception as e:  # a reason, not a second failure
+        return f"no rows (and {table} could not be inspected: {str(e).splitlines()[0][:200]})"
+    now = time.time_ns() // 1_000_000
+    if not count:
+        if name == "dead-letter":
+            return "no rows: nothing was ever dead-lettered (or the sink has not stored anything)"
+        return (f"no rows: the {table} table is empty. Is `loadcast sink` running, and is "
+                f"anything publishing? Rows older than the sink's TTL (sink.ttl_days) are "
+                f"dropped at insert: the sink warns and counts them "
+                f"(loadcast_sink_expired_rows_total); `loadcast agent --replay` re-times "
+                f"traces to now unless --keep-timestamps.")
+    if int(newest) < bound["since_ms"]:
+        return (f"no rows in the lookback: the newest {table} row is from {_iso(int(newest))}"
+                f" ({_ago(now - int(newest))} ago); widen --since "
+                f"(e.g. --since {_ago(now - int(oldest)) if now > int(oldest) else '7d'}).")
+    if int(oldest) >= bound["until_ms"]:
+        return (f"no rows before --until: the oldest {table} row is from "
+                f"{_iso(int(oldest))}.")
+    filters = [f"--{k} {bound[k]}" for k in ("endpoint", "api") if bound.get(k)]
+    if filters:
+        return (f"no rows for {' '.join(filters)} in the range ({count} {table} rows in all, "
+                f"{_iso(int(oldest))} .. {_iso(int(newest))}).")
+    why = {
+        "forecast-accuracy": "no forecast point has met its actual yet (telemetry must "
+                             "reach past the forecast step's end)",
+        "mirror-lead-time": "no mirror activation was ready in the range",
+        "routing-shares": "no telemetry minute in the range",
+        "latency": "no telemetry minute in the range",
+        "anomalies": "no anomaly in the range",
+        "dead-letter": "nothing was dead-lettered in the range",
+    }[name]
+    return f"no rows: {why} ({table} has {count} rows, {_iso(int(oldest))} .. {_iso(int(newest))})."

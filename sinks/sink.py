@@ -78,6 +78,7 @@ class SinkStats:
     batches: int = 0
     insert_failures: int = 0
     commits: int = 0
+    expired: int = 0  # rows older than the TTL at insert (ClickHouse drops them at once)
 
 
 @dataclass
@@ -93,6 +94,8 @@ class _Batch:
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
     inserted: set[str] = field(default_factory=set)
     filtered: bool = False
+    expired_checked: bool = False
+    refused: int = 0  # rows ClickHouse refused (dead-lettered one by one)
     # Telemetry values ClickHouse decodes itself (sinks.avro_ingest), per ingest table.
     raw: dict[str, list[Message]] = field(default_factory=dict)
 
@@ -370,6 +373,46 @@ class Sink:
                 del self._stored[key]
         b.filtered = True
 
+    def _count_expired(self) -> None:
+        """Count (metric, stats) and warn once per batch about rows the table's TTL drops
+        on insert: older than ``sink.ttl_days`` (a replay that kept its trace's dates)."""
+        b = self._batch
+        days = self.settings.ttl_days
+        if b.expired_checked or days <= 0:
+            return
+        b.expired_checked = True
+        cutoff = _now_ms() - days * 86_400_000
+        found: dict[str, tuple[int, int]] = {}  # table: (rows, newest event time ms)
+        for table, rows in b.rows.items():
+            spec = TABLE_BY_NAME[table]
+            if table == "dead_letter" or spec.time_column not in spec.insert_columns:
+                continue
+            i = spec.insert_columns.index(spec.time_column)
+            old = [r[i] for r in rows if isinstance(r[i], int) and r[i] < cutoff]
+            if old:
+                found[table] = (len(old), max(old))
+        if self.fast is not None:
+            for table, msgs in b.raw.items():
+                n, newest = self.fast.expired(self._fast_tables[table],
+                                              [m.value() or b"" for m in msgs], cutoff)
+                if n:
+                    rows_before, newest_before = found.get("telemetry", (0, newest))
+                    found["telemetry"] = (rows_before + n, max(newest, newest_before))
+        if not found:
+            return
+        for table, (n, _) in found.items():
+            metrics.SINK_EXPIRED.labels(table).inc(n)
+            self.stats.expired += n
+        detail = ", ".join(
+            f"{table} {n} (newest {_iso(newest)})" for table, (n, newest) in found.items()
+        )
+        log.warning(
+            "%d rows of this batch are older than the %d-day TTL (sink.ttl_days) and are "
+            "dropped by ClickHouse at insert: %s. Replay traces re-timed (the default of "
+            "`loadcast agent --replay`) or raise sink.ttl_days.",
+            sum(n for n, _ in found.values()), days, detail,
+        )
+
     def _insert(self, client: Client, table: str, rows: list[Row], token: str) -> int:
         """Insert rows (columnar); rows ClickHouse refuses are dead-lettered alone."""
         spec = TABLE_BY_NAME[table]
@@ -434,7 +477,8 @@ class Sink:
                 error: Exception) -> int:
         if len(rows) == 1:
             topic, partition, offset = rows[0][:3]
-            log.error("%s refused a row of %s[%s]@%s: %s", table, topic, partition, offset, error)
+            log.debug("%s refused a row of %s[%s]@%s: %s", table, topic, partition, offset, error)
+            self._batch.refused += 1
             self._batch.dead.append((None, None, [
                 ("loadcast.reason", b"insert_refused"),
                 ("loadcast.detail", str(error)[:2000].encode()),
@@ -458,6 +502,7 @@ class Sink:
             client = self._ensure_client()
             self._check_stored(client)
             self._filter_stored()
+            self._count_expired()
             rows = 0
             for table, msgs in b.raw.items():
                 if table in b.inserted or not msgs:
@@ -475,6 +520,9 @@ class Sink:
             return False
         metrics.SINK_UP.set(1)
         self.last_error = None
+        if b.refused:
+            log.warning("ClickHouse refused %d rows of this batch; they were dead-lettered "
+                        "(reason insert_refused, `loadcast query dead-letter`)", b.refused)
         if self._after_insert is not None:
             self._after_insert()
         log.debug("inserted %d rows", rows)
@@ -686,6 +734,10 @@ def _dead_stored(stored: dict[TP, tuple[set[int], int]],
 
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def _iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
 
 
 def describe(stats: SinkStats) -> dict[str, Any]:

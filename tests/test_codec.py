@@ -15,7 +15,16 @@ import fastavro
 import pytest
 
 from schemas import records
-from schemas.codec import SCHEMA_DIR, Codec, CodecError, current_schema_files, plain
+from schemas.codec import (
+    SCHEMA_DIR,
+    Codec,
+    CodecError,
+    current_schema_files,
+    expand,
+    fingerprint,
+    plain,
+    registry_text,
+)
 from schemas.ids import missing_rows
 
 
@@ -178,3 +187,55 @@ def test_registry_url_selects_the_registry_codec() -> None:
 
     assert isinstance(Codec.for_registry(None).ids, EmbeddedIds)
     assert isinstance(Codec.for_registry("http://127.0.0.1:9").ids, RegistryIds)
+
+
+@pytest.mark.parametrize("path", sorted(SCHEMA_DIR.glob("*.avsc")), ids=lambda p: p.name)
+def test_each_schema_file_parses_alone_with_apache_avro(path: Any) -> None:
+    """Any Avro tool reads each .avsc on its own (a referenced type is defined where it is
+    first used), and what the Apache library reads is the schema loadcast writes with."""
+    parsed: Any = avro.schema.parse(path.read_text())
+    assert parsed.fullname == f"loadcast.{path.stem}"
+    ours = Codec.embedded().schema(parsed.fullname)
+    alone = expand(json.loads(path.read_text()), {})  # no other file's types at hand
+    assert fingerprint(alone) == fingerprint(ours)
+
+
+def test_inlined_types_are_copies_of_their_own_files() -> None:
+    """A named type defined inside another file (ForecastPoint in LoadScore, ...) is
+    exactly its own .avsc, so the copies cannot drift apart."""
+    own = {f"loadcast.{p.stem}": json.loads(p.read_text()) for p in SCHEMA_DIR.glob("*.avsc")}
+
+    def walk(node: Any, found: list[dict[str, Any]]) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "record":
+                found.append(node)
+            for v in node.values():
+                walk(v, found)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, found)
+
+    inlined = 0
+    for name, schema in own.items():
+        found: list[dict[str, Any]] = []
+        walk(schema["fields"], found)
+        for rec in found:
+            full = f"{rec.get('namespace', 'loadcast')}.{rec['name']}"
+            assert rec == own[full], f"{name}: inline {full} differs from {full}.avsc"
+            inlined += 1
+    assert inlined >= 5
+
+
+def test_registry_gets_clean_self_contained_schemas_with_the_embedded_fingerprints() -> None:
+    """What a Schema Registry is sent: no fastavro internals, each named type defined once
+    (Avro's Java and Python parsers refuse a repeated definition), parses alone, and is the
+    schema of its row in ids.json (the same schema as before the types were inlined)."""
+    codec = Codec.embedded()
+    rows = {r["fingerprint"]: r["id"] for r in json.loads((SCHEMA_DIR / "ids.json").read_text())}
+    for name in current_schema_files():
+        text = registry_text(codec.schema(name))
+        assert "__fastavro" not in text and "__named" not in text
+        parsed = avro.schema.parse(text)
+        own = avro.schema.parse((SCHEMA_DIR / f"{name.split('.')[1]}.avsc").read_text())
+        assert parsed.canonical_form == own.canonical_form
+        assert rows[fingerprint(expand(json.loads(text), {}))] == codec.schema_id(name)
