@@ -78,7 +78,7 @@ def test_prequal_prefers_cold_low_latency_and_keeps_a_bounded_pool() -> None:
     pol = make_policy("prequal", random.Random(5))
     e = eps(*([1.0] * 20))
     for i, x in enumerate(e):
-        x.observe_rtt(100.0 + 10 * i, 1.0)
+        x.observe_rif_latency(100.0 + 10 * i)  # latency of successes at in-flight 0
     e[0].in_flight = 40  # fastest by latency but hot: the hot-cold rule skips it
     picks = Counter(pol.pick(e, 1.0 + k * 1e-3).id for k in range(400))
     assert picks["e0"] == 0

@@ -37,6 +37,7 @@ from typing import Protocol
 
 DECAY_S = 10.0  # peak-EWMA time constant (Finagle's default)
 MAX_EJECT_S = 60.0
+RIF_ALPHA = 0.2  # EWMA weight of a new sample in the per-in-flight latency table
 
 
 @dataclass(eq=False)
@@ -58,6 +59,8 @@ class Endpoint:
     ejected_until: float = 0.0
     requests: int = 0
     failures: int = 0
+    # Prequal's latency signal: EWMA latency of successful requests per in-flight level
+    rif_latency: dict[int, float] = field(default_factory=dict)
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)
 
@@ -74,6 +77,24 @@ class Endpoint:
             w = math.exp(-max(0.0, now - self.rtt_at) / DECAY_S)
             self.rtt_ms = self.rtt_ms * w + rtt_ms * (1.0 - w)
         self.rtt_at = now
+
+    def observe_rif_latency(self, rtt_ms: float) -> None:
+        """A successful response at the current in-flight level (Prequal's servers keep
+        latency per requests-in-flight; the sidecar keeps it per endpoint)."""
+        k = self.in_flight
+        old = self.rif_latency.get(k)
+        self.rif_latency[k] = rtt_ms if old is None else old + RIF_ALPHA * (rtt_ms - old)
+
+    def latency_at(self, rif: int) -> float:
+        """Estimated latency (ms) at ``rif`` in flight: that level's EWMA, else the
+        nearest level measured below it, else the lowest measured; 0 when none."""
+        tab = self.rif_latency
+        if not tab:
+            return 0.0
+        if rif in tab:
+            return tab[rif]
+        below = [k for k in tab if k < rif]
+        return tab[max(below)] if below else tab[min(tab)]
 
     def cost(self, now: float) -> float:
         """Peak-EWMA cost; an endpoint never measured costs 0 when idle (try it)."""
@@ -232,10 +253,9 @@ ProbeFn = Callable[[Endpoint, float], tuple[float, float]]
 
 def local_probe(e: Endpoint, now: float) -> tuple[float, float]:
     """What the sidecar itself knows of an endpoint: its in-flight requests through this
-    sidecar and its peak-EWMA latency (ms; 0 when never measured)."""
-    if e.rtt_at == 0.0:
-        return float(e.in_flight), 0.0
-    return float(e.in_flight), e.rtt_ms * math.exp(-max(0.0, now - e.rtt_at) / DECAY_S)
+    sidecar and the latency of its successful requests at that in-flight level (ms; 0
+    when never measured), the estimate a Prequal server reports."""
+    return float(e.in_flight), e.latency_at(e.in_flight)
 
 
 class Prequal:
