@@ -53,6 +53,7 @@ for _p in (str(ROOT), str(Path(__file__).resolve().parent)):  # run as a script 
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks.routing_sim import prescale  # noqa: E402
 from benchmarks.routing_sim.engine import OK  # noqa: E402
 from benchmarks.routing_sim.metrics import aggregate, mean_ci, phase_metrics  # noqa: E402
 from benchmarks.routing_sim.scenarios import (  # noqa: E402
@@ -65,6 +66,7 @@ from benchmarks.routing_sim.scenarios import (  # noqa: E402
     build,
     calibration_config,
 )
+from streams.replay import ELB_TRACE, trace_path  # noqa: E402
 
 TOLERANCE_POINTS = 0.5
 QUICK_SCALE = 0.25
@@ -137,6 +139,9 @@ def _job(args: tuple[str, Any]) -> dict[str, Any]:
     kind, a = args
     if kind == "cal":
         return run_calibration(*a)
+    if kind == "pre":
+        lane, seed, sc, label = a
+        return {**prescale.run_lane(lane, seed, sc), "load": label}
     return run_main(*a)
 
 
@@ -405,9 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true",
                     help="1 seed; main scenario at 1/4 time (a few seconds)")
     ap.add_argument("--seeds", type=int, default=None, help="seeds per policy (default 10)")
-    ap.add_argument("--only", choices=("all", "calibration", "main"), default="all")
+    ap.add_argument("--only", choices=("all", "calibration", "main", "prescale"),
+                    default="all")
     ap.add_argument("--trace", type=Path, default=None,
-                    help="timestamp,value CSV replayed (compressed) as the load shape")
+                    help="timestamp,value CSV (or one count per line for the pre-scaling "
+                         "scenario) replayed (compressed) as the load shape")
+    ap.add_argument("--activation-intervals", type=float, default=3.0,
+                    help="pre-scaling: intervals new capacity takes to serve (2-5; default 3)")
     ap.add_argument("--actuation-ms", type=float, default=50.0,
                     help="data-plane actuation delay for new weights (default 50)")
     ap.add_argument("--telemetry-lag-s", type=float, default=0.5)
@@ -424,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 0:
             console.print(f"[red]--{name.replace('_', '-')} must be >= 0[/red]")
             return 2
+    if not 0 < args.activation_intervals <= 20:
+        console.print("[red]--activation-intervals must be in (0, 20][/red]")
+        return 2
     if args.interval_s <= 0 or (args.seeds is not None and args.seeds < 1):
         console.print("[red]--interval-s must be > 0 and --seeds >= 1[/red]")
         return 2
@@ -433,8 +445,20 @@ def main(argv: list[str] | None = None) -> int:
         interval_s=args.interval_s, telemetry_lag_s=args.telemetry_lag_s,
         score_lag_s=args.score_lag_s, actuation_s=args.actuation_ms / 1000.0,
     )
+    # pre-scaling: the seasonal shape and the repository's trace, or only --trace FILE
+    pre_loads: list[tuple[str, Path | None]] = (
+        [(f"trace:{args.trace.name}", args.trace)] if args.trace is not None
+        else [("seasonal", None)] if args.quick
+        else [("seasonal", None), (f"trace:{ELB_TRACE}", trace_path(ELB_TRACE))])
+    pre_scens = {label: prescale.PrescaleScenario(
+        scale=QUICK_SCALE if args.quick else 1.0, trace=path, interval_s=args.interval_s,
+        activation_intervals=args.activation_intervals) for label, path in pre_loads}
     try:
-        scenario.load()  # a bad trace fails here, with its line
+        if args.only != "prescale":
+            scenario.load()  # a bad trace fails here, with its line
+        if args.only in ("all", "prescale"):
+            for sc in pre_scens.values():
+                sc.load()
     except ValueError as e:
         console.print(f"[red]--trace: {e}[/red]")
         return 2
@@ -447,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         # the slow predictive jobs first, so two workers finish together
         order = sorted(MAIN_POLICIES, key=lambda p: not p.startswith("predictive"))
         jobs += [("main", (p, s, scenario, s == 0)) for p in order for s in range(seeds)]
+    if args.only in ("all", "prescale"):
+        jobs += [("pre", (lane, s, sc, label)) for label, sc in pre_scens.items()
+                 for lane in prescale.LANES for s in range(seeds)]
     t0 = time.perf_counter()
     if args.workers > 1:
         with ProcessPoolExecutor(max_workers=args.workers) as ex:
@@ -467,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         res["calibration"] = summarize_calibration(cal_runs)
     if main_runs:
         res["main"] = summarize_main(main_runs, scenario)
+    pre_runs = [r for j, r in zip(jobs, results, strict=True) if j[0] == "pre"]
+    if pre_runs:
+        res["prescale"] = {label: prescale.summarize(
+            [r for r in pre_runs if r["load"] == label], sc) for label, sc in pre_scens.items()}
     checks: dict[str, Any] = {}
     if cal_runs:
         checks["calibration_within_0.5_points"] = res["calibration"]["all_within_tolerance"]
@@ -476,8 +507,13 @@ def main(argv: list[str] | None = None) -> int:
         if "prequal_sanity" in comps:
             checks["prequal_beats_round_robin_every_phase"] = all(
                 _le(a["mean"], 1.0) for a in comps["prequal_sanity"].values())
+    for label, p in res.get("prescale", {}).items():
+        for k, v in p.get("checks", {}).items():
+            checks[f"{k} ({label})"] = v
     res["checks"] = checks
     print_tables(console, res)
+    for label, p in res.get("prescale", {}).items():
+        prescale.print_table(console, p, label)
     for k, v in checks.items():
         console.print(f"  {k}: {'[green]yes[/green]' if v else '[red]NO[/red]'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
