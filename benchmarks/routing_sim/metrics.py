@@ -170,5 +170,7 @@ def aggregate(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
         vals = [r[k] for r in runs]
         got = [float(v) for v in vals if v is not None]
         mean, half = mean_ci(got) if got else (None, None)
-        out[k] = {"mean": mean, "ci95": half, "never": len(vals) - len(got), "values": vals}
+        med = float(np.median(got)) if got else None
+        out[k] = {"mean": mean, "ci95": half, "median": med, "never": len(vals) - len(got),
+                  "values": vals}
     return out

@@ -139,6 +139,7 @@ class Router:
     def succeeded(self, ep: Endpoint, rtt_ms: float, now: float) -> None:
         ep.requests += 1
         ep.observe_rtt(rtt_ms, now)
+        ep.observe_rif_latency(rtt_ms)
         ep.succeeded()
 
     def failed(self, ep: Endpoint, now: float, rtt_ms: float | None = None) -> bool:
