@@ -336,3 +336,48 @@ def test_upstreams_file_toml_and_duplicates(tmp_path) -> None:  # type: ignore[n
     p.write_text("[[upstreams]\n")
     with pytest.raises(UpstreamConfigError, match="does not parse"):
         SidecarSettings(upstreams_file=p).resolved_upstreams()
+
+
+def test_a_guessed_capacity_never_sheds_and_a_learned_one_needs_confirming() -> None:
+    t = WeightTable({"api": list(CAPS)})
+    # DEFAULT guesses (the processor knows nothing): no capacity, no overload, equal weights
+    w = t.apply_scores([scored(e, 100.0, 600.0, 0, source="DEFAULT") for e in CAPS], 0)
+    assert w[0].weights == {"big": 1.0, "mid": 1.0, "small": 1.0}
+    assert t.capacity_source("api") == "none" and t.total_capacity("api", 0) is None
+    assert t.overload("api", 0) == 0.0
+    # a knee seen once is not trusted yet; three in a row (within 2x) are
+    for k in range(1, 4):
+        t.apply_scores([scored(e, CAPS[e], 10.0, k * 5000, source="LEARNED") for e in CAPS],
+                       k * 5000)
+        c = t.capacity("api", "big")
+        assert c.source == "learned" and c.confidence == pytest.approx(k / 3)
+        assert (t.total_capacity("api", k * 5000) is None) == (k < 3)
+    assert t.capacity_source("api") == "learned" and t.total_capacity("api", 15000) == 450.0
+    for k in range(4, 7):  # weights move there at most 2x per interval
+        t.apply_scores([scored(e, CAPS[e], 10.0, k * 5000, source="LEARNED") for e in CAPS],
+                       k * 5000)
+    assert t.weights("api") == pytest.approx({"big": 1.0, "mid": 1 / 3, "small": 1 / 6})
+    # a knee that jumps 10x starts over; a configured hint covers for it meanwhile
+    t2 = WeightTable({"api": ["big"]}, capacities={"big": 250.0})
+    for k, cap in enumerate((300.0, 300.0, 300.0, 3000.0)):
+        t2.apply_scores([scored("big", cap, 10.0, k, source="LEARNED")], k)
+    assert t2.capacity("api", "big").rps == 250.0
+    assert t2.capacity("api", "big").source == "configured"
+
+
+def test_router_sheds_by_offered_rate_over_known_capacity() -> None:
+    ups = [Upstream(id="a", url="http://127.0.0.1:1")]
+    r = Router(ups, rng=random.Random(3), rate_window_s=0.5)
+    route = r.routes["default"]
+    shed = [r.should_shed(route, 5, now=1.0 + i / 400) for i in range(800)]  # 400/s, 2 s
+    assert not any(shed)  # capacity unknown: never
+    route.capacity_rps = 100.0
+    now = 3.0
+    shed = [r.should_shed(route, 5, now=now + i / 400) for i in range(800)]
+    # 3/4 of the offered 400/s must go (shed requests are counted as offered)
+    assert sum(shed[400:]) == pytest.approx(300, rel=0.15)
+    now += 2.0
+    shed = [r.should_shed(route, 5, now=now + i / 50) for i in range(100)]  # 50/s now
+    assert not any(shed[int(0.5 * 2 * 50):])  # within two windows
+    assert r.update_overload(route, now + 1.99) == pytest.approx(0.5, rel=0.1)
+    assert r.update_overload(route, now + 3.0) == 0.0  # no requests: no load

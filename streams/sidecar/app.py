@@ -80,6 +80,8 @@ class Sidecar:
             eject_after_failures=s.eject_after_failures,
             eject_seconds=s.eject_seconds,
             shed_overload=s.shed_overload,
+            # shedding must end within two score intervals after the offered rate falls
+            rate_window_s=min(1.0, s.telemetry_interval_s / 2),
             rng=self.rng,
         )
         self.table = WeightTable(
@@ -274,8 +276,19 @@ class Sidecar:
                 log.info("edge mirrors now: %s", {f"{a}/{r}": sorted(u) for (a, r), u
                                                   in self.director.mirrors.items()})
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
-            self.router.routes[api].overload = self.table.overload(api, t)
+            self._set_capacity(api, t)
         return changes
+
+    def _set_capacity(self, api: str, t: int) -> None:
+        """The route sheds by offered rate over this capacity; None (no configured or
+        confidently learned capacity for every live endpoint): never sheds."""
+        route = self.router.routes[api]
+        route.capacity_rps = self.table.total_capacity(api, t)
+        if route.capacity_rps is None:
+            route.overload = 0.0
+            route.shed_share = 0.0
+        else:
+            self.router.update_overload(route)
 
     def set_manual_scores(self, api: str, scores: dict[str, float], valid_s: float) -> list[
             WeightChange]:
@@ -344,8 +357,8 @@ class Sidecar:
             if self.director is not None:
                 self.director.tick(t)
             for api, route in self.router.routes.items():
-                route.overload = self.table.overload(api, t)
-                m.SHED.labels(self.id, api).set(route.shed_share if route.overload else 0.0)
+                self._set_capacity(api, t)
+                m.SHED.labels(self.id, api).set(route.shed_share)
 
     # ----------------------------------------------------------------- HAProxy
 
@@ -475,6 +488,10 @@ class Sidecar:
         view = self.table.snapshot(now_ms())
         for api, r in self.router.routes.items():
             view[api]["policy"] = r.active_policy(self.settings.dynamic_routing).name
+            view[api]["offered_rps"] = round(r.offered_rps(t, self.router.rate_window_s), 3)
+            view[api]["overload"] = round(self.router.update_overload(r, t), 4)
+            view[api]["shed_share"] = round(r.shed_share, 4)
+            view[api]["shed"] = r.shed_total
             view[api]["endpoints"] = {
                 e.id: {"url": e.url, "weight": e.weight, "in_flight": e.in_flight,
                        "ejected": not e.available(t), "requests": e.requests,

@@ -107,7 +107,8 @@ class SidecarSettings(BaseModel):
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503s")
     compress_responses: bool = Field(False, description="gzip responses the client accepts")
     shed_overload: float = Field(
-        1.0, gt=0, description="shed when every endpoint's predicted utilization exceeds this"
+        1.0, gt=0, description="shed when the offered rate exceeds this x the API's known "
+        "capacity (configured or confidently learned; none known: never shed)"
     )
     decision_sample_rate: float = Field(
         0.01, ge=0, le=1, description="share of requests published as RoutingDecision"

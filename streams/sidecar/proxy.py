@@ -237,9 +237,9 @@ class Proxy:
                 region = reg_h
             if dynamic:  # the seeds' director: the region's mirror when central will not do
                 ep = self.director.choose(route, region, now, int(time.time()))
-        if ep is None and route.overload > 0 and self.router.should_shed(route, prio):
+        if ep is None and self.router.should_shed(route, prio, now):
             return self._reject(route, 503, "shed",
-                                "every endpoint is predicted over capacity; low-priority "
+                                "offered load exceeds the API's capacity; low-priority "
                                 "request shed", self.retry_after)
         if ep is None:
             ep = self.router.choose(route, dynamic, now)

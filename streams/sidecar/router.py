@@ -11,7 +11,9 @@ whether to shed it. Plain Python (no I/O): the proxy and the tests drive it.
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -37,10 +39,42 @@ class Route:
     policy: Policy
     fallback: Policy
     stale: bool = True  # no fresh scores yet: the fallback policy routes
-    overload: float = 0.0  # lowest predicted utilization over the API's endpoints
+    # demand over capacity: offered rate / capacity_rps when the capacity is known (the
+    # sidecar sets capacity_rps from configured or confidently learned capacities);
+    # without it, whatever the owner sets (the routing simulation: predicted demand)
+    overload: float = 0.0
+    capacity_rps: float | None = None
     priority_counts: dict[int, float] = field(default_factory=dict)
     seen: int = 0
     shed_share: float = 0.0
+    # offered requests (shed ones included) in the current and the previous rate window
+    window_start: float = 0.0
+    window_count: int = 0
+    previous_count: int = 0
+    offered_total: int = 0
+    shed_total: int = 0
+
+    def count_offered(self, now: float, window_s: float) -> None:
+        self._roll(now, window_s)
+        self.window_count += 1
+        self.offered_total += 1
+
+    def offered_rps(self, now: float, window_s: float) -> float:
+        """Requests/s offered to this API at the sidecar: a sliding window of
+        ``window_s`` (the previous window weighted by how much of it still overlaps)."""
+        self._roll(now, window_s)
+        frac = min(1.0, max(0.0, (now - self.window_start) / window_s))
+        return (self.previous_count * (1.0 - frac) + self.window_count) / window_s
+
+    def _roll(self, now: float, window_s: float) -> None:
+        if self.window_start == 0.0:
+            self.window_start = now
+            return
+        elapsed = now - self.window_start
+        if elapsed >= window_s:
+            self.previous_count = self.window_count if elapsed < 2 * window_s else 0
+            self.window_count = 0
+            self.window_start += window_s * math.floor(elapsed / window_s)
 
     def active_policy(self, dynamic: bool) -> Policy:
         """The policy routing now: configured while scores are fresh (or the configured
@@ -67,9 +101,13 @@ class Router:
         eject_after_failures: int = 5,
         eject_seconds: float = 5.0,
         shed_overload: float = 1.0,
+        rate_window_s: float = 1.0,
         rng: random.Random | None = None,
     ) -> None:
+        """``rate_window_s``: the window the offered rate is counted over (shedding
+        follows a change of the offered rate within two windows)."""
         self.rng = rng or random.Random()
+        self.rate_window_s = rate_window_s
         self.eject_after = eject_after_failures
         self.eject_s = eject_seconds
         self.shed_overload = shed_overload
@@ -158,10 +196,25 @@ class Router:
 
     # ----------------------------------------------------------------- shedding
 
-    def should_shed(self, route: Route, priority: int) -> bool:
-        """Adaptive load shedding: with every endpoint predicted above capacity
-        (``overload`` > ``shed_overload``), drop the lowest-priority share of traffic
-        that exceeds capacity instead of letting every request time out."""
+    def update_overload(self, route: Route, now: float | None = None) -> float:
+        """With a known capacity: overload = offered rate / capacity, now (also when no
+        request arrives, so that the view and the metric fall back); else unchanged."""
+        if route.capacity_rps is not None:
+            t = time.monotonic() if now is None else now
+            route.overload = route.offered_rps(t, self.rate_window_s) / route.capacity_rps
+            if route.overload <= self.shed_overload:
+                route.shed_share = 0.0
+        return route.overload
+
+    def should_shed(self, route: Route, priority: int, now: float | None = None) -> bool:
+        """Adaptive load shedding. Every request offered to the API is counted (shed ones
+        too: shedding must not hide the demand it sheds, or it would oscillate). With a
+        known capacity (``route.capacity_rps``), overload = offered rate / capacity; above
+        ``shed_overload`` the lowest-priority share of traffic that exceeds capacity is
+        dropped instead of letting every request time out. With no known capacity,
+        nothing is shed unless the owner set ``route.overload`` (the simulation does)."""
+        t = time.monotonic() if now is None else now
+        route.count_offered(t, self.rate_window_s)
         counts = route.priority_counts
         counts[priority] = counts.get(priority, 0.0) + 1.0
         route.seen += 1
@@ -169,14 +222,17 @@ class Router:
             route.seen = 0
             for k in counts:
                 counts[k] *= 0.5
-        if route.overload <= self.shed_overload:
+        overload = self.update_overload(route, t)
+        if overload <= self.shed_overload:
             route.shed_share = 0.0
             return False
         total = sum(counts.values())
         if total < 100:  # too few requests to know the priority mix: shed nothing yet
             return False
-        excess = 1.0 - self.shed_overload / route.overload
+        excess = 1.0 - self.shed_overload / overload
         route.shed_share = excess
         plan = shed_plan(excess, {k: v / total for k, v in counts.items()})
         p = plan.get(priority, 0.0)
-        return p > 0 and self.rng.random() < p
+        shed = p > 0 and self.rng.random() < p
+        route.shed_total += shed
+        return shed

@@ -5,18 +5,25 @@ Pure: takes LoadScore / Anomaly dicts and "now", returns :class:`WeightChange` v
 Weights are **capacity x health**, not scores (``processors.scoring`` says why: a score's
 own-load factor is a consequence of the weights, and weights proportional to it herd):
 
-- capacity: the record's LEARNED knee, else the upstream's configured ``capacity_rps`` hint,
-  else the record's CONFIGURED capacity; an endpoint with none of these (a DEFAULT guess
-  grows with the traffic it was given: feeding it back would herd again) gets the mean of
-  the known ones;
+- capacity: each endpoint's capacity has a source and a confidence (:class:`Capacity`):
+  a LEARNED knee the processor has reported ``learned_confirm`` scores in a row (within 2x
+  of each other) is *confidently learned* and used first; else the upstream's configured
+  ``capacity_rps`` hint; else the record's CONFIGURED capacity; else none. A DEFAULT guess
+  (or a knee seen only once or twice) is never used: it would shed or cap traffic on a
+  number nobody measured. Endpoints without a capacity get the mean of the known ones;
+  with none known every endpoint gets the same (weights are then health x explicit only:
+  the reactive signal);
 - health: errors x latency x anomaly from the record's measured fields, floored (a live
   endpoint is never weighted 0) and, times capacity, rate-limited to ``max_step`` x per
   ``step_ms`` so the loop cannot oscillate;
 - explicit: what the score says beyond load and health (an operator's override, the
   anomaly penalty) is applied as is, at once; an explicit 0 drains the endpoint.
 
-Whether the API is over capacity is decided on the sum: :meth:`WeightTable.overload` is the
-predicted demand of all its endpoints over their total capacity (the router sheds above 1).
+:meth:`WeightTable.total_capacity` is the API's capacity for shedding: the sum over its
+live endpoints, or None unless every one of them has a configured or confidently learned
+capacity (the router then sheds by the offered rate it counts itself, ``router.py``).
+:meth:`WeightTable.overload` (predicted demand over that capacity, 0 when it is unknown) is
+for what needs lead time.
 
 An API's table is *fresh* while at least one of its endpoints has a score whose
 ``valid_until`` is in the future; an endpoint without a fresh score then gets the mean
@@ -65,6 +72,25 @@ class ScoreEntry:
     parts: ScoreParts | None = None  # load / health / explicit split of the record
 
 
+CAPACITY_SOURCES = ("configured", "learned", "none")
+LEARNED_CONFIRM = 3  # LEARNED scores in a row (within 2x) before a knee is trusted
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """An endpoint's capacity as the sidecar uses it: ``rps`` (None: unknown), where it
+    comes from (``configured``, ``learned`` or ``none``), how sure we are (0..1) and
+    whether weights and shedding use it (configured, or learned with confidence 1)."""
+
+    rps: float | None
+    source: str
+    confidence: float
+
+    @property
+    def usable(self) -> bool:
+        return self.rps is not None and self.source != "none" and self.confidence >= 1.0
+
+
 @dataclass(frozen=True)
 class WeightChange:
     """One API's weights changed (or went stale / fresh again)."""
@@ -88,6 +114,10 @@ class _Api:
     # capacity x health per endpoint (rps) as rate-limited so far, and when
     measured: dict[str, float] = field(default_factory=dict)
     measured_at_ms: int = 0
+    # LEARNED knees reported in a row per endpoint, and the last one
+    learned_n: dict[str, int] = field(default_factory=dict)
+    learned_rps: dict[str, float] = field(default_factory=dict)
+    known: frozenset[str] = frozenset()  # endpoints with a usable capacity, last time
 
 
 class WeightTable:
@@ -103,6 +133,7 @@ class WeightTable:
         health_floor: float = 0.05,
         max_step: float = 2.0,
         step_ms: int = 5_000,
+        learned_confirm: int = LEARNED_CONFIRM,
     ) -> None:
         """``capacities``: configured capacity hints (rps) per endpoint id; ``health_floor``:
         the least health a live endpoint is weighted with; weights move at most
@@ -117,6 +148,7 @@ class WeightTable:
         self.health_floor = health_floor
         self.max_step = max_step
         self.step_ms = step_ms
+        self.learned_confirm = max(1, learned_confirm)
         self.unknown = 0  # scores for endpoints this sidecar does not route to
         for a in self._apis.values():
             a.weights = dict.fromkeys(a.endpoints, 1.0)
@@ -151,13 +183,15 @@ class WeightTable:
             if prev is not None and r["computed_at"] < prev.computed_at_ms:
                 continue  # an older score arriving late
             score = float(r["score"])
+            parts = split_score(r)
             a.scores[r["endpoint_id"]] = ScoreEntry(
                 score if math.isfinite(score) else 0.0,
                 int(r["valid_until"]),
                 int(r["computed_at"]),
                 float(r.get("predicted_utilization", 0.0)),
-                split_score(r),
+                parts,
             )
+            self._learn(a, r["endpoint_id"], parts)
             touched.add(api)
         return [c for api in touched if (c := self._recompute(api, now_ms)) is not None]
 
@@ -193,21 +227,75 @@ class WeightTable:
         ranked = prioritize(recs, now_ms)
         return ranked + [e for e in a.endpoints if e not in ranked]
 
-    def capacities(self, api: str) -> dict[str, float]:
-        """The capacity (rps) each endpoint is weighted by (see the module docstring)."""
+    @staticmethod
+    def _learn(a: _Api, e: str, p: ScoreParts) -> None:
+        """Count LEARNED knees in a row (a knee more than 2x off the last starts over)."""
+        if p.capacity_source == "LEARNED" and p.capacity_rps:
+            last = a.learned_rps.get(e)
+            same = last is not None and 0.5 <= p.capacity_rps / last <= 2.0
+            a.learned_n[e] = a.learned_n.get(e, 0) + 1 if same else 1
+            a.learned_rps[e] = p.capacity_rps
+        else:
+            a.learned_n.pop(e, None)
+            a.learned_rps.pop(e, None)
+
+    def capacity(self, api: str, endpoint_id: str) -> Capacity:
+        """The capacity of one endpoint with its source and confidence (module docstring)."""
         a = self._apis[api]
-        known: dict[str, float] = {}
-        for e in a.endpoints:
-            s = a.scores.get(e)
-            p = s.parts if s is not None else None
-            if p is not None and p.capacity_source == "LEARNED" and p.capacity_rps:
-                known[e] = p.capacity_rps
-            elif e in self.hints:
-                known[e] = self.hints[e]
-            elif p is not None and p.capacity_source == "CONFIGURED" and p.capacity_rps:
-                known[e] = p.capacity_rps
+        s = a.scores.get(endpoint_id)
+        p = s.parts if s is not None else None
+        n = a.learned_n.get(endpoint_id, 0)
+        learned = None
+        if n:
+            learned = Capacity(a.learned_rps[endpoint_id], "learned",
+                               min(1.0, n / self.learned_confirm))
+            if learned.usable:
+                return learned
+        if endpoint_id in self.hints:
+            return Capacity(self.hints[endpoint_id], "configured", 1.0)
+        if p is not None and p.capacity_source == "CONFIGURED" and p.capacity_rps:
+            return Capacity(p.capacity_rps, "configured", 1.0)
+        return learned or Capacity(None, "none", 0.0)
+
+    def capacity_view(self, api: str) -> dict[str, Capacity]:
+        return {e: self.capacity(api, e) for e in self._apis[api].endpoints}
+
+    def capacity_source(self, api: str) -> str:
+        """``none`` (no usable capacity: no shedding, weights by health only),
+        ``configured``, ``learned``, or ``mixed``; ``partial:...`` when some endpoints
+        have none."""
+        caps = self.capacity_view(api).values()
+        used = {c.source for c in caps if c.usable}
+        if not used:
+            return "none"
+        src = used.pop() if len(used) == 1 else "mixed"
+        return src if all(c.usable for c in caps) else f"partial:{src}"
+
+    def capacities(self, api: str) -> dict[str, float]:
+        """The capacity (rps) each endpoint is weighted by: its usable capacity, else the
+        mean of the usable ones, else 1.0 for all (equal: weights by health only)."""
+        a = self._apis[api]
+        view = self.capacity_view(api)
+        known = {e: c.rps for e, c in view.items() if c.usable and c.rps is not None}
         guess = sum(known.values()) / len(known) if known else 1.0
         return {e: known.get(e, guess) for e in a.endpoints}
+
+    def total_capacity(self, api: str, now_ms: int) -> float | None:
+        """The API's capacity (rps) for shedding: the sum over endpoints not drained by a
+        fresh explicit 0; None unless each of them has a usable capacity (a guessed
+        capacity must never shed)."""
+        a = self._apis[api]
+        total = 0.0
+        for e in a.endpoints:
+            s = a.scores.get(e)
+            if s is not None and s.valid_until_ms >= now_ms and s.parts is not None \
+                    and s.parts.explicit <= 0:
+                continue
+            c = self.capacity(api, e)
+            if not c.usable or c.rps is None:
+                return None
+            total += c.rps
+        return total if total > 0 else None
 
     def overload(self, api: str, now_ms: int, horizon: str = "next") -> float:
         """Predicted demand of the whole API over its total capacity (0 without fresh
@@ -217,8 +305,8 @@ class WeightTable:
         capacity (they may have room) and no demand; drained endpoints add nothing."""
         a = self._apis[api]
         fresh = {e: s for e, s in a.scores.items() if s.valid_until_ms >= now_ms}
-        if not fresh:
-            return 0.0
+        if not fresh or self.total_capacity(api, now_ms) is None:
+            return 0.0  # no scores, or a capacity nobody configured or learned: no overload
         caps = self.capacities(api)
         demand = 0.0
         capacity = 0.0
@@ -248,6 +336,10 @@ class WeightTable:
             mean_h = sum(p.health for p in parts.values()) / len(parts)
             mean_x = sum(p.explicit for p in parts.values()) / len(parts)
             caps = self.capacities(api)
+            known = frozenset(e for e, c in self.capacity_view(api).items() if c.usable)
+            if known != a.known:  # capacities became known (or unknown): a new scale,
+                a.measured = {}   # not a swing to rate-limit
+                a.known = known
             target = {
                 e: caps[e] * max(parts[e].health if e in parts else mean_h, self.health_floor)
                 for e in a.endpoints
@@ -299,7 +391,14 @@ class WeightTable:
                     for e, s in a.scores.items()
                 },
                 "score_order": self.score_order(api, now_ms),
-                "capacity_rps": self.capacities(api),
-                "overload": self.overload(api, now_ms),
+                "capacity_source": self.capacity_source(api),
+                "capacity_total_rps": self.total_capacity(api, now_ms),
+                "capacity_rps": {e: c.rps for e, c in self.capacity_view(api).items()},
+                "capacities": {
+                    e: {"rps": c.rps, "source": c.source, "confidence": round(c.confidence, 3),
+                        "used": c.usable}
+                    for e, c in self.capacity_view(api).items()
+                },
+                "predicted_overload": self.overload(api, now_ms),
             }
         return out
