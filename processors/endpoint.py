@@ -69,6 +69,13 @@ class ProcessorConfig:
     # 20 where HST flagged 0, with no false positives on 2,000 ELB-shaped windows, at 7 us
     # and < 1 KB per endpoint against 25 us and ~120 KB (README, "Anomalies").
     anomaly_detector: str = "robust-z"
+    # Bounds on what hostile or broken input can cost (schemas.validation; the caps).
+    max_window_seconds: float = 3600.0
+    clock_skew_seconds: float = 60.0
+    max_steps_per_record: int = 1440
+    max_endpoints: int = 5000
+    max_endpoints_per_api: int = 2000
+    endpoint_idle_seconds: float = 900.0
 
     @property
     def validity_seconds(self) -> float:
@@ -153,7 +160,8 @@ class EndpointModel:
                 season_seconds=config.season_seconds,
                 max_horizon=config.horizon,
             ),
-            stepper=Stepper(config.step_seconds, lateness_seconds=config.lateness_seconds),
+            stepper=Stepper(config.step_seconds, lateness_seconds=config.lateness_seconds,
+                            max_steps=config.max_steps_per_record),
             anomaly=make_detector(config),
             capacity=CapacityEstimator(
                 default_rps=config.default_capacity_rps,

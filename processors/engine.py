@@ -23,15 +23,16 @@ undercounts): the snapshot partition is read to the end by Fetch (partition EOF)
 from __future__ import annotations
 
 import logging
-import math
 import pickle
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from processors.endpoint import EndpointModel, Observation, ProcessorConfig
 from schemas.codec import Codec, CodecError, Record
+from schemas.validation import Limits, reference_ms, telemetry_problem
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class PartitionState:
     # While recovering, records are dropped until the one at ``resume`` arrives: the
     # consumer may still deliver what it fetched from its old position before the seek.
     recovering: bool = False
+    evicted: set[str] = field(default_factory=set)  # to delete from the snapshot topic
 
 
 @dataclass
@@ -77,6 +79,7 @@ class EngineStats:
     anomalies: int = 0
     dead_letters: dict[str, int] = field(default_factory=dict)
     steps_learned: int = 0
+    evicted: int = 0  # idle models dropped to make room (max_endpoints caps)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,7 @@ class SnapshotRecord:
 
     partition: int
     key: str
-    value: Record
+    value: Record | None  # None: a tombstone (the model was evicted)
 
 
 class Engine:
@@ -101,14 +104,22 @@ class Engine:
         self.warm_start = warm_start
         self.partitions: dict[int, PartitionState] = {}
         self.stats = EngineStats()
+        self.limits = Limits(config.max_window_seconds, config.clock_skew_seconds)
+        # Models by last use (oldest first), all and per api: the caps evict idle ones.
+        Slot = tuple[int, str]  # (partition, endpoint_id)
+        self._lru: OrderedDict[Slot, float] = OrderedDict()
+        self._by_api: dict[str, OrderedDict[Slot, float]] = {}
+        self._api_of: dict[Slot, str] = {}
 
     # ----------------------------------------------------------------- records
 
     def handle(
         self, partition: int, offset: int, key: bytes | None, value: bytes | None,
-        now: float | None = None,
+        now: float | None = None, timestamp_ms: int | None = None,
     ) -> None:
-        """Apply one telemetry record (EndpointTelemetry or TelemetryBatch value)."""
+        """Apply one telemetry record (EndpointTelemetry or TelemetryBatch value);
+        ``timestamp_ms`` is its Kafka timestamp (the reference time of
+        :mod:`schemas.validation`)."""
         state = self.partitions.get(partition)
         if state is None:
             state = self.partitions[partition] = PartitionState(partition)
@@ -138,26 +149,24 @@ class Engine:
                        partition, offset)
             state.processed = offset
             return
+        ref = reference_ms(timestamp_ms)
         for index, window in enumerate(windows):
-            problem = self._check(window)
+            problem = self._check(window, ref)
+            if problem is None:
+                problem = self._observe(state, window, (offset, index), now)
             if problem is not None:
                 raw = value if len(windows) == 1 else self._reencode(window)
-                self._dead(window["endpoint_id"].encode(), raw, "out_of_range", problem,
+                self._dead(window["endpoint_id"].encode(), raw, problem[0], problem[1],
                            partition, offset)
-                continue
-            self._observe(state, window, (offset, index), now)
         state.processed = offset
 
-    def _check(self, window: Record) -> str | None:
+    def _check(self, window: Record, ref_ms: int) -> tuple[str, str] | None:
+        """The one validation (schemas.validation) the sink applies too."""
         try:
             self.codec.check("EndpointTelemetry", window)
         except CodecError as e:
-            return e.detail
-        if window["window_end"] <= window["window_start"]:
-            return "window_end must be after window_start"
-        if not math.isfinite(window["request_count"]):
-            return "request_count must be finite"
-        return None
+            return "out_of_range", e.detail
+        return telemetry_problem(window, ref_ms, self.limits)
 
     def _reencode(self, window: Record) -> bytes:
         # The batch's own bytes would carry the good windows too: dead-letter just this one.
@@ -165,15 +174,22 @@ class Engine:
         return lax.encode("EndpointTelemetry", window)
 
     def _observe(self, state: PartitionState, window: Record, position: tuple[int, int],
-                 now: float) -> None:
+                 now: float) -> tuple[str, str] | None:
         endpoint = window["endpoint_id"]
+        slot = (state.partition, endpoint)
         model = state.models.get(endpoint)
         if model is None:
+            refused = self._admit(window["api"], now)
+            if refused is not None:
+                return "endpoint_cap", refused
             model = state.models[endpoint] = self.new_model(endpoint)
+            self._track(slot, window["api"], now)
+        else:
+            self._touch(slot, now)
         obs: Observation = model.observe(window, position, now)
         if not obs.applied:
             self.stats.skipped_replayed += 1
-            return
+            return None
         state.dirty.add(endpoint)
         self.stats.windows += 1
         self.stats.scores_computed += 1
@@ -184,6 +200,68 @@ class Engine:
         if obs.anomaly is not None:
             self.outputs.anomaly(endpoint, self.codec.encode("Anomaly", obs.anomaly))
             self.stats.anomalies += 1
+        return None
+
+    # ----------------------------------------------------------------- caps
+
+    def _track(self, slot: tuple[int, str], api: str, now: float) -> None:
+        self._lru[slot] = now
+        self._by_api.setdefault(api, OrderedDict())[slot] = now
+        self._api_of[slot] = api
+
+    def _touch(self, slot: tuple[int, str], now: float) -> None:
+        api = self._api_of.get(slot)
+        if api is None:
+            return
+        self._lru[slot] = now
+        self._lru.move_to_end(slot)
+        per = self._by_api[api]
+        per[slot] = now
+        per.move_to_end(slot)
+
+    def _untrack(self, slot: tuple[int, str]) -> None:
+        self._lru.pop(slot, None)
+        api = self._api_of.pop(slot, None)
+        if api is not None:
+            per = self._by_api.get(api)
+            if per is not None:
+                per.pop(slot, None)
+                if not per:
+                    del self._by_api[api]
+
+    def _admit(self, api: str, now: float) -> str | None:
+        """Room for one more model (evicting the longest-idle one if it has been idle
+        ``endpoint_idle_seconds``), else why not."""
+        c = self.config
+        if len(self._lru) >= c.max_endpoints:
+            self._evict_idle(self._lru, now)
+        per = self._by_api.get(api)
+        if per is not None and len(per) >= c.max_endpoints_per_api:
+            self._evict_idle(per, now)
+        if len(self._lru) >= c.max_endpoints:
+            return (f"worker holds max_endpoints ({c.max_endpoints}) models, none idle for "
+                    f"{c.endpoint_idle_seconds:g} s")
+        if per is not None and len(per) >= c.max_endpoints_per_api:
+            return (f"api {api[:100]!r} has max_endpoints_per_api "
+                    f"({c.max_endpoints_per_api}) models, none idle for "
+                    f"{c.endpoint_idle_seconds:g} s")
+        return None
+
+    def _evict_idle(self, lru: OrderedDict[tuple[int, str], float], now: float) -> None:
+        if not lru:
+            return
+        slot, seen = next(iter(lru.items()))
+        if now - seen < self.config.endpoint_idle_seconds:
+            return
+        partition, endpoint = slot
+        self._untrack(slot)
+        state = self.partitions.get(partition)
+        if state is not None and state.models.pop(endpoint, None) is not None:
+            state.dirty.discard(endpoint)
+            state.evicted.add(endpoint)
+            self.stats.evicted += 1
+            log.info("evicted endpoint model %s (idle %.0f s) to make room", endpoint,
+                     now - seen)
 
     def new_model(self, endpoint_id: str) -> EndpointModel:
         """A model for an endpoint seen for the first time (from the global model when a
@@ -213,8 +291,9 @@ class Engine:
         state = self.partitions.get(partition)
         if state is None or state.resume < 0:
             return None
-        endpoints = sorted(state.dirty)
+        endpoints = sorted(state.dirty | state.evicted)
         state.dirty.clear()
+        state.evicted.clear()
         checkpoint = SnapshotRecord(partition, CHECKPOINT_KEY.format(partition=partition), {
             "endpoint_id": None, "source_partition": partition, "offset": state.processed,
             "index": -1, "taken_at": round(time.time() * 1000),
@@ -223,11 +302,14 @@ class Engine:
         return endpoints, checkpoint
 
     def snapshot_record(self, partition: int, endpoint: str) -> SnapshotRecord | None:
-        """The pickled model of ``endpoint`` with the position it contains."""
+        """The pickled model of ``endpoint`` with the position it contains; a tombstone
+        (value None) for an endpoint evicted since."""
         state = self.partitions.get(partition)
-        model = state.models.get(endpoint) if state is not None else None
-        if model is None:
+        if state is None:
             return None
+        model = state.models.get(endpoint)
+        if model is None:
+            return SnapshotRecord(partition, endpoint, None)
         offset, index = model.applied
         return SnapshotRecord(partition, endpoint, {
             "endpoint_id": endpoint, "source_partition": partition, "offset": offset,
@@ -239,17 +321,22 @@ class Engine:
     def hold(self, partition: int) -> None:
         """Drop records of ``partition`` until :meth:`restore` (called as soon as a
         partition is assigned, before its snapshots are read)."""
+        self._forget(partition)
         state = self.partitions[partition] = PartitionState(partition, resume=-1)
         state.recovering = True
 
-    def restore(self, partition: int, records: Iterable[Record], start_offset: int = 0) -> int:
+    def restore(self, partition: int, records: Iterable[Record | None],
+                start_offset: int = 0) -> int:
         """Rebuild ``partition`` from its snapshot records (oldest first); returns the
         offset to resume consuming from (never below ``start_offset``, the partition's
         first available offset).  Records are then dropped until that offset arrives."""
         latest: dict[str | None, Record] = {}
         for r in records:
-            latest[r["endpoint_id"]] = r
+            if r is not None:
+                latest[r["endpoint_id"]] = r
+        self._forget(partition)
         state = self.partitions[partition] = PartitionState(partition)
+        now = time.time()
         for endpoint, r in latest.items():
             if endpoint is None or r["format"] != "pickle":
                 continue
@@ -257,6 +344,7 @@ class Engine:
             model = pickle.loads(r["state"])
             if isinstance(model, EndpointModel):
                 state.models[endpoint] = model
+                self._track((partition, endpoint), model.api, now)
         checkpoint = latest.get(None)
         resume = checkpoint["offset"] + 1 if checkpoint is not None else start_offset
         state.resume = max(resume, start_offset)
@@ -266,7 +354,14 @@ class Engine:
 
     def drop(self, partition: int) -> None:
         """Forget a partition (revoked: another worker owns it now)."""
+        self._forget(partition)
         self.partitions.pop(partition, None)
+
+    def _forget(self, partition: int) -> None:
+        state = self.partitions.get(partition)
+        if state is not None:
+            for endpoint in state.models:
+                self._untrack((partition, endpoint))
 
     def endpoints(self) -> int:
         """Endpoint models held. Safe from another thread (metrics): iterates a copy."""

@@ -42,6 +42,17 @@ class ProcessorSettings(BaseModel):
     warm_start: bool = Field(
         False, description="start new endpoints from the latest federated global model"
     )
+    max_window_seconds: float = Field(
+        3600.0, gt=0, description="longer telemetry windows are dead-lettered (bad_window)")
+    clock_skew_seconds: float = Field(
+        60.0, ge=0, description="windows ending / scores computed further ahead are refused")
+    max_steps_per_record: int = Field(
+        1440, ge=1, description="model steps one window may touch (bounds work per record)")
+    max_endpoints: int = Field(
+        5000, ge=1, description="endpoint models per worker; over it: dead-letter endpoint_cap")
+    max_endpoints_per_api: int = Field(2000, ge=1, description="endpoint models per api")
+    endpoint_idle_seconds: float = Field(
+        900.0, gt=0, description="a model idle this long is evicted to make room")
     metrics_port: int = Field(0, ge=0, le=65535, description="serve /metrics here (0 = off)")
     uvloop: bool = Field(True, description="run Faust on uvloop when installed")
 
@@ -67,4 +78,10 @@ class ProcessorSettings(BaseModel):
             anomaly_threshold=self.anomaly_threshold,
             anomaly_warmup=self.anomaly_warmup,
             anomaly_detector=self.anomaly_detector,
+            max_window_seconds=self.max_window_seconds,
+            clock_skew_seconds=self.clock_skew_seconds,
+            max_steps_per_record=self.max_steps_per_record,
+            max_endpoints=self.max_endpoints,
+            max_endpoints_per_api=self.max_endpoints_per_api,
+            endpoint_idle_seconds=self.endpoint_idle_seconds,
         )

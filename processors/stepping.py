@@ -65,10 +65,17 @@ class _Endpoint:
 
 
 class Stepper:
-    """Per-endpoint window-to-step accumulator (pure, picklable)."""
+    """Per-endpoint window-to-step accumulator (pure, picklable).
+
+    A window covering more than ``max_steps`` steps is refused (counted in ``invalid``):
+    the work one window can cause is bounded whatever its timestamps say.
+    """
+
+    max_steps: int = 1440  # class default: also for steppers pickled before it existed
 
     def __init__(
-        self, step_seconds: int, lateness_seconds: float = 10.0, min_coverage: float = 0.25
+        self, step_seconds: int, lateness_seconds: float = 10.0, min_coverage: float = 0.25,
+        max_steps: int = 1440,
     ) -> None:
         if step_seconds <= 0:
             raise ValueError("step_seconds must be positive")
@@ -76,6 +83,7 @@ class Stepper:
         self.step_ms = self.step_seconds * 1000
         self.lateness_ms = round(lateness_seconds * 1000)
         self.min_coverage = float(min_coverage)
+        self.max_steps = int(max_steps)
         self._eps: dict[str, _Endpoint] = {}
         self.duplicates = 0
         self.late = 0
@@ -94,6 +102,9 @@ class Stepper:
         if ep is None:  # not setdefault: that would build an _Endpoint for every window
             ep = self._eps[endpoint_id] = _Endpoint()
         first, last = start // self.step_ms, (end - 1) // self.step_ms
+        if last - first >= self.max_steps:
+            self.invalid += 1
+            return []
         if ep.closed_through is not None and first <= ep.closed_through:
             self.late += 1
             return []

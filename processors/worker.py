@@ -26,6 +26,7 @@ from processors.engine import Engine, SnapshotRecord
 from processors.faust_config import faust_settings
 from processors.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
+from streams.deadletter import DeadLetterWriter
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
@@ -47,6 +48,8 @@ SCRAPED_METRICS = {
     "loadcast_processor_endpoints": ("gauge", "Endpoint models held by this worker"),
     "loadcast_processor_partitions": ("gauge", "Telemetry partitions assigned and recovered"),
     "loadcast_processor_snapshot_age_seconds": ("gauge", "Seconds since the last snapshot round"),
+    "loadcast_processor_evicted_total": (
+        "counter", "Idle endpoint models evicted to stay under the max_endpoints caps"),
 }
 
 
@@ -65,6 +68,7 @@ class EngineMetrics:
             "loadcast_processor_endpoints": w.engine.endpoints(),
             "loadcast_processor_partitions": w.engine.partitions_ready(),
             "loadcast_processor_snapshot_age_seconds": time.monotonic() - w.last_snapshot,
+            "loadcast_processor_evicted_total": s.evicted,
         }
         for name, (kind, doc) in SCRAPED_METRICS.items():
             if kind == "counter":
@@ -83,6 +87,7 @@ class KafkaOutputs:
         self.dead = topic_name(kafka, "dead-letter")
         self.telemetry = topic_name(kafka, "telemetry")
         self.snapshots = topic_name(kafka, "processor-snapshots")
+        self.dead_letters = DeadLetterWriter(self.producer, self.dead, client=client_id)
 
     def score(self, endpoint_id: str, value: bytes) -> None:
         self.producer.produce(self.scores, value, endpoint_id.encode())
@@ -94,14 +99,8 @@ class KafkaOutputs:
 
     def dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
                     partition: int, offset: int) -> None:
-        headers = [
-            ("loadcast.reason", reason.encode()),
-            ("loadcast.error", detail.encode()[:1000]),
-            ("loadcast.source_topic", self.telemetry.encode()),
-            ("loadcast.partition", str(partition).encode()),
-            ("loadcast.offset", str(offset).encode()),
-        ]
-        self.producer.produce(self.dead, value, key, headers=headers)
+        self.dead_letters.send(key, value, reason=reason, detail=detail,
+                               source_topic=self.telemetry, partition=partition, offset=offset)
         DEAD.labels(reason).inc()
 
 
@@ -130,6 +129,10 @@ def read_snapshots(
                         open_parts.discard(msg.partition() or 0)
                     else:
                         log.warning("snapshot read: %s", err)
+                    continue
+                if msg.value() is None:  # tombstone: the model was evicted
+                    key = (msg.key() or b"").decode(errors="replace")
+                    out[msg.partition() or 0].append({"endpoint_id": key, "format": "evicted"})
                     continue
                 try:
                     out[msg.partition() or 0].append(
@@ -182,7 +185,14 @@ class Worker:
             n = 0
             async for event in stream.events():
                 m = event.message
-                engine.handle(m.partition, m.offset, m.key, m.value)
+                ts = m.timestamp  # seconds (Faust); the Kafka timestamp of the record
+                try:
+                    engine.handle(m.partition, m.offset, m.key, m.value,
+                                  timestamp_ms=round(ts * 1000) if ts else None)
+                except Exception as e:  # one record must never stop the agent
+                    log.exception("record p%d@%d failed", m.partition, m.offset)
+                    self.outputs.dead_letter(m.key, m.value or b"", "internal_error",
+                                             f"{type(e).__name__}: {e}", m.partition, m.offset)
                 n += 1
                 if n % 64 == 0:
                     producer.poll(0)
@@ -273,7 +283,7 @@ class Worker:
             model.forecaster = warm_start(model.forecaster, latest)
 
     def _produce_snapshot(self, r: SnapshotRecord) -> None:
-        value = self.codec.encode("ModelSnapshot", r.value)
+        value = None if r.value is None else self.codec.encode("ModelSnapshot", r.value)
         self.outputs.producer.produce(self.outputs.snapshots, value, r.key.encode(),
                                       partition=r.partition)
 

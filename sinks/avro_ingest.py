@@ -16,9 +16,10 @@ How, without decoding in Python:
 - The container goes into a ``Null`` table (:meth:`FastPath.ddl`); a materialized view turns
   its rows into ``telemetry`` rows (``ARRAY JOIN`` for TelemetryBatch windows, with
   ``_idx`` = position in the batch), exactly as :func:`sinks.convert.telemetry_row` does.
-- The same range rules as the codec (``loadcast.min``/``loadcast.max``, finite doubles)
-  and the converter (timestamps in 1900..2299) are checked in the view, generated from the
-  ``.avsc``. A violation makes the view throw, so the whole insert fails and stores
+- The same range rules as the codec (``loadcast.min``/``loadcast.max``, finite doubles),
+  the converter (timestamps in 1900..2299) and :mod:`schemas.validation` (window order,
+  span, clock skew against the ``_ref`` coordinate) are checked in the view.
+  A violation makes the view throw, so the whole insert fails and stores
   nothing; the sink then decodes that batch in Python, which dead-letters the bad records
   one by one with their reason. Garbage that ClickHouse cannot parse takes the same way.
 
@@ -47,6 +48,7 @@ from typing import Any
 import fastavro
 
 from schemas.codec import MAGIC, Codec, plain
+from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, telemetry_sql
 from sinks.convert import _MAX_MS, _MIN_MS
 
 HEADER_BYTES = 5  # Confluent wire format: magic byte + 4-byte schema id
@@ -73,6 +75,8 @@ _COORDINATES: tuple[dict[str, Any], ...] = (
     {"name": "_topic", "type": "string"},
     {"name": "_partition", "type": "int"},
     {"name": "_offset", "type": "long"},
+    # The reference time of schemas.validation (epoch ms) the window rules are judged by.
+    {"name": "_ref", "type": "long"},
 )
 
 
@@ -198,7 +202,7 @@ def batch_windows(value: bytes) -> int:
 class FastPath:
     """The ingest tables for ``codec``'s current telemetry schemas, and their containers."""
 
-    def __init__(self, codec: Codec) -> None:
+    def __init__(self, codec: Codec, limits: Limits = DEFAULT_LIMITS) -> None:
         single = codec.schema("loadcast.EndpointTelemetry")
         self.tables: list[IngestTable] = []
         self._ddl: list[str] = []
@@ -214,12 +218,13 @@ class FastPath:
             if batch:
                 select = _TELEMETRY_SELECT.format(w="w.")
                 # The batch's own fields become no column (as in sinks.convert).
-                check = range_predicate(single, "w.")
+                check = range_predicate(single, "w.") + " AND " + telemetry_sql(
+                    "w.", "_ref", limits)
                 source = "ARRAY JOIN windows AS w, arrayEnumerate(windows) AS i"
                 idx = "toUInt32(i - 1)"
             else:
                 select = _TELEMETRY_SELECT.format(w="")
-                check = range_predicate(single)
+                check = range_predicate(single) + " AND " + telemetry_sql("", "_ref", limits)
                 source = ""
                 idx = "toUInt32(0)"
             view = (
@@ -251,12 +256,18 @@ class FastPath:
         """The ingest table for a raw Kafka value, or None (decode it in Python)."""
         return self._by_prefix.get(value[:HEADER_BYTES])
 
-    def container(self, t: IngestTable, records: Iterable[tuple[str, int, int, bytes]]) -> bytes:
-        """One Avro object container of ``(topic, partition, offset, value)`` records."""
+    def container(self, t: IngestTable, records: Iterable[tuple[str, int, int, bytes]],
+                  refs: Iterable[int] | None = None) -> bytes:
+        """One Avro object container of ``(topic, partition, offset, value)`` records;
+        ``refs`` are their reference times (:func:`schemas.validation.reference_ms`,
+        default: now)."""
         parts: list[bytes | memoryview] = []
+        now = reference_ms()
+        ref_of = iter(refs) if refs is not None else None
         for topic, partition, offset, value in records:
+            ref = next(ref_of) if ref_of is not None else now
             parts.append(_encode(_COORDINATE_SCHEMA, {
-                "_topic": topic, "_partition": partition, "_offset": offset}))
+                "_topic": topic, "_partition": partition, "_offset": offset, "_ref": ref}))
             parts.append(memoryview(value)[HEADER_BYTES:])
         body = b"".join(parts)
         # One block: record count, byte size, the records, the header's sync marker.
