@@ -157,6 +157,14 @@ def agent(
     speedup: Annotated[
         float, typer.Option(help="Replay speed (60 = an hour a minute; 0 = flat out).", min=0)
     ] = 0.0,
+    keep_timestamps: Annotated[
+        bool,
+        typer.Option("--keep-timestamps",
+                     help="Keep the trace's own timestamps. By default the replay is re-timed "
+                          "to END NOW: shifted by whole steps so that its last window closes "
+                          "when the replay finishes at --speedup (flat out: now), so the "
+                          "sink's TTL keeps it and `loadcast query` finds it."),
+    ] = False,
     scale: Annotated[float, typer.Option(help="Multiply each row's requests.", min=0)] = 1.0,
     limit: Annotated[int | None, typer.Option(help="Replay only the first N rows.", min=2)] = None,
     batch: Annotated[
@@ -179,7 +187,7 @@ def agent(
     from schemas.codec import CodecError
     from streams.agent import build_agent
     from streams.metrics import serve_metrics
-    from streams.replay import TraceError, read_trace, window_offset
+    from streams.replay import TraceError, read_trace, retime, window_offset
     from streams.replay import replay as run_replay
     from streams.sdk import make_codec
     from streams.topics import ensure_topics
@@ -194,6 +202,8 @@ def agent(
             trace = read_trace(replay, limit)
         except TraceError as e:
             raise fail(str(e)) from None
+        if not keep_timestamps:
+            trace = retime(trace, speedup)
     try:
         ensure_topics(s.kafka)
     except Exception as e:
@@ -230,11 +240,19 @@ def agent(
         try:
             if trace is not None:
                 names = [f"{api or a.api}-{region}-{i + 1}" for i in range(endpoints)]
-                total = run_replay(
-                    trace, edge.record, edge.tick, names,
-                    api=api or a.api, speedup=speedup, scale=scale, stop=stop,
+                with ReplayProgress(console, trace, edge, speedup) as progress:
+                    total = run_replay(
+                        trace, edge.record, edge.tick, names,
+                        api=api or a.api, speedup=speedup, scale=scale, stop=stop,
+                        on_row=progress.row,
+                    )
+                rows = progress.rows
+                first, last = trace.rows[0][0], trace.rows[max(rows, 1) - 1][0]
+                console.print(
+                    f"replayed {total} requests over {rows} of {len(trace.rows)} rows "
+                    f"({_utc(first)} .. {_utc(last + trace.step_seconds)}"
+                    f"{', original timestamps' if keep_timestamps else ', re-timed to end now'})"
                 )
-                console.print(f"replayed {total} requests over {len(trace.rows)} rows")
             else:
                 console.print(f"agent {agent_id} publishing every {edge.aggregator.interval}s")
                 edge.run(stop)
@@ -251,6 +269,56 @@ def agent(
     )
     if left or stats.failed or stats.overflow:
         raise typer.Exit(1)
+
+
+def _utc(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch_s))
+
+
+class ReplayProgress:
+    """Rows replayed, windows published and the rate, live on a terminal (rich), and the
+    number of rows actually replayed for the summary (a stop can end a replay early)."""
+
+    def __init__(self, console: Console, trace: Any, edge: Any, speedup: float) -> None:
+        self.console, self.trace, self.edge, self.speedup = console, trace, edge, speedup
+        self.rows = 0
+        self.requests = 0
+        self._started = time.monotonic()
+        self._progress: Any = None
+        self._task: Any = None
+        self._shown = 0.0
+
+    def __enter__(self) -> ReplayProgress:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
+                TextColumn("{task.fields[windows]} windows published"),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                console=self.console, transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "replay", total=len(self.trace.rows), windows=0, rate="")
+        return self
+
+    def row(self, i: int, ts: float, n: int) -> None:
+        self.rows = i + 1
+        self.requests += n
+        now = time.monotonic()
+        if self._progress is None or (now - self._shown < 0.2 and self.rows < len(self.trace.rows)):
+            return
+        self._shown = now
+        elapsed = max(now - self._started, 1e-9)
+        self._progress.update(
+            self._task, completed=self.rows, windows=self.edge.windows_published,
+            rate=f"{self.rows / elapsed:,.0f} rows/s, {self.requests / elapsed:,.0f} req/s",
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 # --------------------------------------------------------------------------- worker
