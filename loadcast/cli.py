@@ -17,8 +17,17 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from loadcast.settings import Settings, SettingsError, load_settings
+from streams.cli_options import (
+    LEVEL_HELP,
+    BootstrapOpt,
+    LogLevelOpt,
+    faust_level,
+    parse_log_level,
+    set_log_level,
+)
 from streams.signals import stop_on_signals
 
 app = typer.Typer(
@@ -37,14 +46,10 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML settings file (default: $LOADCAST_CONFIG)."),
 ]
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers (overrides settings)."),
-]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")  # plain text: [[...]] stays
     return typer.Exit(code)
 
 
@@ -62,12 +67,15 @@ def settings(bootstrap: str | None = None) -> Settings:
 @app.callback()
 def root(
     config: ConfigOpt = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+    log_level: Annotated[
+        str, typer.Option(help=f"{LEVEL_HELP} Commands also take it after their name.")
+    ] = "warning",
 ) -> None:
     """Global options."""
-    level = getattr(logging, log_level.upper(), None)
-    if not isinstance(level, int):
-        raise fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
+    try:
+        level = parse_log_level(log_level)
+    except typer.BadParameter as e:
+        raise fail(str(e)) from None
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _state["config"] = config
 
@@ -125,11 +133,11 @@ def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
 
 
 @topics_app.command("list")
-def topics_list() -> None:
-    """Print the topic catalog: name, value schema, key."""
+def topics_list(bootstrap: BootstrapOpt = None) -> None:
+    """Print the topic catalog: name, value schema, key (names carry kafka.topic_prefix)."""
     from streams.topics import CATALOG, topic_name
 
-    s = settings()
+    s = settings(bootstrap)
     for spec in CATALOG:
         extra = ",".join(f"{k}={v}" for k, v in spec.config.items())
         print(f"{topic_name(s.kafka, spec.name)}\t{spec.value_schema}\t{spec.key}\t{extra}")
@@ -330,7 +338,7 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve /metrics on this port.", min=0, max=65535)
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Faust log level: warn, info, debug.")] = "warn",
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run a forecasting processor worker (Faust): telemetry in, load scores out.
 
@@ -346,7 +354,7 @@ def worker(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_worker(s.kafka, s.processor, loglevel=log_level)
+    run_worker(s.kafka, s.processor, loglevel=faust_level(set_log_level(log_level)))
 
 
 # --------------------------------------------------------------------------- sidecar
