@@ -101,3 +101,21 @@ def test_bootstrap_is_accepted_by_every_command_that_talks_to_kafka() -> None:
                         "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("loadcast.telemetry\t")
+
+
+def test_compose_stack_uses_the_registry_it_starts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every loadcast service reads kafka.schema_registry_url = the compose registry, and
+    nothing starts before the registry is healthy (all wait for `topics`, which waits)."""
+    from tests.test_deploy import compose, compose_settings, loadcast_services
+
+    services = compose()["services"]
+    registry = services["schema-registry"]
+    port = registry["environment"]["SCHEMA_REGISTRY_LISTENERS"].rsplit(":", 1)[1]
+    for name in loadcast_services():
+        s = compose_settings(name, monkeypatch)
+        assert s.kafka.schema_registry_url == f"http://schema-registry:{port}", name
+    topics = services["topics"]["depends_on"]
+    assert topics["schema-registry"]["condition"] == "service_healthy"
+    text = " ".join((Path(__file__).resolve().parents[1] / "docker-compose.kafka.yml")
+                    .read_text().replace("#", " ").split())
+    assert "keep the embedded schema ids" not in text and "Every loadcast process uses it" in text
