@@ -24,9 +24,8 @@ from streams.cli_options import (
     LEVEL_HELP,
     BootstrapOpt,
     LogLevelOpt,
-    faust_level,
+    faust_loglevel,
     parse_log_level,
-    set_log_level,
 )
 from streams.signals import stop_on_signals
 
@@ -354,7 +353,7 @@ def worker(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_worker(s.kafka, s.processor, loglevel=faust_level(set_log_level(log_level)))
+    run_worker(s.kafka, s.processor, loglevel=faust_loglevel(log_level))
 
 
 # --------------------------------------------------------------------------- sidecar

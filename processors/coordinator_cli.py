@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from streams.cli_options import BootstrapOpt, LogLevelOpt, faust_level, set_log_level
+from streams.cli_options import BootstrapOpt, LogLevelOpt, faust_loglevel
 
 model_app = typer.Typer(help="The global model repository (the global-model topic).",
                         no_args_is_help=True)
@@ -48,7 +48,7 @@ def coordinator(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_coordinator(s.kafka, fed, loglevel=faust_level(set_log_level(log_level)))
+    run_coordinator(s.kafka, fed, loglevel=faust_loglevel(log_level))
 
 
 def _when(ms: int) -> str:

@@ -4,8 +4,9 @@
   ``kafka.bootstrap_servers``).
 - ``--log-level`` before the command (``loadcast --log-level info worker``) or after it
   (``loadcast worker --log-level info``), one set of values for both: ``debug``, ``info``,
-  ``warning`` (or ``warn``), ``error``, any case. It sets Python logging and, for the Faust
-  apps (worker, coordinator, planner), Faust's log level.
+  ``warning`` (or ``warn``), ``error``, any case. It sets Python logging; given after the
+  command of a Faust app (worker, coordinator, planner) it also sets Faust's own level,
+  which otherwise stays ``warn`` (Faust is chatty).
 
 >>> parse_log_level("warn"), parse_log_level("INFO")
 (30, 20)
@@ -69,3 +70,13 @@ def faust_level(level: int) -> str:
     if level <= logging.WARNING:
         return "warn"
     return "error"
+
+
+def faust_loglevel(text: str | None) -> str:
+    """Faust's level for a command's ``--log-level`` (also applied to Python logging);
+    ``warn`` when the command was given none.
+
+    >>> faust_loglevel(None)
+    'warn'
+    """
+    return "warn" if text is None else faust_level(set_log_level(text))

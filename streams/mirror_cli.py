@@ -21,7 +21,7 @@ from typing import Annotated
 
 import typer
 
-from streams.cli_options import BootstrapOpt, LogLevelOpt, faust_level, set_log_level
+from streams.cli_options import BootstrapOpt, LogLevelOpt, faust_loglevel
 
 bundle_app = typer.Typer(help="API bundles in the content-addressed store.",
                          no_args_is_help=True)
@@ -124,7 +124,7 @@ def planner(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_planner(s.kafka, s.mirror, loglevel=faust_level(set_log_level(log_level)))
+    run_planner(s.kafka, s.mirror, loglevel=faust_loglevel(log_level))
 
 
 def executor(

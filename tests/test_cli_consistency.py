@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from loadcast.cli import app
-from streams.cli_options import faust_level, set_log_level
+from streams.cli_options import faust_loglevel
 from streams.sidecar.config import load_upstreams
 from tests.test_deploy import parse_cli
 
@@ -78,13 +78,13 @@ def test_log_level_is_one_option_before_or_after_the_command() -> None:
             parse_cli([role, "--log-level", "loud"])
     r = CliRunner().invoke(app, ["--log-level", "loud", "topics", "list"])
     assert r.exit_code == 2 and "debug, info, warning (warn) or error" in r.output
-    # After the command it sets Python logging too, and Faust follows it.
+    # After the command it sets Python logging too, and Faust's level.
     root = logging.getLogger()
     before = root.level
     try:
         root.setLevel(logging.WARNING)
-        assert faust_level(set_log_level(None)) == "warn"
-        assert faust_level(set_log_level("Info")) == "info" and root.level == logging.INFO
+        assert faust_loglevel(None) == "warn" and root.level == logging.WARNING
+        assert faust_loglevel("Info") == "info" and root.level == logging.INFO
     finally:
         root.setLevel(before)
 
