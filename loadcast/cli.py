@@ -17,8 +17,16 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from loadcast.settings import Settings, SettingsError, load_settings
+from streams.cli_options import (
+    LEVEL_HELP,
+    BootstrapOpt,
+    LogLevelOpt,
+    faust_loglevel,
+    parse_log_level,
+)
 from streams.signals import stop_on_signals
 
 app = typer.Typer(
@@ -37,14 +45,10 @@ ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", "-c", help="TOML settings file (default: $LOADCAST_CONFIG)."),
 ]
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers (overrides settings)."),
-]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {escape(message)}")  # plain text: [[...]] stays
     return typer.Exit(code)
 
 
@@ -62,12 +66,15 @@ def settings(bootstrap: str | None = None) -> Settings:
 @app.callback()
 def root(
     config: ConfigOpt = None,
-    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR.")] = "WARNING",
+    log_level: Annotated[
+        str, typer.Option(help=f"{LEVEL_HELP} Commands also take it after their name.")
+    ] = "warning",
 ) -> None:
     """Global options."""
-    level = getattr(logging, log_level.upper(), None)
-    if not isinstance(level, int):
-        raise fail(f"--log-level must be DEBUG, INFO, WARNING or ERROR, not {log_level!r}")
+    try:
+        level = parse_log_level(log_level)
+    except typer.BadParameter as e:
+        raise fail(str(e)) from None
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _state["config"] = config
 
@@ -125,11 +132,11 @@ def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
 
 
 @topics_app.command("list")
-def topics_list() -> None:
-    """Print the topic catalog: name, value schema, key."""
+def topics_list(bootstrap: BootstrapOpt = None) -> None:
+    """Print the topic catalog: name, value schema, key (names carry kafka.topic_prefix)."""
     from streams.topics import CATALOG, topic_name
 
-    s = settings()
+    s = settings(bootstrap)
     for spec in CATALOG:
         extra = ",".join(f"{k}={v}" for k, v in spec.config.items())
         print(f"{topic_name(s.kafka, spec.name)}\t{spec.value_schema}\t{spec.key}\t{extra}")
@@ -157,6 +164,14 @@ def agent(
     speedup: Annotated[
         float, typer.Option(help="Replay speed (60 = an hour a minute; 0 = flat out).", min=0)
     ] = 0.0,
+    keep_timestamps: Annotated[
+        bool,
+        typer.Option("--keep-timestamps",
+                     help="Keep the trace's own timestamps. By default the replay is re-timed "
+                          "to END NOW: shifted by whole steps so that its last window closes "
+                          "when the replay finishes at --speedup (flat out: now), so the "
+                          "sink's TTL keeps it and `loadcast query` finds it."),
+    ] = False,
     scale: Annotated[float, typer.Option(help="Multiply each row's requests.", min=0)] = 1.0,
     limit: Annotated[int | None, typer.Option(help="Replay only the first N rows.", min=2)] = None,
     batch: Annotated[
@@ -179,7 +194,7 @@ def agent(
     from schemas.codec import CodecError
     from streams.agent import build_agent
     from streams.metrics import serve_metrics
-    from streams.replay import TraceError, read_trace, window_offset
+    from streams.replay import TraceError, read_trace, retime, window_offset
     from streams.replay import replay as run_replay
     from streams.sdk import make_codec
     from streams.topics import ensure_topics
@@ -194,6 +209,8 @@ def agent(
             trace = read_trace(replay, limit)
         except TraceError as e:
             raise fail(str(e)) from None
+        if not keep_timestamps:
+            trace = retime(trace, speedup)
     try:
         ensure_topics(s.kafka)
     except Exception as e:
@@ -230,11 +247,19 @@ def agent(
         try:
             if trace is not None:
                 names = [f"{api or a.api}-{region}-{i + 1}" for i in range(endpoints)]
-                total = run_replay(
-                    trace, edge.record, edge.tick, names,
-                    api=api or a.api, speedup=speedup, scale=scale, stop=stop,
+                with ReplayProgress(console, trace, edge, speedup) as progress:
+                    total = run_replay(
+                        trace, edge.record, edge.tick, names,
+                        api=api or a.api, speedup=speedup, scale=scale, stop=stop,
+                        on_row=progress.row,
+                    )
+                rows = progress.rows
+                first, last = trace.rows[0][0], trace.rows[max(rows, 1) - 1][0]
+                console.print(
+                    f"replayed {total} requests over {rows} of {len(trace.rows)} rows "
+                    f"({_utc(first)} .. {_utc(last + trace.step_seconds)}"
+                    f"{', original timestamps' if keep_timestamps else ', re-timed to end now'})"
                 )
-                console.print(f"replayed {total} requests over {len(trace.rows)} rows")
             else:
                 console.print(f"agent {agent_id} publishing every {edge.aggregator.interval}s")
                 edge.run(stop)
@@ -253,6 +278,56 @@ def agent(
         raise typer.Exit(1)
 
 
+def _utc(epoch_s: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(epoch_s))
+
+
+class ReplayProgress:
+    """Rows replayed, windows published and the rate, live on a terminal (rich), and the
+    number of rows actually replayed for the summary (a stop can end a replay early)."""
+
+    def __init__(self, console: Console, trace: Any, edge: Any, speedup: float) -> None:
+        self.console, self.trace, self.edge, self.speedup = console, trace, edge, speedup
+        self.rows = 0
+        self.requests = 0
+        self._started = time.monotonic()
+        self._progress: Any = None
+        self._task: Any = None
+        self._shown = 0.0
+
+    def __enter__(self) -> ReplayProgress:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("replay"), BarColumn(), TextColumn("{task.completed}/{task.total} rows"),
+                TextColumn("{task.fields[windows]} windows published"),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                console=self.console, transient=True,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                "replay", total=len(self.trace.rows), windows=0, rate="")
+        return self
+
+    def row(self, i: int, ts: float, n: int) -> None:
+        self.rows = i + 1
+        self.requests += n
+        now = time.monotonic()
+        if self._progress is None or (now - self._shown < 0.2 and self.rows < len(self.trace.rows)):
+            return
+        self._shown = now
+        elapsed = max(now - self._started, 1e-9)
+        self._progress.update(
+            self._task, completed=self.rows, windows=self.edge.windows_published,
+            rate=f"{self.rows / elapsed:,.0f} rows/s, {self.requests / elapsed:,.0f} req/s",
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+
 # --------------------------------------------------------------------------- worker
 
 
@@ -262,7 +337,7 @@ def worker(
     metrics_port: Annotated[
         int | None, typer.Option(help="Serve /metrics on this port.", min=0, max=65535)
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Faust log level: warn, info, debug.")] = "warn",
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run a forecasting processor worker (Faust): telemetry in, load scores out.
 
@@ -278,7 +353,7 @@ def worker(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_worker(s.kafka, s.processor, loglevel=log_level)
+    run_worker(s.kafka, s.processor, loglevel=faust_loglevel(log_level))
 
 
 # --------------------------------------------------------------------------- sidecar

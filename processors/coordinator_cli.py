@@ -8,13 +8,11 @@ from typing import Annotated
 
 import typer
 
+from streams.cli_options import BootstrapOpt, LogLevelOpt, faust_loglevel
+
 model_app = typer.Typer(help="The global model repository (the global-model topic).",
                         no_args_is_help=True)
 
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers (overrides settings)."),
-]
 
 
 def coordinator(
@@ -28,7 +26,7 @@ def coordinator(
     round_timeout: Annotated[
         float | None, typer.Option(help="Seconds after a round's first update.", min=0.001)
     ] = None,
-    log_level: Annotated[str, typer.Option(help="Faust log level.")] = "warn",
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run the federated coordinator: rounds of model updates -> global model versions."""
     from pydantic import ValidationError
@@ -50,7 +48,7 @@ def coordinator(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_coordinator(s.kafka, fed, loglevel=log_level)
+    run_coordinator(s.kafka, fed, loglevel=faust_loglevel(log_level))
 
 
 def _when(ms: int) -> str:

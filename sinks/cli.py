@@ -8,6 +8,7 @@ chDB) happen inside the commands, keeping ``loadcast --help`` fast.
 from __future__ import annotations
 
 import csv
+import inspect
 import io
 import json
 import sys
@@ -45,8 +46,9 @@ class Via(StrEnum):
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
     from rich.console import Console
+    from rich.markup import escape
 
-    Console(stderr=True).print(f"[red]error:[/red] {message}")
+    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}")
     return typer.Exit(code)
 
 
@@ -262,6 +264,13 @@ def make_query_app(get_settings: SettingsFn) -> typer.Typer:
             run({"query": name, "params": params}, fmt, via, name)
 
         command.__doc__ = help_text
+        # Each query's --help lists its own options only: drop the others' from the
+        # signature typer reads (they keep their None defaults when called).
+        sig = inspect.signature(command, eval_str=True)
+        own = {"lookback": "lookback_s", "limit": "limit"}
+        command.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+            p for p in sig.parameters.values() if p.name not in own or own[p.name] in extra
+        ])
         query_app.command(name, help=help_text)(command)
 
     for q in CANNED.values():

@@ -530,8 +530,11 @@ def empty_reason(client: Client, name: str, bound: dict[str, Any]) -> str:
     if not count:
         if name == "dead-letter":
             return "no rows: nothing was ever dead-lettered (or the sink has not stored anything)"
+        source = {"telemetry": "`loadcast agent` (or a sidecar)",
+                  "load_scores": "`loadcast worker`", "anomalies": "`loadcast worker`",
+                  "mirror_status": "`loadcast executor`"}.get(table, "anything")
         return (f"no rows: the {table} table is empty. Is `loadcast sink` running, and is "
-                f"anything publishing? Rows older than the sink's TTL (sink.ttl_days) are "
+                f"{source} publishing? Rows older than the sink's TTL (sink.ttl_days) are "
                 f"dropped at insert: the sink warns and counts them "
                 f"(loadcast_sink_expired_rows_total); `loadcast agent --replay` re-times "
                 f"traces to now unless --keep-timestamps.")

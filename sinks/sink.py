@@ -656,7 +656,8 @@ class Sink:
     def run(self, stop: threading.Event, *, lag_every: float = 2.0,
             until_idle: float | None = None) -> SinkStats:
         """Consume until ``stop`` is set (or, with ``until_idle``, until nothing was
-        consumed and nothing was pending for that many seconds); then flush and close."""
+        consumed and nothing was pending for that many seconds after partitions were
+        assigned); then flush and close."""
         self.consumer.subscribe(
             list(self.topics), on_assign=self._on_assign, on_revoke=self._on_revoke
         )
@@ -690,7 +691,8 @@ class Sink:
                     or time.monotonic() - b.started >= s.batch_max_seconds
                 ):
                     self.flush()
-                if msgs or self._batch.messages:
+                if msgs or self._batch.messages or not self._assigned:
+                    # Idle counts from the assignment on: joining the group takes seconds.
                     idle_since = time.monotonic()
                 elif until_idle is not None and time.monotonic() - idle_since >= until_idle:
                     break

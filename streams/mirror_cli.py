@@ -21,14 +21,12 @@ from typing import Annotated
 
 import typer
 
+from streams.cli_options import BootstrapOpt, LogLevelOpt, faust_loglevel
+
 bundle_app = typer.Typer(help="API bundles in the content-addressed store.",
                          no_args_is_help=True)
 mirror_app = typer.Typer(help="Predictive mirroring helpers.", no_args_is_help=True)
 
-BootstrapOpt = Annotated[
-    str | None,
-    typer.Option("--bootstrap", "-b", help="Kafka bootstrap servers (overrides settings)."),
-]
 StoreOpt = Annotated[
     Path | None, typer.Option("--store", help="Store directory (default: mirror.store_dir).")
 ]
@@ -108,7 +106,7 @@ def keygen() -> None:
 
 def planner(
     bootstrap: BootstrapOpt = None,
-    log_level: Annotated[str, typer.Option(help="Faust log level.")] = "warn",
+    log_level: LogLevelOpt = None,
 ) -> None:
     """Run the mirror planner: regional forecasts in, signed mirror commands out."""
     from loadcast.cli import console, fail, settings
@@ -126,7 +124,7 @@ def planner(
         ensure_topics(s.kafka)
     except Exception as e:
         raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
-    run_planner(s.kafka, s.mirror, loglevel=log_level)
+    run_planner(s.kafka, s.mirror, loglevel=faust_loglevel(log_level))
 
 
 def executor(

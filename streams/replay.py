@@ -115,6 +115,31 @@ def read_trace(path: str | Path, limit: int | None = None) -> Trace:
     return Trace(rows, steps[len(steps) // 2])
 
 
+def retime(trace: Trace, speedup: float, now: float | None = None) -> Trace:
+    """``trace`` shifted in time so that a replay started ``now`` at ``speedup`` ends now:
+    its last step closes when the replay finishes (at speedup 0, flat out, at ``now``).
+
+    Stamps never lie ahead of the wall clock during the replay; below speedup 1 the
+    trace is shifted to *start* now instead (ending now would stamp windows in the
+    future). The shift is a whole number of steps, so windows keep the trace's alignment.
+
+    >>> t = Trace([(0.0, 5.0), (300.0, 7.0)], 300.0)
+    >>> retime(t, 600, now=100_000.0).rows   # 600 s of trace take 1 s: ends by 100_001
+    [(99300.0, 5.0), (99600.0, 7.0)]
+    >>> retime(t, 0.5, now=100_000.0).rows[0][0]   # slower than real time: starts now
+    99900.0
+    """
+    now = time.time() if now is None else now
+    t0, end = trace.rows[0][0], trace.rows[-1][0] + trace.step_seconds
+    if speedup >= 1 or speedup == 0:
+        target_end = now + ((end - t0) / speedup if speedup else 0.0)
+        shift = target_end - end
+    else:
+        shift = now - t0
+    shift = math.floor(shift / trace.step_seconds) * trace.step_seconds
+    return Trace([(ts + shift, v) for ts, v in trace.rows], trace.step_seconds)
+
+
 def window_offset(trace: Trace, interval_seconds: float) -> float:
     """Window alignment that makes windows start where the trace's rows start."""
     return trace.rows[0][0] % interval_seconds

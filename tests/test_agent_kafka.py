@@ -38,7 +38,7 @@ def test_cli_replay_publishes_what_was_replayed(
     limit = None if mode == "--single" else 800
     cmd = [sys.executable, "-m", "loadcast", "agent", "--bootstrap", kafka.bootstrap_servers,
            "--region", "eu-west", "--replay", str(ELB), "--interval", "300", "--endpoints", "3",
-           "--api", "orders", mode]
+           "--api", "orders", mode, "--keep-timestamps"]
     if limit:
         cmd += ["--limit", str(limit)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

@@ -215,7 +215,7 @@ def metrics_port(s: Settings, role: str) -> int:
 
 def test_cli_parser_rejects_what_loadcast_rejects() -> None:
     assert parse_cli(["--log-level", "INFO", "worker", "--metrics-port", "9100"]) == (
-        ["worker"], {"bootstrap": None, "metrics_port": 9100, "log_level": "warn"})
+        ["worker"], {"bootstrap": None, "metrics_port": 9100, "log_level": None})
     assert parse_cli(["topics", "ensure"])[0] == ["topics", "ensure"]
     for bad in (["worker", "--no-such-option"], ["frobnicate"], ["agent", "--speedup", "-1"],
                 ["sidecar", "--port", "70000"]):

@@ -153,12 +153,34 @@ class SidecarSettings(BaseModel):
         return list(dict.fromkeys(u.api for u in self.resolved_upstreams()))
 
 
+UPSTREAMS_EXAMPLE = """[[sidecar.upstreams]]
+id = "orders-1"
+url = "http://10.0.0.1:8080"
+region = "eu-west"
+api = "orders"
+capacity_rps = 200   # optional"""
+
+
 def parse_upstreams(data: Any, where: str = "upstreams") -> list[Upstream]:
-    """Validate a list of upstream dicts; :class:`UpstreamConfigError` names the field."""
+    """Validate a list of upstream dicts; :class:`UpstreamConfigError` names the field.
+
+    Takes the list itself, ``{"upstreams": [...]}`` (TOML ``[[upstreams]]``) or
+    ``{"sidecar": {"upstreams": [...]}}`` (TOML ``[[sidecar.upstreams]]``, as in the
+    settings file), so a settings file's sidecar section works as an upstreams file too.
+
+    >>> parse_upstreams({"sidecar": {"upstreams": [{"id": "a", "url": "http://127.0.0.1:1"}]}}
+    ...                 )[0].id
+    'a'
+    """
+    if isinstance(data, dict) and isinstance(data.get("sidecar"), dict):
+        data = data["sidecar"]
     if isinstance(data, dict) and "upstreams" in data:
         data = data["upstreams"]
     if not isinstance(data, list):
-        raise UpstreamConfigError(f"{where}: must be a list of upstream tables")
+        raise UpstreamConfigError(
+            f"{where}: must be a list of upstream tables, e.g. in TOML\n"
+            f"{UPSTREAMS_EXAMPLE}\n(or [[upstreams]] tables, or a JSON list of objects)"
+        )
     out: list[Upstream] = []
     problems: list[str] = []
     for i, item in enumerate(data):
@@ -174,7 +196,8 @@ def parse_upstreams(data: Any, where: str = "upstreams") -> list[Upstream]:
 
 
 def load_upstreams(path: Path | str) -> list[Upstream]:
-    """Upstreams from a TOML (``[[upstreams]]``) or JSON (a list) file."""
+    """Upstreams from a TOML (``[[sidecar.upstreams]]`` or ``[[upstreams]]``) or JSON (a list,
+    or the same tables as objects) file."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
