@@ -10,6 +10,13 @@ fixed connections for a fixed time, so bounded in count and time; else a Python 
   arrive every 500 ms and the sidecar pushes weights;
 - ``proxy``: the built-in proxy (``loadcast sidecar --data-plane proxy``, uvloop).
 
+Saturated backends (issue 14): three single-threaded ``python -m http.server`` upstreams
+(accept queue 5) that saturate far below the load of ``wrk`` with 50 connections; 2xx/s and
+non-2xx side by side for plain HAProxy (a hand-written stock config), the sidecar-driven
+HAProxy and the built-in proxy, while the sidecars receive a new user's scores (no
+capacity configured or learned). Target: sidecar-driven >= 0.95x plain in 2xx/s with no
+more non-2xx.
+
 Then score published -> weight live for both data planes: publish scores that send all
 traffic to one endpoint, and time until the first request through the data plane is
 answered by that endpoint (a tight sequential request loop; resolution ~1 request).
@@ -33,9 +40,12 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -82,26 +92,34 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         ))
     rps = 0.0
+    ok_rps = 0.0
     p50: list[float] = []
     p99: list[float] = []
     errors = 0
+    non2xx = 0
+    socket_errors = 0
     for p in procs:
         out, _ = p.communicate(timeout=seconds + 30)
         m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-        if m is None:
+        mt = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+        if m is None or mt is None:
             raise RuntimeError(f"wrk output not understood: {out[-500:]}")
         rps += float(m.group(1))
+        me = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+        bad = int(me.group(1)) if me else 0
+        non2xx += bad
+        ok_rps += (int(mt.group(1)) - bad) / (_ms(mt.group(2), mt.group(3)) / 1000)
         for q, into in (("50", p50), ("99", p99)):
             mq = re.search(rf"^\s+{q}%\s+([\d.]+)(us|ms|s|m)\s*$", out, re.M)
             if mq:
                 into.append(_ms(mq.group(1), mq.group(2)))
-        me = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-        errors += int(me.group(1)) if me else 0
+        errors += bad
         ms = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                        out)
-        errors += sum(int(x) for x in ms.groups()) if ms else 0
-    return {"rps": rps, "p50_ms": max(p50, default=float("nan")),
-            "p99_ms": max(p99, default=float("nan")), "errors": errors}
+        socket_errors += sum(int(x) for x in ms.groups()) if ms else 0
+    return {"rps": rps, "ok_rps": ok_rps, "p50_ms": max(p50, default=float("nan")),
+            "p99_ms": max(p99, default=float("nan")), "errors": errors + socket_errors,
+            "non2xx": non2xx, "socket_errors": socket_errors}
 
 
 async def _py_load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
@@ -122,8 +140,9 @@ async def _py_load(urls: list[str], seconds: float, connections: int) -> dict[st
 
         await asyncio.gather(*(worker(urls[i % len(urls)]) for i in range(connections)))
     lat.sort()
-    return {"rps": len(lat) / seconds, "p50_ms": lat[len(lat) // 2],
-            "p99_ms": lat[int(len(lat) * 0.99)], "errors": errors}
+    return {"rps": len(lat) / seconds, "ok_rps": (len(lat) - errors) / seconds,
+            "p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99)],
+            "errors": errors, "non2xx": errors, "socket_errors": 0}
 
 
 def load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
@@ -201,6 +220,21 @@ class ScorePublisher:
             self.producer.produce(self.topic, self.codec.encode("LoadScore", rec), e.encode())
         self.producer.flush(5)
 
+    def publish_records(self, records: list[dict[str, Any]]) -> None:
+        for rec in records:
+            self.producer.produce(self.topic, self.codec.encode("LoadScore", rec),
+                                  str(rec["endpoint_id"]).encode())
+        self.producer.flush(5)
+
+
+def default_scores(n: int) -> list[dict[str, Any]]:
+    """What the scoring processor publishes for a new user's endpoints: no configured or
+    learned capacity (``DEFAULT`` 100 rps) and a measured load far above it."""
+    return [{**score_record(e, 0.05 + 0.01 * ((n + i) % 3), api=API, valid_for_s=30,
+                            predicted_utilization=6.0, capacity_rps=100.0),
+             "capacity_source": "DEFAULT", "current_rps": 600.0}
+            for i, e in enumerate(IDS)]
+
 
 async def _score_to_live(pub: ScorePublisher, port: int, samples: int) -> list[float]:
     """ms from publishing 'all traffic to X' to the first response from X."""
@@ -264,6 +298,68 @@ def plain_haproxy(ups: list[Upstream], seconds: float, connections: int) -> dict
         h.stop()
 
 
+def plain_config(ups: list[Upstream], bind: str, socket_path: Path) -> str:
+    """The HAProxy config a user writes by hand: round robin, stock timeouts, no checks."""
+    lines = ["global", f"    stats socket {socket_path} mode 600 level admin",
+             "    maxconn 4096", "", "defaults", "    mode http", "    timeout connect 5s",
+             "    timeout client 30s", "    timeout server 30s", "", "frontend fe",
+             f"    bind {bind}", f"    default_backend be_{API}", "", f"backend be_{API}",
+             "    balance roundrobin"]
+    lines += [f"    server {u.id} {u.host}:{u.port}" for u in ups]
+    return "\n".join(lines) + "\n"
+
+
+def user_haproxy(ups: list[Upstream], seconds: float, connections: int) -> dict[str, float]:
+    """HAProxy alone with :func:`plain_config`."""
+    port = free_port()
+    h = HAProxyProcess("")
+    sock = h.dir / "admin.sock"
+    h.config_path.write_text(plain_config(ups, f"127.0.0.1:{port}", sock))
+    h.start(sock)
+    try:
+        return load([f"http://127.0.0.1:{port}/x"], seconds, connections)
+    finally:
+        h.stop()
+
+
+@contextmanager
+def stdlib_backends(n: int) -> Iterator[list[str]]:
+    """``n`` single-threaded upstreams as a new user starts them (``python -m http.server``:
+    one connection at a time, HTTP/1.0, accept queue of 5): they saturate far below 50
+    connections' load and their accept queues overflow. Yields their base URLs."""
+    www = Path(tempfile.mkdtemp(prefix="loadcast-bench-www-"))
+    (www / "x").write_text("x\n")
+    ports = [free_port() for _ in range(n)]
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(p),
+         "--directory", str(www)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+        start_new_session=True) for p in ports]
+    try:
+        deadline = time.monotonic() + 20
+        for p in ports:
+            while True:
+                try:
+                    with socket.create_connection(("127.0.0.1", p), timeout=1):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("http.server backends did not start") from None
+                    time.sleep(0.05)
+        yield [f"http://127.0.0.1:{p}" for p in ports]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        shutil.rmtree(www, ignore_errors=True)
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -272,14 +368,62 @@ def pct(xs: list[float], q: float) -> float:
 # --------------------------------------------------------------------------- run
 
 
-def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int) -> dict[str, Any]:
+SAT_PLANES = ("haproxy", "haproxy+sidecar", "proxy")
+
+
+def saturated(kafka: KafkaSettings, ups: list[Upstream], pub: ScorePublisher,
+               slices: int, seconds: float, connections: int) -> dict[str, list[dict[str, float]]]:
+    """The saturation case: plain HAProxy (:func:`plain_config`), a sidecar driving
+    HAProxy and a sidecar with the built-in proxy run at the same time in front of the
+    three single-threaded backends (``ups``, from :func:`stdlib_backends`), while both
+    sidecars receive a new user's scores (DEFAULT capacity) every 500 ms. ``wrk`` with
+    ``connections`` connections then loads each data plane in turn for ``seconds``,
+    ``slices`` times (order rotated each time): the three runs of a slice are seconds
+    apart, so the shared machine's drift hardly enters their ratio, and every data plane
+    runs with the same processes in the background."""
+    out: dict[str, list[dict[str, float]]] = {k: [] for k in SAT_PLANES}
+    ports = {k: free_port() for k in SAT_PLANES}
+    stop = threading.Event()
+
+    def keep_scoring() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            pub.publish_records(default_scores(n))
+            stop.wait(0.5)
+
+    h = HAProxyProcess("")
+    sock = h.dir / "admin.sock"
+    h.config_path.write_text(plain_config(ups, f"127.0.0.1:{ports['haproxy']}", sock))
+    scorer = threading.Thread(target=keep_scoring, name="bench-scores", daemon=True)
+    with contextlib.ExitStack() as stack:
+        h.start(sock)
+        stack.callback(h.stop)
+        stack.enter_context(sidecar_process(kafka, ups, "haproxy", ports["haproxy+sidecar"]))
+        stack.enter_context(sidecar_process(kafka, ups, "proxy", ports["proxy"]))
+        scorer.start()
+        stack.callback(scorer.join, 10)
+        stack.callback(stop.set)
+        time.sleep(1.0)  # the scores are in before the load starts
+        for i in range(slices):
+            order = list(SAT_PLANES[i % 3:] + SAT_PLANES[:i % 3])
+            for key in order:
+                out[key].append(load([f"http://127.0.0.1:{ports[key]}/x"], seconds,
+                                     connections))
+    return out
+
+
+def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int,
+        sat_seconds: float = 3.0, sat_connections: int = 50) -> dict[str, Any]:
     if haproxy_binary() is None:
         raise SystemExit("haproxy is not installed: make system-deps")
     results: dict[str, list[dict[str, float]]] = {
         "direct": [], "haproxy": [], "haproxy+sidecar": [], "proxy": []}
+    sat: dict[str, list[dict[str, float]]] = {k: [] for k in SAT_PLANES}
+    sat_slices = max(3, rounds * 2)
     live: dict[str, list[float]] = {"haproxy+sidecar": [], "proxy": []}
     backends = [BackendProcess({e: 0}) for e in IDS]
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker() as broker, stdlib_backends(len(IDS)) as slow_urls:
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap,
                               topic_prefix=f"bench{uuid.uuid4().hex[:6]}.", partitions=3)
         ensure_topics(kafka)
@@ -289,6 +433,8 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
             ups = [Upstream(id=e, url=b.urls[e], api=API) for e, b in zip(IDS, backends,
                                                                          strict=True)]
             direct_urls = [f"{u.url}/x" for u in ups]
+            slow_ups = [Upstream(id=e, url=u, api=API) for e, u in zip(IDS, slow_urls,
+                                                                      strict=True)]
             pub = ScorePublisher(kafka)
             for r in range(rounds):
                 console.print(f"round {r + 1}/{rounds}")
@@ -308,6 +454,8 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
                             results[key].append(asyncio.run(_under_scores(
                                 pub, f"http://127.0.0.1:{port}/x", seconds, connections)))
                             live[key] += score_to_live(kafka, port, samples)
+            console.print(f"saturated backends: {sat_slices} slices")
+            sat = saturated(kafka, slow_ups, pub, sat_slices, sat_seconds, sat_connections)
         finally:
             for b in backends:
                 b.stop()
@@ -326,12 +474,32 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
         "haproxy_vs_direct_rps": per_round("haproxy", "direct"),
     }
     ratios = {k: statistics.median(v) for k, v in raw_ratios.items()}
-    return {"quick": quick, "rounds": rounds, "seconds": seconds, "connections": connections,
+    sat_med = {k: {"ok_rps": statistics.median(x["ok_rps"] for x in v),
+                   "non2xx": statistics.median(x["non2xx"] for x in v),
+                   "socket_errors": statistics.median(x["socket_errors"] for x in v),
+                   "non2xx_total": sum(x["non2xx"] for x in v),
+                   "p99_ms": statistics.median(x["p99_ms"] for x in v)}
+               for k, v in sat.items()}
+    sat_ratio = {k: [x["ok_rps"] / y["ok_rps"] for x, y in zip(sat[k], sat["haproxy"],
+                                                              strict=True)]
+                 for k in ("haproxy+sidecar", "proxy")}
+    saturation: dict[str, Any] = {
+        "connections": sat_connections, "seconds": sat_seconds, "slices": sat_slices,
+        "planes": sat_med,
+        "slices_raw": sat, "ok_rps_vs_haproxy_per_slice": sat_ratio,
+        "ok_rps_vs_haproxy": {k: statistics.median(v) for k, v in sat_ratio.items()},
+    }
+    ratios["sidecar_haproxy_vs_haproxy_ok_rps_saturated"] = \
+        saturation["ok_rps_vs_haproxy"]["haproxy+sidecar"]
+    return {"saturation": saturation, "quick": quick, "rounds": rounds, "seconds": seconds,
+            "connections": connections,
             "generator": "wrk" if shutil.which("wrk") else "python", "cpus": os.cpu_count(),
             "throughput": med, "rounds_raw": results, "score_to_live": lat,
             "score_to_live_raw_ms": live, "ratios": ratios, "ratios_per_round": raw_ratios,
             "targets": {"proxy_vs_haproxy_rps": ">= 0.25",
                         "sidecar_haproxy_vs_haproxy_rps": ">= 0.95",
+                        "sidecar_haproxy_vs_haproxy_ok_rps_saturated":
+                            ">= 0.95, non-2xx no more than plain haproxy",
                         "haproxy_score_to_live_p99_ms": "<= 50"}}
 
 
@@ -352,6 +520,18 @@ def show(res: dict[str, Any]) -> None:
         t2.add_row(k, str(v["n"]), f"{v['p50_ms']:.1f}", f"{v['p99_ms']:.1f}",
                    f"{v['max_ms']:.1f}")
     console.print(t2)
+    sat = res["saturation"]
+    t3 = Table(title=f"saturated backends: 3 single-threaded loopback upstreams, "
+                     f"{sat['connections']} connections, {sat['seconds']}s x {sat['slices']} "
+                     f"slices, new user's scores (no capacity known), medians")
+    for col in ("data plane", "2xx/s", "non-2xx", "socket errors", "p99 ms",
+                "2xx/s / haproxy"):
+        t3.add_column(col, justify="right")
+    base_ok = sat["planes"]["haproxy"]["ok_rps"]
+    for k, v in sat["planes"].items():
+        t3.add_row(k, f"{v['ok_rps']:.0f}", f"{v['non2xx']:.0f}", f"{v['socket_errors']:.0f}",
+                   f"{v['p99_ms']:.1f}", f"{v['ok_rps'] / base_ok:.2f}x" if base_ok else "-")
+    console.print(t3)
     r = res["ratios"]
     console.print("ratios: medians of per-round ratios "
                   + ", ".join(f"{k}: {[round(x, 2) for x in v]}"
@@ -360,6 +540,12 @@ def show(res: dict[str, Any]) -> None:
                   f"haproxy+sidecar / haproxy = {r['sidecar_haproxy_vs_haproxy_rps']:.2f}x "
                   f"(target >= 0.95); haproxy score->live p99 = "
                   f"{res['score_to_live']['haproxy+sidecar']['p99_ms']:.1f} ms (target <= 50)")
+    per = [round(x, 2) for x in sat["ok_rps_vs_haproxy_per_slice"]["haproxy+sidecar"]]
+    console.print(f"saturated: haproxy+sidecar / haproxy 2xx/s = "
+                  f"{r['sidecar_haproxy_vs_haproxy_ok_rps_saturated']:.2f}x (target >= 0.95, "
+                  f"per slice {per}); "
+                  f"non-2xx in all slices: "
+                  + ", ".join(f"{k} {v['non2xx_total']}" for k, v in sat["planes"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,11 +555,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--connections", type=int, default=48)
     p.add_argument("--samples", type=int, default=40, help="score->live samples per plane")
+    p.add_argument("--sat-seconds", type=float, default=3.0,
+                   help="wrk duration of the saturated-backends case")
+    p.add_argument("--sat-connections", type=int, default=50)
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     if a.quick:
-        a.rounds, a.seconds, a.samples = 1, 1.0, 5
-    res = run(a.quick, a.rounds, a.seconds, a.connections, a.samples)
+        a.rounds, a.seconds, a.samples, a.sat_seconds = 1, 1.0, 5, 1.0
+    res = run(a.quick, a.rounds, a.seconds, a.connections, a.samples, a.sat_seconds,
+              a.sat_connections)
     show(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))

@@ -33,3 +33,11 @@ def test_proxy_benchmark_quick(tmp_path: Path) -> None:
         assert lat["n"] == 5 and 0 < lat["p50_ms"] < 5000
     assert {"proxy_vs_haproxy_rps", "sidecar_haproxy_vs_haproxy_rps"} <= set(res["ratios"])
     assert "proxy / haproxy" in r.stdout
+    # the saturated-backends case (issue 14): the three data planes side by side
+    sat = res["saturation"]
+    assert set(sat["planes"]) == {"haproxy", "haproxy+sidecar", "proxy"}
+    assert sat["connections"] == 50
+    for plane, v in sat["planes"].items():
+        assert v["ok_rps"] > 0 and "non2xx" in v, (plane, v)
+    assert "haproxy+sidecar" in sat["ok_rps_vs_haproxy"]
+    assert "2xx/s" in r.stdout and "saturated" in r.stdout

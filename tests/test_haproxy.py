@@ -147,3 +147,53 @@ async def test_attach_to_running_haproxy(backends: BackendProcess, tmp_path) -> 
         assert proc.alive()  # attached, not owned: the sidecar leaves it running
     finally:
         proc.stop()
+
+
+@pytest.fixture
+def single_threaded(tmp_path) -> Iterator[dict[str, str]]:  # type: ignore[no-untyped-def]
+    """Three upstreams as a new user starts them: ``python -m http.server`` (one connection
+    at a time, accept queue of 5); 50 connections saturate them and overflow the queues."""
+    import socket
+    import subprocess
+    import sys
+
+    (tmp_path / "x").write_text("x\n")
+    ports = {e: free_port() for e in "abc"}
+    procs = [subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1",
+                               str(p), "--directory", str(tmp_path)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             for p in ports.values()]
+    try:
+        deadline = time.monotonic() + 20
+        for p in ports.values():
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", p), timeout=1).close()
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "http.server did not start"
+                    time.sleep(0.05)
+        yield {e: f"http://127.0.0.1:{p}" for e, p in ports.items()}
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.mark.asyncio
+async def test_saturated_backends_behind_sidecar_haproxy_answer_not_503(
+    single_threaded: dict[str, str],
+) -> None:
+    # Saturated, not dead: an accept queue that overflows drops SYNs, retransmitted after
+    # 1 s. A connect timeout below that made every such connect an L4 error and
+    # "observe layer4 ... on-error mark-down" took the servers down: mostly 503s.
+    sc = Sidecar(sidecar_settings(single_threaded, data_plane="haproxy"), None,
+                 sidecar_id="hap-saturated")
+    async with running(sc):
+        _, statuses = await drive(sc.port, 2500, concurrency=50)
+        assert statuses == {200: 2500}, statuses
+        assert sc.runtime is not None
+        rows = [r for r in await sc.runtime.stats() if r.get("pxname") == "be_orders"
+                and r.get("svname") in ("a", "b", "c")]
+        assert all(r["status"].startswith("UP") for r in rows), [
+            (r["svname"], r["status"]) for r in rows]

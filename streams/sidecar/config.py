@@ -98,7 +98,9 @@ class SidecarSettings(BaseModel):
     admin_token: SecretStr = Field(
         SecretStr(""), description="bearer token for admin mutations (empty = none allowed)"
     )
-    connect_timeout_s: float = Field(1.0, gt=0, le=60)
+    connect_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="connecting to an upstream; keep it above 3 s: a "
+        "backend whose accept queue is full drops the SYN, retransmitted after 1 s and 3 s")
     request_timeout_s: float = Field(30.0, gt=0, le=3600)
     pool_size: int = Field(256, ge=1, le=100_000, description="keep-alive connections per host")
     max_attempts: int = Field(3, ge=1, le=10, description="endpoints tried per request")

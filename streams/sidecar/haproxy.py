@@ -51,7 +51,7 @@ def render_config(
     bind: str,
     socket_path: str | Path,
     threads: int = 2,
-    connect_timeout_s: float = 1.0,
+    connect_timeout_s: float = 5.0,
     request_timeout_s: float = 30.0,
     eject_after_failures: int = 5,
     maxconn: int = 4096,
@@ -62,7 +62,14 @@ def render_config(
     Retries: ``retry-on conn-failure empty-response`` with ``option redispatch`` sends a
     refused connection to another server; HAProxy itself never resends a request whose
     body it no longer holds. Outlier ejection: passive ``observe layer4`` health with
-    ``error-limit``/``on-error mark-down`` plus active checks that re-admit.
+    ``error-limit``/``on-error mark-down`` plus active checks that re-admit; the
+    ``_first`` twin ``track``s them (each server is checked once, not twice).
+
+    ``timeout connect`` must outlast the SYN retransmits (1 s, then 3 s): a backend that is
+    merely saturated (accept queue full, SYN dropped) then answers late instead of
+    counting as a layer-4 error. With the former 1000 ms, every such connect timed out,
+    ``observe layer4`` marked the saturated servers down one after the other, and HAProxy
+    answered 503 to most requests (issue 14: 67-88 % non-2xx where plain HAProxy had none).
     """
     apis: dict[str, list[Upstream]] = {}
     for u in upstreams:
@@ -122,7 +129,9 @@ def render_config(
             lines += [f"backend {backend_name(api)}{suffix}", f"    balance {balance}"]
             for u in ups:
                 srv = f"    server {u.id} {u.host}:{u.port} weight {INITIAL_WEIGHT}"
-                if check:
+                if check and suffix:  # the twin follows the main backend's checks
+                    srv += f" track {backend_name(api)}/{u.id}"
+                elif check:
                     srv += (
                         f" check inter 1s fall 3 rise 2 observe layer4"
                         f" error-limit {eject_after_failures} on-error mark-down"

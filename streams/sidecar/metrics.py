@@ -67,6 +67,6 @@ HAPROXY_UPDATES = Counter(
     ["sidecar", "outcome"],
 )
 SHED = Gauge(
-    "loadcast_sidecar_shed_share", "Share of traffic being shed (all endpoints over capacity)",
+    "loadcast_sidecar_shed_share", "Share of traffic being shed (offered rate over known capacity)",
     ["sidecar", "api"],
 )
