@@ -170,7 +170,6 @@ class Worker:
                              warm_start=self._warm_start if self.models is not None else None)
         self.last_snapshot = time.monotonic()
         self._snapshot_lock = asyncio.Lock()
-        self._reseeks: dict[int, float] = {}
         self.app = faust.App(settings.app_id, **faust_settings(kafka))
         self.telemetry = self.app.topic(
             topic_name(kafka, "telemetry"), key_type=bytes, value_type=bytes,
@@ -197,9 +196,6 @@ class Worker:
                 n += 1
                 if n % 64 == 0:
                     producer.poll(0)
-                state = engine.partitions.get(m.partition)
-                if state is not None and state.recovering and state.resume >= 0:
-                    await self._reseek(m.partition, state.resume)
 
         @app.timer(interval=self.settings.snapshot_every_seconds)
         async def snapshot_timer() -> None:
@@ -247,18 +243,6 @@ class Worker:
             n = len(self.engine.partitions[p].models)
             log.info("partition %d: %d models restored, resuming at offset %d", p, n, resume)
             await self.app.consumer.seek(TP(self.telemetry.get_topic_name(), p), resume)
-
-    async def _reseek(self, partition: int, resume: int) -> None:
-        """Records keep coming from the old position after a recovery's seek (fetched
-        before it): seek again, at most once a second, or the partition waits forever for
-        its resume offset."""
-        now = time.monotonic()
-        if now - self._reseeks.get(partition, 0.0) < 1.0:
-            return
-        self._reseeks[partition] = now
-        log.info("partition %d: records still from before the seek; seeking to %d again",
-                 partition, resume)
-        await self.app.consumer.seek(TP(self.telemetry.get_topic_name(), partition), resume)
 
     async def snapshot(self, partitions: Iterable[int]) -> int:
         """One snapshot round for ``partitions``; returns how many models were written.
