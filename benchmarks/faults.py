@@ -413,19 +413,41 @@ def headers(m: Message) -> dict[str, str]:
     return out
 
 
-def dead_letters(kafka: KafkaSettings) -> dict[str, dict[tuple[str, int, int], str]]:
-    """Dead letters by consumer: {consumer: {(source topic, partition, offset): reason}}."""
-    out: dict[str, dict[tuple[str, int, int], str]] = {}
-    for m in read_all(kafka, "dead-letter"):
-        h = headers(m)
-        who = h.get("loadcast.consumer", "?")
-        try:
-            where = (h["loadcast.source_topic"], int(h["loadcast.partition"]),
-                     int(h["loadcast.offset"]))
-        except (KeyError, ValueError):
-            continue
-        out.setdefault(who, {})[where] = h.get("loadcast.reason", "")
-    return out
+class DeadLetterReader:
+    """Dead letters by consumer, read incrementally (one consumer kept open):
+    {consumer: {(source topic, partition, offset): reason}}."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        topic = topic_name(kafka, "dead-letter")
+        self.c = Consumer(kafka.consumer_config(None, **{"enable.partition.eof": True}))
+        parts = list(self.c.list_topics(topic, timeout=10).topics[topic].partitions)
+        self.c.assign([TopicPartition(topic, p, 0) for p in parts])
+        self.parts = parts
+        self.letters: dict[str, dict[tuple[str, int, int], str]] = {}
+
+    def read(self, budget_s: float = 30.0) -> dict[str, dict[tuple[str, int, int], str]]:
+        """Read what arrived since the last call (until every partition's end)."""
+        open_parts = set(self.parts)
+        deadline = time.monotonic() + budget_s
+        while open_parts and time.monotonic() < deadline:
+            for m in self.c.consume(10_000, 0.3):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        open_parts.discard(m.partition())
+                    continue
+                h = headers(m)
+                try:
+                    where = (h["loadcast.source_topic"], int(h["loadcast.partition"]),
+                             int(h["loadcast.offset"]))
+                except (KeyError, ValueError):
+                    continue
+                who = h.get("loadcast.consumer", "?")
+                self.letters.setdefault(who, {})[where] = h.get("loadcast.reason", "")
+        return self.letters
+
+    def close(self) -> None:
+        self.c.close()
 
 
 def consumer_of(letters: dict[str, dict[tuple[str, int, int], str]], prefix: str
@@ -513,8 +535,10 @@ def run(kafka: KafkaSettings, work: Path, *, malformed: int, valid_every: int,
         good = {k for k, v in expected.items() if v is None}
         bad_score_keys = {k for k, v in score_expected.items() if v is not None}
 
+        reader = DeadLetterReader(kafka)
+
         def settled() -> bool:
-            letters = dead_letters(kafka)
+            letters = reader.read()
             w = consumer_of(letters, stack.app_id)
             s = consumer_of(letters, "loadcast-sink")
             sc = consumer_of(letters, "sidecar-")
@@ -525,14 +549,15 @@ def run(kafka: KafkaSettings, work: Path, *, malformed: int, valid_every: int,
                 f"{len(got_sc)} of {len(bad)} / {len(bad_score_keys)}")
             return bad <= got_w and bad <= got_s and bad_score_keys <= got_sc
 
-        deadline = time.monotonic() + max(120.0, malformed / 200)
+        deadline = time.monotonic() + max(120.0, malformed / 50)
         while time.monotonic() < deadline and not settled():
             for name, ok in stack.health().items():
                 polls[name] += 1
                 if not ok:
                     unhealthy[name] += 1
             time.sleep(3)
-        letters = dead_letters(kafka)
+        letters = reader.read()
+        reader.close()
         w_dead = consumer_of(letters, stack.app_id)
         s_dead = consumer_of(letters, "loadcast-sink")
         sc_dead = consumer_of(letters, "sidecar-")

@@ -48,7 +48,7 @@ def stack(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
     })
     s.start()
     try:
-        s.wait_ready(60)
+        s.wait_ready(120)
         yield s
     finally:
         codes = s.stop()
