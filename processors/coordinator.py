@@ -36,6 +36,7 @@ from processors.federated import (
 )
 from processors.federated_settings import FederatedSettings
 from schemas.codec import Codec, CodecError
+from streams.deadletter import DeadLetterWriter
 from streams.model_repo import ModelRepository
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
@@ -125,14 +126,9 @@ class Coordinator:
 
     def _dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
                      partition: int, offset: int) -> None:
-        headers = [
-            ("loadcast.reason", reason.encode()),
-            ("loadcast.error", detail.encode()[:1000]),
-            ("loadcast.source_topic", self.updates_topic.encode()),
-            ("loadcast.partition", str(partition).encode()),
-            ("loadcast.offset", str(offset).encode()),
-        ]
-        self.producer.produce(self.dead_topic, value, key, headers=headers)
+        DeadLetterWriter(self.producer, self.dead_topic, client=self.producer.client_id).send(
+            key, value, reason=reason, detail=detail, source_topic=self.updates_topic,
+            partition=partition, offset=offset)
         self.producer.poll(0)
         log.warning("model update at %s/%d@%d to dead-letter: %s: %s", self.updates_topic,
                     partition, offset, reason, detail)

@@ -110,6 +110,8 @@ class Engine:
         self._lru: OrderedDict[Slot, float] = OrderedDict()
         self._by_api: dict[str, OrderedDict[Slot, float]] = {}
         self._api_of: dict[Slot, str] = {}
+        self._logged_at = 0.0
+        self._unlogged = 0
 
     # ----------------------------------------------------------------- records
 
@@ -274,7 +276,14 @@ class Engine:
     def _dead(self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int,
               offset: int) -> None:
         self.stats.dead_letters[reason] = self.stats.dead_letters.get(reason, 0) + 1
-        log.warning("dead-letter p%d@%d: %s: %s", partition, offset, reason, detail)
+        # A flood of garbage must not become a flood of log lines: one a second, with a
+        # count (every record is in dead-letter with its reason, and counted by reason).
+        self._unlogged += 1
+        now = time.monotonic()
+        if now - self._logged_at >= 1.0:
+            log.warning("dead-letter p%d@%d: %s: %s (%d dead letters since the last line)",
+                        partition, offset, reason, detail[:300], self._unlogged)
+            self._logged_at, self._unlogged = now, 0
         self.outputs.dead_letter(key, value, reason, detail, partition, offset)
 
     # ----------------------------------------------------------------- snapshots

@@ -51,6 +51,9 @@ def faust_broker_urls(kafka: KafkaSettings) -> list[str]:
     return [f"kafka://{hp.strip()}" for hp in kafka.bootstrap_servers.split(",") if hp.strip()]
 
 
+CONSUMER_MAX_FETCH_BYTES = 16 * 1024 * 1024
+
+
 def faust_settings(kafka: KafkaSettings) -> dict[str, Any]:
     """The Faust app settings loadcast uses (module docstring says why)."""
     _short_fetch_wait()
@@ -64,6 +67,10 @@ def faust_settings(kafka: KafkaSettings) -> dict[str, Any]:
         "topic_allow_declare": False,
         "topic_disable_leader": True,
         "consumer_auto_offset_reset": "earliest",
+        # aiokafka's max_partition_fetch_bytes (Faust: 1 MiB). A producer batch larger
+        # than this (one ~1 MB record with others) was never consumed by the worker:
+        # it re-fetched the same partial batch forever and scored nothing more.
+        "consumer_max_fetch_size": CONSUMER_MAX_FETCH_BYTES,
         "web_enabled": False,
         "value_serializer": "raw",
         "key_serializer": "raw",

@@ -34,6 +34,8 @@ from prometheus_client import Counter, Gauge
 from processors.faust_config import faust_settings
 from processors.mirroring import MirrorPlanner, MirrorSettings
 from schemas.codec import Codec, CodecError, Record
+from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
+from streams.deadletter import DeadLetterWriter
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
@@ -85,7 +87,8 @@ class Planner:
     :meth:`tick` are synchronous and usable without Faust."""
 
     def __init__(self, kafka: KafkaSettings, settings: MirrorSettings,
-                 codec: Codec | None = None, *, restore: bool = True) -> None:
+                 codec: Codec | None = None, *, restore: bool = True,
+                 limits: Limits = DEFAULT_LIMITS) -> None:
         self.kafka = kafka
         self.settings = settings
         self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
@@ -95,6 +98,9 @@ class Planner:
         self.status_topic = topic_name(kafka, "mirror-status")
         self.commands_topic = topic_name(kafka, "mirror-commands")
         self.dead_topic = topic_name(kafka, "dead-letter")
+        self.dead_letters = DeadLetterWriter(self.producer, self.dead_topic,
+                                             client=f"{settings.planner_app_id}-out")
+        self.limits = limits
         self.issued: list[Record] = []
         if restore:
             n = self.logic.restore(read_commands(kafka, self.codec))
@@ -107,21 +113,25 @@ class Planner:
                 raise CodecError("invalid", "record has no value")
             return self.codec.decode(value, expect)
         except CodecError as e:
-            INPUTS.labels(topic, "dead_letter").inc()
-            log.warning("%s at %d@%d to dead-letter: %s", topic, partition, offset, e)
-            self.producer.produce(self.dead_topic, value or b"", key, headers=[
-                ("loadcast.reason", e.reason.encode()),
-                ("loadcast.error", str(e).encode()[:1000]),
-                ("loadcast.source_topic", topic.encode()),
-                ("loadcast.partition", str(partition).encode()),
-                ("loadcast.offset", str(offset).encode()),
-            ])
-            self.producer.poll(0)
+            self._dead(topic, key, value, e.reason, str(e), partition, offset)
             return None
 
+    def _dead(self, topic: str, key: bytes | None, value: bytes | None, reason: str,
+              detail: str, partition: int, offset: int) -> None:
+        INPUTS.labels(topic, "dead_letter").inc()
+        log.warning("%s at %d@%d to dead-letter: %s", topic, partition, offset, detail)
+        self.dead_letters.send(key, value, reason=reason, detail=detail, source_topic=topic,
+                               partition=partition, offset=offset)
+        self.producer.poll(0)
+
     def handle_score(self, key: bytes | None, value: bytes | None, partition: int = -1,
-                     offset: int = -1) -> None:
+                     offset: int = -1, timestamp_ms: int | None = None) -> None:
         r = self._decode(self.scores_topic, "LoadScore", key, value, partition, offset)
+        problem = (score_problem(r, reference_ms(timestamp_ms), self.limits)
+                   if r is not None else None)
+        if problem is not None:  # from the future: it would win over every genuine score
+            self._dead(self.scores_topic, key, value, problem[0], problem[1], partition, offset)
+            return
         if r is not None:
             INPUTS.labels(self.scores_topic, "ok").inc()
             self.logic.observe_score(r, now_ms())
@@ -173,7 +183,9 @@ def make_app(kafka: KafkaSettings, settings: MirrorSettings,
     async def on_scores(stream: Any) -> None:
         async for event in stream.events():
             m = event.message
-            planner.handle_score(m.key, m.value, m.partition, m.offset)
+            ts = m.timestamp  # seconds (Faust)
+            planner.handle_score(m.key, m.value, m.partition, m.offset,
+                                 round(ts * 1000) if ts else None)
 
     @app.agent(statuses, name="mirror-status")
     async def on_status(stream: Any) -> None:

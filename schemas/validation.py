@@ -5,7 +5,8 @@ ClickHouse fast path —, the sidecar, the planner), so they never disagree on w
 The codec already checks types and the ``loadcast.min``/``loadcast.max`` ranges (finite
 doubles, non-negative counts). On top of that:
 
-* a window ends after it starts, and spans at most ``max_window_seconds``;
+* a window starts in 1900 or later, ends after it starts, and spans at most
+  ``max_window_seconds``;
 * a window does not end further than ``clock_skew_seconds`` in the future;
 * a LoadScore's ``computed_at`` is not further than ``clock_skew_seconds`` in the future.
 
@@ -61,6 +62,7 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+MIN_MS = -2_208_988_800_000  # 1900-01-01: what the sink's DateTime64 columns hold
 
 Problem = tuple[str, str]  # (reason, detail)
 
@@ -78,6 +80,8 @@ def telemetry_problem(window: Mapping[str, Any], ref_ms: int,
                       limits: Limits = DEFAULT_LIMITS) -> Problem | None:
     """Why an EndpointTelemetry window (already schema-checked) is not valid, or None."""
     start, end = window["window_start"], window["window_end"]
+    if start < MIN_MS:
+        return "bad_window", f"window_start ({start}) is before 1900"
     if end <= start:
         return "bad_window", f"window_end ({end}) must be after window_start ({start})"
     if end - start > limits.max_window_ms:
@@ -110,10 +114,11 @@ def telemetry_sql(prefix: str, ref_ms_sql: str, limits: Limits = DEFAULT_LIMITS)
 
     >>> for part in telemetry_sql("w.", "_ref").split(" AND "):
     ...     print(part)
-    (w.window_end > w.window_start
+    (w.window_start >= -2208988800000
+    w.window_end > w.window_start
     w.window_end - w.window_start <= 3600000
     w.window_end <= _ref + 60000)
     """
     s, e = f"{prefix}window_start", f"{prefix}window_end"
-    return (f"({e} > {s} AND {e} - {s} <= {limits.max_window_ms} "
+    return (f"({s} >= {MIN_MS} AND {e} > {s} AND {e} - {s} <= {limits.max_window_ms} "
             f"AND {e} <= {ref_ms_sql} + {limits.skew_ms})")

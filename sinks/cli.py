@@ -109,6 +109,7 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
         """Store every loadcast topic in ClickHouse (offsets committed after the insert)."""
         from pydantic import ValidationError
 
+        from schemas.validation import Limits
         from sinks.service import serve
         from streams.metrics import serve_metrics
         from streams.signals import stop_on_signals
@@ -137,9 +138,13 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
             print(f"sink consuming {len(s.topics)} topics into {s.dsn}{where}",
                   file=sys.stderr, flush=True)
 
+        proc = getattr(root, "processor", None)  # the worker's bounds: one validation
+        limits = (Limits(proc.max_window_seconds, proc.clock_skew_seconds)
+                  if proc is not None else Limits())
         with stop_on_signals(duration) as stop:
             try:
-                stats = serve(k, s, stop, on_ready=ready, until_idle=until_idle)
+                stats = serve(k, s, stop, on_ready=ready, until_idle=until_idle,
+                              limits=limits)
             except OSError as e:
                 raise _fail(f"admin endpoint: {e}", 1) from None
         print(

@@ -20,6 +20,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from schemas.validation import DEFAULT_LIMITS, Limits
 from sinks.admin import AdminError, AdminServer, fetch_query, make_app
 from sinks.db import ClickHouseUnavailable, chdb_locked, chdb_path, close_quietly, connect
 from sinks.queries import QueryError, QueryResult, run_canned, run_sql
@@ -89,9 +90,11 @@ def serve(
     *,
     on_ready: Any = None,
     until_idle: float | None = None,
+    limits: Limits = DEFAULT_LIMITS,
 ) -> SinkStats:
-    """Run the sink (and its admin endpoint) until ``stop`` is set."""
-    sink = Sink(kafka, settings)
+    """Run the sink (and its admin endpoint) until ``stop`` is set; ``limits``: the
+    processor's validation bounds (the sink stores exactly what the worker accepts)."""
+    sink = Sink(kafka, settings, limits=limits)
     admin: AdminServer | None = None
     clients = _QueryClients(settings)
     file = admin_file(settings)

@@ -42,7 +42,14 @@ from typing import TYPE_CHECKING, Any
 from confluent_kafka import Consumer, KafkaException, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
-from schemas.codec import Codec, CodecError
+from schemas.codec import Codec, CodecError, Record
+from schemas.validation import (
+    DEFAULT_LIMITS,
+    Limits,
+    reference_ms,
+    score_problem,
+    telemetry_problem,
+)
 from sinks import metrics
 from sinks.avro_ingest import FastPath, IngestTable
 from sinks.convert import (
@@ -56,6 +63,7 @@ from sinks.convert import (
 from sinks.db import ClickHouseUnavailable, close_quietly, connect
 from sinks.ddl import TABLE_BY_NAME, TABLE_BY_TOPIC, migrate
 from sinks.settings import SinkSettings
+from streams.deadletter import DeadLetter, DeadLetterWriter
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -86,9 +94,7 @@ class _Batch:
     rows: dict[str, list[Row]] = field(default_factory=dict)
     first: dict[TP, int] = field(default_factory=dict)
     last: dict[TP, int] = field(default_factory=dict)
-    dead: list[tuple[bytes | None, bytes | None, list[tuple[str, str | bytes | None]]]] = field(
-        default_factory=list
-    )
+    dead: list[DeadLetter] = field(default_factory=list)
     messages: int = 0
     started: float = 0.0
     token: str = field(default_factory=lambda: uuid.uuid4().hex)
@@ -128,16 +134,18 @@ class Sink:
         client_factory: Callable[[], Client] | None = None,
         after_insert: Callable[[], None] | None = None,
         client_id: str = "loadcast-sink",
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.kafka = kafka
         self.settings = settings
         self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
+        self.limits = limits
         self._client_factory = client_factory or (lambda: connect(settings))
         self._after_insert = after_insert
         self.topics = {f"{kafka.topic_prefix}{short}": short for short in settings.topics}
         self.dead_letter_topic = f"{kafka.topic_prefix}dead-letter"
         self._sinks_dead_letter = "dead-letter" in settings.topics
-        self.fast = FastPath(self.codec) if settings.decode_in_clickhouse else None
+        self.fast = FastPath(self.codec, limits) if settings.decode_in_clickhouse else None
         self._fast_tables: dict[str, IngestTable] = (
             {t.table: t for t in self.fast.tables} if self.fast else {}
         )
@@ -156,6 +164,8 @@ class Sink:
         pconf = kafka.client_config()
         pconf.update({"client.id": f"{client_id}-dlq", "enable.idempotence": True, "linger.ms": 5})
         self.producer = Producer(pconf)
+        self.dead_letters = DeadLetterWriter(self.producer, self.dead_letter_topic,
+                                             client=client_id)
         self.client: Client | None = None
         self.stats = SinkStats()
         self._batch = _Batch()
@@ -233,7 +243,10 @@ class Sink:
             )
             b.rows.setdefault("dead_letter", []).append((topic, partition, offset, 0, *row))
             return
-        if value is None:  # a tombstone (compacted global-model): nothing to store
+        if value is None:
+            if short == "global-model":  # a tombstone (compacted): nothing to store
+                return
+            self._dead_letter(msg, "invalid", "record has no value")
             return
         if self.fast is not None and short == "telemetry":
             ingest = self.fast.table_for(value)
@@ -252,7 +265,12 @@ class Sink:
             if name not in TOPIC_SCHEMAS[short]:
                 expected = " or ".join(TOPIC_SCHEMAS[short])
                 raise CodecError("wrong_schema", f"{name} on {short}, expected {expected}")
-            rows = rows_for(short, self.codec.decode(value))
+            record = self.codec.decode(value)
+            problem = self._problem(msg, short, record)
+            if problem is not None:
+                self._dead_letter(msg, problem[0], f"{problem[0]}: {problem[1]}")
+                return
+            rows = rows_for(short, record)
         except CodecError as e:
             self._dead_letter(msg, e.reason, str(e))
             return
@@ -263,19 +281,30 @@ class Sink:
         for i, r in enumerate(rows):
             table.append((topic, partition, offset, i, *r))
 
+    def _problem(self, msg: Message, short: str, record: Record) -> tuple[str, str] | None:
+        """schemas.validation's verdict (the worker's too) on a decoded value."""
+        if short == "telemetry":
+            ref = reference_ms(_timestamp(msg))
+            windows = record.get("windows", [record])
+            for i, w in enumerate(windows):
+                problem = telemetry_problem(w, ref, self.limits)
+                if problem is not None:
+                    where = f"window {i}: " if "windows" in record else ""
+                    return problem[0], where + problem[1]
+        elif short == "load-scores":
+            return score_problem(record, reference_ms(_timestamp(msg)), self.limits)
+        return None
+
     def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        headers: list[tuple[str, str | bytes | None]] = [
-            ("loadcast.reason", reason.encode()),
-            ("loadcast.detail", detail[:2000].encode()),
-            ("loadcast.source_topic", str(topic).encode()),
-            ("loadcast.partition", str(partition).encode()),
-            ("loadcast.offset", str(offset).encode()),
-        ]
-        self._batch.dead.append((msg.key(), msg.value(), headers))
+        d = self.dead_letters.letter(msg.key(), msg.value(), reason=reason, detail=detail,
+                                     source_topic=str(topic), partition=partition,
+                                     offset=offset)
+        self._batch.dead.append(d)
         if not self._sinks_dead_letter:
             row = dead_letter_row(
-                self.dead_letter_topic, -1, -1, _now_ms(), msg.key(), msg.value(), headers
+                self.dead_letter_topic, -1, -1, _now_ms(), d.key, d.value,
+                list(d.headers),
             )
             self._batch.rows.setdefault("dead_letter", []).append(
                 (str(topic), partition, offset, 0, *row)
@@ -362,7 +391,7 @@ class Sink:
         # A dead letter already in dead_letter was produced before the crash.
         b.dead = [
             d for d in b.dead
-            if not _dead_stored(self._stored, d[2])
+            if not _dead_stored(self._stored, d.headers)
         ]
         for topic, n in skipped.items():
             self.stats.already_stored += n
@@ -450,7 +479,7 @@ class Sink:
         data = self.fast.container(ingest, (
             (str(m.topic()), int(m.partition() or 0), int(m.offset() or 0), v)
             for m, v in zip(msgs, values, strict=True)
-        ))
+        ), refs=[reference_ms(_timestamp(m)) for m in msgs])
         try:
             client.raw_insert(
                 ingest.table, None, data, fmt="Avro",
@@ -479,13 +508,9 @@ class Sink:
             topic, partition, offset = rows[0][:3]
             log.debug("%s refused a row of %s[%s]@%s: %s", table, topic, partition, offset, error)
             self._batch.refused += 1
-            self._batch.dead.append((None, None, [
-                ("loadcast.reason", b"insert_refused"),
-                ("loadcast.detail", str(error)[:2000].encode()),
-                ("loadcast.source_topic", str(topic).encode()),
-                ("loadcast.partition", str(partition).encode()),
-                ("loadcast.offset", str(offset).encode()),
-            ]))
+            self._batch.dead.append(self.dead_letters.letter(
+                None, None, reason="insert_refused", detail=str(error),
+                source_topic=str(topic), partition=partition, offset=offset))
             metrics.SINK_DEAD.labels("insert_refused").inc()
             return 0
         mid = len(rows) // 2
@@ -527,9 +552,8 @@ class Sink:
             self._after_insert()
         log.debug("inserted %d rows", rows)
         if b.dead:
-            for key, value, headers in b.dead:
-                self.producer.produce(self.dead_letter_topic, value=value, key=key,
-                                      headers=headers)
+            for d in b.dead:
+                self.dead_letters.send_letter(d)  # errors are counted there, never raised
             left = self.producer.flush(30)
             if left:
                 self._failed(RuntimeError(f"{left} dead letters not acknowledged by Kafka"))
@@ -732,6 +756,11 @@ def _dead_stored(stored: dict[TP, tuple[set[int], int]],
         return False
     s = stored.get(key)
     return s is not None and offset in s[0]
+
+
+def _timestamp(msg: Message) -> int | None:
+    kind, ts = msg.timestamp()
+    return ts if kind != 0 and ts > 0 else None  # 0: TIMESTAMP_NOT_AVAILABLE
 
 
 def _now_ms() -> int:

@@ -3,8 +3,8 @@ executor, coordinator).
 
 A dead letter is the original key and value with ``loadcast.*`` headers saying why and
 where from: ``loadcast.reason``, ``loadcast.detail`` (also as ``loadcast.error``),
-``loadcast.source_topic``, ``loadcast.partition``, ``loadcast.offset`` and, when set,
-``loadcast.consumer``.
+``loadcast.source_topic``, ``loadcast.partition``, ``loadcast.offset`` and
+``loadcast.consumer`` (who dead-lettered it; the writer's client id unless given).
 
 A value too large to be re-sent (a ~1 MB record plus headers does not fit the broker's
 message size) goes as a **reference** instead of a copy that cannot fit: the value is its
@@ -132,7 +132,7 @@ class DeadLetterWriter:
                source_topic: str, partition: int | None, offset: int | None,
                consumer: str | None = None) -> DeadLetter:
         return letter(key, value, reason=reason, detail=detail, source_topic=source_topic,
-                      partition=partition, offset=offset, consumer=consumer,
+                      partition=partition, offset=offset, consumer=consumer or self.client,
                       max_value_bytes=self.max_value_bytes, prefix_bytes=self.prefix_bytes)
 
     def send(self, key: bytes | None, value: bytes | None, *, reason: str, detail: str,

@@ -65,6 +65,7 @@ from streams.bundles import (
     fetch,
     unpack,
 )
+from streams.deadletter import DeadLetterWriter
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
@@ -571,14 +572,9 @@ class Executor:
     def _dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
                      partition: int, offset: int) -> None:
         log.warning("mirror command at %d@%d to dead-letter: %s", partition, offset, detail)
-        self.producer.produce(self.dead_topic, value, key, headers=[
-            ("loadcast.reason", reason.encode()),
-            ("loadcast.error", detail.encode()[:1000]),
-            ("loadcast.source_topic", self.commands_topic.encode()),
-            ("loadcast.partition", str(partition).encode()),
-            ("loadcast.offset", str(offset).encode()),
-            ("loadcast.consumer", f"executor-{self.id}".encode()),
-        ])
+        DeadLetterWriter(self.producer, self.dead_topic, client=f"executor-{self.id}").send(
+            key, value, reason=reason, detail=detail, source_topic=self.commands_topic,
+            partition=partition, offset=offset, consumer=f"executor-{self.id}")
         self.producer.poll(0)
 
 

@@ -19,6 +19,7 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 
 from schemas.codec import Codec, CodecError
 from schemas.records import EndpointTelemetry, LoadScore, RoutingDecision
+from schemas.validation import reference_ms, score_problem
 from streams import metrics
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
@@ -121,6 +122,12 @@ class DecisionConsumer:
             log.warning("skipping undecodable decision record: %s", e)
             return None
         if name == "loadcast.LoadScore":
+            if score_problem(record, reference_ms()) is not None:  # from the future
+                self.skipped += 1
+                metrics.CONSUMER_SKIPPED.labels(self.client_id, "clock_skew").inc()
+                log.warning("skipping a LoadScore computed in the future: %s",
+                            record.get("endpoint_id"))
+                return None
             return LoadScore.from_record(record)
         if name == "loadcast.RoutingDecision":
             return RoutingDecision.from_record(record)

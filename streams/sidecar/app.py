@@ -174,6 +174,8 @@ class Sidecar:
                 mirror_status_lookback_s=s.mirror_lookback_s if self.director else None,
             )
             await asyncio.to_thread(self.subscriber.start)
+            self._tasks.append(asyncio.create_task(self._supervise_loop(),
+                                                   name="sidecar-supervise"))
         log.info("sidecar %s: %s on %s:%d, admin on :%d", self.id, s.data_plane,
                  s.listen_host, self.port, self.admin_port)
 
@@ -348,6 +350,14 @@ class Sidecar:
         self.producer.produce(self.decisions_topic, value, self.id.encode())
         self.producer.poll(0)
 
+    async def _supervise_loop(self) -> None:
+        """Restart the score reader thread if it died (``/health`` is 503 meanwhile)."""
+        while True:
+            await asyncio.sleep(1.0)
+            sub = self.subscriber
+            if sub is not None:
+                sub.supervise()
+
     async def _stale_loop(self) -> None:
         while True:
             await asyncio.sleep(STALE_TICK_S)
@@ -471,8 +481,9 @@ class Sidecar:
                 "endpoints": len(r.endpoints),
             }
         ok = self.haproxy is None or self.haproxy.alive()
+        reader = self.subscriber is None or self.subscriber.alive()
         return {
-            "status": "ok" if ok else "data plane down",
+            "status": "data plane down" if not ok else "ok" if reader else "score reader down",
             "sidecar_id": self.id,
             "data_plane": self.settings.data_plane,
             "port": self.port,
@@ -480,6 +491,7 @@ class Sidecar:
             "apis": apis,
             "scores_received": self.subscriber.received if self.subscriber else 0,
             "scores_skipped": self.subscriber.skipped if self.subscriber else 0,
+            "score_reader_restarts": self.subscriber.crashes if self.subscriber else 0,
             "mirrors": self.director.view() if self.director is not None else {},
         }
 

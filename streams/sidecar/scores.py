@@ -4,9 +4,15 @@ A confluent-kafka consumer in its own thread reads *every* partition of load-sco
 anomalies (no consumer group: each sidecar needs all scores), starting ``lookback_s``
 back in time. Each poll returns a batch; the batch is decoded and handed to ``deliver``
 in one call (the sidecar applies it on its event loop), so a burst of scores for one API
-becomes one weight change. Records that do not decode are counted
+becomes one weight change. Records that do not decode, and LoadScores whose
+``computed_at`` lies beyond the clock-skew allowance (``schemas.validation``: such a
+score would win over every genuine one after it), are counted
 (``loadcast_sidecar_scores_skipped_total{reason}``), sent to dead-letter with the reason
-in the headers, and skipped.
+in the headers (:mod:`streams.deadletter`: a value too large goes as a reference), and
+skipped.
+
+If the thread dies all the same, :meth:`ScoreSubscriber.alive` says so (the sidecar's
+``/health`` answers 503) and :meth:`ScoreSubscriber.supervise` starts a new one.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from confluent_kafka import (
 )
 
 from schemas.codec import Codec, CodecError
+from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
+from streams.deadletter import DeadLetterWriter
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.sidecar import metrics as m
@@ -52,6 +60,7 @@ class ScoreSubscriber:
         lookback_s: float = 300.0,
         max_batch: int = 1000,
         mirror_status_lookback_s: float | None = None,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.settings = settings
         self.codec = codec
@@ -59,6 +68,10 @@ class ScoreSubscriber:
         self.sidecar_id = sidecar_id
         self.dead_letter = dead_letter
         self.dlq_topic = topic_name(settings, "dead-letter")
+        self.limits = limits
+        self.dead_letters = (DeadLetterWriter(dead_letter, self.dlq_topic,
+                                              client=f"sidecar-{sidecar_id}")
+                             if dead_letter is not None else None)
         self.topics = [topic_name(settings, "load-scores"), topic_name(settings, "anomalies")]
         self.lookback_s = lookback_s
         self.lookbacks = dict.fromkeys(self.topics, lookback_s)
@@ -69,6 +82,8 @@ class ScoreSubscriber:
         self.max_batch = max_batch
         self.skipped = 0
         self.received = 0
+        self.crashes = 0  # times the thread died and was restarted
+        self.died_at: float | None = None  # monotonic time of the last death
         self.assigned = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -111,34 +126,69 @@ class ScoreSubscriber:
 
     def start(self) -> None:
         self._assign()
-        self._thread = threading.Thread(target=self._run, name="sidecar-scores", daemon=True)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="sidecar-scores", daemon=True)
         self._thread.start()
 
-    def _decode(self, value: bytes | None, key: bytes | None, topic: str) -> Any:
+    def alive(self) -> bool:
+        """The reader thread runs (or was never started / was stopped on purpose)."""
+        if self._thread is None or self._stop.is_set():
+            return True
+        return self._thread.is_alive()
+
+    def supervise(self, restart_after_s: float = 1.0) -> bool:
+        """Start a new reader thread if the last one died at least ``restart_after_s``
+        ago (the sidecar calls this every second); True if it restarted one."""
+        if self.alive() or self._stop.is_set():
+            return False
+        if self.died_at is not None and time.monotonic() - self.died_at < restart_after_s:
+            return False
+        log.warning("restarting the score reader (crashed %d times)", self.crashes)
+        self._spawn()
+        return True
+
+    def _main(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            self.crashes += 1
+            self.died_at = time.monotonic()
+            log.exception("the score reader died; /health is 503 until it is restarted")
+
+    def _decode(self, value: bytes | None, key: bytes | None, topic: str,
+                msg: Any = None) -> Any:
         try:
             if value is None:
                 raise CodecError("truncated", "empty value")
             name = self.codec.name_of(value).rsplit(".", 1)[-1]
             if name not in ("LoadScore", "Anomaly", "MirrorStatus"):
                 raise CodecError("wrong_schema", f"{name} on {topic}")
-            return name, self.codec.decode(value)
+            record = self.codec.decode(value)
         except CodecError as e:
-            self.skipped += 1
-            m.SCORES_SKIPPED.labels(self.sidecar_id, e.reason).inc()
-            log.warning("skipping undecodable record on %s: %s", topic, e)
-            if self.dead_letter is not None:
-                self.dead_letter.produce(
-                    self.dlq_topic,
-                    value or b"",
-                    key,
-                    headers=[
-                        ("loadcast.reason", e.reason.encode()),
-                        ("loadcast.error", str(e).encode()[:500]),
-                        ("loadcast.source_topic", topic.encode()),
-                        ("loadcast.consumer", f"sidecar-{self.sidecar_id}".encode()),
-                    ],
-                )
+            self._skip(key, value, topic, msg, e.reason, str(e))
             return None
+        if name == "LoadScore":
+            ts = msg.timestamp() if msg is not None else (0, 0)
+            problem = score_problem(
+                record, reference_ms(ts[1] if ts[0] != 0 else None), self.limits)
+            if problem is not None:
+                self._skip(key, value, topic, msg, problem[0], problem[1])
+                return None
+        return name, record
+
+    def _skip(self, key: bytes | None, value: bytes | None, topic: str, msg: Any,
+              reason: str, detail: str) -> None:
+        self.skipped += 1
+        m.SCORES_SKIPPED.labels(self.sidecar_id, reason).inc()
+        log.warning("skipping record on %s: %s: %s", topic, reason, detail[:300])
+        if self.dead_letters is not None:
+            self.dead_letters.send(
+                key, value, reason=reason, detail=detail, source_topic=topic,
+                partition=msg.partition() if msg is not None else None,
+                offset=msg.offset() if msg is not None else None,
+                consumer=f"sidecar-{self.sidecar_id}")
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -160,7 +210,7 @@ class ScoreSubscriber:
                     if err.code() != KafkaError._PARTITION_EOF:
                         log.warning("score consumer error: %s", err)
                     continue
-                decoded = self._decode(msg.value(), msg.key(), msg.topic() or "")
+                decoded = self._decode(msg.value(), msg.key(), msg.topic() or "", msg)
                 if decoded is not None:
                     batch.append(decoded)
             if batch:
