@@ -114,8 +114,22 @@ def new_scores(kafka: KafkaSettings, after_ms: int, timeout: float) -> float | N
         c.close()
 
 
-def lines_between(proc: Proc, start: int, end: int) -> list[str]:
-    return proc.lines()[start:end]
+def wait_connected(procs: list[Proc], port: int, timeout: float) -> float | None:
+    """Seconds until every process holds an established connection to the broker."""
+    import psutil
+
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        ok = 0
+        for pr in procs:
+            with contextlib.suppress(psutil.Error):
+                conns = psutil.Process(pr.p.pid).net_connections(kind="tcp")
+                ok += any(c.raddr and c.raddr.port == port and c.status == "ESTABLISHED"
+                          for c in conns)
+        if ok == len(procs):
+            return round(time.monotonic() - t0, 1)
+        time.sleep(0.5)
+    return None
 
 
 def run(outage_s: float, quick: bool, workdir: Path) -> dict[str, Any]:
@@ -178,6 +192,8 @@ def run(outage_s: float, quick: bool, workdir: Path) -> dict[str, Any]:
             for n in procs
         }
         result["log_samples"] = {n: p.lines()[before[n]:after[n]][:6] for n, p in procs.items()}
+        result["worker_kept_models"] = any("models kept" in x or "every model kept" in x
+                                           for x in procs["worker"].lines())
         alive = {n: p.p.poll() is None for n, p in procs.items()}
         result["alive_after_return"] = alive
         # the agent's buffer: its --duration ends the replay; it then flushes and reports
@@ -203,12 +219,15 @@ def run(outage_s: float, quick: bool, workdir: Path) -> dict[str, Any]:
                             workdir / "sidecar2.log"),
         }
         procs.update({f"{n}2": p for n, p in procs2.items()})
-        time.sleep(15)  # started, joined, consuming
+        ready = wait_connected(list(procs2.values()), port, 90)
+        result["second_set_connected_s"] = ready
+        time.sleep(5)  # joined, consuming
         broker.stop()
         time.sleep(3)
         result["sigterm_broker_down_s"] = {
             n: (None if t is None else round(t, 2))
             for n, t in ((n, p.sigterm()) for n, p in procs2.items())}
+        result["exit_codes_broker_down"] = {n: p.p.returncode for n, p in procs2.items()}
     finally:
         for p in procs.values():
             p.kill()
@@ -220,12 +239,12 @@ def run(outage_s: float, quick: bool, workdir: Path) -> dict[str, Any]:
 def verdict(r: dict[str, Any]) -> dict[str, bool]:
     ag = r.get("agent", {})
     lines = r.get("log_lines", {})
-    # while away: one line on loss, then one per 30 s; with the return, a few more (the
-    # return itself, a rebalance)
+    # while away: one line on loss, then one per 30 s; with the return a few more (the
+    # return, partitions kept, a producer replaced, Faust's rebalance notes)
     bound = 1 + int(r["outage_s"] // 30)
     return {
         "bounded_logs": bool(lines) and all(
-            v["during_outage"] <= bound and v["outage_and_return"] <= bound + 4
+            v["during_outage"] <= bound and v["outage_and_return"] <= bound + 6
             for v in lines.values()),
         "resume_within_15s": (r.get("resume_scoring_s") is not None
                               and r["resume_scoring_s"] <= RESUME_TARGET_S),
@@ -237,6 +256,7 @@ def verdict(r: dict[str, Any]) -> dict[str, bool]:
                       *r.get("sigterm_broker_down_s", {}).values()]
         ),
         "all_alive_after_return": all(r.get("alive_after_return", {"x": False}).values()),
+        "worker_kept_models": bool(r.get("worker_kept_models")),
     }
 
 
@@ -260,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [
         ("broker away (s)", r.get("broker_down_s")),
         ("first score after return (s)", r.get("resume_scoring_s")),
+        ("worker kept its models", r.get("worker_kept_models")),
         ("agent delivered / sent", f"{r.get('agent', {}).get('delivered')} / "
                                    f"{r.get('agent', {}).get('sent')}"),
         *[(f"log lines {n} (outage+return)", v["outage_and_return"])

@@ -187,6 +187,8 @@ class Worker:
         quiet_aiokafka()
         self.watch.on_return(self._broker_back)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._parked: dict[int, Any] = {}  # revoked during an outage, without a snapshot
+        self._round_ok = True
         self._wire()
 
     def _wire(self) -> None:
@@ -219,9 +221,15 @@ class Worker:
             for p in list(engine.partitions):
                 if p not in mine:
                     engine.drop(p)
+            parked, self._parked = self._parked, {}
+            back = sorted(p for p in mine - set(engine.partitions) if p in parked)
+            for p in back:  # ours before the broker went away: models kept, in place
+                engine.partitions[p] = parked[p]
             new = sorted(mine - set(engine.partitions))
             for p in new:
                 engine.hold(p)  # before any await: nothing is applied until restored
+            if back:
+                await self.readopt(back)
             if new:
                 await self.recover(new)
 
@@ -232,10 +240,15 @@ class Worker:
                     if tp.topic == self.telemetry.get_topic_name()
                     and tp.partition in engine.partitions]
             if gone:
+                ok = False
                 if not self.watch.lost:
                     await self.snapshot(gone, timeout=SHUTDOWN_FLUSH_S)
+                    ok = self._round_ok
                 for p in gone:
-                    engine.drop(p)
+                    if ok:
+                        engine.drop(p)
+                    else:  # no snapshot holds them: keep them in case they come back
+                        self._parked[p] = engine.partitions.pop(p)
 
         @app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def shutdown(sender: Any, *args: Any, **kw: Any) -> None:
@@ -287,6 +300,27 @@ class Worker:
         log.warning("the broker lost the telemetry log of partitions %s: they start again "
                     "at offset 0, every model kept", partitions)
 
+    async def readopt(self, partitions: list[int]) -> None:
+        """Partitions revoked during an outage and assigned back: keep their models and
+        continue after the last processed offset, or from 0 if the broker lost the log."""
+        loop = asyncio.get_running_loop()
+        topic = self.telemetry.get_topic_name()
+        rebased, resumed = [], []
+        for p in partitions:
+            state = self.engine.partitions[p]
+            end = await loop.run_in_executor(None, self._log_end, p)
+            if end <= state.processed:
+                self.engine.rebase(p)
+                rebased.append(p)
+                await self.app.consumer.seek(TP(topic, p), 0)
+            else:
+                resumed.append(p)
+                await self.app.consumer.seek(TP(topic, p), state.processed + 1)
+        models = sum(len(self.engine.partitions[p].models) for p in partitions)
+        log.warning("partitions %s back after the outage, %d models kept: %s", partitions,
+                    models, f"the broker lost the log of {rebased}, starting again at offset 0"
+                    if rebased else "resuming after the last processed offset")
+
     async def recover(self, partitions: list[int]) -> None:
         """Restore models from snapshots and seek each partition to its resume offset."""
         loop = asyncio.get_running_loop()
@@ -320,6 +354,7 @@ class Worker:
                         await asyncio.sleep(SNAPSHOT_PAUSE)
             # Checkpoints only once every model of the round is acknowledged.
             left = await loop.run_in_executor(None, producer.flush, timeout)
+            self._round_ok = not left
             if left:
                 if not self.watch.lost:  # a lost broker is reported by the watch
                     log.error("snapshot round not acknowledged (%d left): no checkpoint",

@@ -15,6 +15,7 @@ in order, on the new one: the buffer arrives.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
 from streams.settings import KafkaSettings
@@ -77,6 +78,10 @@ class RecordProducer:
         self._next: Producer | None = None  # while re-sending an old producer's records
         self._reset_lock = threading.Lock()
         self.resent = 0
+        # A fatal idempotence error (the broker lost its state and says "out of order
+        # sequence"): librdkafka's producer is unusable; its records wait here for a new one.
+        self._fatal = False
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self.stats = ProducerStats()
         self._m_delivered = metrics.PRODUCER_DELIVERED.labels(client_id)
         self._m_failed = metrics.PRODUCER_FAILED.labels(client_id)
@@ -118,7 +123,8 @@ class RecordProducer:
             deadline = time.monotonic() + timeout
             try:
                 while len(old) and time.monotonic() < deadline:
-                    old.purge(in_queue=True, in_flight=True, blocking=False)
+                    with contextlib.suppress(KafkaException):
+                        old.purge(in_queue=True, in_flight=True, blocking=False)
                     old.poll(0.1)  # delivery reports: purged records go to ``new``
             finally:
                 self._next = None
@@ -131,14 +137,18 @@ class RecordProducer:
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         nxt = self._next
-        if (err is not None and nxt is not None
-                and err.code() in (KafkaError._PURGE_QUEUE, KafkaError._PURGE_INFLIGHT)):
+        if err is not None and (nxt is not None or self._fatal or err.fatal()
+                                or err.code() == KafkaError._FATAL):
             kwargs: dict[str, Any] = {"key": msg.key(), "value": msg.value(),
                                       "on_delivery": self._on_delivery}
             if (msg.partition() or 0) >= 0:
                 kwargs["partition"] = msg.partition()
             if msg.headers():
                 kwargs["headers"] = msg.headers()
+            if nxt is None:  # fatal: keep it for the producer that replaces this one
+                self._fatal = True
+                self._pending.append((msg.topic() or "", kwargs))
+                return
             try:
                 nxt.produce(msg.topic() or "", **kwargs)
                 self.resent += 1
@@ -167,8 +177,17 @@ class RecordProducer:
             kwargs["partition"] = partition
         if headers:
             kwargs["headers"] = headers
+        if self._fatal:
+            self._recover()
         try:
-            self._producer.produce(topic, **kwargs)
+            try:
+                self._producer.produce(topic, **kwargs)
+            except KafkaException as e:
+                if not _is_fatal(e):
+                    raise
+                self._fatal = True
+                self._recover()
+                self._producer.produce(topic, **kwargs)
         except BufferError:
             # Serve delivery reports once (frees room if the broker is merely slow), then
             # give up on this record rather than block the caller.
@@ -196,8 +215,27 @@ class RecordProducer:
                 self.client_id, self.max_buffered, topic, self.stats.overflow,
             )
 
+    def _recover(self) -> None:
+        """Replace a producer that hit a fatal error; its records go to the new one."""
+        with self._reset_lock:
+            if not self._fatal:
+                return
+            log.warning("producer %s: fatal error from a broker that lost its state; "
+                        "continuing on a new producer", self.client_id)
+        self.reset()
+        with self._reset_lock:
+            pending, self._pending, self._fatal = self._pending, [], False
+        for topic, kwargs in pending:
+            try:
+                self._producer.produce(topic, **kwargs)
+                self.resent += 1
+            except BufferError:
+                self._overflowed(topic)
+
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks."""
+        if self._fatal:
+            self._recover()
         n: int = self._producer.poll(timeout)
         self._m_queued.set(len(self._producer))
         return n
@@ -206,10 +244,12 @@ class RecordProducer:
         """Wait for outstanding records; returns how many are still queued."""
         deadline = time.monotonic() + timeout
         while True:
+            if self._fatal:
+                self._recover()
             producer = self._producer
             left: int = producer.flush(max(0.0, deadline - time.monotonic()))
             # replaced meanwhile (records moved to a new producer): wait for that one
-            if producer is self._producer or time.monotonic() >= deadline:
+            if (producer is self._producer and not self._fatal) or time.monotonic() >= deadline:
                 break
         if producer is not self._producer:
             left = len(self._producer)
@@ -217,4 +257,11 @@ class RecordProducer:
         return left
 
     def __len__(self) -> int:
+        if self._pending:
+            return len(self._producer) + len(self._pending)
         return len(self._producer)
+
+
+def _is_fatal(e: KafkaException) -> bool:
+    err = e.args[0] if e.args else None
+    return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
