@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true",
                    help="a 5 s outage instead of 20 s; SIGTERM with the broker gone only")
     p.add_argument("--outage", type=float, default=None, help="seconds the broker is away")
-    p.add_argument("--out", type=Path, default=Path("out/bench/outage.json"))
+    p.add_argument("--out", type=Path, default=Path("out/benchmarks/outage.json"))
     p.add_argument("--keep", type=Path, default=None, help="keep the process logs here")
     args = p.parse_args(argv)
     outage = args.outage if args.outage is not None else (5.0 if args.quick else 20.0)

@@ -55,7 +55,7 @@ _TRANSPORT = re.compile(
     r"connect to .* failed|connection refused|unable connect|transport failure|"
     r"all broker connections are down|disconnected|unable to (update|request) metadata|"
     r"NodeNotReady|KafkaConnectionError|failed fetch messages|broken pipe|"
-    r"reset by peer|connect call failed",
+    r"reset by peer|connect call failed|waiting for coordinator",
     re.IGNORECASE,
 )
 
@@ -230,9 +230,10 @@ class OutageFilter(logging.Filter):
     reports (logged only as the watch decides); while the broker is away, every other
     warning or error of those loggers is counted and held back too."""
 
-    def __init__(self, w: BrokerWatch | None = None) -> None:
+    def __init__(self, w: BrokerWatch | None = None, *, hold_all: bool = True) -> None:
         super().__init__()
         self.w = w or WATCH
+        self.hold_all = hold_all  # while away, hold back every warning (client loggers)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING:
@@ -244,7 +245,7 @@ class OutageFilter(logging.Filter):
         if _TRANSPORT.search(text):
             self.w.failure(text)
             return False
-        if self.w.lost:
+        if self.hold_all and self.w.lost:
             self.w.failure(text)
             return False
         return True
@@ -252,6 +253,10 @@ class OutageFilter(logging.Filter):
 
 _FILTER = OutageFilter()
 RDKAFKA_LOGGER.addFilter(_FILTER)
+# loadcast's own loggers that report Kafka failures (the sink's failed commits): only
+# those records are outage reports, anything else they log passes
+for _name in ("sinks.sink",):
+    logging.getLogger(_name).addFilter(OutageFilter(hold_all=False))
 
 
 def quiet_aiokafka() -> None:
