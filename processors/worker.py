@@ -242,7 +242,7 @@ class Worker:
             if gone:
                 ok = False
                 if not self.watch.lost:
-                    await self.snapshot(gone, timeout=SHUTDOWN_FLUSH_S)
+                    await self.snapshot(gone)
                     ok = self._round_ok
                 for p in gone:
                     if ok:

@@ -60,6 +60,7 @@ _TRANSPORT = re.compile(
 )
 
 ReturnHook = Callable[[bool], None]
+_reentry = threading.local()
 
 
 class BrokerWatch:
@@ -89,6 +90,10 @@ class BrokerWatch:
     def failure(self, text: str, now: float | None = None) -> bool:
         """A client could not reach the broker. Returns True when this one was logged."""
         now = time.monotonic() if now is None else now
+        if getattr(_reentry, "active", False):  # a report while logging one: count only
+            self.errors += 1
+            return False
+        message: tuple[Any, ...] | None = None
         with self._lock:
             if self.lost_at is None and now - self._back_at < GRACE_S:
                 self.late_errors += 1
@@ -97,17 +102,27 @@ class BrokerWatch:
             if self.lost_at is None:
                 self.lost_at = self._last_log = now
                 self.outages += 1
-                log.error("%s: broker unreachable (%s); logging this again at most every "
-                          "%.0f s until it answers", self.name, text.strip()[:300],
-                          self.log_every_s)
-                self._start_prober()
-                return True
-            if now - self._last_log >= self.log_every_s:
+                message = ("%s: broker unreachable (%s); logging this again at most every "
+                           "%.0f s until it answers", self.name, text.strip()[:300],
+                           self.log_every_s)
+                start = True
+            elif now - self._last_log >= self.log_every_s:
                 self._last_log = now
-                log.error("%s: broker still unreachable after %.0f s (%d errors so far): %s",
-                          self.name, now - self.lost_at, self.errors, text.strip()[:300])
-                return True
-            return False
+                message = ("%s: broker still unreachable after %.0f s (%d errors so far): %s",
+                           self.name, now - self.lost_at, self.errors, text.strip()[:300])
+                start = False
+            else:
+                return False
+        # logged outside the lock, and never re-entered: a handler that logs again (or
+        # writes to a redirected stderr) cannot deadlock or recurse
+        _reentry.active = True
+        try:
+            log.error(*message)
+        finally:
+            _reentry.active = False
+        if start:
+            self._start_prober()
+        return True
 
     def error_cb(self, err: KafkaError) -> None:
         """librdkafka's ``error_cb``: transport errors are outages, others are logged."""
