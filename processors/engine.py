@@ -361,6 +361,18 @@ class Engine:
         state.recovering = True
         return state.resume
 
+    def rebase(self, partition: int) -> None:
+        """The broker lost the partition's log (it came back empty): keep every model but
+        forget positions, so the new log's records, from offset 0, are applied."""
+        state = self.partitions.get(partition)
+        if state is None:
+            return
+        state.resume = 0
+        state.processed = -1
+        state.recovering = False
+        for model in state.models.values():
+            model.applied = (-1, -1)
+
     def drop(self, partition: int) -> None:
         """Forget a partition (revoked: another worker owns it now)."""
         self._forget(partition)

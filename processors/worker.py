@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -26,6 +29,7 @@ from processors.engine import Engine, SnapshotRecord
 from processors.faust_config import faust_settings
 from processors.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
+from streams.brokerwatch import quiet_aiokafka, watch
 from streams.deadletter import DeadLetterWriter
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
@@ -145,6 +149,11 @@ def read_snapshots(
         c.close()
 
 
+# Shutdown: snapshot flushes wait this long, and the process exits STOP_WITHIN_S after
+# SIGTERM/SIGINT whatever it is waiting for (the last checkpoint stands).
+SHUTDOWN_FLUSH_S = 3.0
+STOP_WITHIN_S = 8.0
+
 # A round is paced: SNAPSHOT_CHUNK models (~0.5 ms and ~200 KB each), then a pause, so
 # scoring and the broker keep up instead of taking a burst of every model at once.
 SNAPSHOT_CHUNK = 8
@@ -175,6 +184,14 @@ class Worker:
             topic_name(kafka, "telemetry"), key_type=bytes, value_type=bytes,
             key_serializer="raw", value_serializer="raw",
         )
+        # A lost broker: logged once (then every 30 s), not per failed fetch; on its
+        # return with an empty log, the worker keeps its models and starts again at 0.
+        self.watch = watch(kafka, name=f"worker {settings.app_id}")
+        quiet_aiokafka()
+        self.watch.on_return(self._broker_back)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._parked: dict[int, Any] = {}  # revoked during an outage, without a snapshot
+        self._round_ok = True
         self._wire()
 
     def _wire(self) -> None:
@@ -182,6 +199,7 @@ class Worker:
 
         @app.agent(self.telemetry, name="telemetry")
         async def process(stream: Any) -> None:
+            self._loop = asyncio.get_running_loop()
             n = 0
             async for event in stream.events():
                 m = event.message
@@ -199,6 +217,9 @@ class Worker:
 
         @app.timer(interval=self.settings.snapshot_every_seconds)
         async def snapshot_timer() -> None:
+            self._loop = asyncio.get_running_loop()
+            if self.watch.lost:  # nothing could be acknowledged: wait for the broker
+                return
             await self.snapshot(list(engine.partitions))
             if self.models is not None:  # new global versions, for later cold starts
                 await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
@@ -210,9 +231,15 @@ class Worker:
             for p in list(engine.partitions):
                 if p not in mine:
                     engine.drop(p)
+            parked, self._parked = self._parked, {}
+            back = sorted(p for p in mine - set(engine.partitions) if p in parked)
+            for p in back:  # ours before the broker went away: models kept, in place
+                engine.partitions[p] = parked[p]
             new = sorted(mine - set(engine.partitions))
             for p in new:
                 engine.hold(p)  # before any await: nothing is applied until restored
+            if back:
+                await self.readopt(back)
             if new:
                 await self.recover(new)
 
@@ -223,14 +250,86 @@ class Worker:
                     if tp.topic == self.telemetry.get_topic_name()
                     and tp.partition in engine.partitions]
             if gone:
-                await self.snapshot(gone)
+                ok = False
+                if not self.watch.lost:
+                    await self.snapshot(gone)
+                    ok = self._round_ok
                 for p in gone:
-                    engine.drop(p)
+                    if ok:
+                        engine.drop(p)
+                    else:  # no snapshot holds them: keep them in case they come back
+                        self._parked[p] = engine.partitions.pop(p)
 
         @app.on_before_shutdown.connect  # type: ignore[arg-type]
         async def shutdown(sender: Any, *args: Any, **kw: Any) -> None:
-            await self.snapshot(list(engine.partitions))
-            await asyncio.get_running_loop().run_in_executor(None, producer.flush, 10.0)
+            if self.watch.lost:
+                log.warning("broker unreachable: no snapshot at shutdown (the last "
+                            "checkpoint stands; a restarted worker replays from there)")
+                return
+            await self.snapshot(list(engine.partitions), timeout=SHUTDOWN_FLUSH_S)
+            await asyncio.get_running_loop().run_in_executor(None, producer.flush,
+                                                             SHUTDOWN_FLUSH_S)
+
+    def _broker_back(self, lost_log: bool) -> None:
+        """The broker answers again (called from the watch's thread). Partitions whose
+        log it lost (topic gone, or its end now below what was processed: offsets start
+        from 0 again) keep every model and start again at offset 0 of the new log."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        held = {p: s.processed for p, s in list(self.engine.partitions.items())}
+        lost = [p for p, processed in held.items()
+                if lost_log or self._log_end(p) <= processed]
+        if not lost:
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._rebase(lost), loop)
+        try:
+            fut.result(10)
+        except Exception as e:
+            log.error("could not restart partitions at the new log's start: %s", e)
+
+    def _log_end(self, partition: int) -> int:
+        """The telemetry partition's end offset now (-1: the topic is not there)."""
+        c = Consumer(self.kafka.consumer_config(None))
+        try:
+            tp = TopicPartition(self.telemetry.get_topic_name(), partition)
+            return int(c.get_watermark_offsets(tp, timeout=3)[1])
+        except Exception:
+            return -1
+        finally:
+            c.close()
+
+    async def _rebase(self, partitions: list[int]) -> None:
+        topic = self.telemetry.get_topic_name()
+        for p in partitions:
+            self.engine.rebase(p)
+            try:
+                await self.app.consumer.seek(TP(topic, p), 0)
+            except Exception as e:  # not assigned right now: the assignment seeks
+                log.debug("seek p%d to 0: %s", p, e)
+        log.warning("the broker lost the telemetry log of partitions %s: they start again "
+                    "at offset 0, every model kept", partitions)
+
+    async def readopt(self, partitions: list[int]) -> None:
+        """Partitions revoked during an outage and assigned back: keep their models and
+        continue after the last processed offset, or from 0 if the broker lost the log."""
+        loop = asyncio.get_running_loop()
+        topic = self.telemetry.get_topic_name()
+        rebased, resumed = [], []
+        for p in partitions:
+            state = self.engine.partitions[p]
+            end = await loop.run_in_executor(None, self._log_end, p)
+            if end <= state.processed:
+                self.engine.rebase(p)
+                rebased.append(p)
+                await self.app.consumer.seek(TP(topic, p), 0)
+            else:
+                resumed.append(p)
+                await self.app.consumer.seek(TP(topic, p), state.processed + 1)
+        models = sum(len(self.engine.partitions[p].models) for p in partitions)
+        log.warning("partitions %s back after the outage, %d models kept: %s", partitions,
+                    models, f"the broker lost the log of {rebased}, starting again at offset 0"
+                    if rebased else "resuming after the last processed offset")
 
     async def recover(self, partitions: list[int]) -> None:
         """Restore models from snapshots and seek each partition to its resume offset."""
@@ -244,7 +343,7 @@ class Worker:
             log.info("partition %d: %d models restored, resuming at offset %d", p, n, resume)
             await self.app.consumer.seek(TP(self.telemetry.get_topic_name(), p), resume)
 
-    async def snapshot(self, partitions: Iterable[int]) -> int:
+    async def snapshot(self, partitions: Iterable[int], timeout: float = 30.0) -> int:
         """One snapshot round for ``partitions``; returns how many models were written.
 
         Models are pickled SNAPSHOT_CHUNK at a time with a short pause in between: a round
@@ -264,13 +363,16 @@ class Worker:
                     if i % SNAPSHOT_CHUNK == SNAPSHOT_CHUNK - 1:
                         await asyncio.sleep(SNAPSHOT_PAUSE)
             # Checkpoints only once every model of the round is acknowledged.
-            left = await loop.run_in_executor(None, producer.flush, 30.0)
+            left = await loop.run_in_executor(None, producer.flush, timeout)
+            self._round_ok = not left
             if left:
-                log.error("snapshot round not acknowledged (%d left): no checkpoint", left)
+                if not self.watch.lost:  # a lost broker is reported by the watch
+                    log.error("snapshot round not acknowledged (%d left): no checkpoint",
+                              left)
                 return written
             for _, checkpoint in rounds:
                 self._produce_snapshot(checkpoint)
-            await loop.run_in_executor(None, producer.flush, 30.0)
+            await loop.run_in_executor(None, producer.flush, timeout)
             self.last_snapshot = time.monotonic()
             return written
 
@@ -299,8 +401,27 @@ def run_worker(kafka: KafkaSettings, settings: ProcessorSettings, loglevel: str 
     # tail. Freeze what start-up allocated and collect the young generation less often.
     gc.freeze()
     gc.set_threshold(50_000, 20, 100)
-    faust.Worker(worker.app, loglevel=loglevel, quiet=True,
-                 loop=_loop(settings.uvloop)).execute_from_commandline()
+    BoundedWorker(worker.app, loglevel=loglevel, quiet=True,
+                  loop=_loop(settings.uvloop)).execute_from_commandline()
+
+
+class BoundedWorker(faust.Worker):
+    """Faust's worker, but a signal ends the process within :data:`STOP_WITHIN_S`
+    seconds in any state (a lost broker made Faust's shutdown wait for over a minute)."""
+
+    def _schedule_shutdown(self, signal: signal.Signals) -> None:
+        if not self._signal_stop_time:
+            threading.Thread(target=_exit_after, args=(STOP_WITHIN_S,), name="stop-watchdog",
+                             daemon=True).start()
+        super()._schedule_shutdown(signal)
+
+
+def _exit_after(seconds: float) -> None:
+    time.sleep(seconds)
+    log.error("shutdown did not finish within %.0f s of the signal: exiting now (the last "
+              "snapshot checkpoint stands)", seconds)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _loop(use_uvloop: bool) -> Any:

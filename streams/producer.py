@@ -5,22 +5,35 @@ records wait in librdkafka's buffer up to ``max_buffered`` records; what exceeds
 is refused, counted (``loadcast_producer_overflow_total``) and logged, never dropped
 silently. Records the broker never acknowledges within ``delivery_timeout_s`` are counted
 as delivery failures.
+
+A broker that comes back without its storage (the embedded one restarted) no longer knows
+the idempotent producer's id, and librdkafka retries forever. So when the process's broker
+watch (:mod:`streams.brokerwatch`) sees the broker return without its topics, the producer
+is replaced by a new one and every record still queued in the old one is produced again,
+in order, on the new one: the buffer arrives.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
 from streams.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+
+
+#: After the broker returns, queued records none of which is acknowledged for this long
+#: mean the producer is stuck (its id unknown to a broker that lost its state).
+STUCK_S = 3.0
 
 
 @dataclass
@@ -60,7 +73,15 @@ class RecordProducer:
             }
         )
         conf.update(extra or {})
+        self._conf = conf
         self._producer = Producer(conf)
+        self._next: Producer | None = None  # while re-sending an old producer's records
+        self._reset_lock = threading.Lock()
+        self.resent = 0
+        # A fatal idempotence error (the broker lost its state and says "out of order
+        # sequence"): librdkafka's producer is unusable; its records wait here for a new one.
+        self._fatal = False
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self.stats = ProducerStats()
         self._m_delivered = metrics.PRODUCER_DELIVERED.labels(client_id)
         self._m_failed = metrics.PRODUCER_FAILED.labels(client_id)
@@ -68,8 +89,72 @@ class RecordProducer:
         self._m_queued = metrics.PRODUCER_QUEUED.labels(client_id)
         self._m_sent: dict[str, Any] = {}
         self._last_overflow_log = 0.0
+        from streams.brokerwatch import watch
+
+        watch(settings).on_return(self._broker_back, weak=True)
+
+    def _broker_back(self, lost_log: bool) -> None:
+        """The broker answers again. One that lost its state (the embedded one restarted
+        empty) rejects the old producer id forever: if records are still queued and none
+        is acknowledged for STUCK_S, move them to a new producer."""
+        threading.Thread(target=self._unstick, name="producer-unstick", daemon=True).start()
+
+    def _unstick(self) -> None:
+        delivered, since = self.stats.delivered, time.monotonic()
+        deadline = since + 60.0
+        while time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = time.monotonic()
+            if len(self._producer) == 0 or self.stats.delivered != delivered:
+                delivered, since = self.stats.delivered, now
+            elif now - since >= STUCK_S:
+                self.reset()
+                return
+
+    def reset(self, timeout: float = 10.0) -> int:
+        """Replace the librdkafka producer, re-producing what the old one still holds
+        (purged there, produced again here in their order). Returns how many."""
+        with self._reset_lock:
+            old = self._producer
+            new = Producer(self._conf)
+            self._next = new
+            self._producer = new
+            before = self.resent
+            deadline = time.monotonic() + timeout
+            try:
+                while len(old) and time.monotonic() < deadline:
+                    with contextlib.suppress(KafkaException):
+                        old.purge(in_queue=True, in_flight=True, blocking=False)
+                    old.poll(0.1)  # delivery reports: purged records go to ``new``
+            finally:
+                self._next = None
+            n = self.resent - before
+            if n or len(old):
+                log.warning("producer %s: broker lost its state; %d buffered records sent "
+                            "again on a new producer%s", self.client_id, n,
+                            f", {len(old)} could not be" if len(old) else "")
+            return n
 
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
+        nxt = self._next
+        if err is not None and (nxt is not None or self._fatal or err.fatal()
+                                or err.code() == KafkaError._FATAL):
+            kwargs: dict[str, Any] = {"key": msg.key(), "value": msg.value(),
+                                      "on_delivery": self._on_delivery}
+            if (msg.partition() or 0) >= 0:
+                kwargs["partition"] = msg.partition()
+            if msg.headers():
+                kwargs["headers"] = msg.headers()
+            if nxt is None:  # fatal: keep it for the producer that replaces this one
+                self._fatal = True
+                self._pending.append((msg.topic() or "", kwargs))
+                return
+            try:
+                nxt.produce(msg.topic() or "", **kwargs)
+                self.resent += 1
+                return
+            except BufferError:
+                pass  # counted as failed below
         if err is None:
             self.stats.delivered += 1
             self._m_delivered.inc()
@@ -92,8 +177,17 @@ class RecordProducer:
             kwargs["partition"] = partition
         if headers:
             kwargs["headers"] = headers
+        if self._fatal:
+            self._recover()
         try:
-            self._producer.produce(topic, **kwargs)
+            try:
+                self._producer.produce(topic, **kwargs)
+            except KafkaException as e:
+                if not _is_fatal(e):
+                    raise
+                self._fatal = True
+                self._recover()
+                self._producer.produce(topic, **kwargs)
         except BufferError:
             # Serve delivery reports once (frees room if the broker is merely slow), then
             # give up on this record rather than block the caller.
@@ -121,17 +215,53 @@ class RecordProducer:
                 self.client_id, self.max_buffered, topic, self.stats.overflow,
             )
 
+    def _recover(self) -> None:
+        """Replace a producer that hit a fatal error; its records go to the new one."""
+        with self._reset_lock:
+            if not self._fatal:
+                return
+            log.warning("producer %s: fatal error from a broker that lost its state; "
+                        "continuing on a new producer", self.client_id)
+        self.reset()
+        with self._reset_lock:
+            pending, self._pending, self._fatal = self._pending, [], False
+        for topic, kwargs in pending:
+            try:
+                self._producer.produce(topic, **kwargs)
+                self.resent += 1
+            except BufferError:
+                self._overflowed(topic)
+
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks."""
+        if self._fatal:
+            self._recover()
         n: int = self._producer.poll(timeout)
         self._m_queued.set(len(self._producer))
         return n
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for outstanding records; returns how many are still queued."""
-        left: int = self._producer.flush(timeout)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self._fatal:
+                self._recover()
+            producer = self._producer
+            left: int = producer.flush(max(0.0, deadline - time.monotonic()))
+            # replaced meanwhile (records moved to a new producer): wait for that one
+            if (producer is self._producer and not self._fatal) or time.monotonic() >= deadline:
+                break
+        if producer is not self._producer:
+            left = len(self._producer)
         self._m_queued.set(left)
         return left
 
     def __len__(self) -> int:
+        if self._pending:
+            return len(self._producer) + len(self._pending)
         return len(self._producer)
+
+
+def _is_fatal(e: KafkaException) -> bool:
+    err = e.args[0] if e.args else None
+    return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)

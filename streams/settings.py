@@ -48,10 +48,16 @@ class KafkaSettings(BaseModel):
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka properties common to producers, consumers and admin clients."""
-        # Brokers closing idle connections is routine; librdkafka would log each one.
+        from streams.brokerwatch import RDKAFKA_LOGGER, watch
+
+        # Brokers closing idle connections is routine; librdkafka would log each one. A
+        # lost broker is logged once (then every 30 s) by the process's broker watch.
+        w = watch(self)
         conf: dict[str, Any] = {
             "bootstrap.servers": self.bootstrap_servers,
             "log.connection.close": False,
+            "error_cb": w.error_cb,
+            "logger": RDKAFKA_LOGGER,
         }
         optional = {
             "security.protocol": self.security_protocol,
