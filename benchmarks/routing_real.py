@@ -188,14 +188,16 @@ def sidecar(kafka: Any, upstreams: list[Any], plane: str, policy: str,
 
 class Scorer:
     """The edge agent's windows and the processor's EndpointModel on what the client
-    saw; LoadScores published to Kafka for the sidecar."""
+    saw; LoadScores published to Kafka for the sidecar. Runs in a process of its own
+    (:func:`scorer_process`): River models must not stall the client's event loop."""
 
-    def __init__(self, kafka: Any, sc: RealScenario) -> None:
+    def __init__(self, bootstrap: str, prefix: str, sc: RealScenario) -> None:
         from confluent_kafka import Producer
 
         from processors.endpoint import EndpointModel, ProcessorConfig
         from schemas.codec import Codec
         from streams.agent import TelemetryAggregator
+        from streams.settings import KafkaSettings
         from streams.topics import topic_name
 
         ids = [b.id for b in sc.specs()]
@@ -207,14 +209,15 @@ class Scorer:
                               capacity_rps={b.id: b.capacity_rps for b in sc.specs()})
         self.models = {i: EndpointModel.create(i, cfg) for i in ids}
         self.codec = Codec.embedded()
+        kafka = KafkaSettings(bootstrap_servers=bootstrap, topic_prefix=prefix, partitions=1)
         self.topic = topic_name(kafka, "load-scores")
-        self.producer = Producer({"bootstrap.servers": kafka.bootstrap_servers,
-                                  "linger.ms": 0, "acks": 1})
+        self.producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "acks": 1})
         self.pos = 0
         self.published = 0
 
-    def record(self, endpoint: str, ms: float, status: int, timed_out: bool) -> None:
-        self.agg.record(endpoint, ms, status, at=time.time(), timed_out=timed_out)
+    def record(self, endpoint: str, ms: float, status: int, timed_out: bool,
+               at: float) -> None:
+        self.agg.record(endpoint, ms, status, at=at, timed_out=timed_out)
 
     def tick(self) -> None:
         now = time.time()
@@ -228,10 +231,59 @@ class Scorer:
         self.producer.flush(2)
 
 
+def scorer_process(bootstrap: str, prefix: str, sc: RealScenario, q: Any, out: Any) -> None:
+    """Child process: records from ``q`` (None ends), a tick every 0.5 s; puts the number
+    of scores published on ``out`` at the end."""
+    import queue
+
+    s = Scorer(bootstrap, prefix, sc)
+    out.put("ready")
+    nxt = time.monotonic() + 0.5
+    while True:
+        try:
+            item = q.get(timeout=max(0.0, nxt - time.monotonic()))
+        except queue.Empty:
+            item = ()
+        if item is None:
+            break
+        if item:
+            s.record(*item)
+        if time.monotonic() >= nxt:
+            s.tick()
+            nxt = time.monotonic() + 0.5
+    out.put(s.published)
+
+
+@contextmanager
+def scorer(kafka: Any, sc: RealScenario) -> Iterator[tuple[Any, list[int]]]:
+    """The scorer process; yields (its queue, [scores published] filled on exit)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    q, out = ctx.Queue(), ctx.Queue()
+    proc = ctx.Process(target=scorer_process,
+                       args=(kafka.bootstrap_servers, kafka.topic_prefix, sc, q, out),
+                       daemon=True)
+    proc.start()
+    published: list[int] = []
+    try:
+        if out.get(timeout=120) != "ready":
+            raise RuntimeError("scorer did not start")
+        yield q, published
+    finally:
+        q.put(None)
+        with contextlib.suppress(Exception):
+            published.append(int(out.get(timeout=30)))
+        proc.join(10)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+
+
 # -- client -----------------------------------------------------------------------------
 
 
-async def _drive(url: str, sc: RealScenario, seed: int, scorer: Scorer | None,
+async def _drive(url: str, sc: RealScenario, seed: int, q: Any,
                  t0: float) -> list[tuple[float, float, int, str]]:
     """Open-loop arrivals; returns (t, latency ms, outcome 0 ok / 1 error, endpoint)."""
     import aiohttp
@@ -256,19 +308,10 @@ async def _drive(url: str, sc: RealScenario, seed: int, scorer: Scorer | None,
             pass
         ms = (time.monotonic() - start) * 1000.0
         out.append((t, ms, bad, ep))
-        if scorer is not None and ep:
-            scorer.record(ep, ms, status or 504, timed_out)
+        if q is not None and ep:
+            q.put((ep, ms, status or 504, timed_out, time.time()))
 
-    async def scoring(stop: asyncio.Event) -> None:
-        assert scorer is not None
-        while not stop.is_set():
-            await asyncio.to_thread(scorer.tick)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), 0.5)
-
-    stop = asyncio.Event()
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as session:
-        sc_task = asyncio.create_task(scoring(stop)) if scorer is not None else None
         tasks = []
         for t in arrivals:
             delay = t0 + t - time.monotonic()
@@ -276,9 +319,6 @@ async def _drive(url: str, sc: RealScenario, seed: int, scorer: Scorer | None,
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(one(session, t)))
         await asyncio.gather(*tasks)
-        stop.set()
-        if sc_task is not None:
-            await sc_task
     return out
 
 
@@ -328,23 +368,23 @@ def run_real(sc: RealScenario, seed: int, planes: tuple[str, ...],
                                       topic_prefix=f"real{uuid.uuid4().hex[:6]}.",
                                       partitions=1)
                 ensure_topics(kafka)
-                t_start = time.time() + 6.0  # backends' clock for the degradation
-                with backends(sc, t_start) as urls:
+                with backends(sc, time.time()) as urls:
                     ups = [Upstream(id=b.id, url=urls[b.id], api=API,
                                     capacity_rps=round(b.capacity_rps, 1))
                            for b in sc.specs()]
                     port = free_port()
-                    with sidecar(kafka, ups, plane, policy, port):
-                        scorer = Scorer(kafka, sc) if policy == "predictive" else None
+                    with sidecar(kafka, ups, plane, policy, port), \
+                            contextlib.ExitStack() as stack:
+                        q, published = (stack.enter_context(scorer(kafka, sc))
+                                        if policy == "predictive" else (None, []))
                         _warm_up(f"http://127.0.0.1:{port}/x", 20)
-                        wait = t_start - time.time()
-                        if wait > 0:
-                            time.sleep(wait)
+                        for u in urls.values():  # the backends' clock starts now
+                            _warm_up(f"{u}/_t0", 1)
                         t0 = time.monotonic()
                         rows = asyncio.run(_drive(f"http://127.0.0.1:{port}/x", sc, seed,
-                                                  scorer, t0))
+                                                  q, t0))
                 res[plane][policy] = {"phases": phase_table(rows, sc), "requests": len(rows),
-                                      "scores_published": scorer.published if scorer else 0}
+                                      "scores_published": sum(published)}
                 log(f"  real {plane} {policy}: " + ", ".join(
                     f"{k} p99 {v['p99_ms']:.0f} ms err {v['errors_pct']:.2f} %"
                     for k, v in res[plane][policy]["phases"].items()

@@ -23,7 +23,7 @@ from aiohttp import web
 
 async def _serve(spec: dict[str, Any]) -> None:
     deadline = spec["deadline_s"]
-    t0 = spec["t0"]
+    clock = {"t0": float(spec["t0"])}
     runners = []
     for b in spec["backends"]:
         sem = asyncio.Semaphore(b["slots"])
@@ -35,6 +35,9 @@ async def _serve(spec: dict[str, Any]) -> None:
             hdr = {"X-Endpoint": b["id"]}
 
             async def handle(request: web.Request) -> web.Response:
+                if request.path == "/_t0":  # the run starts now (degradation clock)
+                    clock["t0"] = time.time()
+                    return web.Response(headers=hdr, text="t0")
                 arrived = time.monotonic()
                 if sem.locked() and state["waiting"] >= b["queue"]:
                     return web.Response(status=503, headers=hdr, text="queue full")
@@ -47,7 +50,7 @@ async def _serve(spec: dict[str, Any]) -> None:
                     if time.monotonic() - arrived > deadline:
                         return web.Response(status=503, headers=hdr, text="expired")
                     s = b["median_s"] * math.exp(rng.gauss(0.0, b["sigma"]))
-                    now = time.time() - t0
+                    now = time.time() - clock["t0"]
                     if b["slow"] and b["slow"][0] <= now < b["slow"][1]:
                         s *= b["slow"][2]
                     await asyncio.sleep(s)
