@@ -13,6 +13,13 @@ Two scenarios (``benchmarks/routing_sim/scenarios.py`` says exactly what they ar
    an oracle (true capacities and future load, no delay), and one labelled experiment
    (``predictive-capw``: the same scores, weights multiplied by configured capacity).
 
+3. **Pre-scaling** (``routing_sim/prescale.py``): capacity that takes 2-5 intervals to come
+   up; the Kubernetes HPA + peak-EWMA vs loadcast (forecast + planner rule + predictive)
+   vs the persistence ablation vs an oracle, on the seasonal shape and the repository's
+   trace (or ``--trace FILE``).
+4. ``--real`` (``routing_real.py``): the same kind of run through the real sidecar
+   (built-in proxy and HAProxy) to real aiohttp backends, side by side with the simulator.
+
 Routing uses the sidecar's own ``Router`` and policy classes; telemetry goes through the
 edge agent's ``TelemetryAggregator``; scores come from ``processors.endpoint.EndpointModel``
 (``Stepper``, ``make_forecaster("default")``, ``CapacityEstimator``, ``load_score_record``);
@@ -24,6 +31,8 @@ Usage::
     python benchmarks/routing.py --quick          # 1 seed, main scenario at 1/4 time
     python benchmarks/routing.py --trace streams/traces/elb_request_count_8c0756.csv
     python benchmarks/routing.py --actuation-ms 500 --seeds 5
+    python benchmarks/routing.py --only prescale --activation-intervals 5
+    python benchmarks/routing.py --only main --seeds 1 --real   # + the real sidecar run
 
 Prints tables and writes ``out/benchmarks/routing.json`` (see ``--out``). Latency figures
 are medians over requests within a run, then mean and 95 % interval over seeds.
@@ -415,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", type=Path, default=None,
                     help="timestamp,value CSV (or one count per line for the pre-scaling "
                          "scenario) replayed (compressed) as the load shape")
+    ap.add_argument("--real", action="store_true",
+                    help="also send the same kind of arrivals through the real sidecar "
+                         "(built-in proxy and HAProxy) to real loopback backends, side by "
+                         "side with the simulation (about 10 minutes; needs haproxy)")
+    ap.add_argument("--real-planes", default="proxy,haproxy",
+                    help="data planes for --real (comma-separated: proxy, haproxy)")
+    ap.add_argument("--plan-band", type=float, default=0.3,
+                    help="pre-scaling: plan for the forecast's mean + this share of the way "
+                         "to its upper band (default 0.3; 0 = the mean)")
     ap.add_argument("--activation-intervals", type=float, default=3.0,
                     help="pre-scaling: intervals new capacity takes to serve (2-5; default 3)")
     ap.add_argument("--actuation-ms", type=float, default=50.0,
@@ -433,8 +451,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 0:
             console.print(f"[red]--{name.replace('_', '-')} must be >= 0[/red]")
             return 2
+    if not 0.0 <= args.plan_band <= 1.0:
+        console.print("[red]--plan-band must be in [0, 1][/red]")
+        return 2
     if not 0 < args.activation_intervals <= 20:
         console.print("[red]--activation-intervals must be in (0, 20][/red]")
+        return 2
+    if args.real and not set(args.real_planes.split(",")) <= {"proxy", "haproxy"}:
+        console.print("[red]--real-planes: proxy and/or haproxy[/red]")
         return 2
     if args.interval_s <= 0 or (args.seeds is not None and args.seeds < 1):
         console.print("[red]--interval-s must be > 0 and --seeds >= 1[/red]")
@@ -452,7 +476,8 @@ def main(argv: list[str] | None = None) -> int:
         else [("seasonal", None), (f"trace:{ELB_TRACE}", trace_path(ELB_TRACE))])
     pre_scens = {label: prescale.PrescaleScenario(
         scale=QUICK_SCALE if args.quick else 1.0, trace=path, interval_s=args.interval_s,
-        activation_intervals=args.activation_intervals) for label, path in pre_loads}
+        activation_intervals=args.activation_intervals, plan_band=args.plan_band)
+        for label, path in pre_loads}
     try:
         if args.only != "prescale":
             scenario.load()  # a bad trace fails here, with its line
@@ -514,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
     print_tables(console, res)
     for label, p in res.get("prescale", {}).items():
         prescale.print_table(console, p, label)
+    if args.real:
+        from benchmarks import routing_real
+
+        planes = tuple(x.strip() for x in args.real_planes.split(",") if x.strip())
+        res["real"] = routing_real.main_real(console, 0, planes)
+        for plane, phases in res["real"]["order"].items():
+            checks[f"real_{plane}_same_order_as_simulation_every_phase"] = all(
+                c["same"] for c in phases.values())
     for k, v in checks.items():
         console.print(f"  {k}: {'[green]yes[/green]' if v else '[red]NO[/red]'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

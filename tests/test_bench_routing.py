@@ -161,3 +161,30 @@ def test_calibration_round_robin_and_peak_ewma_match_linkerd() -> None:
         rates[pol] = 100.0 * float((r.outcome == OK).mean())
     assert abs(rates["round-robin"] - 95.0) <= 0.5
     assert abs(rates["peak-ewma"] - 99.9) <= 0.5
+
+
+def test_real_backends_have_slots_a_bounded_queue_and_shed() -> None:
+    import asyncio
+    import time
+
+    import aiohttp
+
+    from benchmarks.routing_real import RealScenario, backends
+
+    sc = RealScenario(slots=(1,), queue_per_slot=1, median_s=0.3, sigma=0.0,
+                      degrade_backend=5)
+
+    async def burst(url: str) -> list[int]:
+        async with aiohttp.ClientSession() as s:
+            async def one() -> int:
+                async with s.get(url) as r:
+                    await r.read()
+                    return r.status
+            return await asyncio.gather(*(one() for _ in range(4)))
+
+    with backends(sc, time.time()) as urls:
+        t0 = time.monotonic()
+        got = asyncio.run(burst(urls["r0"] + "/x"))
+        took = time.monotonic() - t0
+    assert sorted(got) == [200, 200, 503, 503]  # one slot, one queued, two shed at once
+    assert took >= 0.55  # the queued one waited for the slot: two service times in a row

@@ -20,7 +20,8 @@ Lanes (all route with the sidecar's real ``Router``; instances not active are ej
   stepper, ``make_forecaster("default")``, the LoadScore's forecast points) of the pool's
   demand, fed the agent's windows; the planner rule of ``processors.mirroring`` (act when
   the predicted crossing is within the lead time = activation time + margin; size for the
-  peak over the horizon) with the HPA recommendation as a floor (never below what
+  peak over the horizon, planning for the forecast's mean + ``plan_band`` (0.3) of the way
+  to its upper band: a margin) with the HPA recommendation as a floor (never below what
   reaction would do); ``predictive`` routing (equal weights: in a homogeneous pool it routes
   as peak-EWMA, so the difference is capacity timing alone).
 - ``loadcast-persistence``: the ablation, the same with the forecaster replaced by
@@ -109,6 +110,7 @@ class PrescaleScenario:
     ramp_s: float = 3.0
     slo_ms: float = 500.0
     margin_intervals: float = 1.0
+    plan_band: float = 0.3  # plan for mean + plan_band x (upper - mean) of the forecast band
     step_s: int = 10
     horizon: int = 6
     extra: dict[str, Any] = field(default_factory=dict)
@@ -178,7 +180,7 @@ class PrescaleScenario:
             "load": "trace:" + self.trace.name if self.trace else "seasonal",
             "spikes": [{"start_s": a, "end_s": b, "factor": f}
                        for a, b, f in self.spike_windows()],
-            "slo_ms": self.slo_ms, "deadline_s": self.deadline_s,
+            "slo_ms": self.slo_ms, "deadline_s": self.deadline_s, "plan_band": self.plan_band,
         }
 
 
@@ -231,7 +233,9 @@ class ScalingControl:
         pos: Any = (self._pos, 0) if self._kw == "position" else self._pos
         obs = self.model.observe(w, **{self._kw: pos}, now=end_s + 0.5)
         if obs.score is not None and obs.score.get("forecast"):
-            self.forecast = [(p["at"] / 1000.0 - T0, p["mean"]) for p in obs.score["forecast"]]
+            b = self.sc.plan_band
+            self.forecast = [(p["at"] / 1000.0 - T0, p["mean"] + b * (p["upper"] - p["mean"]))
+                             for p in obs.score["forecast"]]
 
     def _prefeed(self) -> None:
         iv = self.sc.interval_s

@@ -259,8 +259,8 @@ def local_probe(e: Endpoint, now: float) -> tuple[float, float]:
 
 
 class Prequal:
-    """Prequal: *Probing to Reduce Queuing and Latency* (Wydrowski, Kleinberg, Rumble,
-    Mogul, "Load is not what you should balance: Introducing Prequal", NSDI 2024; in
+    """Prequal: *Probing to Reduce Queuing and Latency* (Wydrowski, Kleinberg, Rumble et al.,
+    "Load is not what you should balance: Introducing Prequal", NSDI 2024, arXiv 2312.10172; in
     production on YouTube).
 
     - **Asynchronous probes.** Each request triggers ``probe_rate`` probes of uniformly
