@@ -1,4 +1,4 @@
-"""Direct multi-horizon forecaster with online selection against baselines (``"default"``).
+"""Direct multi-horizon forecaster blended online with the baselines (``"default"``).
 
 Why direct: River's stock forecasters are recursive (they feed their own 1-step forecast
 back in), so errors compound with the horizon.  Here every horizon ``h = 1..H`` has its own
@@ -23,11 +23,20 @@ standardized SGD with gradient clipping (``"sgd"``, per-horizon feature scaling)
 Innovations are clipped at a few robust standard deviations so a single spike cannot
 wreck the weights.
 
-Safety on unseen series: for every horizon the model keeps an EW mean absolute error of
-itself and of each candidate (seasonal naive, persistence, EW means, weekly naive,
-multi-day mean) and forecasts with the candidate that currently has the smallest error,
-so it cannot stay much worse than seasonal-naive for long.  Bands are rolling empirical
-quantiles of the final forecast's past errors (see :mod:`processors.forecasting.bands`).
+Final forecast (``select``).  ``"mix"``, the default: per horizon, a weighted mean of the
+candidates (the model, seasonal naive, persistence, the EW means, the long-season naive
+and the multi-season mean) whose weights are learned online by exponentiated gradient on
+the blend's scale-free absolute error (rate ``mix_lr / h``: horizon h learns from forecasts
+made h steps ago), with a small fixed share of uniform weight so a candidate that was poor
+can come back.  A candidate without a forecast (no week of history yet) keeps its weight
+relative to the blend.  A guard forecasts seasonal naive or persistence instead while its
+recent error (EW, half-life half a season) is below ``guard_margin`` times the blend's.
+The rate and share were picked on the two traces in ``streams/traces`` -- the same ones
+``benchmarks/forecast_accuracy.py`` reports, so those figures are in-sample for them.
+``"best"`` (the previous default): the candidate with the smallest EW mean absolute error,
+the model favoured by ``guard_margin``.  ``"model"``: the model alone.  ``"blend"``:
+inverse-squared-error weights.  Bands are rolling empirical quantiles of the final
+forecast's past errors (see :mod:`processors.forecasting.bands`).
 """
 
 from __future__ import annotations
@@ -80,7 +89,8 @@ class RowObserver(Protocol):
 
 
 class DirectForecaster(BandedForecaster):
-    """Per-horizon online linear models on scale-free features, with online selection.
+    """Per-horizon online linear models on scale-free features, blended online with the
+    baselines.
 
     >>> import math
     >>> f = DirectForecaster(step_seconds=3600, season_seconds=86400, max_horizon=3)
@@ -116,6 +126,7 @@ class DirectForecaster(BandedForecaster):
         guard_margin: float = 0.9,
         mix_lr: float = MIX_LR,
         mix_share: float = MIX_SHARE,
+        guard_halflife: int | None = None,
     ) -> None:
         super().__init__(step_seconds, season_seconds, max_horizon)
         if learner not in ("rls", "sgd"):
@@ -183,6 +194,9 @@ class DirectForecaster(BandedForecaster):
         # blended forecast made at step k (row k % H) to score it when the actual arrives.
         self._mixw = np.full((H, C), 1.0 / C)
         self._pmix = np.full((H, H), np.nan)
+        # EW mean |error| / level of the blend, seasonal naive, persistence (the guard).
+        self._gerr = np.zeros((H, 3))
+        self._guard_a = 1.0 - 0.5 ** (1.0 / (guard_halflife or max(m // 2, 12)))
         self._hs = hs
         self._rows_h = np.arange(H)
 
@@ -260,7 +274,9 @@ class DirectForecaster(BandedForecaster):
         ``pseudo_count`` past errors of each candidate, so they are usable at once and own
         errors replace them as they arrive (the EW mean is bias-corrected).  Without a
         record a new forecaster uses seasonal naive (or the level) until every candidate
-        has scored ``min(halflife, 100)`` errors itself.
+        has scored ``min(halflife, 100)`` errors itself.  With ``select="mix"`` the
+        record also sets the blend's starting weights: half a softmax of ``-5 x error``
+        over the candidates with a record, half uniform.
         """
         e = np.asarray(errors, dtype=float)
         if e.shape != self._cerr.shape:
@@ -272,6 +288,14 @@ class DirectForecaster(BandedForecaster):
         self._cerr_w = np.where(ok, float(pseudo_count), self._cerr_w)
         self._cerr_n = np.where(ok, np.maximum(self._cerr_n, self._warm), self._cerr_n)
         self._cerr = np.where(ok, e, self._cerr)
+        if self.select == "mix":
+            # The blend starts half from the record (softmax of -5 x error), half uniform.
+            z = np.where(ok, -5.0 * e, -np.inf)
+            z -= np.where(ok.any(axis=1), z.max(axis=1), 0.0)[:, None]
+            w = np.exp(z)
+            tot = w.sum(axis=1, keepdims=True)
+            w = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / e.shape[1])
+            self._mixw = 0.5 * w + 0.5 / e.shape[1]
 
     def observe_rows(self, observer: RowObserver | None) -> None:
         """Hand every learning row to ``observer`` (None: stop).  Used to collect
@@ -447,6 +471,15 @@ class DirectForecaster(BandedForecaster):
             out = out.sum(axis=1) / np.where(tot > 0, tot, 1.0)
             out = np.where(tot > 0, out, C[:, 1])
             self._pmix[self._t % self.max_horizon] = out
+            # Guard: while seasonal naive or persistence has had a clearly smaller recent
+            # error than the blend, forecast with it (the blend's weights move too slowly
+            # to leave a component that has just gone wrong, e.g. in a holiday week).
+            ge = self._gerr
+            best = 1 + np.argmin(ge[:, 1:], axis=1)
+            use = ge[self._rows_h, best] < self.guard_margin * ge[:, 0]
+            if use.any():
+                base = C[self._rows_h, best]
+                out = np.where(use & ~np.isnan(base), base, out)
             return out
         err = self._cerr
         # A candidate without a forecast or without a score yet is never chosen (inf);
@@ -536,6 +569,11 @@ class DirectForecaster(BandedForecaster):
         absolute error of the blend, scale-free, then a fixed share of uniform weight so a
         candidate that was poor can come back when the series changes."""
         pred = self._pmix[rws, hi]
+        # Recent errors of the blend, seasonal naive and persistence, for the guard.
+        ge = np.abs(np.column_stack([pred, cands[:, 1], cands[:, 2]]) - value) / s[:, None]
+        gerr = self._gerr[hi]
+        self._gerr[hi] = np.where(np.isnan(ge), gerr,
+                                  gerr + self._guard_a * (np.minimum(ge, _FCLIP) - gerr))
         ok = ~np.isnan(cands)
         # d|sum_c w_c x_c / sum_c w_c - y| / dw_c ~ sign(pred - y) (x_c - y) / level.
         g = np.sign(pred - value)[:, None] * (cands - value) / s[:, None]
