@@ -120,7 +120,8 @@ def evaluate(kind: str, ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, A
 def _shift(y: np.ndarray, k: int) -> np.ndarray:
     """``a[t] = y[t - k]`` (k >= 0), NaN before the start."""
     a = np.full(len(y), np.nan)
-    a[k:] = y[: len(y) - k] if k else y
+    if k < len(y):
+        a[k:] = y[: len(y) - k]
     return a
 
 
@@ -173,18 +174,29 @@ def _ref_score(y: np.ndarray, m: int, preds: dict[int, np.ndarray], seconds: flo
 
 
 def lightgbm_reference(ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, Any] | None:
-    """The LightGBM anchor (see the module docstring); None if lightgbm is missing."""
+    """The LightGBM anchor's scores (see the module docstring); None without lightgbm."""
+    t0 = time.perf_counter()
+    preds = lightgbm_forecasts(ts, y, step)
+    if preds is None:
+        return None
+    return _ref_score(y, max(1, round(86400 / step)), preds, time.perf_counter() - t0)
+
+
+def lightgbm_forecasts(ts: np.ndarray, y: np.ndarray, step: int,
+                       horizons: tuple[int, ...] = HORIZONS) -> dict[int, np.ndarray] | None:
+    """``{h: p}``, ``p[t]`` the LightGBM anchor's forecast of ``y[t + h]`` made at ``t``
+    by a model trained at the start of ``t``'s day on rows whose target was known then.
+    None if lightgbm is not installed."""
     try:
         import lightgbm as lgb
     except ImportError:
         return None
-    t0 = time.perf_counter()
     n, m = len(y), max(1, round(86400 / step))
     params = {"objective": "l1", "learning_rate": 0.05, "num_leaves": 31,
               "min_data_in_leaf": 20, "feature_fraction": 0.9, "num_threads": 1,
               "seed": 0, "deterministic": True, "verbose": -1}
     preds: dict[int, np.ndarray] = {}
-    for h in HORIZONS:
+    for h in horizons:
         X = ref_features(ts, y, m, h)
         target = np.full(n, np.nan)
         target[: n - h] = y[h:]
@@ -197,18 +209,25 @@ def lightgbm_reference(ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, An
                               num_boost_round=200)
             pred[start : start + m] = model.predict(X[start : start + m])
         preds[h] = pred
-    return _ref_score(y, m, preds, time.perf_counter() - t0)
+    return preds
 
 
-def ridge_reference(ts: np.ndarray, y: np.ndarray, step: int,
-                    alpha: float = 0.01) -> dict[str, Any]:
-    """The ridge anchor: refit hourly on all past rows, by sufficient statistics (the
-    same solution as refitting on every past row), features standardized."""
+def ridge_reference(ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, Any]:
+    """The ridge anchor's scores (see the module docstring)."""
     t0 = time.perf_counter()
+    preds = ridge_forecasts(ts, y, step)
+    return _ref_score(y, max(1, round(86400 / step)), preds, time.perf_counter() - t0)
+
+
+def ridge_forecasts(ts: np.ndarray, y: np.ndarray, step: int, alpha: float = 0.01,
+                    horizons: tuple[int, ...] = HORIZONS) -> dict[int, np.ndarray]:
+    """``{h: p}`` as :func:`lightgbm_forecasts`, for the ridge anchor: refit every hour on
+    all rows whose target was known, by sufficient statistics (the same solution as
+    refitting on every past row), features standardized."""
     n, m = len(y), max(1, round(86400 / step))
     every = max(1, round(3600 / step))
     preds: dict[int, np.ndarray] = {}
-    for h in HORIZONS:
+    for h in horizons:
         X = ref_features(ts, y, m, h, week=False)
         target = np.full(n, np.nan)
         target[: n - h] = y[h:]
@@ -237,7 +256,7 @@ def ridge_reference(ts: np.ndarray, y: np.ndarray, step: int,
             ok = np.isfinite(X[seg]).all(axis=1)
             pred[seg] = np.where(ok, np.nan_to_num(X[seg]) @ beta + b0, pred[seg])
         preds[h] = pred
-    return _ref_score(y, m, preds, time.perf_counter() - t0)
+    return preds
 
 
 def run(files: list[Path], kinds: list[str], quick: bool) -> dict[str, Any]:
