@@ -52,7 +52,9 @@ def test_forecaster_speed_quick(tmp_path: Path) -> None:
     d = res["kinds"]["default"]
     assert d["median_us"] > 0 and d["timed_steps"] == 300
     assert 0 < d["pickle_bytes"] <= 250_000
-    assert set(res["checks"]) == {"default_median_us_ok", "default_bytes_ok"}
+    assert d["cpu_median_us"] > 0
+    assert set(res["checks"]) == {"default_median_us_ok", "default_cpu_median_us_ok",
+                                  "default_bytes_ok"}
 
 
 def test_forecast_accuracy_anchor_rows_quick(tmp_path: Path) -> None:
