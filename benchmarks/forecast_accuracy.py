@@ -12,6 +12,16 @@ one-season-back naive forecast on the same series, in-sample,
 seasonal-naive scores about 1.0 and lower is better.  Coverage is the fraction of actuals
 inside the 90 % band, per horizon and over all horizons 1..15 (target 0.85-0.95).
 
+Reference rows (anchors, not products: what is achievable offline, scored on the same
+forecast points, no look-ahead): ``lightgbm_ref``, LightGBM direct per horizon (one model
+per h) on lags, seasonal lags, rolling means and their day-over-day gaps and the time of
+day/week of the target, L1 objective, retrained at the start of every day on all rows whose
+target was already known; ``ridge_ref``, a direct ridge regression per horizon on the same
+features (without the week-old lag), refit every hour on all past rows.  Before an anchor
+has enough rows (a day, and at least 100) it forecasts seasonal naive.  They are computed
+for h = 1, 5, 15 only and have no bands.  LightGBM is a dev extra (``pip install -e
+'.[dev]'``); without it the row is skipped with a note.
+
 Usage::
 
     python benchmarks/forecast_accuracy.py                 # both traces in streams/traces
@@ -54,6 +64,11 @@ TARGETS = {
     "elb_request_count_8c0756.csv": (0.78, 0.80, 0.80),
 }
 COVERAGE_RANGE = (0.85, 0.95)
+#: Offline anchors (see the module docstring); not forecaster kinds.
+REF_KINDS = ("lightgbm_ref", "ridge_ref")
+REF_MIN_ROWS = 100
+#: The default must be within this factor of the LightGBM anchor at h = 1, 5, 15.
+REF_TOLERANCE = 1.03
 
 
 def load_series(path: Path, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -102,6 +117,148 @@ def evaluate(kind: str, ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, A
     }
 
 
+def _shift(y: np.ndarray, k: int) -> np.ndarray:
+    """``a[t] = y[t - k]`` (k >= 0), NaN before the start."""
+    a = np.full(len(y), np.nan)
+    if k < len(y):
+        a[k:] = y[: len(y) - k]
+    return a
+
+
+def _rolling_mean(y: np.ndarray, w: int) -> np.ndarray:
+    """Mean of ``y[t-w+1 .. t]``, NaN before ``w`` values exist."""
+    c = np.concatenate([[0.0], np.cumsum(y)])
+    out = np.full(len(y), np.nan)
+    out[w - 1 :] = (c[w:] - c[:-w]) / w
+    return out
+
+
+def ref_features(ts: np.ndarray, y: np.ndarray, m: int, h: int,
+                 week: bool = True) -> np.ndarray:
+    """Features at forecast origin ``t`` (only ``y[<= t]``) for the target ``t + h``:
+    lags 0..7, seasonal lags (same step and its neighbours a day back, two days back,
+    a week back), rolling means over 4, 12 and m steps and their day-over-day gaps, and
+    the target's time of day and day of week (sin/cos)."""
+    cols = [_shift(y, k) for k in range(8)]
+    for k in (m - h - 1, m - h, m - h + 1, 2 * m - h) + ((7 * m - h,) if week else ()):
+        cols.append(_shift(y, k) if k >= 0 else np.full(len(y), np.nan))
+    for w in (4, 12, m):
+        r = _rolling_mean(y, w)
+        cols += [r, r - _shift(r, m)]
+    step = float(np.median(np.diff(ts)))
+    at = ts + h * step
+    for period in (86400.0, 7 * 86400.0):
+        ph = 2 * np.pi * (at % period) / period
+        cols += [np.sin(ph), np.cos(ph)]
+    return np.column_stack(cols)
+
+
+def _ref_fallback(y: np.ndarray, m: int, h: int) -> np.ndarray:
+    """Seasonal naive for the target ``t + h`` made at ``t`` (persistence before a day)."""
+    sn = _shift(y, m - h) if m - h >= 0 else np.full(len(y), np.nan)
+    return np.where(np.isnan(sn), y, sn)
+
+
+def _ref_score(y: np.ndarray, m: int, preds: dict[int, np.ndarray], seconds: float,
+               ) -> dict[str, Any]:
+    """MASE of origin-indexed forecasts ``preds[h][t]`` (target ``t + h``) on targets
+    ``>= m``, as :func:`evaluate` scores the online kinds."""
+    scale = float(np.mean(np.abs(y[m:] - y[:-m])))
+    mase = {}
+    for h, p in preds.items():
+        target = np.arange(len(y)) + h
+        ok = (target < len(y)) & (target >= m)
+        mase[str(h)] = round(float(np.mean(np.abs(y[target[ok]] - p[ok]))) / scale, 4)
+    return {"mase": mase, "mase_all": dict(mase), "seconds": round(seconds, 2),
+            "reference": True}
+
+
+def lightgbm_reference(ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, Any] | None:
+    """The LightGBM anchor's scores (see the module docstring); None without lightgbm."""
+    t0 = time.perf_counter()
+    preds = lightgbm_forecasts(ts, y, step)
+    if preds is None:
+        return None
+    return _ref_score(y, max(1, round(86400 / step)), preds, time.perf_counter() - t0)
+
+
+def lightgbm_forecasts(ts: np.ndarray, y: np.ndarray, step: int,
+                       horizons: tuple[int, ...] = HORIZONS) -> dict[int, np.ndarray] | None:
+    """``{h: p}``, ``p[t]`` the LightGBM anchor's forecast of ``y[t + h]`` made at ``t``
+    by a model trained at the start of ``t``'s day on rows whose target was known then.
+    None if lightgbm is not installed."""
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        return None
+    n, m = len(y), max(1, round(86400 / step))
+    params = {"objective": "l1", "learning_rate": 0.05, "num_leaves": 31,
+              "min_data_in_leaf": 20, "feature_fraction": 0.9, "num_threads": 1,
+              "seed": 0, "deterministic": True, "verbose": -1}
+    preds: dict[int, np.ndarray] = {}
+    for h in horizons:
+        X = ref_features(ts, y, m, h)
+        target = np.full(n, np.nan)
+        target[: n - h] = y[h:]
+        pred = _ref_fallback(y, m, h)
+        for start in range(m, n, m):  # retrain at the start of every day
+            known = max(0, start - h + 1)  # origins t <= start - h: y[t + h] is known
+            if known < max(m, REF_MIN_ROWS):
+                continue
+            model = lgb.train(params, lgb.Dataset(X[:known], target[:known]),
+                              num_boost_round=200)
+            pred[start : start + m] = model.predict(X[start : start + m])
+        preds[h] = pred
+    return preds
+
+
+def ridge_reference(ts: np.ndarray, y: np.ndarray, step: int) -> dict[str, Any]:
+    """The ridge anchor's scores (see the module docstring)."""
+    t0 = time.perf_counter()
+    preds = ridge_forecasts(ts, y, step)
+    return _ref_score(y, max(1, round(86400 / step)), preds, time.perf_counter() - t0)
+
+
+def ridge_forecasts(ts: np.ndarray, y: np.ndarray, step: int, alpha: float = 0.01,
+                    horizons: tuple[int, ...] = HORIZONS) -> dict[int, np.ndarray]:
+    """``{h: p}`` as :func:`lightgbm_forecasts`, for the ridge anchor: refit every hour on
+    all rows whose target was known, by sufficient statistics (the same solution as
+    refitting on every past row), features standardized."""
+    n, m = len(y), max(1, round(86400 / step))
+    every = max(1, round(3600 / step))
+    preds: dict[int, np.ndarray] = {}
+    for h in horizons:
+        X = ref_features(ts, y, m, h, week=False)
+        target = np.full(n, np.nan)
+        target[: n - h] = y[h:]
+        good = np.isfinite(X).all(axis=1) & np.isfinite(target)
+        Xa = np.column_stack([X, target])
+        pred = _ref_fallback(y, m, h)
+        k = X.shape[1]
+        G, cnt, used = np.zeros((k + 1, k + 1)), 0, 0
+        s1 = np.zeros(k + 1)
+        for start in range(m, n, every):
+            known = max(0, start - h + 1)
+            rows = Xa[used:known][good[used:known]]
+            G += rows.T @ rows
+            s1 += rows.sum(axis=0)
+            cnt += len(rows)
+            used = max(used, known)
+            if cnt < max(m, REF_MIN_ROWS):
+                continue
+            mu = s1 / cnt
+            S = G / cnt - np.outer(mu, mu)
+            Sx, sxy = S[:k, :k], S[:k, k]
+            d = np.maximum(np.diag(Sx), 1e-12)
+            beta = np.linalg.solve(Sx + alpha * np.diag(d), sxy)
+            b0 = mu[k] - mu[:k] @ beta
+            seg = slice(start, min(n, start + every))
+            ok = np.isfinite(X[seg]).all(axis=1)
+            pred[seg] = np.where(ok, np.nan_to_num(X[seg]) @ beta + b0, pred[seg])
+        preds[h] = pred
+    return preds
+
+
 def run(files: list[Path], kinds: list[str], quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {
         "benchmark": "forecast_accuracy",
@@ -120,7 +277,16 @@ def run(files: list[Path], kinds: list[str], quick: bool) -> dict[str, Any]:
             "kinds": {},
         }
         for kind in kinds:
-            entry["kinds"][kind] = evaluate(kind, ts, y, step)
+            if kind == "lightgbm_ref":
+                ref = lightgbm_reference(ts, y, step)
+                if ref is None:
+                    entry["skipped"] = "lightgbm_ref: lightgbm not installed (dev extra)"
+                    continue
+                entry["kinds"][kind] = ref
+            elif kind == "ridge_ref":
+                entry["kinds"][kind] = ridge_reference(ts, y, step)
+            else:
+                entry["kinds"][kind] = evaluate(kind, ts, y, step)
         result["files"][path.name] = entry
     result["checks"] = checks(result)
     return result
@@ -135,10 +301,15 @@ def checks(result: dict[str, Any]) -> dict[str, Any]:
             continue
         d = kinds["default"]
         c: dict[str, Any] = {}
-        if "seasonal_naive" in kinds:
-            sn = kinds["seasonal_naive"]["mase_all"]
-            c["default_le_seasonal_naive_all_h"] = all(
-                d["mase_all"][h] <= sn[h] for h in d["mase_all"]
+        for base in ("seasonal_naive", "persistence"):
+            if base in kinds:
+                b = kinds[base]["mase_all"]
+                c[f"default_le_{base}_all_h"] = all(d["mase_all"][h] <= b[h] for h in b)
+        if "lightgbm_ref" in kinds:
+            ref = kinds["lightgbm_ref"]["mase"]
+            c["default_vs_lightgbm_ref"] = {h: round(d["mase"][h] / ref[h], 3) for h in ref}
+            c["default_within_3pct_of_lightgbm_ref"] = all(
+                d["mase"][h] <= ref[h] * REF_TOLERANCE for h in ref
             )
         if name in TARGETS and not result["quick"]:
             tgt = dict(zip((str(h) for h in HORIZONS), TARGETS[name], strict=True))
@@ -159,9 +330,15 @@ def print_table(result: dict[str, Any]) -> None:
     for name, entry in result["files"].items():
         for kind, r in entry["kinds"].items():
             row = f"{name[:30]:30} {kind:15} " + " ".join(f"{r['mase'][h]:8.3f}" for h in hs)
-            row += "  " + " ".join(f"{r['coverage'][h]:7.3f}" for h in hs)
-            row += f"  {r['coverage_all_horizons']:8.3f}  {r['median_us_per_step']:11.1f}"
+            if r.get("reference"):  # offline anchor: no bands, not timed per step
+                row += "  " + " ".join(f"{'-':>7}" for h in hs)
+                row += f"  {'-':>8}  {'(' + str(r['seconds']) + ' s)':>11}"
+            else:
+                row += "  " + " ".join(f"{r['coverage'][h]:7.3f}" for h in hs)
+                row += f"  {r['coverage_all_horizons']:8.3f}  {r['median_us_per_step']:11.1f}"
             print(row)
+        if "skipped" in entry:
+            print(f"  ({entry['skipped']})")
     for name, c in result["checks"].items():
         print(f"checks {name}: {json.dumps(c)}")
 
@@ -169,7 +346,8 @@ def print_table(result: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", action="append", type=Path, help="CSV file (repeatable)")
-    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds")
+    ap.add_argument("--kinds", default=",".join(KINDS + REF_KINDS),
+                    help="comma-separated kinds (and the anchors lightgbm_ref, ridge_ref)")
     ap.add_argument("--quick", action="store_true", help=f"first {QUICK_ROWS} rows only")
     ap.add_argument("--out", type=Path, default=OUT_DIR / "forecast_accuracy.json")
     args = ap.parse_args(argv)
@@ -178,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         ap.error(f"data file(s) not found: {', '.join(missing)}")
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in KINDS + REF_KINDS]
+    if unknown:
+        ap.error(f"unknown kind(s) {', '.join(unknown)}; valid: {', '.join(KINDS + REF_KINDS)}")
     started = time.perf_counter()
     result = run(files, kinds, args.quick)
     result["elapsed_seconds"] = round(time.perf_counter() - started, 1)

