@@ -53,6 +53,50 @@ def test_predictive_never_picks_zero_weight_unless_all_are_zero() -> None:
     assert {pol.pick(z, 0.0).id for _ in range(500)} == {"e0", "e1"}  # still routes
 
 
+def test_predictive_sees_a_slow_endpoint_as_fast_as_peak_ewma() -> None:
+    # equal weights, equal in-flight: only the latency signal tells them apart
+    e = eps(1.0, 1.0)
+    e[0].observe_rtt(800.0, 1.0)
+    e[1].observe_rtt(100.0, 1.0)
+    for name in ("predictive", "peak-ewma"):
+        pol = make_policy(name, random.Random(3))
+        got = shares([pol.pick(e, 1.0).id for _ in range(2000)])
+        assert got["e1"] == 1.0  # P2C over two distinct endpoints: the fast one always
+
+
+def test_predictive_divides_cost_by_weight() -> None:
+    pol = make_policy("predictive", random.Random(4))
+    e = eps(4.0, 1.0)
+    for x in e:
+        x.observe_rtt(100.0, 1.0)
+    e[0].in_flight, e[1].in_flight = 3, 1  # cost 400/4 < 200/1: the heavy one still wins
+    got = shares([pol.pick(e, 1.0).id for _ in range(2000)])
+    assert got["e0"] == 1.0
+
+
+def test_prequal_prefers_cold_low_latency_and_keeps_a_bounded_pool() -> None:
+    pol = make_policy("prequal", random.Random(5))
+    e = eps(*([1.0] * 20))
+    for i, x in enumerate(e):
+        x.observe_rtt(100.0 + 10 * i, 1.0)
+    e[0].in_flight = 40  # fastest by latency but hot: the hot-cold rule skips it
+    picks = Counter(pol.pick(e, 1.0 + k * 1e-3).id for k in range(400))
+    assert picks["e0"] == 0
+    assert len(pol.pool) <= 16  # type: ignore[attr-defined]
+    assert pol.probes_sent == 3 * 400  # type: ignore[attr-defined]
+    # low-latency endpoints are preferred among the cold ones
+    assert picks["e1"] + picks["e2"] + picks["e3"] > picks["e17"] + picks["e18"] + picks["e19"]
+
+
+def test_prequal_is_a_configurable_policy() -> None:
+    assert SidecarSettings(policy="prequal").policy == "prequal"
+    r = Router([Upstream(id="a", url="http://127.0.0.1:9001"),
+                Upstream(id="b", url="http://127.0.0.1:9002")], policy="prequal")
+    route = r.routes["default"]
+    assert route.policy.name == "prequal"
+    assert route.active_policy(True).name == "prequal"  # needs no scores
+
+
 def test_first_available_round_robin_least_request() -> None:
     e = eps(1, 1, 1)
     assert {make_policy("first-available").pick(e, 0).id for _ in range(10)} == {"e0"}

@@ -138,6 +138,7 @@ class PredictiveConfig:
     capacities: dict[str, float] = field(default_factory=dict)  # configured, rps
     service_p: tuple[float, float, float] = (0.1, 0.15, 0.2)  # nominal p50/p95/p99, s
     bin_s: float = 0.1
+    forecaster: str = "default"  # "persistence": the ablation (what the forecast adds)
     # Variants (not the sidecar's behaviour; for "what else was tried"):
     capacity_weighted: bool = False  # weight = score x configured capacity
     shed: bool = True  # the router's predicted-overload shedding
@@ -166,7 +167,7 @@ class PredictiveControl:
             endpoint_apis=dict.fromkeys(self.ids, api), idle_windows=10**6,
         )
         pcfg = ProcessorConfig(
-            forecaster="default", step_seconds=cfg.step_s, season_seconds=cfg.season_s,
+            forecaster=cfg.forecaster, step_seconds=cfg.step_s, season_seconds=cfg.season_s,
             horizon=cfg.horizon, lateness_seconds=cfg.lateness_s,
             capacity_rps=dict(cfg.capacities),
         )

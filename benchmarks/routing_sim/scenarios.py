@@ -38,10 +38,12 @@ from benchmarks.routing_sim.metrics import Phase
 
 LINKERD_PUBLISHED = {"round-robin": 95.0, "least-request": 99.0, "peak-ewma": 99.9}
 CALIBRATION_POLICIES = ("round-robin", "least-request", "peak-ewma")
-MAIN_POLICIES = ("round-robin", "static-weighted", "least-request", "peak-ewma", "predictive",
-                 "predictive-capw", "oracle")
+MAIN_POLICIES = ("round-robin", "static-weighted", "least-request", "peak-ewma", "prequal",
+                 "predictive", "predictive-persistence", "predictive-capw", "oracle")
 #: rows that are not the project's behaviour but an experiment (see the report)
 VARIANTS = ("predictive-capw",)
+#: the ablation: the whole predictive pipeline with the forecaster replaced by persistence
+ABLATION = "predictive-persistence"
 
 
 def calibration_config(seed: int, slow_factor: float | None = None) -> SimConfig:
@@ -125,7 +127,8 @@ class MainScenario:
                   affected=self.degrade_backend),
         ]
 
-    def predictive_config(self, capacity_weighted: bool = False) -> PredictiveConfig:
+    def predictive_config(self, capacity_weighted: bool = False,
+                          forecaster: str = "default") -> PredictiveConfig:
         z = (0.0, 1.645, 2.326)  # nominal p50/p95/p99 of the log-normal, for the history
         return PredictiveConfig(
             interval_s=self.interval_s, step_s=self.step_s, horizon=self.horizon,
@@ -133,7 +136,7 @@ class MainScenario:
             telemetry_lag_s=self.telemetry_lag_s, score_lag_s=self.score_lag_s,
             actuation_s=self.actuation_s, capacities=self.capacities(),
             service_p=tuple(self.median_s * math.exp(self.sigma * q) for q in z),  # type: ignore[arg-type]
-            capacity_weighted=capacity_weighted,
+            capacity_weighted=capacity_weighted, forecaster=forecaster,
         )
 
     def config(self, seed: int, load: LoadShape | None = None) -> SimConfig:
@@ -183,11 +186,13 @@ def build(policy: str, cfg: SimConfig, scenario: MainScenario | None,
             scenario.capacities()), "round-robin"
     elif policy == "oracle":
         control, router_policy = OracleControl(), "predictive"
-    elif policy in ("predictive", "predictive-capw"):
+    elif policy in ("predictive", "predictive-capw", ABLATION):
         assert scenario is not None and load is not None
-        control = PredictiveControl(scenario.predictive_config(policy == "predictive-capw"),
-                                    load.history)
+        control = PredictiveControl(
+            scenario.predictive_config(policy == "predictive-capw",
+                                       "persistence" if policy == ABLATION else "default"),
+            load.history)
         router_policy = "predictive"
-    elif policy not in ("round-robin", "least-request", "peak-ewma"):
+    elif policy not in ("round-robin", "least-request", "peak-ewma", "prequal"):
         raise ValueError(f"unknown policy {policy!r}")
     return Simulation(cfg, router_policy, control, obj), control

@@ -26,7 +26,8 @@ def sidecar(
     ] = None,
     policy: Annotated[
         str | None,
-        typer.Option(help="predictive, first-available, round-robin, least-request, peak-ewma."),
+        typer.Option(help="predictive, first-available, round-robin, least-request, "
+                          "peak-ewma, prequal."),
     ] = None,
     port: Annotated[
         int | None, typer.Option(help="Listen port of the data plane.", min=0, max=65535)

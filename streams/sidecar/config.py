@@ -21,9 +21,11 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-PolicyName = Literal["predictive", "first-available", "round-robin", "least-request", "peak-ewma"]
+PolicyName = Literal[
+    "predictive", "first-available", "round-robin", "least-request", "peak-ewma", "prequal"
+]
 POLICY_NAMES: tuple[str, ...] = (
-    "predictive", "first-available", "round-robin", "least-request", "peak-ewma"
+    "predictive", "first-available", "round-robin", "least-request", "peak-ewma", "prequal"
 )
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$")
 

@@ -1,18 +1,23 @@
-"""Routing policies: one interface, five policies, plus outlier ejection state.
+"""Routing policies: one interface, six policies, plus outlier ejection state.
 
 Every policy picks one endpoint from the candidates (endpoints that are not ejected);
 the router tries the others in score order after a connection failure.
 
-- ``predictive``: weighted power-of-two-choices: draw two endpoints with probability
-  proportional to their weights (capacity x health from the scores, ``weights.py``),
-  keep the one with fewer in-flight requests per unit of weight (ties: the first draw).
-  Idle, it reproduces the weights exactly; under load it steers away from a backed-up
-  endpoint.
+- ``predictive``: forecast-driven weights x the reactive per-request signal. Weighted
+  power-of-two-choices: draw two distinct endpoints with probability proportional to their
+  weights (capacity x health from the scores, ``weights.py``), keep the one with the lower
+  peak-EWMA cost (latency x (in-flight + 1), as ``peak-ewma``) divided by its weight (ties:
+  the first draw). Idle, it reproduces the weights exactly; under load it sees a slow or
+  backed-up endpoint as fast as ``peak-ewma`` does; with equal weights it *is* ``peak-ewma``
+  (never worse than the reactive policy it contains).
 - ``first-available``: the first candidate in configuration order (dynamic routing off).
 - ``round-robin``: candidates in turn.
 - ``least-request``: power-of-two-choices on in-flight requests (Envoy's least_request).
 - ``peak-ewma``: Finagle/Linkerd: cost = peak-sensitive EWMA of RTT × (in-flight + 1),
   decay 10 s, power-of-two-choices.
+- ``prequal``: Google's Prequal (NSDI 2024): a bounded pool of asynchronously probed
+  (requests-in-flight, latency) pairs, reused across requests, and the hot-cold rule
+  (see :class:`Prequal`).
 
 >>> import random
 >>> eps = [Endpoint("a", "http://127.0.0.1:1", weight=3.0), Endpoint("b", "http://127.0.0.1:2")]
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,7 +121,7 @@ def _weighted_draw(candidates: Sequence[Endpoint], total: float, rng: random.Ran
 
 
 class Predictive:
-    """Weighted power-of-two-choices, in-flight per unit of weight as the tie-breaker."""
+    """Weighted power-of-two-choices on peak-EWMA cost per unit of weight."""
 
     name = "predictive"
 
@@ -130,12 +135,17 @@ class Predictive:
         total = sum(e.weight for e in candidates)
         if total <= 0:  # every candidate drained: still route (never "no routing")
             return candidates[self.rng.randrange(n)]
-        a = candidates[_weighted_draw(candidates, total, self.rng)]
-        b = candidates[_weighted_draw(candidates, total, self.rng)]
-        if a is b or b.weight <= 0:
+        i = _weighted_draw(candidates, total, self.rng)
+        a = candidates[i]
+        rest = total - a.weight
+        if rest <= 0:  # only ``a`` has weight
             return a
-        # fewer in-flight per unit of weight wins; ties keep the first draw
-        return b if b.in_flight * a.weight < a.in_flight * b.weight else a
+        others = [e for k, e in enumerate(candidates) if k != i]
+        b = others[_weighted_draw(others, rest, self.rng)]
+        if b.weight <= 0:
+            return a
+        # lower reactive cost per unit of weight wins; ties keep the first draw
+        return b if b.cost(now) * a.weight < a.cost(now) * b.weight else a
 
 
 class FirstAvailable:
@@ -205,6 +215,104 @@ class PeakEwma(_TwoChoices):
         return e.cost(now)
 
 
+@dataclass
+class Probe:
+    """One probe answer in the pool: an endpoint's requests-in-flight and latency."""
+
+    endpoint: Endpoint
+    rif: float
+    latency_ms: float
+    at: float  # when it was answered (usable from then on)
+    uses: int = 0
+
+
+#: Probe function: (endpoint, now) -> (requests-in-flight, latency estimate in ms).
+ProbeFn = Callable[[Endpoint, float], tuple[float, float]]
+
+
+def local_probe(e: Endpoint, now: float) -> tuple[float, float]:
+    """What the sidecar itself knows of an endpoint: its in-flight requests through this
+    sidecar and its peak-EWMA latency (ms; 0 when never measured)."""
+    if e.rtt_at == 0.0:
+        return float(e.in_flight), 0.0
+    return float(e.in_flight), e.rtt_ms * math.exp(-max(0.0, now - e.rtt_at) / DECAY_S)
+
+
+class Prequal:
+    """Prequal: *Probing to Reduce Queuing and Latency* (Wydrowski, Kleinberg, Rumble,
+    Mogul, "Load is not what you should balance: Introducing Prequal", NSDI 2024; in
+    production on YouTube).
+
+    - **Asynchronous probes.** Each request triggers ``probe_rate`` probes of uniformly
+      random endpoints; a probe answers with the endpoint's requests-in-flight (RIF) and
+      its latency estimate, and is usable ``probe_delay_s`` later (off the request's
+      critical path: a request never waits for a probe).
+    - **A bounded pool reused across requests.** At most ``pool_size`` probes (the paper's
+      pool of 16), the newest per endpoint; probes older than ``max_age_s`` are dropped,
+      and a probe is dropped after ``reuse`` selections; each selection adds one to the
+      chosen probe's RIF (the request just sent).
+    - **The hot-cold rule** (hot-cold lexicographic): a probe is *hot* when its RIF is
+      above the ``q_rif`` quantile of the RIFs in the pool (the paper sweeps
+      Q_RIF in 0.6-0.9; 0.84 is used here). Among cold probes the lowest latency wins;
+      when all are hot, the lowest RIF.
+    - An empty pool (start, or all probes expired): power-of-two-choices on in-flight.
+
+    Pool size 16 and the Q_RIF range are the paper's; the probe rate (3 per request),
+    reuse budget (2) and maximum age (1 s) are this implementation's choices in the
+    paper's spirit (several probes per query, probes reused only while fresh).
+
+    In the sidecar a probe reads the sidecar's own view (:func:`local_probe`: in-flight
+    through this sidecar, peak-EWMA latency); the simulator passes ``probe`` reading the
+    backend's true RIF, as a probe RPC to the server would.
+    """
+
+    name = "prequal"
+
+    def __init__(self, rng: random.Random | None = None, probe: ProbeFn | None = None,
+                 probe_rate: int = 3, pool_size: int = 16, max_age_s: float = 1.0,
+                 q_rif: float = 0.84, reuse: int = 2, probe_delay_s: float = 0.0) -> None:
+        if pool_size < 1 or probe_rate < 1 or reuse < 1 or not 0.0 <= q_rif <= 1.0:
+            raise ValueError("prequal: pool_size, probe_rate, reuse >= 1; q_rif in [0, 1]")
+        self.rng = rng or random.Random()
+        self.probe = probe or local_probe
+        self.probe_rate, self.pool_size, self.max_age_s = probe_rate, pool_size, max_age_s
+        self.q_rif, self.reuse, self.probe_delay_s = q_rif, reuse, probe_delay_s
+        self.pool: list[Probe] = []
+        self.probes_sent = 0
+
+    def _send_probes(self, candidates: Sequence[Endpoint], now: float) -> None:
+        for _ in range(self.probe_rate):
+            e = candidates[self.rng.randrange(len(candidates))]
+            rif, lat = self.probe(e, now)
+            self.probes_sent += 1
+            self.pool = [p for p in self.pool if p.endpoint is not e]  # newest per endpoint
+            self.pool.append(Probe(e, rif, lat, now + self.probe_delay_s))
+        if len(self.pool) > self.pool_size:  # evict the oldest
+            self.pool.sort(key=lambda p: p.at)
+            del self.pool[: len(self.pool) - self.pool_size]
+
+    def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint:
+        if len(candidates) == 1:
+            return candidates[0]
+        allowed = {id(e) for e in candidates}
+        self.pool = [p for p in self.pool if now - p.at <= self.max_age_s]
+        usable = [p for p in self.pool if p.at <= now and id(p.endpoint) in allowed]
+        self._send_probes(candidates, now)  # answers arrive for later requests
+        if not usable:
+            a, b = two_distinct(self.rng, candidates)
+            return b if b.in_flight < a.in_flight else a
+        rifs = sorted(p.rif for p in usable)
+        threshold = rifs[min(len(rifs) - 1, int(self.q_rif * len(rifs)))]
+        cold = [p for p in usable if p.rif <= threshold]
+        best = (min(cold, key=lambda p: (p.latency_ms, p.rif)) if cold
+                else min(usable, key=lambda p: p.rif))
+        best.rif += 1
+        best.uses += 1
+        if best.uses >= self.reuse:
+            self.pool = [p for p in self.pool if p is not best]
+        return best.endpoint
+
+
 def make_policy(name: str, rng: random.Random | None = None) -> Policy:
     """The policy called ``name`` (one of ``config.POLICY_NAMES``)."""
     if name == "predictive":
@@ -217,6 +325,8 @@ def make_policy(name: str, rng: random.Random | None = None) -> Policy:
         return LeastRequest(rng)
     if name == "peak-ewma":
         return PeakEwma(rng)
+    if name == "prequal":
+        return Prequal(rng)
     raise ValueError(f"unknown policy {name!r}")
 
 
