@@ -85,6 +85,8 @@ def test_quick_demo_writes_summary_and_report_and_leaves_nothing(tmp_path: Path)
     for base in ("round-robin", "peak-ewma"):
         assert hl[f"p99_ratio_vs_{base}_overall"] > 0
     _check_claims(s)
+    # both predictive lanes ran on a forecasting pipeline of their own
+    assert all(s["scores_seen_by_lane"][p] > 0 for p in ("predictive", "predictive-persistence"))
     assert hl["predictive_wins"] == (not any(c["verdict"] == "lost" for c in hl["claims"]))
     for a in s["mirrors"]["activations"]:
         assert a["region"] == "edge" and a["api"] == "orders"
@@ -134,7 +136,8 @@ def _check_claims(s: dict[str, Any]) -> None:
             assert c["verdict"] == _verdict(c["ratio"], a["error_rate"] or 0.0,
                                             b["error_rate"] or 0.0, tol)
         elif c["kind"] == "forecast":
-            st = s["forecast_skill"]["groups"][c["group"]]
+            st = s["forecast_skill"][{"demand": "groups", "planner": "planner_sums"}[
+                c["series"]]][c["group"]]
             key = c["baseline"].replace("-", "_")
             assert c["mase"] == st[f"mase_vs_{key}"] and isinstance(c["mase"], float)
             assert st["points"] >= 0.5 * s["live_seconds"]

@@ -273,6 +273,8 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool = False,
     assert facts is not None
     from loadcast.demo.report import build_report
 
+    # What the report is drawn from, to draw it again: build_report(facts, out_dir).
+    (work / "facts.json").write_text(json.dumps(facts, default=str))
     console.print("querying ClickHouse and drawing the report ...")
     summary = build_report(facts, out_dir)
     console.print(f"[bold]report[/bold] {out_dir / 'report.html'}")
@@ -409,7 +411,7 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
                     "region": region, "capacity_rps": s.capacity_rps}
                    for s in lanes[policy] if s.region == region]
             args = ["sidecar", "--port", str(port), "--admin-port", str(admin)]
-            if policy != "predictive":
+            if policy not in scn.PREDICTIVE:
                 args.append("--no-kafka")  # a reactive baseline: no scores, no mirrors
             children.start(f"sidecar-{policy}-{region}", args,
                            {**_sidecar_env(policy, region, ups, edge_cap),
@@ -529,6 +531,8 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
                        for p, s in gen.stats.items()},
             "arrivals": len(arrivals),
             "scores_seen": watch.count,
+            "scores_seen_by_lane": {lane: w.count for lane, w in zip(pipes, watches,
+                                                                     strict=True)},
         }
         return facts
     finally:

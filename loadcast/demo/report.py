@@ -147,10 +147,12 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     forecasts made ``h`` s ahead, in epoch seconds ``[t_from, t_to)``.
 
     A group's actual is its region's demand: the requests of all its endpoints, edge
-    mirrors included (what a mirror serves is still the region's demand); its forecast is
-    the sum of its regular endpoints' forecasts (mean and band), as the planner adds them.
-    Mirrors start cold for seconds and are left out of the forecast sum (their demand is
-    the regular endpoints' demand, diverted)."""
+    mirrors included (what a mirror serves is still the region's demand). Its forecast,
+    in ``groups``: the sum of its regular endpoints' forecasts (mean and band); in
+    ``planner_sums``: what the planner adds up, the mirrors' forecasts too while they have
+    any (a mirror's demand is the regular endpoints' demand, diverted: where both forecast
+    it, or a retired mirror's forecast lingers, it counts twice, and the error shows it).
+    """
     region_of = {str(r["endpoint_id"]): str(r["region"]) for r in actual}
     by_ep: dict[str, dict[int, float]] = defaultdict(dict)
     group: dict[str, dict[int, float]] = {g: defaultdict(float) for g in (scn.CENTRAL, scn.EDGE)}
@@ -166,13 +168,17 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
             fc_ep[r["endpoint_id"]][t] = (float(r["mean"]), float(r["lower"]),
                                           float(r["upper"]))
     out: dict[str, Any] = {"horizon_s": h, "season_s": season, "groups": {},
-                           "endpoints": {}}
+                           "planner_sums": {}, "endpoints": {}}
     for g in (scn.CENTRAL, scn.EDGE):
         eps = [e for e in capacities if region_of.get(e, g if f"-{g}-" in e else "") == g]
         common = set.intersection(*(set(fc_ep[e]) for e in eps)) if eps else set()
-        summed = {t: (sum(fc_ep[e][t][0] for e in eps), sum(fc_ep[e][t][1] for e in eps),
-                      sum(fc_ep[e][t][2] for e in eps)) for t in common}
-        out["groups"][g] = {"endpoints": eps, **skill(dict(group[g]), summed, season, h)}
+        mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g]
+        for key, ms in (("groups", []), ("planner_sums", mirrors)):
+            summed = {t: tuple(sum(fc_ep[e][t][i] for e in eps) +
+                               sum(fc_ep[m][t][i] for m in ms if t in fc_ep[m])
+                               for i in range(3)) for t in common}
+            out[key][g] = {"endpoints": eps, "mirrors": ms,
+                           **skill(dict(group[g]), summed, season, h)}  # type: ignore[arg-type]
     for e in capacities:
         out["endpoints"][e] = skill(by_ep.get(e, {}), fc_ep.get(e, {}), season, h)
     return out
@@ -345,7 +351,8 @@ def headline(q: dict[str, Any]) -> dict[str, Any]:
         ids, parts = [], []
         for base in ("seasonal_naive", "persistence"):
             m = st[f"mase_vs_{base}"]
-            c = {"id": f"{g}:forecast-vs-{base}", "kind": "forecast", "group": g,
+            c = {"id": f"{g}:forecast-vs-{base}", "kind": "forecast", "series": "demand",
+                 "group": g,
                  "baseline": base.replace("_", "-"), "horizon_s": sk["horizon_s"],
                  "mase": m, "mae": st["mae"], "baseline_mae": st[f"mae_{base}"],
                  "points": st["points"], "target": SKILL_TARGET,
@@ -369,6 +376,28 @@ def headline(q: dict[str, Any]) -> dict[str, Any]:
             "text": f"{g} demand forecast {sk['horizon_s']} s ahead (the horizon the planner "
                     f"and the mirror director act on), over {st['points']} s: "
                     + "; ".join(parts)})
+    for g, st in sk["planner_sums"].items():
+        if not st["mirrors"]:
+            continue  # no mirror: the planner's sum is the forecast above
+        ids = []
+        for base in ("seasonal_naive", "persistence"):
+            m = st[f"mase_vs_{base}"]
+            c = {"id": f"{g}:planner-sum-vs-{base}", "kind": "forecast", "series": "planner",
+                 "group": g, "baseline": base.replace("_", "-"), "horizon_s": sk["horizon_s"],
+                 "mase": m, "mae": st["mae"], "baseline_mae": st[f"mae_{base}"],
+                 "points": st["points"], "target": SKILL_TARGET,
+                 "verdict": "no data" if m is None else "won" if m <= SKILL_TARGET
+                 else "lost"}
+            claims.append(c)
+            ids.append(c["id"])
+        statements.append({
+            "group": g, "tone": tone([c["verdict"] for c in claims if c["id"] in ids]),
+            "claims": ids,
+            "text": f"{g} demand as the planner adds it up (the {len(st['mirrors'])} "
+                    f"mirror(s)' own forecasts included): MASE {st['mase_vs_seasonal_naive']} "
+                    f"vs seasonal-naive, MASE {st['mase_vs_persistence']} vs persistence (a "
+                    "mirror's demand is diverted regional demand, so its forecast counts it "
+                    "twice, and a retired mirror's forecast lingers)"})
     out["predictive_wins"] = not any(c["verdict"] == "lost" for c in claims)
     leads = [r["lead_seconds"] for r in q["lead"] if r.get("lead_seconds") is not None]
     out["mirror_activations"] = len(q["lead"])
@@ -589,6 +618,9 @@ def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
                          r["mae_persistence"], r["mase_vs_seasonal_naive"],
                          r["mase_vs_persistence"], r["coverage"]]
                         for name, r in [*((f"{g} demand", v) for g, v in sk["groups"].items()),
+                                        *((f"{g} demand, planner's sum (mirrors' forecasts "
+                                           "too)", v) for g, v in sk["planner_sums"].items()
+                                          if v["mirrors"]),
                                         *sk["endpoints"].items()]])
     mode = "quick" if sc.get("quick") else "full"
     return f"""<!doctype html><html><head><meta charset="utf-8">
@@ -673,6 +705,7 @@ def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                     "share_of_edge_requests_by_lane": q["mirror_share_of_edge_by_lane"]},
         "leftover_processes": facts.get("leftover_processes", 0),
         "scores_seen": facts["scores_seen"],
+        "scores_seen_by_lane": facts.get("scores_seen_by_lane", {}),
     }
     imgs = charts(facts, q)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str,
