@@ -87,7 +87,8 @@ def test_quick_demo_writes_summary_and_report_and_leaves_nothing(tmp_path: Path)
     _check_claims(s)
     # both predictive lanes ran on a forecasting pipeline of their own
     assert all(s["scores_seen_by_lane"][p] > 0 for p in ("predictive", "predictive-persistence"))
-    assert hl["predictive_wins"] == (not any(c["verdict"] == "lost" for c in hl["claims"]))
+    assert hl["predictive_wins"] == (not any(c["verdict"] == "lost" for c in hl["claims"]
+                                             if c["kind"] != "machine"))
     for a in s["mirrors"]["activations"]:
         assert a["region"] == "edge" and a["api"] == "orders"
     assert 0 <= s["mirrors"]["share_of_edge_requests"] <= 1
@@ -117,7 +118,7 @@ def _check_claims(s: dict[str, Any]) -> None:
     claims = {c["id"]: c for c in hl["claims"]}
     assert len(claims) == len(hl["claims"]) and hl["statements"]
     groups = {st["group"] for st in hl["statements"]}
-    assert groups == {"central", "edge"}
+    assert groups == {"all", "central", "edge"}
     for base in ("peak-ewma", "round-robin", "predictive-persistence"):  # ablation included
         for g in ("central", "edge"):
             assert f"{g}:predictive-vs-{base}:overall" in claims
@@ -148,6 +149,11 @@ def _check_claims(s: dict[str, Any]) -> None:
             lo, hi = tol["coverage_target"]
             assert c["coverage"] == cov and isinstance(cov, float)
             assert c["verdict"] == ("won" if lo <= cov <= hi else "lost")
+        elif c["kind"] == "machine":
+            m = s["machine"]
+            per_cpu = max(m["load_1m_at_live_start"], m["load_1m_at_live_end"]) / m["cpus"]
+            assert abs(c["load_per_cpu"] - per_cpu) < 0.01
+            assert c["verdict"] == ("lost" if per_cpu > c["limit"] else "tie")
         else:
             assert c["kind"] == "mirror"
             acts = s["mirrors"]["activations"]
@@ -166,6 +172,7 @@ def _check_claims(s: dict[str, Any]) -> None:
             shown = {"latency": lambda c: f"x{c['ratio']:.2f}",
                      "forecast": lambda c: f"MASE {c['mase']}",
                      "coverage": lambda c: f"coverage {c['coverage']}",
+                     "machine": lambda c: f"{c['load_per_cpu']:.2f} runnable",
                      "mirror": lambda c: "activation(s)" if c["activations"]
                      else "no edge mirror"}[c["kind"]](c)
             assert shown in st["text"], (shown, st["text"])

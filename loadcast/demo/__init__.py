@@ -483,6 +483,7 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         console.print(f"live: {sc.live_seconds}s, {len(arrivals)} arrivals x "
                       f"{len(scn.POLICIES)} lanes")
         view = _LiveView(sc, gen, sport, t0, t_live)
+        load_before = os.getloadavg()[0]
         with Live(view.render(), console=console, refresh_per_second=2) as lv:
             done = threading.Event()
 
@@ -530,6 +531,10 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
                            "dropped": s.dropped, "by_endpoint": s.by_endpoint}
                        for p, s in gen.stats.items()},
             "arrivals": len(arrivals),
+            # Every lane shares this machine's CPUs: over about 1.5 runnable processes per
+            # CPU the latencies measure the contention more than the policies.
+            "machine": {"cpus": os.cpu_count() or 1, "load_1m_at_live_start": load_before,
+                        "load_1m_at_live_end": os.getloadavg()[0]},
             "scores_seen": watch.count,
             "scores_seen_by_lane": {lane: w.count for lane, w in zip(pipes, watches,
                                                                      strict=True)},

@@ -34,6 +34,9 @@ TIE = 0.02
 #: The forecast earns its place when its MAE is at most this share of each baseline's.
 SKILL_TARGET = 0.85
 COVERAGE_TARGET = (0.85, 0.95)
+#: Runnable processes per CPU (1-min load average) above which the latency lines are
+#: flagged: the simulated backends, sidecars and load generator all share the CPUs.
+BUSY_LOAD_PER_CPU = 1.5
 
 
 def _q(dsn: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -306,7 +309,7 @@ def tone(verdicts: list[str]) -> str:
     return "win" if "won" in verdicts else "neutral"
 
 
-def headline(q: dict[str, Any]) -> dict[str, Any]:
+def headline(q: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[str, Any]:
     """The comparison as claims, each with the numbers behind it, and the lines that say
     them: per client group what ``predictive`` won and lost against each baseline (the
     ablation ``predictive-persistence`` among them), then whether its forecasts earned
@@ -398,7 +401,6 @@ def headline(q: dict[str, Any]) -> dict[str, Any]:
                     f"vs seasonal-naive, MASE {st['mase_vs_persistence']} vs persistence (a "
                     "mirror's demand is diverted regional demand, so its forecast counts it "
                     "twice, and a retired mirror's forecast lingers)"})
-    out["predictive_wins"] = not any(c["verdict"] == "lost" for c in claims)
     leads = [r["lead_seconds"] for r in q["lead"] if r.get("lead_seconds") is not None]
     out["mirror_activations"] = len(q["lead"])
     out["mirror_lead_seconds"] = leads
@@ -422,6 +424,24 @@ def headline(q: dict[str, Any]) -> dict[str, Any]:
         text = "no edge mirror was activated in the predictive lane"
     statements.append({"group": scn.EDGE, "tone": tone([c["verdict"]]), "claims": [c["id"]],
                        "text": text})
+    if machine:
+        per_cpu = max(machine["load_1m_at_live_start"], machine["load_1m_at_live_end"]) / max(
+            1, machine["cpus"])
+        busy = per_cpu > BUSY_LOAD_PER_CPU
+        c = {"id": "machine-load", "kind": "machine", "group": "all", **machine,
+             "load_per_cpu": round(per_cpu, 2), "limit": BUSY_LOAD_PER_CPU,
+             "verdict": "lost" if busy else "tie"}
+        claims.append(c)
+        statements.insert(0, {
+            "group": "all", "tone": "lose" if busy else "neutral", "claims": [c["id"]],
+            "text": (f"machine load during the live run: {per_cpu:.2f} runnable processes per "
+                     f"CPU ({machine['cpus']} CPUs)"
+                     + (": the lanes' latencies measure CPU contention more than the "
+                        "policies; rerun on an idle machine before trusting the p99 lines"
+                        if busy else ": the lanes were not starved of CPU"))})
+    # Prediction won only where none of its claims lost (the machine's load is context).
+    out["predictive_wins"] = not any(c["verdict"] == "lost" for c in claims
+                                     if c["kind"] != "machine")
     out["claims"] = claims
     out["statements"] = statements
     return out
@@ -681,7 +701,7 @@ processes left behind: {s['leftover_processes']}.</p>
 def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Query, summarise, draw; write ``summary.json`` and ``report.html``."""
     q = query_facts(facts)
-    hl = headline(q)
+    hl = headline(q, facts.get("machine"))
     summary: dict[str, Any] = {
         "version": 1,
         "quick": bool(facts["scenario"].get("quick")),
@@ -692,6 +712,7 @@ def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "forecast_skill": q["skill"],
         "scenario": facts["scenario"],
         "arrivals": facts["arrivals"],
+        "machine": facts.get("machine"),
         "load_generator": facts["client"],
         "policies": q["policies"],
         "headline": hl,
