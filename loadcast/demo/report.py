@@ -152,9 +152,9 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     A group's actual is its region's demand: the requests of all its endpoints, edge
     mirrors included (what a mirror serves is still the region's demand). Its forecast,
     in ``groups``: the sum of its regular endpoints' forecasts (mean and band); in
-    ``planner_sums``: what the planner adds up, the mirrors' forecasts too while they have
-    any (a mirror's demand is the regular endpoints' demand, diverted: where both forecast
-    it, or a retired mirror's forecast lingers, it counts twice, and the error shows it).
+    ``planner_sums``: what the planner adds up (``processors.mirroring.DemandTable``), that
+    plus each mirror's rate when the forecast was made, held flat (a mirror carries the
+    region's demand, diverted).
     """
     region_of = {str(r["endpoint_id"]): str(r["region"]) for r in actual}
     by_ep: dict[str, dict[int, float]] = defaultdict(dict)
@@ -178,7 +178,7 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
         mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g]
         for key, ms in (("groups", []), ("planner_sums", mirrors)):
             summed = {t: tuple(sum(fc_ep[e][t][i] for e in eps) +
-                               sum(fc_ep[m][t][i] for m in ms if t in fc_ep[m])
+                               sum(by_ep[m].get(t - h, 0.0) for m in ms)
                                for i in range(3)) for t in common}
             out[key][g] = {"endpoints": eps, "mirrors": ms,
                            **skill(dict(group[g]), summed, season, h)}  # type: ignore[arg-type]
@@ -396,11 +396,10 @@ def headline(q: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[s
         statements.append({
             "group": g, "tone": tone([c["verdict"] for c in claims if c["id"] in ids]),
             "claims": ids,
-            "text": f"{g} demand as the planner adds it up (the {len(st['mirrors'])} "
-                    f"mirror(s)' own forecasts included): MASE {st['mase_vs_seasonal_naive']} "
-                    f"vs seasonal-naive, MASE {st['mase_vs_persistence']} vs persistence (a "
-                    "mirror's demand is diverted regional demand, so its forecast counts it "
-                    "twice, and a retired mirror's forecast lingers)"})
+            "text": f"{g} demand as the planner adds it up (plus what the "
+                    f"{len(st['mirrors'])} mirror(s) carried when the forecast was made): "
+                    f"MASE {st['mase_vs_seasonal_naive']} vs seasonal-naive, MASE "
+                    f"{st['mase_vs_persistence']} vs persistence"})
     leads = [r["lead_seconds"] for r in q["lead"] if r.get("lead_seconds") is not None]
     out["mirror_activations"] = len(q["lead"])
     out["mirror_lead_seconds"] = leads
@@ -638,8 +637,9 @@ def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
                          r["mae_persistence"], r["mase_vs_seasonal_naive"],
                          r["mase_vs_persistence"], r["coverage"]]
                         for name, r in [*((f"{g} demand", v) for g, v in sk["groups"].items()),
-                                        *((f"{g} demand, planner's sum (mirrors' forecasts "
-                                           "too)", v) for g, v in sk["planner_sums"].items()
+                                        *((f"{g} demand, planner's sum (+ mirrors' "
+                                           "current rate)", v)
+                                          for g, v in sk["planner_sums"].items()
                                           if v["mirrors"]),
                                         *sk["endpoints"].items()]])
     mode = "quick" if sc.get("quick") else "full"
