@@ -10,9 +10,11 @@ passed) and its forecast reaches the future (a replayed or late score whose poin
 in the past says nothing about what comes). Its curve is ``current_rps`` at
 ``computed_at`` followed by its forecast points (``at``, ``mean``), interpolated linearly
 and held after the last point; the region's demand is the sum of those curves on a grid of
-the smallest model step. **Central capacity** is ``central_capacity_rps[api]`` when
-configured, else the sum of the endpoints' ``capacity_rps``: the endpoints a region's
-telemetry names are the central ones serving it.
+the smallest model step. A mirror's curve (``{api}-mirror-{region}-...``, as the traffic
+director names it) is its ``current_rps`` held flat: the demand it carries is the region's,
+diverted, which the regular endpoints' forecasts already predict. **Central capacity**
+is ``central_capacity_rps[api]`` when configured, else the sum of the endpoints'
+``capacity_rps``: the endpoints a region's telemetry names are the central ones serving it.
 
 **Rules** per (api, region) outside the central region, for APIs with a bundle:
 
@@ -198,6 +200,13 @@ class DemandTable:
         ))
         cur = float(record.get("current_rps") or 0.0)
         cap = float(record.get("capacity_rps") or 0.0)
+        if endpoint.startswith(f"{key[0]}-mirror-{region}-") and math.isfinite(cur):
+            # A mirror (named so by the traffic director) carries the region's demand,
+            # diverted: the regular endpoints' forecasts already predict it, and the
+            # mirror's own forecaster is seconds old, so its forecast lingers after the
+            # mirror stops carrying traffic and counted the same demand twice. What it
+            # carries now counts, held flat.
+            pts = tuple((at, cur, cur, cur) for at, _, _, _ in pts)
         eps[endpoint] = _Score(computed, int(record["valid_until"]),
                                max(1, int(record.get("step_seconds") or 1)) * 1000,
                                cur if math.isfinite(cur) else 0.0,

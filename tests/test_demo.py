@@ -1,6 +1,7 @@
-"""`loadcast demo --quick` end to end: a real run of every part (broker, worker, sink,
-planner, executor, bundle server, six sidecars, simulated backends, load generator), then
-the summary's fields and values, the report's embedded charts, and no process left."""
+"""`loadcast demo --quick` end to end: a real run of every part (broker, two workers, sink,
+two planners and executors, bundle server, eight sidecars, simulated backends, load
+generator), then the summary's fields and values, every headline claim against the
+summary's numbers, the report's embedded charts, and no process left."""
 
 from __future__ import annotations
 
@@ -9,13 +10,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
 pytestmark = pytest.mark.slow
 
-POLICIES = ("predictive", "round-robin", "peak-ewma")
+POLICIES = ("predictive", "predictive-persistence", "round-robin", "peak-ewma")
 PHASES = ("overall", "steady", "degraded", "spike")
 
 
@@ -82,13 +84,95 @@ def test_quick_demo_writes_summary_and_report_and_leaves_nothing(tmp_path: Path)
     hl = s["headline"]
     for base in ("round-robin", "peak-ewma"):
         assert hl[f"p99_ratio_vs_{base}_overall"] > 0
-    assert isinstance(hl["predictive_wins"], bool) and hl["statements"]
-    if not hl["predictive_wins"]:
-        assert any("does NOT beat" in x for x in hl["statements"])
+    _check_claims(s)
+    # both predictive lanes ran on a forecasting pipeline of their own
+    assert all(s["scores_seen_by_lane"][p] > 0 for p in ("predictive", "predictive-persistence"))
+    assert hl["predictive_wins"] == (not any(c["verdict"] == "lost" for c in hl["claims"]
+                                             if c["kind"] != "machine"))
     for a in s["mirrors"]["activations"]:
         assert a["region"] == "edge" and a["api"] == "orders"
     assert 0 <= s["mirrors"]["share_of_edge_requests"] <= 1
 
     page = (out / "report.html").read_text()
+    for st in hl["statements"]:  # the page says what the summary says, in its colour
+        assert f"<li class='{st['tone']}'>" in page
+    assert "predictive-persistence" in page
     assert page.count("data:image/png;base64,") == 4
     assert "forecast vs actual" in page.lower() and "mirror" in page.lower()
+
+
+def _verdict(ratio: float, err: float, base_err: float, tol: dict[str, float]) -> str:
+    lat = -1 if ratio < 1 - tol["p99_ratio"] else 1 if ratio > 1 + tol["p99_ratio"] else 0
+    er = (-1 if err < base_err - tol["error_rate"] else
+          1 if err > base_err + tol["error_rate"] else 0)
+    if lat > 0 or er > 0:
+        return "lost"
+    return "won" if lat < 0 or er < 0 else "tie"
+
+
+def _check_claims(s: dict[str, Any]) -> None:
+    """Every headline line stands on claims, every claim on the summary's numbers: the
+    numbers are there, equal the summary's tables, and give the claim's verdict; a line is
+    green only where nothing it claims was lost and something was won."""
+    hl, tol = s["headline"], s["headline"]["tolerance"]
+    claims = {c["id"]: c for c in hl["claims"]}
+    assert len(claims) == len(hl["claims"]) and hl["statements"]
+    groups = {st["group"] for st in hl["statements"]}
+    assert groups == {"all", "central", "edge"}
+    for base in ("peak-ewma", "round-robin", "predictive-persistence"):  # ablation included
+        for g in ("central", "edge"):
+            assert f"{g}:predictive-vs-{base}:overall" in claims
+    for g in ("central", "edge"):
+        for base in ("seasonal_naive", "persistence"):
+            assert f"{g}:forecast-vs-{base}" in claims
+    for c in claims.values():
+        if c["kind"] == "latency":
+            a = s["policies"][c["subject"]][c["group"]][c["phase"]]
+            b = s["policies"][c["baseline"]][c["group"]][c["phase"]]
+            assert c["p99_ms"] == a["p99_ms"] and c["baseline_p99_ms"] == b["p99_ms"]
+            assert c["error_rate"] == a["error_rate"]
+            assert c["baseline_error_rate"] == b["error_rate"]
+            assert isinstance(c["ratio"], float) and c["p99_ms"] and c["baseline_p99_ms"]
+            assert abs(c["ratio"] - a["p99_ms"] / b["p99_ms"]) < 0.002
+            assert c["verdict"] == _verdict(c["ratio"], a["error_rate"] or 0.0,
+                                            b["error_rate"] or 0.0, tol)
+        elif c["kind"] == "forecast":
+            st = s["forecast_skill"][{"demand": "groups", "planner": "planner_sums"}[
+                c["series"]]][c["group"]]
+            key = c["baseline"].replace("-", "_")
+            assert c["mase"] == st[f"mase_vs_{key}"] and isinstance(c["mase"], float)
+            assert st["points"] >= 0.25 * s["live_seconds"]  # the line says over how many
+            assert abs(c["mase"] - st["mae"] / st[f"mae_{key}"]) < 0.002
+            assert c["verdict"] == ("won" if c["mase"] <= tol["skill_target"] else "lost")
+        elif c["kind"] == "coverage":
+            cov = s["forecast_skill"]["groups"][c["group"]]["coverage"]
+            lo, hi = tol["coverage_target"]
+            assert c["coverage"] == cov and isinstance(cov, float)
+            assert c["verdict"] == ("won" if lo <= cov <= hi else "lost")
+        elif c["kind"] == "machine":
+            m = s["machine"]
+            per_cpu = max(m["load_1m_at_live_start"], m["load_1m_at_live_end"]) / m["cpus"]
+            assert abs(c["load_per_cpu"] - per_cpu) < 0.01
+            assert c["verdict"] == ("lost" if per_cpu > c["limit"] else "tie")
+        else:
+            assert c["kind"] == "mirror"
+            acts = s["mirrors"]["activations"]
+            leads = [a["lead_seconds"] for a in acts if a["lead_seconds"] is not None]
+            assert c["activations"] == len(acts) and c["lead_seconds"] == leads
+            assert c["ready_before"] == sum(1 for x in leads if x > 0)
+            assert c["verdict"] == ("no data" if not leads else "won"
+                                    if c["ready_before"] == len(leads) else "lost")
+    for st in hl["statements"]:
+        assert st["claims"] and all(i in claims for i in st["claims"]), st
+        vs = [claims[i]["verdict"] for i in st["claims"]]
+        assert st["tone"] == ("lose" if "lost" in vs else "win" if "won" in vs
+                              else "neutral"), st
+        for i in st["claims"]:  # the line shows the number its claim stands on
+            c = claims[i]
+            shown = {"latency": lambda c: f"x{c['ratio']:.2f}",
+                     "forecast": lambda c: f"MASE {c['mase']}",
+                     "coverage": lambda c: f"coverage {c['coverage']}",
+                     "machine": lambda c: f"{c['load_per_cpu']:.2f} runnable",
+                     "mirror": lambda c: "activation(s)" if c["activations"]
+                     else "no edge mirror"}[c["kind"]](c)
+            assert shown in st["text"], (shown, st["text"])

@@ -227,3 +227,24 @@ def test_settings_validate_and_name_the_field() -> None:
     s.verifier().verify(s.signer().sign({"command_id": "x"}))  # own public key by default
     with pytest.raises(ValueError, match="trusted_keys is empty"):
         MirrorSettings().verifier()
+
+
+def test_a_mirror_counts_what_it_carries_not_its_own_forecast() -> None:
+    """A mirror's cold forecast of diverted demand must not add to the regular endpoints'
+    forecast of the same demand (the planner counted it twice, and a retired mirror's
+    lingering forecast kept demand up after the spike)."""
+    now = T0
+    t = DemandTable(central_capacity_rps={"orders": 40.0})
+    t.apply(score(now, lambda s: 60.0, endpoint="orders-eu-1"))
+    mirror = "orders-mirror-eu-127.0.0.1-9100"
+    carrying = score(now, lambda s: 25.0, endpoint=mirror)
+    carrying["current_rps"] = 10.0  # carries 10 rps now; its forecast says 25
+    t.apply(carrying)
+    d = t.demand("orders", "eu", now)
+    assert d is not None and d.endpoints == 2 and d.current_rps == pytest.approx(70.0)
+    assert all(m == pytest.approx(70.0) for _, m, _, _ in d.points)
+    idle = score(now + 100, lambda s: 25.0, endpoint=mirror)
+    idle["current_rps"] = 0.0  # no traffic any more; the forecast still lingers at 25
+    t.apply(idle)
+    d = t.demand("orders", "eu", now + 100)
+    assert d is not None and d.peak() == pytest.approx(60.0)

@@ -8,8 +8,10 @@ client-side edge agents, which run here):
 
 - the embedded broker (Tansu), a forecasting worker, the ClickHouse sink on embedded chDB,
   the mirror planner, an executor for the edge region and the bundle server;
-- three *policy lanes* side by side on identical simulated backends (same capacities,
+- four *policy lanes* side by side on identical simulated backends (same capacities,
   same slow-down window): ``predictive`` (scores from the worker, edge mirrors),
+  ``predictive-persistence`` (the ablation: the same pipeline on topics of its own, with
+  a worker whose forecaster is persistence, its own planner, executor and mirrors),
   ``round-robin`` and ``peak-ewma`` (reactive, no Kafka). Each lane has a central and an
   edge sidecar (``loadcast sidecar``), and gets the same seeded arrivals at the same
   instants;
@@ -42,6 +44,7 @@ from loadcast.demo import scenario as scn
 from loadcast.demo.loadgen import LoadGenerator, client_endpoint
 from loadcast.settings import Settings
 from streams.replay import read_trace
+from streams.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = "elb_request_count_8c0756.csv"
@@ -145,15 +148,15 @@ class ScoreWatch:
     """Latest LoadScore per endpoint, read from the load-scores topic (worker readiness,
     history progress, the live view)."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, kafka: KafkaSettings) -> None:
         from confluent_kafka import Consumer
 
         from schemas.codec import Codec
         from streams.topics import topic_name
 
         self.codec = Codec.embedded()
-        self.consumer = Consumer(settings.kafka.consumer_config(None))
-        self.consumer.subscribe([topic_name(settings.kafka, "load-scores")])
+        self.consumer = Consumer(kafka.consumer_config(None))
+        self.consumer.subscribe([topic_name(kafka, "load-scores")])
         self.latest: dict[str, dict[str, Any]] = {}
         self.count = 0
         self._stop = threading.Event()
@@ -186,12 +189,13 @@ class ScoreWatch:
 
 def _sidecar_env(policy: str, region: str, upstreams: list[dict[str, Any]],
                  edge_capacity: float) -> dict[str, str]:
-    predictive = policy == "predictive"
+    predictive = policy in scn.PREDICTIVE
     env = {
         "LOADCAST_SIDECAR__SIDECAR_ID": f"{policy}-{region}",
         "LOADCAST_SIDECAR__REGION": region,
         "LOADCAST_SIDECAR__UPSTREAMS": json.dumps(upstreams),
-        "LOADCAST_SIDECAR__POLICY": policy,
+        # The ablation lane routes like the predictive one; only its forecasts differ.
+        "LOADCAST_SIDECAR__POLICY": "predictive" if predictive else policy,
         "LOADCAST_SIDECAR__FALLBACK_POLICY": "peak-ewma" if predictive else policy,
         "LOADCAST_SIDECAR__TELEMETRY_INTERVAL_S": "1",
         "LOADCAST_SIDECAR__REQUEST_TIMEOUT_S": "2.5",
@@ -203,20 +207,20 @@ def _sidecar_env(policy: str, region: str, upstreams: list[dict[str, Any]],
     return env
 
 
-def _history(settings: Settings, sc: scn.Scenario, shapes: list[list[float]],
-             specs: list[scn.BackendSpec], t0: float) -> None:
-    """Replay ``sc.history_seasons`` compressed days as the predictive lane's telemetry
-    (demand split by capacity, as the weights would), flat out, in event time."""
+def _history(kafka: KafkaSettings, sc: scn.Scenario, shapes: list[list[float]],
+             specs: list[scn.BackendSpec], t0: float, seconds: range) -> None:
+    """Replay ``seconds`` (after ``t0``) of the compressed days as a predictive lane's
+    telemetry (demand split by capacity, as the weights would), flat out, in event time."""
     from schemas.codec import Codec
     from streams.agent import build_agent, zero_host_stats
 
     codec = Codec.embedded()
-    agents = {r: build_agent(settings.kafka, codec, agent_id=f"history-{r}", region=r,
+    agents = {r: build_agent(kafka, codec, agent_id=f"history-{r}", region=r,
                              interval_seconds=1.0, host_stats=zero_host_stats, batch=True)
               for r in (scn.CENTRAL, scn.EDGE)}
     by_region = {r: [s for s in specs if s.region == r] for r in agents}
     try:
-        for sec in range(sc.history_seasons * sc.season_s):
+        for sec in seconds:
             c, e = scn.rates_at(sc, shapes, sec)
             for region, rate in ((scn.CENTRAL, c), (scn.EDGE, e)):
                 eps = by_region[region]
@@ -269,6 +273,8 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool = False,
     assert facts is not None
     from loadcast.demo.report import build_report
 
+    # What the report is drawn from, to draw it again: build_report(facts, out_dir).
+    (work / "facts.json").write_text(json.dumps(facts, default=str))
     console.print("querying ClickHouse and drawing the report ...")
     summary = build_report(facts, out_dir)
     console.print(f"[bold]report[/bold] {out_dir / 'report.html'}")
@@ -315,14 +321,14 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
     started = time.time()
     broker = EmbeddedBroker()
     children: Children | None = None
-    watch: ScoreWatch | None = None
+    watches: list[ScoreWatch] = []
     client_agents: dict[str, Any] = {}
     agent_stop = threading.Event()
     agent_threads: list[threading.Thread] = []
     ports: list[int] = []
     facts: dict[str, Any] | None = None
     gen: LoadGenerator | None = None
-    exec_dir = work / "executor"
+    exec_dirs = {"predictive": work / "executor", "predictive-persistence": work / "executor-pp"}
     chdb = out_dir / "clickhouse"
     try:
         broker.start()
@@ -330,6 +336,13 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         k.bootstrap_servers = broker.bootstrap
         k.partitions = 4
         ensure_topics(k)
+        # The ablation lane's pipeline: the same processes on topics of their own.
+        kpp = k.model_copy(update={"topic_prefix": f"{k.topic_prefix}pp.", "partitions": 1})
+        ensure_topics(kpp)
+        pipes = {"predictive": (k, {}, ""),
+                 "predictive-persistence": (kpp, {
+                     "LOADCAST_KAFKA__TOPIC_PREFIX": kpp.topic_prefix,
+                     "LOADCAST_KAFKA__PARTITIONS": "1"}, "-pp")}
         console.print(f"embedded broker at {broker.bootstrap}")
         env = {**os.environ,
                "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
@@ -340,7 +353,7 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         t_wall = {"t0": 0.0, "t_live": 0.0}
 
         # ---------------------------------------------------------------- topology
-        lanes = scn.backends(sc, 0.0)  # ports and capacities now; slow-down when live
+        lanes = scn.backends(sc, 0.0, 0.0)  # ports and capacities now; slow-down when live
         bport = {s.id: free_port() for specs in lanes.values() for s in specs}
         sport = {(p, r): (free_port(), free_port()) for p in scn.POLICIES
                  for r in (scn.CENTRAL, scn.EDGE)}
@@ -351,15 +364,19 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         # ---------------------------------------------------------------- pipeline
         private, public = generate_keypair()
         digest, _ = push(MIRROR_BUNDLE, DirectoryStore(work / "store"))
-        children.start("worker", ["worker"], {
-            "LOADCAST_PROCESSOR__APP_ID": "demo-worker",
-            "LOADCAST_PROCESSOR__STEP_SECONDS": "1",
-            "LOADCAST_PROCESSOR__SEASON_SECONDS": str(sc.season_s),
-            "LOADCAST_PROCESSOR__LATENESS_SECONDS": "0",
-            "LOADCAST_PROCESSOR__HORIZON": "15",
-            "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": "5",
-            "LOADCAST_PROCESSOR__CAPACITY_RPS": json.dumps(capacities),
-        })
+        for lane, (_, kenv, sfx) in pipes.items():
+            children.start(f"worker{sfx}", ["worker"], {
+                **kenv,
+                "LOADCAST_PROCESSOR__APP_ID": f"demo-worker{sfx}",
+                "LOADCAST_PROCESSOR__FORECASTER": "persistence" if sfx else "default",
+                "LOADCAST_PROCESSOR__STEP_SECONDS": "1",
+                "LOADCAST_PROCESSOR__SEASON_SECONDS": str(sc.season_s),
+                "LOADCAST_PROCESSOR__LATENESS_SECONDS": "0",
+                "LOADCAST_PROCESSOR__HORIZON": "15",
+                "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": "5",
+                "LOADCAST_PROCESSOR__CAPACITY_RPS": json.dumps(
+                    {s.id: s.capacity_rps for s in lanes[lane]}),
+            })
         children.start("sink", ["sink", "--admin-port", "0"], {
             "LOADCAST_SINK__DSN": f"chdb://{chdb}", "LOADCAST_SINK__GROUP_ID": "demo-sink",
             "LOADCAST_SINK__BATCH_MAX_SECONDS": "1"})
@@ -378,54 +395,71 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
             "LOADCAST_MIRROR__ACTIVATION_SECONDS": "2", "LOADCAST_MIRROR__MARGIN_SECONDS": "2",
             "LOADCAST_MIRROR__COOLDOWN_SECONDS": "8", "LOADCAST_MIRROR__TICK_SECONDS": "0.5",
         }
-        executor = children.start("executor", [
-            "--log-level", "INFO", "executor", "--region", scn.EDGE, "--work-dir",
-            str(exec_dir), "--store-url", store_url, "--stop-instances-on-exit"],
-            mirror_env, stdout_pipe=True)
-        if children.line(executor, 90) != "ready":
-            raise DemoError(f"executor did not start: see {executor.log}")
+        lane_env = {lane: {**mirror_env, **kenv,
+                           "LOADCAST_MIRROR__EXECUTOR_ID": f"executor-edge{sfx}",
+                           "LOADCAST_MIRROR__PLANNER_APP_ID": f"demo-planner{sfx}"}
+                    for lane, (_, kenv, sfx) in pipes.items()}
+        for lane, (_, _, sfx) in pipes.items():
+            executor = children.start(f"executor{sfx}", [
+                "--log-level", "INFO", "executor", "--region", scn.EDGE, "--work-dir",
+                str(exec_dirs[lane]), "--store-url", store_url, "--stop-instances-on-exit"],
+                lane_env[lane], stdout_pipe=True)
+            if children.line(executor, 90) != "ready":
+                raise DemoError(f"executor did not start: see {executor.log}")
         for (policy, region), (port, admin) in sport.items():
             ups = [{"id": s.id, "url": f"http://127.0.0.1:{bport[s.id]}", "api": scn.API,
                     "region": region, "capacity_rps": s.capacity_rps}
                    for s in lanes[policy] if s.region == region]
             args = ["sidecar", "--port", str(port), "--admin-port", str(admin)]
-            if policy != "predictive":
+            if policy not in scn.PREDICTIVE:
                 args.append("--no-kafka")  # a reactive baseline: no scores, no mirrors
             children.start(f"sidecar-{policy}-{region}", args,
-                           _sidecar_env(policy, region, ups, edge_cap))
+                           {**_sidecar_env(policy, region, ups, edge_cap),
+                            **(pipes[policy][1] if policy in pipes else {})})
 
         # ---------------------------------------------------------------- warm-up
-        watch = ScoreWatch(settings)
+        watches = [ScoreWatch(kk) for kk, _, _ in pipes.values()]
+        watch = watches[0]
         codec = Codec.embedded()
-        probe = build_agent(k, codec, agent_id="demo-probe", region=scn.CENTRAL,
-                            interval_seconds=1.0, host_stats=zero_host_stats)
-        probe.record("demo-probe", 5.0, 200, api="probe", at=time.time() - 3)
-        probe.close()
-        console.print("waiting for the forecasting worker ...")
-        _wait(lambda: "demo-probe" in watch.latest, 150, "the worker's first score",
-              children, stop)
+        for kk, _, _ in pipes.values():
+            probe = build_agent(kk, codec, agent_id="demo-probe", region=scn.CENTRAL,
+                                interval_seconds=1.0, host_stats=zero_host_stats)
+            probe.record("demo-probe", 5.0, 200, api="probe", at=time.time() - 3)
+            probe.close()
+        console.print("waiting for the forecasting workers ...")
+        _wait(lambda: all("demo-probe" in w.latest for w in watches), 150,
+              "the workers' first scores", children, stop)
         t0 = float(int(time.time()) - sc.history_seasons * sc.season_s)
         t_wall["t0"] = t0
         console.print(f"replaying {sc.history_seasons} compressed days of history ...")
-        _history(settings, sc, shapes, lanes["predictive"], t0)
+        hist_s = sc.history_seasons * sc.season_s
+        for lane, (kk, _, _) in pipes.items():
+            _history(kk, sc, shapes, lanes[lane], t0, range(hist_s))
         hist_end_ms = int((t0 + sc.history_seasons * sc.season_s - 2) * 1000)
-        _wait(lambda: all(watch.forecast_reaches(s.id, hist_end_ms)
-                          for s in lanes["predictive"]),
+        _wait(lambda: all(w.forecast_reaches(s.id, hist_end_ms)
+                          for w, lane in zip(watches, pipes, strict=True)
+                          for s in lanes[lane]),
               90, "the history to be scored", children, stop)
-        children.start("planner", ["--log-level", "INFO", "planner"], mirror_env)
+        for lane, (_, _, sfx) in pipes.items():
+            children.start(f"planner{sfx}", ["--log-level", "INFO", "planner"],
+                           lane_env[lane])
         for (policy, region), (_, admin) in sport.items():
             _wait(lambda a=admin: _http_json(f"http://127.0.0.1:{a}/health"), 60,
                   f"sidecar {policy}-{region}", children, stop)
 
         # ---------------------------------------------------------------- live
-        t_live = float(int(time.time()) + 2)
+        # The seconds between the history's end and the live start are replayed too, so
+        # the forecasters see no gap (a gap looks like a season without traffic).
+        t_live = float(int(time.time()) + 5)
         t_wall["t_live"] = t_live
-        live = scn.backends(sc, t_live)
+        live = scn.backends(sc, t0, t_live)
         specs = [{**s.__dict__, "port": bport[s.id]} for lane in live.values() for s in lane]
         (work / "backends.json").write_text(json.dumps(specs))
         be = children.start("backends", [str(work / "backends.json")], stdout_pipe=True,
                             module="loadcast.demo.backends")
         children.line(be, 30)
+        for lane, (kk, _, _) in pipes.items():
+            _history(kk, sc, shapes, lanes[lane], t0, range(hist_s, int(t_live - t0)))
         for region in (scn.CENTRAL, scn.EDGE):
             client_agents[region] = build_agent(
                 k, codec, agent_id=f"demo-clients-{region}", region=region,
@@ -444,11 +478,12 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         arrivals = scn.schedule(sc, shapes, t_live - t0)
         targets = {p: {r: f"http://127.0.0.1:{sport[(p, r)][0]}"
                        for r in (scn.CENTRAL, scn.EDGE)} for p in scn.POLICIES}
-        gen = LoadGenerator(targets, arrivals, record)
+        gen = LoadGenerator(targets, arrivals, record, start_epoch=t_live)
         time.sleep(max(0.0, t_live - time.time()))
         console.print(f"live: {sc.live_seconds}s, {len(arrivals)} arrivals x "
                       f"{len(scn.POLICIES)} lanes")
         view = _LiveView(sc, gen, sport, t0, t_live)
+        load_before = os.getloadavg()[0]
         with Live(view.render(), console=console, refresh_per_second=2) as lv:
             done = threading.Event()
 
@@ -477,11 +512,11 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         for th in agent_threads:
             th.join(30)
         for c in list(children.all):
-            if c.name.startswith("sidecar") or c.name in ("planner", "backends"):
+            if c.name.startswith(("sidecar", "planner")) or c.name == "backends":
                 children.stop(c)
         time.sleep(2.5)  # the last scores and decisions of what was sent
         for c in list(children.all):
-            if c.name in ("executor", "bundles", "worker"):
+            if c.name.startswith(("executor", "worker")) or c.name == "bundles":
                 children.stop(c)
         _drain_sink(chdb, children, stop)
         facts = {
@@ -489,14 +524,20 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
             "trace": str(trace), "t0": t0, "t_live": t_live, "t_end": t_end,
             "started": started, "chdb": str(chdb), "capacities": capacities,
             "edge_capacity_rps": edge_cap, "mirror_capacity_rps": 40.0,
-            "degrade_window": sc.degrade_window(t_live),
+            "degrade_window": sc.degrade_window(t0, t_live),
             "degraded_endpoint": live["predictive"][sc.degrade_endpoint].id,
             "spike_windows": sc.spike_windows(t0, t_live),
             "client": {p: {"sent": s.sent, "ok": s.ok, "errors": s.errors,
                            "dropped": s.dropped, "by_endpoint": s.by_endpoint}
                        for p, s in gen.stats.items()},
             "arrivals": len(arrivals),
+            # Every lane shares this machine's CPUs: over about 1.5 runnable processes per
+            # CPU the latencies measure the contention more than the policies.
+            "machine": {"cpus": os.cpu_count() or 1, "load_1m_at_live_start": load_before,
+                        "load_1m_at_live_end": os.getloadavg()[0]},
             "scores_seen": watch.count,
+            "scores_seen_by_lane": {lane: w.count for lane, w in zip(pipes, watches,
+                                                                     strict=True)},
         }
         return facts
     finally:
@@ -504,11 +545,12 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         for th in agent_threads:
             th.join(30)
         client_agents.clear()
-        if watch is not None:
-            watch.close()
+        for w in watches:
+            w.close()
         if children is not None:
             children.stop_all()
-        kill_recorded(exec_dir) if (exec_dir / "state.json").exists() else None
+        for d in exec_dirs.values():
+            kill_recorded(d) if (d / "state.json").exists() else None
         broker.stop()
         left = _leftovers(out_dir, ports)
         if left:

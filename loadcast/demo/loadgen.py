@@ -43,7 +43,8 @@ class LaneStats:
     def window(self, now: float, seconds: float) -> list[tuple[float, float, bool]]:
         while self.recent and self.recent[0][0] < now - 30:
             self.recent.popleft()
-        return [r for r in self.recent if r[0] >= now - seconds]
+        # A copy first: the live view reads from another thread while requests append.
+        return [r for r in list(self.recent) if r[0] >= now - seconds]
 
     def rate(self, now: float, seconds: float = 3.0) -> float:
         return len(self.window(now, seconds)) / seconds
@@ -60,11 +61,14 @@ class LaneStats:
 
 
 class LoadGenerator:
-    """Send ``arrivals`` (seconds after ``t_start``, region) to every lane's sidecar of
-    that region (``targets[policy][region]`` = base URL)."""
+    """Send ``arrivals`` (seconds after ``start_epoch``, region) to every lane's sidecar
+    of that region (``targets[policy][region]`` = base URL). The schedule is anchored to
+    the wall clock (``start_epoch``; None = when :meth:`run` starts), so a late start
+    catches up instead of shifting every arrival (and the demand's season) late."""
 
     def __init__(self, targets: dict[str, dict[str, str]], arrivals: list[tuple[float, str]],
-                 record: Recorder, *, timeout_s: float = 3.0, max_in_flight: int = 400) -> None:
+                 record: Recorder, *, timeout_s: float = 3.0, max_in_flight: int = 400,
+                 start_epoch: float | None = None) -> None:
         self.targets = targets
         self.arrivals = arrivals
         self.record = record
@@ -72,6 +76,7 @@ class LoadGenerator:
         self.max_in_flight = max_in_flight
         self.stats = {p: LaneStats() for p in targets}
         self.t_start = 0.0
+        self.start_epoch = start_epoch
 
     async def _one(self, cs: aiohttp.ClientSession, policy: str, region: str) -> None:
         st = self.stats[policy]
@@ -108,6 +113,8 @@ class LoadGenerator:
         tasks: set[asyncio.Task[None]] = set()
         try:
             self.t_start = time.monotonic()
+            if self.start_epoch is not None:
+                self.t_start += self.start_epoch - time.time()
             for at, region in self.arrivals:
                 if should_stop():
                     break

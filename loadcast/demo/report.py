@@ -27,7 +27,16 @@ from loadcast.demo.loadgen import client_endpoint
 
 HORIZON = 5  # the forecast horizon drawn against the actuals (steps = seconds)
 PHASES = ("overall", "steady", "degraded", "spike")
-COLORS = {"predictive": "#1f77b4", "round-robin": "#d62728", "peak-ewma": "#2ca02c"}
+COLORS = {"predictive": "#1f77b4", "predictive-persistence": "#9467bd",
+          "round-robin": "#d62728", "peak-ewma": "#2ca02c"}
+#: A ratio within this much of 1 is a tie ("no worse, within noise"), not a win or a loss.
+TIE = 0.02
+#: The forecast earns its place when its MAE is at most this share of each baseline's.
+SKILL_TARGET = 0.85
+COVERAGE_TARGET = (0.85, 0.95)
+#: Runnable processes per CPU (1-min load average) above which the latency lines are
+#: flagged: the simulated backends, sidecars and load generator all share the CPUs.
+BUSY_LOAD_PER_CPU = 1.5
 
 
 def _q(dsn: str, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -99,6 +108,85 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+def skill(actual: dict[int, float], forecast: dict[int, tuple[float, float, float]],
+          season: int, h: int) -> dict[str, Any]:
+    """How a forecast made ``h`` steps ahead did against the two naive forecasts at the same
+    horizon, on the same points: seasonal-naive (the value one ``season`` back) and
+    persistence (the value ``h`` back). ``mase_vs_*`` = the forecast's mean absolute error
+    divided by that baseline's (below 1: the forecast is better); ``coverage`` = share of
+    actuals inside the forecast's 90 % band. Points: every step with a forecast and the
+    three actuals (``t``, ``t - h``, ``t - season``).
+
+    >>> y = {t: float(t % 4 == 0) * 10 for t in range(-8, 12)}
+    >>> f = {t: (y[t] + 1.0, y[t], y[t] + 2.0) for t in range(12)}
+    >>> r = skill(y, f, season=4, h=1)
+    >>> r["points"], r["mae"], r["mase_vs_persistence"], r["coverage"]
+    (12, 1.0, 0.2, 1.0)
+    >>> r["mae_seasonal_naive"], r["mase_vs_seasonal_naive"]   # a perfect season: no ratio
+    (0.0, None)
+    """
+    pts = [t for t in sorted(forecast)
+           if t in actual and t - h in actual and t - season in actual]
+    if not pts:
+        return {"points": 0, "mae": None, "mae_seasonal_naive": None,
+                "mae_persistence": None, "mase_vs_seasonal_naive": None,
+                "mase_vs_persistence": None, "coverage": None}
+    n = len(pts)
+    mae = sum(abs(forecast[t][0] - actual[t]) for t in pts) / n
+    sn = sum(abs(actual[t - season] - actual[t]) for t in pts) / n
+    pe = sum(abs(actual[t - h] - actual[t]) for t in pts) / n
+    cov = sum(1 for t in pts if forecast[t][1] <= actual[t] <= forecast[t][2]) / n
+    return {"points": n, "mae": round(mae, 3), "mae_seasonal_naive": round(sn, 3),
+            "mae_persistence": round(pe, 3),
+            "mase_vs_seasonal_naive": round(mae / sn, 3) if sn else None,
+            "mase_vs_persistence": round(mae / pe, 3) if pe else None,
+            "coverage": round(cov, 3)}
+
+
+def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
+                   capacities: dict[str, float], season: int, h: int,
+                   t_from: int, t_to: int) -> dict[str, Any]:
+    """Per client group (central, edge) and per endpoint: :func:`skill` of the live
+    forecasts made ``h`` s ahead, in epoch seconds ``[t_from, t_to)``.
+
+    A group's actual is its region's demand: the requests of all its endpoints, edge
+    mirrors included (what a mirror serves is still the region's demand). Its forecast,
+    in ``groups``: the sum of its regular endpoints' forecasts (mean and band); in
+    ``planner_sums``: what the planner adds up (``processors.mirroring.DemandTable``), that
+    plus each mirror's rate when the forecast was made, held flat (a mirror carries the
+    region's demand, diverted).
+    """
+    region_of = {str(r["endpoint_id"]): str(r["region"]) for r in actual}
+    by_ep: dict[str, dict[int, float]] = defaultdict(dict)
+    group: dict[str, dict[int, float]] = {g: defaultdict(float) for g in (scn.CENTRAL, scn.EDGE)}
+    for r in actual:
+        t = int(r["t_s"])
+        by_ep[r["endpoint_id"]][t] = float(r["n"])
+        if r["region"] in group:
+            group[r["region"]][t] += float(r["n"])
+    fc_ep: dict[str, dict[int, tuple[float, float, float]]] = defaultdict(dict)
+    for r in fc:
+        t = int(r["t_s"])
+        if t_from <= t < t_to:
+            fc_ep[r["endpoint_id"]][t] = (float(r["mean"]), float(r["lower"]),
+                                          float(r["upper"]))
+    out: dict[str, Any] = {"horizon_s": h, "season_s": season, "groups": {},
+                           "planner_sums": {}, "endpoints": {}}
+    for g in (scn.CENTRAL, scn.EDGE):
+        eps = [e for e in capacities if region_of.get(e, g if f"-{g}-" in e else "") == g]
+        common = set.intersection(*(set(fc_ep[e]) for e in eps)) if eps else set()
+        mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g]
+        for key, ms in (("groups", []), ("planner_sums", mirrors)):
+            summed = {t: tuple(sum(fc_ep[e][t][i] for e in eps) +
+                               sum(by_ep[m].get(t - h, 0.0) for m in ms)
+                               for i in range(3)) for t in common}
+            out[key][g] = {"endpoints": eps, "mirrors": ms,
+                           **skill(dict(group[g]), summed, season, h)}  # type: ignore[arg-type]
+    for e in capacities:
+        out["endpoints"][e] = skill(by_ep.get(e, {}), fc_ep.get(e, {}), season, h)
+    return out
+
+
 def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
     """Everything the report shows, from ClickHouse."""
     dsn = f"chdb://{facts['chdb']}"
@@ -120,7 +208,8 @@ def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
     p99_series: dict[str, dict[str, list[list[float]]]] = {}
     err_series: dict[str, dict[str, list[list[float]]]] = {}
     for p in scn.POLICIES:
-        mine = [r for r in client if r["endpoint_id"].startswith(f"client-{p}-")]
+        ids = {client_endpoint(p, scn.CENTRAL), client_endpoint(p, scn.EDGE)}
+        mine = [r for r in client if r["endpoint_id"] in ids]
         policies[p] = {"all": _phase_stats(mine, phase)}
         p99_series[p], err_series[p] = {}, {}
         for region in (scn.CENTRAL, scn.EDGE):
@@ -130,7 +219,10 @@ def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
                                       round(float(r["p99"]), 1)] for r in rr]
             err_series[p][region] = [[round(r["t_ms"] / 1000 - facts["t_live"], 1),
                                       int(r["errors"]), int(r["n"])] for r in rr]
-    actual = _q(dsn, {"sql": ACTUAL_SQL, "params": {"api": scn.API, "since": since}})
+    season = int(sc["season_s"])
+    # One season before the live start too: the seasonal-naive baseline's values.
+    actual = _q(dsn, {"sql": ACTUAL_SQL, "params": {"api": scn.API,
+                                                    "since": since - season * 1000}})
     fc = _q(dsn, {"sql": FORECAST_SQL, "params": {"api": scn.API, "h": HORIZON,
                                                   "since": since, "until": until}})
     act_by: dict[str, dict[int, float]] = defaultdict(dict)
@@ -158,81 +250,199 @@ def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
     statuses = _q(dsn, {"sql": STATUS_SQL})
     # Mirror instances are not in the sidecar's telemetry: count what answered (X-Endpoint
     # headers the load generator saw) instead.
-    seen = facts["client"]["predictive"]["by_endpoint"]
-    mirror_requests = sum(n for e, n in seen.items() if "@" in e)
-    edge_requests = sum(n for e, n in seen.items() if "@" in e or f"-{scn.EDGE}-" in e)
+    share: dict[str, float] = {}
+    for lane in scn.PREDICTIVE:
+        seen = facts["client"][lane]["by_endpoint"]
+        mirror_requests = sum(n for e, n in seen.items() if "@" in e)
+        edge_requests = sum(n for e, n in seen.items() if "@" in e or f"-{scn.EDGE}-" in e)
+        share[lane] = round(mirror_requests / edge_requests, 4) if edge_requests else 0.0
     edge_demand: dict[int, float] = defaultdict(float)
     for r in actual:
-        if r["region"] == scn.EDGE:
+        if r["region"] == scn.EDGE and int(r["t_s"]) >= int(facts["t_live"]):
             edge_demand[int(r["t_s"]) - int(facts["t_live"])] += float(r["n"])
+    # The last second's telemetry may be cut short by the stop: left out.
+    fskill = forecast_skill(actual, fc, facts["capacities"], season, HORIZON,
+                            int(facts["t_live"]), int(facts["t_end"]) - 1)
     return {
+        "skill": fskill,
         "policies": policies, "p99": p99_series, "errors": err_series, "forecast": forecast,
         "accuracy": accuracy, "weights": {k: dict(v) for k, v in weights.items()},
         "stale_weight_rows": stale, "lead": lead, "commands": commands, "statuses": statuses,
-        "mirror_share_of_edge": round(mirror_requests / edge_requests, 4)
-        if edge_requests else 0.0,
+        "mirror_share_of_edge": share["predictive"],
+        "mirror_share_of_edge_by_lane": share,
         "edge_demand": sorted([t, n] for t, n in edge_demand.items()),
         "horizon": HORIZON, "scenario": sc,
     }
 
 
-def headline(q: dict[str, Any]) -> dict[str, Any]:
-    """The comparison in numbers and in words (saying so where prediction does not win)."""
+ERROR_TIE = 0.002  # error rates within 0.2 points of each other: no difference
+GROUPS = {scn.CENTRAL: "central clients (routing only: same backends, no mirrors in any lane)",
+          scn.EDGE: "edge clients (routing plus mirrors: only the two predictive lanes have "
+                    "edge mirrors)"}
+BASELINES = ("peak-ewma", "round-robin", "predictive-persistence")
+
+
+def verdict(ratio: float | None, err: float | None, base_err: float | None) -> str:
+    """``won``, ``lost`` or ``tie`` for one comparison: p99 ratio (subject / baseline)
+    outside 1 ± :data:`TIE`, error rates more than :data:`ERROR_TIE` apart. Worse on
+    either count is a loss; better on one and not worse on the other, a win.
+
+    >>> verdict(0.9, 0.0, 0.0), verdict(0.9, 0.01, 0.0), verdict(1.01, 0.0, 0.05)
+    ('won', 'lost', 'won')
+    >>> verdict(1.01, 0.001, 0.0), verdict(None, None, None)
+    ('tie', 'no data')
+    """
+    if ratio is None:
+        return "no data"
+    e, b = err or 0.0, base_err or 0.0
+    lat = -1 if ratio < 1 - TIE else 1 if ratio > 1 + TIE else 0
+    er = -1 if e < b - ERROR_TIE else 1 if e > b + ERROR_TIE else 0
+    if lat > 0 or er > 0:
+        return "lost"
+    return "won" if lat < 0 or er < 0 else "tie"
+
+
+def tone(verdicts: list[str]) -> str:
+    """A headline line's colour: ``win`` only when nothing was lost and something won."""
+    if "lost" in verdicts:
+        return "lose"
+    return "win" if "won" in verdicts else "neutral"
+
+
+def headline(q: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The comparison as claims, each with the numbers behind it, and the lines that say
+    them: per client group what ``predictive`` won and lost against each baseline (the
+    ablation ``predictive-persistence`` among them), then whether its forecasts earned
+    their place, then the mirrors' lead times."""
     pol = q["policies"]
-    out: dict[str, Any] = {}
-    lines = []
-    for base in ("round-robin", "peak-ewma"):
+    out: dict[str, Any] = {"tolerance": {"p99_ratio": TIE, "error_rate": ERROR_TIE,
+                                         "skill_target": SKILL_TARGET,
+                                         "coverage_target": list(COVERAGE_TARGET)}}
+    claims: list[dict[str, Any]] = []
+    statements: list[dict[str, Any]] = []
+    for base in ("round-robin", "peak-ewma"):  # all clients together, as before
         for ph in PHASES:
-            r = _ratio(pol["predictive"]["all"][ph]["p99_ms"], pol[base]["all"][ph]["p99_ms"])
-            out[f"p99_ratio_vs_{base}_{ph}"] = r
-        r = out[f"p99_ratio_vs_{base}_overall"]
-        e_p = pol["predictive"]["all"]["overall"]["error_rate"] or 0.0
-        e_b = pol[base]["all"]["overall"]["error_rate"] or 0.0
-        if r is None:
-            lines.append(f"no latency data to compare with {base}")
-        elif r < 1 and e_p <= e_b:
-            lines.append(f"predictive beats {base}: p99 x{r:.2f}, errors {e_p:.2%} vs "
-                         f"{e_b:.2%}")
-        else:
-            lines.append(f"predictive does NOT beat {base}: p99 x{r:.2f}, errors {e_p:.2%} "
-                         f"vs {e_b:.2%}")
-    out["predictive_wins"] = all(s.startswith("predictive beats") for s in lines)
+            out[f"p99_ratio_vs_{base}_{ph}"] = _ratio(pol["predictive"]["all"][ph]["p99_ms"],
+                                                      pol[base]["all"][ph]["p99_ms"])
+    for g, title in GROUPS.items():
+        for base in BASELINES:
+            ids, parts = [], []
+            for ph in PHASES:
+                a, b = pol["predictive"][g][ph], pol[base][g][ph]
+                if not a["requests"] or not b["requests"]:
+                    continue
+                r = _ratio(a["p99_ms"], b["p99_ms"])
+                c = {"id": f"{g}:predictive-vs-{base}:{ph}", "kind": "latency", "group": g,
+                     "subject": "predictive", "baseline": base, "phase": ph,
+                     "p99_ms": a["p99_ms"], "baseline_p99_ms": b["p99_ms"], "ratio": r,
+                     "error_rate": a["error_rate"], "baseline_error_rate": b["error_rate"],
+                     "verdict": verdict(r, a["error_rate"], b["error_rate"])}
+                claims.append(c)
+                ids.append(c["id"])
+                parts.append(f"{ph} {c['verdict']} (p99 x{r:.2f}, errors "
+                             f"{a['error_rate'] or 0:.2%} vs {b['error_rate'] or 0:.2%})"
+                             if r is not None else f"{ph}: no data")
+            vs = [c["verdict"] for c in claims if c["id"] in ids]
+            what = ("the ablation: the forecast's own share" if base == "predictive-persistence"
+                    else "reactive")
+            statements.append({
+                "group": g, "tone": tone(vs), "claims": ids,
+                "text": f"{title}: predictive vs {base} ({what}): " + "; ".join(parts)})
+    # Forecast skill at the planner's horizon, per client group.
+    sk = q["skill"]
+    for g, st in sk["groups"].items():
+        ids, parts = [], []
+        for base in ("seasonal_naive", "persistence"):
+            m = st[f"mase_vs_{base}"]
+            c = {"id": f"{g}:forecast-vs-{base}", "kind": "forecast", "series": "demand",
+                 "group": g,
+                 "baseline": base.replace("_", "-"), "horizon_s": sk["horizon_s"],
+                 "mase": m, "mae": st["mae"], "baseline_mae": st[f"mae_{base}"],
+                 "points": st["points"], "target": SKILL_TARGET,
+                 "verdict": "no data" if m is None else "won" if m <= SKILL_TARGET
+                 else "lost"}
+            claims.append(c)
+            ids.append(c["id"])
+            parts.append(f"MASE {m} vs {c['baseline']} ({c['verdict']})" if m is not None
+                         else f"no data vs {c['baseline']}")
+        cov = st["coverage"]
+        lo, hi = COVERAGE_TARGET
+        c = {"id": f"{g}:forecast-band-coverage", "kind": "coverage", "group": g,
+             "coverage": cov, "points": st["points"], "target": [lo, hi],
+             "verdict": "no data" if cov is None else "won" if lo <= cov <= hi else "lost"}
+        claims.append(c)
+        ids.append(c["id"])
+        parts.append(f"90 % band coverage {cov} ({c['verdict']})")
+        statements.append({
+            "group": g, "tone": tone([c["verdict"] for c in claims if c["id"] in ids]),
+            "claims": ids,
+            "text": f"{g} demand forecast {sk['horizon_s']} s ahead (the horizon the planner "
+                    f"and the mirror director act on), over {st['points']} s: "
+                    + "; ".join(parts)})
+    for g, st in sk["planner_sums"].items():
+        if not st["mirrors"]:
+            continue  # no mirror: the planner's sum is the forecast above
+        ids = []
+        for base in ("seasonal_naive", "persistence"):
+            m = st[f"mase_vs_{base}"]
+            c = {"id": f"{g}:planner-sum-vs-{base}", "kind": "forecast", "series": "planner",
+                 "group": g, "baseline": base.replace("_", "-"), "horizon_s": sk["horizon_s"],
+                 "mase": m, "mae": st["mae"], "baseline_mae": st[f"mae_{base}"],
+                 "points": st["points"], "target": SKILL_TARGET,
+                 "verdict": "no data" if m is None else "won" if m <= SKILL_TARGET
+                 else "lost"}
+            claims.append(c)
+            ids.append(c["id"])
+        statements.append({
+            "group": g, "tone": tone([c["verdict"] for c in claims if c["id"] in ids]),
+            "claims": ids,
+            "text": f"{g} demand as the planner adds it up (plus what the "
+                    f"{len(st['mirrors'])} mirror(s) carried when the forecast was made): "
+                    f"MASE {st['mase_vs_seasonal_naive']} vs seasonal-naive, MASE "
+                    f"{st['mase_vs_persistence']} vs persistence"})
     leads = [r["lead_seconds"] for r in q["lead"] if r.get("lead_seconds") is not None]
     out["mirror_activations"] = len(q["lead"])
     out["mirror_lead_seconds"] = leads
     # No crossing (NULL lead): demand never went over capacity, said as such, not a number.
     out["mirror_no_crossing"] = len(q["lead"]) - len(leads)
+    ahead = sum(1 for x in leads if x > 0)
+    c = {"id": "edge:mirror-lead", "kind": "mirror", "group": scn.EDGE,
+         "activations": len(q["lead"]), "ready_before": ahead,
+         "ready_after": len(leads) - ahead, "no_crossing": out["mirror_no_crossing"],
+         "lead_seconds": leads,
+         "verdict": "no data" if not leads else "won" if ahead == len(leads) else "lost"}
+    claims.append(c)
     if q["lead"]:
-        ahead = sum(1 for x in leads if x > 0)
         shown = ", ".join("no crossing" if r.get("lead_seconds") is None
                           else f"{r['lead_seconds']:+.1f}s" for r in q["lead"])
-        lines.append(f"{len(q['lead'])} edge mirror activation(s): ready before the edge "
-                     f"demand crossed central capacity in {ahead}, after it in "
-                     f"{len(leads) - ahead}, no crossing in {out['mirror_no_crossing']} "
-                     f"(lead {shown})")
+        text = (f"{len(q['lead'])} edge mirror activation(s) in the predictive lane: ready "
+                f"before the edge demand crossed central capacity in {ahead}, after it in "
+                f"{len(leads) - ahead}, no crossing in {out['mirror_no_crossing']} "
+                f"(lead {shown})")
     else:
-        lines.append("no edge mirror was activated")
-    acc = [r for r in q["accuracy"] if r["horizon"] == q["horizon"]]
-    # Mirrors live for seconds and start cold: their few points would swamp the mean of
-    # the endpoints that run all along, so they are reported apart.
-    regular = [r for r in acc if "-mirror-" not in r["endpoint_id"]]
-    mirrors = [r for r in acc if "-mirror-" in r["endpoint_id"]]
-
-    def mean(rows: list[dict[str, Any]], key: str) -> float | None:
-        xs = [r[key] for r in rows if r[key] is not None]
-        return round(sum(xs) / len(xs), 3) if xs else None
-
-    if regular:
-        out["forecast_mase_h"] = mean(regular, "mase")
-        out["forecast_coverage_h"] = mean(regular, "coverage")
-        out["forecast_mase_h_mirrors"] = mean(mirrors, "mase")
-        line = (f"forecasts {q['horizon']} s ahead, central and edge endpoints: mean MASE "
-                f"{out['forecast_mase_h']}, 90 % band coverage {out['forecast_coverage_h']}")
-        if mirrors:
-            line += (f"; mirror endpoints (short-lived, cold): MASE "
-                     f"{out['forecast_mase_h_mirrors']}")
-        lines.append(line)
-    out["statements"] = lines
+        text = "no edge mirror was activated in the predictive lane"
+    statements.append({"group": scn.EDGE, "tone": tone([c["verdict"]]), "claims": [c["id"]],
+                       "text": text})
+    if machine:
+        per_cpu = max(machine["load_1m_at_live_start"], machine["load_1m_at_live_end"]) / max(
+            1, machine["cpus"])
+        busy = per_cpu > BUSY_LOAD_PER_CPU
+        c = {"id": "machine-load", "kind": "machine", "group": "all", **machine,
+             "load_per_cpu": round(per_cpu, 2), "limit": BUSY_LOAD_PER_CPU,
+             "verdict": "lost" if busy else "tie"}
+        claims.append(c)
+        statements.insert(0, {
+            "group": "all", "tone": "lose" if busy else "neutral", "claims": [c["id"]],
+            "text": (f"machine load during the live run: {per_cpu:.2f} runnable processes per "
+                     f"CPU ({machine['cpus']} CPUs)"
+                     + (": the lanes' latencies measure CPU contention more than the "
+                        "policies; rerun on an idle machine before trusting the p99 lines"
+                        if busy else ": the lanes were not starved of CPU"))})
+    # Prediction won only where none of its claims lost (the machine's load is context).
+    out["predictive_wins"] = not any(c["verdict"] == "lost" for c in claims
+                                     if c["kind"] != "machine")
+    out["claims"] = claims
+    out["statements"] = statements
     return out
 
 
@@ -400,10 +610,8 @@ def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
     """The self-contained report page."""
     s, hl = summary, summary["headline"]
     sc = s["scenario"]
-    def cls(x: str) -> str:
-        return "win" if x.startswith("predictive beats") else "lose" if "NOT" in x else ""
-
-    head = "".join(f"<li class='{cls(x)}'>{html.escape(x)}</li>" for x in hl["statements"])
+    head = "".join(f"<li class='{x['tone']}'>{html.escape(x['text'])}</li>"
+                   for x in hl["statements"])
     rows = []
     for p in scn.POLICIES:
         for region in ("all", scn.CENTRAL, scn.EDGE):
@@ -422,15 +630,37 @@ def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
                   [[r["command_id"], r["ready_at"], r["crossed_at"], r["lead_seconds"],
                     r.get("demand_rps"), r.get("capacity_rps"), r.get("note")]
                    for r in s["mirrors"]["activations"]])
+    sk = s["forecast_skill"]
+    skill_tab = _table(["series", "points", "MAE", "MAE seasonal-naive", "MAE persistence",
+                        "MASE vs seasonal-naive", "MASE vs persistence", "90% coverage"],
+                       [[name, r["points"], r["mae"], r["mae_seasonal_naive"],
+                         r["mae_persistence"], r["mase_vs_seasonal_naive"],
+                         r["mase_vs_persistence"], r["coverage"]]
+                        for name, r in [*((f"{g} demand", v) for g, v in sk["groups"].items()),
+                                        *((f"{g} demand, planner's sum (+ mirrors' "
+                                           "current rate)", v)
+                                          for g, v in sk["planner_sums"].items()
+                                          if v["mirrors"]),
+                                        *sk["endpoints"].items()]])
     mode = "quick" if sc.get("quick") else "full"
     return f"""<!doctype html><html><head><meta charset="utf-8">
 <title>loadcast demo report</title><style>{CSS}</style></head><body>
 <h1>loadcast demo report</h1>
 <p class="note">{mode} run, {s['live_seconds']} s of live traffic ({s['duration_s']:.0f} s in
-all), {s['arrivals']:,} arrivals sent to each of three policy lanes side by side on identical
-simulated backends. Trace shape: {html.escape(Path(s['trace']).name)}, one day compressed into
+all), {s['arrivals']:,} arrivals sent to each of four policy lanes side by side on identical
+simulated backends: <b>predictive</b> (the whole pipeline), <b>predictive-persistence</b>
+(the ablation: the same pipeline, its own worker, planner and mirrors, with the forecaster
+replaced by persistence, so what predictive gains over it is the forecast's), and the
+reactive <b>round-robin</b> and <b>peak-ewma</b>.
+Trace shape: {html.escape(Path(s['trace']).name)}, one day compressed into
 {sc['season_s']} s. Numbers from ClickHouse queries over what the pipeline stored.</p>
-<h2>Headline</h2><ul class="head">{head}</ul>
+<h2>Headline</h2>
+<p class="note">Green: predictive won and lost nothing in that comparison; red: it lost
+somewhere (p99 more than {TIE:.0%} higher or errors more than {ERROR_TIE:.1%} higher); no
+colour: within noise. Forecasts earn their place at MASE &le; {SKILL_TARGET} against both
+naive forecasts with 90 % bands covering {COVERAGE_TARGET[0]:.0%}-{COVERAGE_TARGET[1]:.0%}.
+Every line's numbers are claims in summary.json.</p>
+<ul class="head">{head}</ul>
 <h2>Latency and errors by policy</h2>
 <p class="note">Client-side, per lane: p99 is the request-weighted mean of per-second window
 p99s. Phases: <b>degraded</b> = one central backend {sc['degrade'][2]:g}x slower,
@@ -442,7 +672,14 @@ the central columns compare routing policies only.</p>
 <img src="data:image/png;base64,{imgs['latency']}" alt="p99 and errors over time">
 <h2>Forecast vs actual (predictive lane, {s['horizon']} s ahead)</h2>
 <img src="data:image/png;base64,{imgs['forecast']}" alt="forecast vs actual">
-<p class="note">forecast-accuracy query (live range), horizons 1, 5, 15 s:</p>{acc}
+<p class="note">Forecast skill {s['horizon']} s ahead against the two naive forecasts at
+the same horizon on the same seconds (MASE = the forecast's mean absolute error / the
+naive one's; below 1 = better). Per client group: the region's demand (its endpoints' and
+mirrors' requests) against the sum of its endpoints' forecasts, what the planner adds up;
+per endpoint: that endpoint's requests, which the routing itself shifts.</p>{skill_tab}
+<p class="note">forecast-accuracy query (live range), horizons 1, 5, 15 s (its MASE scales by
+the one-step-back naive error, so at 5 and 15 s it is above 1 even for a good forecast):</p>
+{acc}
 <h2>Routing weights over time</h2>
 <img src="data:image/png;base64,{imgs['weights']}" alt="weights over time">
 <h2>Edge mirrors</h2>
@@ -464,16 +701,18 @@ processes left behind: {s['leftover_processes']}.</p>
 def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     """Query, summarise, draw; write ``summary.json`` and ``report.html``."""
     q = query_facts(facts)
-    hl = headline(q)
+    hl = headline(q, facts.get("machine"))
     summary: dict[str, Any] = {
         "version": 1,
         "quick": bool(facts["scenario"].get("quick")),
         "live_seconds": facts["scenario"]["live_seconds"],
         "duration_s": round(time.time() - facts["started"], 1),
         "trace": facts["trace"],
-        "comparison": "three policy lanes side by side on identical backends, same arrivals",
+        "comparison": "four policy lanes side by side on identical backends, same arrivals",
+        "forecast_skill": q["skill"],
         "scenario": facts["scenario"],
         "arrivals": facts["arrivals"],
+        "machine": facts.get("machine"),
         "load_generator": facts["client"],
         "policies": q["policies"],
         "headline": hl,
@@ -483,9 +722,11 @@ def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "forecast_accuracy": q["accuracy"],
         "mirrors": {"activations": q["lead"], "commands": q["commands"],
                     "statuses": q["statuses"],
-                    "share_of_edge_requests": q["mirror_share_of_edge"]},
+                    "share_of_edge_requests": q["mirror_share_of_edge"],
+                    "share_of_edge_requests_by_lane": q["mirror_share_of_edge_by_lane"]},
         "leftover_processes": facts.get("leftover_processes", 0),
         "scores_seen": facts["scores_seen"],
+        "scores_seen_by_lane": facts.get("scores_seen_by_lane", {}),
     }
     imgs = charts(facts, q)
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str,

@@ -26,7 +26,13 @@ from streams.replay import Trace
 API = "orders"  # the API the demo serves
 CLIENT_API = "demo-client"  # client-side measurements of each lane (not routed)
 CENTRAL, EDGE = "central", "edge"
-POLICIES = ("predictive", "round-robin", "peak-ewma")
+#: The policy lanes. ``predictive-persistence`` is the ablation: the whole predictive
+#: pipeline (its own worker, planner, executor and mirrors) with the forecaster replaced
+#: by persistence, so the report can say how much of a gain is the forecast's.
+POLICIES = ("predictive", "predictive-persistence", "round-robin", "peak-ewma")
+PREDICTIVE = ("predictive", "predictive-persistence")  # lanes fed by a forecasting pipeline
+PREFIX = {"predictive": "", "predictive-persistence": "pp-", "round-robin": "rr-",
+          "peak-ewma": "ewma-"}
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,11 @@ class Scenario:
 
     live_seconds: int = 240
     season_s: int = 60
-    history_seasons: int = 4
+    # Six compressed days of history: the forecaster's multi-season mean then averages
+    # out enough of the days' noise to beat seasonal-naive (one day back) at the planner's
+    # horizon; with three it barely does (offline: MASE 0.81 against 0.68 on central
+    # demand). Replayed flat out, so it costs seconds, not minutes.
+    history_seasons: int = 6
     service_ms: float = 100.0
     central_slots: tuple[int, ...] = (2, 2, 1)  # 20 + 20 + 10 = 50 rps per lane
     edge_slots: tuple[int, ...] = (1, 1)  # 10 + 10 = 20 rps per lane
@@ -68,12 +78,28 @@ class Scenario:
     @classmethod
     def quick(cls) -> Scenario:
         """About a minute of live traffic: one compressed day, one degradation, one spike."""
-        return cls(live_seconds=60, history_seasons=3, degrade=(0.25, 0.5, 3.0))
+        return cls(live_seconds=60, degrade=(0.25, 0.5, 3.0))
 
-    def degrade_window(self, t_live: float) -> tuple[float, float]:
-        """Epoch seconds [start, end) of the central backend's slow-down."""
+    def degrade_window(self, t0: float, t_live: float) -> tuple[float, float]:
+        """Epoch seconds [start, end) of the central backend's slow-down: its share of the
+        live run (``degrade``), moved later (else earlier) as little as needed to keep 3 s
+        away from every edge spike, so each phase measures one thing.
+
+        >>> sc = Scenario(live_seconds=60, season_s=60, spike=(20, 30, 4.0),
+        ...               degrade=(0.25, 0.5, 3.0))
+        >>> sc.degrade_window(0.0, 0.0)    # [15, 30) would meet the spike [20, 30)
+        (33.0, 48.0)
+        """
         a, b, _ = self.degrade
-        return t_live + a * self.live_seconds, t_live + b * self.live_seconds
+        length = (b - a) * self.live_seconds
+        start, last = t_live + a * self.live_seconds, t_live + self.live_seconds - length
+        spikes = self.spike_windows(t0, t_live)
+        tries = [start + k for k in range(int(last - start) + 1)]
+        tries += [start - k for k in range(1, int(start - t_live) + 1)]
+        for s in tries:
+            if all(s + length + 3 <= x or s >= y + 3 for x, y in spikes):
+                return s, s + length
+        return start, start + length
 
     def spike_windows(self, t0: float, t_live: float) -> list[tuple[float, float]]:
         """Epoch seconds [start, end) of every edge spike in the live run; seasons count
@@ -92,13 +118,12 @@ class Scenario:
 
 def endpoint_id(policy: str, region: str, i: int) -> str:
     """``orders-central-1`` for the predictive lane, ``rr-orders-central-1`` etc. otherwise."""
-    prefix = {"predictive": "", "round-robin": "rr-", "peak-ewma": "ewma-"}[policy]
-    return f"{prefix}{API}-{region}-{i}"
+    return f"{PREFIX[policy]}{API}-{region}-{i}"
 
 
-def backends(sc: Scenario, t_live: float) -> dict[str, list[BackendSpec]]:
+def backends(sc: Scenario, t0: float, t_live: float) -> dict[str, list[BackendSpec]]:
     """Per policy lane, identical backends (same capacities, same slow-down window)."""
-    d0, d1 = sc.degrade_window(t_live)
+    d0, d1 = sc.degrade_window(t0, t_live)
     out: dict[str, list[BackendSpec]] = {}
     for policy in POLICIES:
         lane = []
@@ -196,7 +221,7 @@ def schedule(sc: Scenario, shapes: list[list[float]], live_offset: float,
 
 def phase_of(sc: Scenario, t0: float, t_live: float, at: float) -> str:
     """``degraded``, ``spike`` or ``steady`` for epoch second ``at``."""
-    d0, d1 = sc.degrade_window(t_live)
+    d0, d1 = sc.degrade_window(t0, t_live)
     if d0 <= at < d1:
         return "degraded"
     if any(a <= at < b for a, b in sc.spike_windows(t0, t_live)):
