@@ -216,7 +216,9 @@ class ScorePublisher:
 
     def publish(self, scores: dict[str, float], valid_s: float = 30.0) -> None:
         for e, s in scores.items():
-            rec = score_record(e, s, api=API, valid_for_s=valid_s)
+            # A configured capacity far above what loopback can offer: these sections
+            # measure routing overhead, not shedding (which a real capacity would start).
+            rec = score_record(e, s, api=API, valid_for_s=valid_s, capacity_rps=1e6)
             self.producer.produce(self.topic, self.codec.encode("LoadScore", rec), e.encode())
         self.producer.flush(5)
 

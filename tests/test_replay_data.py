@@ -30,7 +30,7 @@ def test_bare_names_resolve_in_the_data_dir(monkeypatch: pytest.MonkeyPatch,
 
 
 def test_nothing_outside_the_clone_is_read() -> None:
-    """No code, test, benchmark or deployment file points at ../shared."""
+    """No code, test, benchmark or deployment file points outside the clone."""
     tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
                              check=True).stdout.split()
     # Spelled in pieces so that this file does not find itself.
