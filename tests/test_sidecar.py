@@ -134,7 +134,8 @@ async def test_scores_shift_traffic_shares_within_two_intervals(
             # weights' order, steeper than proportional (a light endpoint loses most of
             # its draws), so the check is the order and where the bulk goes.
             top, low = max(want, key=want.__getitem__), min(want, key=want.__getitem__)
-            assert sorted(scores, key=lambda e: share.get(e, 0.0)) == sorted(scores, key=want.__getitem__)
+            by_share = sorted(scores, key=lambda e: share.get(e, 0.0))
+            assert by_share == sorted(scores, key=want.__getitem__), (share, want)
             assert share[top] >= want[top] - 0.1 and share.get(low, 0.0) <= want[low] + 0.05, \
                 (share, want)
             assert elapsed <= 2 * step, f"shares matched only after {elapsed:.2f}s"
