@@ -99,8 +99,12 @@ def new_scores(kafka: KafkaSettings, after_ms: int, timeout: float) -> float | N
 
     codec = Codec.embedded()
     t0 = time.monotonic()
+    # The restarted broker has no topics until a process re-creates them; a consumer
+    # that subscribed first would otherwise notice the topic only at librdkafka's
+    # 5-minute metadata refresh, long after the scores are there.
     c = Consumer(kafka.consumer_config(f"outage-{uuid.uuid4().hex[:6]}",
-                                       **{"enable.auto.commit": False}))
+                                       **{"enable.auto.commit": False,
+                                          "topic.metadata.refresh.interval.ms": 1000}))
     try:
         c.subscribe([topic_name(kafka, "load-scores")])
         while time.monotonic() - t0 < timeout:

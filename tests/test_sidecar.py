@@ -121,8 +121,10 @@ async def test_scores_shift_traffic_shares_within_two_intervals(
     async with running(sc):
         for scores in ({"a": 0.6, "b": 0.3, "c": 0.1}, {"a": 0.1, "b": 0.3, "c": 0.6}):
             t0 = time.monotonic()
+            # capacity far above a loopback burst: this test is about shares, not shedding
             publish(kafka, codec, [score_record(e, s, api="orders", step_seconds=step,
-                                                valid_for_s=2 * step) for e, s in scores.items()])
+                                                valid_for_s=2 * step, capacity_rps=1e6)
+                                   for e, s in scores.items()])
             want = normalized(scores)
             await wait_for(lambda w=want: normalized(sc.table.weights("orders"))
                            == pytest.approx(w, abs=1e-3), timeout=step)
