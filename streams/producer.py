@@ -123,9 +123,12 @@ class RecordProducer:
             deadline = time.monotonic() + timeout
             try:
                 while len(old) and time.monotonic() < deadline:
+                    # A producer that hit a fatal error raises it once more from poll;
+                    # the delivery reports after it still arrive on the next polls.
                     with contextlib.suppress(KafkaException):
                         old.purge(in_queue=True, in_flight=True, blocking=False)
-                    old.poll(0.1)  # delivery reports: purged records go to ``new``
+                    with contextlib.suppress(KafkaException):
+                        old.poll(0.1)  # delivery reports: purged records go to ``new``
             finally:
                 self._next = None
             n = self.resent - before
