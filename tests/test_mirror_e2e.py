@@ -161,7 +161,7 @@ async def test_ramp_activates_mirror_ahead_routes_to_it_and_retires(
                 upstreams=[{"id": "central-1", "url": central.urls["central-1"],
                             "api": "echo-api"}],
                 listen_port=0, admin_port=0, region="central", telemetry_interval_s=1.0,
-                mirror_lookahead_s=5.0,
+                mirror_lookahead_s=5.0, mirror_hosts=["127.0.0.1"],
                 shed_overload=1000.0)  # load shedding of the central API is not tested here
             sidecar = Sidecar(settings, kafka, codec=codec)
             await sidecar.start()

@@ -202,6 +202,7 @@ def _sidecar_env(policy: str, region: str, upstreams: list[dict[str, Any]],
         "LOADCAST_SIDECAR__DECISION_SAMPLE_RATE": "0.02",
         "LOADCAST_SIDECAR__SCORE_LOOKBACK_S": "5",
         "LOADCAST_SIDECAR__MIRROR_LOOKAHEAD_S": "5",
+        "LOADCAST_SIDECAR__MIRROR_HOSTS": '["127.0.0.1"]',  # the demo's mirrors run here
         "LOADCAST_SIDECAR__CENTRAL_CAPACITY_RPS": json.dumps({scn.API: edge_capacity}),
     }
     return env

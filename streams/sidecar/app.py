@@ -95,7 +95,7 @@ class Sidecar:
             self.director = MirrorDirector(
                 region=s.region, central_region=s.central_region,
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
-                headroom=s.mirror_headroom, rng=self.rng,
+                headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
         self.proxy: Proxy | None = None
         if s.data_plane == "proxy":
@@ -274,9 +274,15 @@ class Sidecar:
         if self.director is not None:
             self.director.apply_scores(scores, t)
             statuses = [r for name, r in batch if name == "MirrorStatus"]
+            refused = self.director.refused_hosts
             if statuses and self.director.apply_statuses(statuses, t):
                 log.info("edge mirrors now: %s", {f"{a}/{r}": sorted(u) for (a, r), u
                                                   in self.director.mirrors.items()})
+            if self.director.refused_hosts > refused:  # one line per batch, never per record
+                m.MIRRORS_REFUSED.labels(self.id).inc(self.director.refused_hosts - refused)
+                log.warning("ignored %d READY mirror-status record(s) naming a host outside "
+                            "mirror_hosts (%d so far)", self.director.refused_hosts - refused,
+                            self.director.refused_hosts)
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
             self._set_capacity(api, t)
         return changes
