@@ -44,9 +44,9 @@ from sinks.db import connect
 from sinks.ddl import TABLE_BY_NAME, migrate
 from sinks.settings import SinkSettings
 from sinks.sink import Sink
-from streams.broker import EmbeddedBroker
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "benchmarks" / "sink.json"
 

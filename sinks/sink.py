@@ -63,12 +63,12 @@ from sinks.convert import (
 from sinks.db import ClickHouseUnavailable, close_quietly, connect
 from sinks.ddl import TABLE_BY_NAME, TABLE_BY_TOPIC, migrate
 from sinks.settings import SinkSettings
-from streams.deadletter import DeadLetter, DeadLetterWriter
+from streams.kafka.deadletter import DeadLetter, DeadLetterWriter
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

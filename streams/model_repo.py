@@ -21,8 +21,8 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartiti
 from processors.federated import GlobalState, global_from_record
 from schemas.codec import Codec, CodecError
 from streams import metrics
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from schemas.codec import Codec, CodecError
 from schemas.records import EndpointTelemetry, LoadScore, RoutingDecision
 from schemas.validation import reference_ms, score_problem
 from streams import metrics
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 
 log = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from streams.broker import EmbeddedBroker
-from streams.brokerwatch import BrokerWatch
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.brokerwatch import BrokerWatch
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 from tests.kafka_helpers import read_topic
 
 REPO = Path(__file__).resolve().parents[1]

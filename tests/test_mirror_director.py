@@ -13,17 +13,17 @@ import pytest
 from confluent_kafka import Producer
 from pydantic import ValidationError
 
+from processors.apps.planner import Planner
 from processors.mirroring import BundleSpec, MirrorSettings
-from processors.planner import Planner
 from processors.signing import generate_keypair
 from schemas.codec import Codec
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
 from streams.sidecar.config import SidecarSettings, Upstream
 from streams.sidecar.director import MirrorDirector
 from streams.sidecar.router import Router
 from streams.sidecar.testing import BackendProcess
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 
 DIGEST = "sha256:" + "cd" * 32

@@ -25,9 +25,10 @@ from typing import Any
 from aiohttp import web
 
 from schemas.codec import Codec
-from streams.agent import EdgeAgent, TelemetryInputError, build_agent
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
+from streams.edge.agent import EdgeAgent, TelemetryInputError, build_agent
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar import metrics as m
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.director import MirrorDirector
@@ -36,7 +37,6 @@ from streams.sidecar.proxy import Outcome, Proxy, serve
 from streams.sidecar.router import Router
 from streams.sidecar.scores import Batch, ScoreSubscriber
 from streams.sidecar.weights import WeightChange, WeightTable
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +193,7 @@ class Sidecar:
                 )
             self.port = s.listen_port
         else:
-            from streams.broker import free_port
+            from streams.kafka.broker import free_port
 
             self.port = s.listen_port or free_port(s.listen_host)
             proc = HAProxyProcess("", binary=s.haproxy_bin)

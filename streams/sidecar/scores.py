@@ -8,7 +8,7 @@ becomes one weight change. Records that do not decode, and LoadScores whose
 ``computed_at`` lies beyond the clock-skew allowance (``schemas.validation``: such a
 score would win over every genuine one after it), are counted
 (``loadcast_sidecar_scores_skipped_total{reason}``), sent to dead-letter with the reason
-in the headers (:mod:`streams.deadletter`: a value too large goes as a reference), and
+in the headers (:mod:`streams.kafka.deadletter`: a value too large goes as a reference), and
 skipped.
 
 If the thread dies all the same, :meth:`ScoreSubscriber.alive` says so (the sidecar's
@@ -34,11 +34,11 @@ from confluent_kafka import (
 
 from schemas.codec import Codec, CodecError
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
-from streams.deadletter import DeadLetterWriter
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
+from streams.kafka.deadletter import DeadLetterWriter
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar import metrics as m
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 

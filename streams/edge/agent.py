@@ -37,10 +37,10 @@ from ddsketch import DDSketch
 
 from schemas.codec import Codec, Record
 from streams import metrics
-from streams.partitioning import partition_for
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import partition_count, topic_name
+from streams.kafka.partitioning import partition_for
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import partition_count, topic_name
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

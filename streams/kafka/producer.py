@@ -8,7 +8,7 @@ as delivery failures.
 
 A broker that comes back without its storage (the embedded one restarted) no longer knows
 the idempotent producer's id, and librdkafka retries forever. So when the process's broker
-watch (:mod:`streams.brokerwatch`) sees the broker return without its topics, the producer
+watch (:mod:`streams.kafka.brokerwatch`) sees the broker return without its topics, the producer
 is replaced by a new one and every record still queued in the old one is produced again,
 in order, on the new one: the buffer arrives.
 """
@@ -26,7 +26,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ class RecordProducer:
         self._m_queued = metrics.PRODUCER_QUEUED.labels(client_id)
         self._m_sent: dict[str, Any] = {}
         self._last_overflow_log = 0.0
-        from streams.brokerwatch import watch
+        from streams.kafka.brokerwatch import watch
 
         watch(settings).on_return(self._broker_back, weak=True)
 

@@ -14,7 +14,7 @@ re-sent by the edges (``resend_after``).  Undecodable or malformed updates go to
 Faust settings, and why (same as the processor worker): session timeout 6 s, heartbeat
 1 s, rebalance timeout 6 s (Tansu answers JoinGroup after about half the session timeout);
 no tables and ``table_standby_replicas=0`` (state is the repository); topics are not
-declared by Faust (``streams.topics.ensure_topics`` creates them); raw values (the
+declared by Faust (``streams.kafka.topics.ensure_topics`` creates them); raw values (the
 codec decodes); no web server (prometheus-client serves ``metrics_port``).
 """
 
@@ -27,20 +27,20 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
-from processors.faust_config import faust_settings
+from processors.apps.faust_config import faust_settings
+from processors.apps.federated_settings import FederatedSettings
 from processors.federated import (
     GlobalState,
     RoundCoordinator,
     global_to_record,
     update_from_record,
 )
-from processors.federated_settings import FederatedSettings
 from schemas.codec import Codec, CodecError
-from streams.deadletter import DeadLetterWriter
+from streams.kafka.deadletter import DeadLetterWriter
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.model_repo import ModelRepository
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 

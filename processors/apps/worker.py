@@ -3,7 +3,7 @@
 One agent consumes the telemetry topic; outputs (scores, anomalies, dead letters,
 snapshots) go through a confluent-kafka producer (idempotent; aiokafka's idempotent
 producer fails against Tansu). The Faust settings, and why, are in
-``processors.faust_config``.
+``processors.apps.faust_config``.
 """
 
 from __future__ import annotations
@@ -24,16 +24,16 @@ from faust.types import TP
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from processors.apps.faust_config import faust_settings
+from processors.apps.settings import ProcessorSettings
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
-from processors.faust_config import faust_settings
-from processors.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
-from streams.brokerwatch import quiet_aiokafka, watch
-from streams.deadletter import DeadLetterWriter
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.brokerwatch import quiet_aiokafka, watch
+from streams.kafka.deadletter import DeadLetterWriter
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Broker outages, seen once per process: bounded logs and a hook for the broker's return.
 
 Every Kafka client of a process (confluent-kafka through
-:meth:`streams.settings.KafkaSettings.client_config`, aiokafka inside Faust through
+:meth:`streams.kafka.settings.KafkaSettings.client_config`, aiokafka inside Faust through
 :func:`quiet_aiokafka`) reports connection failures here instead of logging each one.
 The first failure is logged; while the broker stays away one line at most every
 ``LOG_EVERY_S`` (30 s) says for how long and how many errors; its return is logged once.
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError
 
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger("loadcast.broker")
 
@@ -187,7 +187,7 @@ class BrokerWatch:
                 except Exception:
                     log.exception("%s: broker-return hook failed", self.name)
             if lost_log:
-                from streams.topics import ensure_topics
+                from streams.kafka.topics import ensure_topics
 
                 assert self.kafka is not None
                 try:
@@ -208,7 +208,7 @@ class BrokerWatch:
         storage); raises while it does not answer metadata."""
         from confluent_kafka.admin import AdminClient
 
-        from streams.topics import topic_name
+        from streams.kafka.topics import topic_name
 
         assert self.kafka is not None
         md = AdminClient(_quiet_config(self.kafka)).list_topics(timeout=3)
