@@ -27,7 +27,6 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
-from processors.faust_config import faust_settings
 from processors.federated import (
     GlobalState,
     RoundCoordinator,
@@ -37,6 +36,7 @@ from processors.federated import (
 from processors.federated_settings import FederatedSettings
 from schemas.codec import Codec, CodecError
 from streams.deadletter import DeadLetterWriter
+from streams.kafka.faust_config import faust_settings
 from streams.model_repo import ModelRepository
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings

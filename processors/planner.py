@@ -17,7 +17,7 @@ the score partitions. At start-up it reads its earlier commands back from
 left off: active or not, the sequence, when the last state change was. Undecodable
 records go to ``dead-letter`` with the reason in the headers.
 
-Faust settings as the other loadcast apps (``processors.faust_config``): short
+Faust settings as the other loadcast apps (``streams.kafka.faust_config``): short
 session timeouts for Tansu, no tables, topics not declared by Faust, raw values.
 """
 
@@ -31,11 +31,11 @@ import faust
 from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from processors.faust_config import faust_settings
 from processors.mirroring import MirrorPlanner, MirrorSettings
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
 from streams.deadletter import DeadLetterWriter
+from streams.kafka.faust_config import faust_settings
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.topics import topic_name

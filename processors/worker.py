@@ -3,7 +3,7 @@
 One agent consumes the telemetry topic; outputs (scores, anomalies, dead letters,
 snapshots) go through a confluent-kafka producer (idempotent; aiokafka's idempotent
 producer fails against Tansu). The Faust settings, and why, are in
-``processors.faust_config``.
+``streams.kafka.faust_config``.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
-from processors.faust_config import faust_settings
 from processors.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
 from streams.brokerwatch import quiet_aiokafka, watch
 from streams.deadletter import DeadLetterWriter
+from streams.kafka.faust_config import faust_settings
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
