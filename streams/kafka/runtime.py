@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from confluent_kafka import Consumer, Message, Producer
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streams.brokerwatch import BrokerWatch, watch
@@ -113,6 +113,19 @@ class KafkaRuntime:
         seconds, ``KeyError`` when the topic does not exist."""
         with self.reader(topic, partitions=partitions) as r:
             yield from r.read_to_end(timeout, max_records)
+
+    def watermarks(self, topic: str, partitions: Sequence[int],
+                   timeout: float = 10.0) -> dict[int, tuple[int, int]]:
+        """``{partition: (low, high)}`` offsets of ``topic`` (KafkaException on failure)."""
+        c = self.consumer(None)
+        out: dict[int, tuple[int, int]] = {}
+        try:
+            for p in partitions:
+                low, high = c.get_watermark_offsets(TopicPartition(topic, p), timeout)
+                out[p] = (int(low), int(high))
+            return out
+        finally:
+            c.close()
 
     # ------------------------------------------------------------------ dead letters
 
