@@ -269,7 +269,7 @@ _FILTER = OutageFilter()
 RDKAFKA_LOGGER.addFilter(_FILTER)
 # loadcast's own loggers that report Kafka failures (the sink's failed commits): only
 # those records are outage reports, anything else they log passes
-for _name in ("sinks.sink",):
+for _name in ("sinks.sink", "sinks.writer", "sinks.offsets"):
     logging.getLogger(_name).addFilter(OutageFilter(hold_all=False))
 
 

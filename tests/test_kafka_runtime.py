@@ -22,9 +22,7 @@ CONSTRUCTORS = {"Consumer", "Producer", "AdminClient", "DeserializingConsumer",
 #: Where they may be called: the runtime, and (temporarily, issue #18: helper h18-exec
 #: splits it into a package that uses the runtime) the mirror executor.
 ALLOWED = {"streams/kafka/clients.py", "streams/kafka/runtime.py",
-           "streams/executor.py",
-           # being moved onto the runtime (issue #18), one commit at a time
-           "sinks/sink.py"}
+           "streams/executor.py"}
 SCANNED = ("streams", "processors", "sinks", "schemas", "loadcast")
 
 
