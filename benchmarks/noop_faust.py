@@ -14,7 +14,7 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge, start_http_server
 
-from processors.apps.faust_config import faust_settings
+from streams.kafka.faust_config import faust_settings
 from streams.kafka.settings import KafkaSettings
 
 EVENTS = Counter("loadcast_noop_events_total", "Events the no-op agent iterated over")

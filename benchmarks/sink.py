@@ -129,7 +129,7 @@ def run_sink(path: Path, broker: EmbeddedBroker, codec: Codec, rows: list[dict[s
     t0 = None
     try:
         while time.monotonic() < deadline:
-            if t0 is None and (sink._batch.messages or sink.stats.records):
+            if t0 is None and (sink.pending or sink.stats.records):
                 t0 = time.perf_counter()
             if sink.stats.rows >= len(rows):
                 break

@@ -149,14 +149,12 @@ class ScoreWatch:
     history progress, the live view)."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
-        from confluent_kafka import Consumer
-
         from schemas.codec import Codec
-        from streams.kafka.topics import topic_name
+        from streams.kafka.runtime import KafkaRuntime
 
+        runtime = KafkaRuntime(kafka)
         self.codec = Codec.embedded()
-        self.consumer = Consumer(kafka.consumer_config(None))
-        self.consumer.subscribe([topic_name(kafka, "load-scores")])
+        self.consumer = runtime.consumer(None, topics=[runtime.topic("load-scores")])
         self.latest: dict[str, dict[str, Any]] = {}
         self.count = 0
         self._stop = threading.Event()

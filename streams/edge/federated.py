@@ -55,10 +55,10 @@ from processors.forecasting.direct import DirectForecaster
 from processors.stepping import Stepper
 from schemas.codec import Codec, Record
 from streams.edge.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
+from streams.kafka.runtime import KafkaRuntime
+from streams.model_repo import ModelRepository
 from streams.kafka.producer import RecordProducer
 from streams.kafka.settings import KafkaSettings
-from streams.kafka.topics import topic_name
-from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,9 @@ class FederatedEdge:
                  repo: ModelRepository | None = None) -> None:
         self.codec = codec
         self.trainer = trainer
-        self.topic = topic_name(settings, "model-updates")
-        self.producer = producer or RecordProducer(settings, f"fl-{trainer.edge_id}")
+        runtime = KafkaRuntime(settings)
+        self.topic = runtime.topic("model-updates")
+        self.producer = producer or runtime.record_producer(f"fl-{trainer.edge_id}")
         self.repo = repo or ModelRepository(settings, codec, client_id=f"fl-{trainer.edge_id}")
         self.published = 0
         self.loaded: list[int] = []  # global versions adopted, in order

@@ -206,12 +206,11 @@ class BrokerWatch:
     def _lost_topics(self) -> bool:
         """True when the broker answers without loadcast's telemetry topic (it lost its
         storage); raises while it does not answer metadata."""
-        from confluent_kafka.admin import AdminClient
-
+        from streams.kafka.clients import new_admin
         from streams.kafka.topics import topic_name
 
         assert self.kafka is not None
-        md = AdminClient(_quiet_config(self.kafka)).list_topics(timeout=3)
+        md = new_admin(_quiet_config(self.kafka)).list_topics(timeout=3)
         if not md.brokers:
             raise RuntimeError("no brokers in metadata")
         return topic_name(self.kafka, "telemetry") not in md.topics
@@ -270,7 +269,7 @@ _FILTER = OutageFilter()
 RDKAFKA_LOGGER.addFilter(_FILTER)
 # loadcast's own loggers that report Kafka failures (the sink's failed commits): only
 # those records are outage reports, anything else they log passes
-for _name in ("sinks.sink",):
+for _name in ("sinks.sink", "sinks.writer", "sinks.offsets"):
     logging.getLogger(_name).addFilter(OutageFilter(hold_all=False))
 
 

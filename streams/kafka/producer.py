@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
+from streams.kafka.clients import new_producer
 from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class RecordProducer:
         )
         conf.update(extra or {})
         self._conf = conf
-        self._producer = Producer(conf)
+        self._producer = new_producer(conf)
         self._next: Producer | None = None  # while re-sending an old producer's records
         self._reset_lock = threading.Lock()
         self.resent = 0
@@ -116,7 +117,7 @@ class RecordProducer:
         (purged there, produced again here in their order). Returns how many."""
         with self._reset_lock:
             old = self._producer
-            new = Producer(self._conf)
+            new = new_producer(self._conf)
             self._next = new
             self._producer = new
             before = self.resent
