@@ -27,17 +27,17 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
+from processors.apps.federated_settings import FederatedSettings
 from processors.federated import (
     GlobalState,
     RoundCoordinator,
     global_to_record,
     update_from_record,
 )
-from processors.apps.federated_settings import FederatedSettings
 from schemas.codec import Codec, CodecError
 from streams.kafka.runtime import KafkaRuntime
-from streams.model_repo import ModelRepository
 from streams.kafka.settings import KafkaSettings
+from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 

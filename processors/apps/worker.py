@@ -23,9 +23,9 @@ from faust.types import TP
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from processors.apps.settings import ProcessorSettings
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
-from processors.apps.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
 from streams.kafka.runtime import KafkaRuntime

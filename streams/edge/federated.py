@@ -55,10 +55,10 @@ from processors.forecasting.direct import DirectForecaster
 from processors.stepping import Stepper
 from schemas.codec import Codec, Record
 from streams.edge.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
-from streams.kafka.runtime import KafkaRuntime
-from streams.model_repo import ModelRepository
 from streams.kafka.producer import RecordProducer
+from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
+from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 
