@@ -18,8 +18,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
-from processors.federated import GlobalState, global_from_record
 from schemas.codec import Codec, CodecError
+from schemas.federated import GlobalState, global_from_record
 from streams import metrics
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
