@@ -31,7 +31,7 @@ from pydantic_settings import (
 )
 
 from processors.federated_settings import FederatedSettings
-from processors.mirroring import MirrorSettings
+from processors.mirror_settings import MirrorSettings
 from processors.settings import ProcessorSettings
 from sinks.settings import SinkSettings
 from streams.settings import KafkaSettings

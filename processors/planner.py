@@ -32,7 +32,8 @@ from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
 
 from processors.faust_config import faust_settings
-from processors.mirroring import MirrorPlanner, MirrorSettings
+from processors.mirror_settings import MirrorSettings
+from processors.mirroring import MirrorPlanner
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
 from streams.deadletter import DeadLetterWriter

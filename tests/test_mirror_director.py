@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 from confluent_kafka import Producer
 
-from processors.mirroring import BundleSpec, MirrorSettings
+from processors.mirror_settings import MirrorSettings
+from processors.mirroring import BundleSpec
 from processors.planner import Planner
 from processors.signing import generate_keypair
 from schemas.codec import Codec
