@@ -35,7 +35,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.anomaly import AnomalyDetector, RobustZDetector, telemetry_features
+from processors.anomaly import (
+    AnomalyDetector,
+    HalfSpaceTreesDetector,
+    RobustZDetector,
+    telemetry_features,
+)
 from processors.forecasting import Forecaster, ForecastPoint, make_forecaster
 from processors.scoring import (
     CapacityEstimate,
@@ -89,11 +94,11 @@ class ProcessorConfig:
 DETECTORS = ("robust-z", "hst")
 
 
-def make_detector(config: ProcessorConfig) -> AnomalyDetector | RobustZDetector:
+def make_detector(config: ProcessorConfig) -> AnomalyDetector:
     """The per-endpoint anomaly detector the config names."""
     if config.anomaly_detector == "hst":
-        return AnomalyDetector(threshold=config.anomaly_threshold, warmup=config.anomaly_warmup,
-                               n_trees=10, height=5)
+        return HalfSpaceTreesDetector(threshold=config.anomaly_threshold,
+                                      warmup=config.anomaly_warmup, n_trees=10, height=5)
     if config.anomaly_detector == "robust-z":
         return RobustZDetector(threshold=config.anomaly_threshold, warmup=config.anomaly_warmup)
     raise ValueError(f"anomaly detector must be one of {', '.join(DETECTORS)}")
@@ -119,7 +124,7 @@ class EndpointModel:
     config: ProcessorConfig
     forecaster: Forecaster
     stepper: Stepper
-    anomaly: AnomalyDetector | RobustZDetector
+    anomaly: AnomalyDetector
     capacity: CapacityEstimator
     api: str = "default"
     region: str = ""
