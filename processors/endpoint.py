@@ -37,6 +37,7 @@ from typing import Any
 
 from processors.anomaly import (
     AnomalyDetector,
+    AnomalyResult,
     HalfSpaceTreesDetector,
     RobustZDetector,
     telemetry_features,
@@ -244,21 +245,24 @@ class EndpointModel:
             )
             self.last_published_score = score["score"]
             self.last_published_at = now
-        anomaly = None
-        if result.is_anomaly:
-            anomaly = {
-                "endpoint_id": self.endpoint_id,
-                "api": self.api,
-                "region": self.region,
-                "detected_at": round(now * 1000),
-                "window_start": window["window_start"],
-                "score": result.score,
-                "threshold": self.anomaly.threshold,
-                "detector": self.config.anomaly_detector,
-                "features": {k: float(v) for k, v in result.features.items()
-                             if math.isfinite(v)},
-            }
+        anomaly = self._anomaly_record(window, result, now) if result.is_anomaly else None
         return Observation(True, score, publish, anomaly, len(steps), value)
+
+    def _anomaly_record(self, window: Mapping[str, Any], result: AnomalyResult,
+                        now: float) -> dict[str, Any]:
+        """The Anomaly record of a flagged window."""
+        return {
+            "endpoint_id": self.endpoint_id,
+            "api": self.api,
+            "region": self.region,
+            "detected_at": round(now * 1000),
+            "window_start": window["window_start"],
+            "score": result.score,
+            "threshold": self.anomaly.threshold,
+            "detector": self.config.anomaly_detector,
+            "features": {k: float(v) for k, v in result.features.items()
+                         if math.isfinite(v)},
+        }
 
     def _naive_forecast(self, window: Mapping[str, Any], rate: float) -> list[ForecastPoint]:
         """Before the first step closes: persistence of the current rate, wide band."""
