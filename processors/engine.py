@@ -22,13 +22,14 @@ undercounts): the snapshot partition is read to the end by Fetch (partition EOF)
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from processors.endpoint import EndpointModel, Observation, ProcessorConfig
 from schemas.codec import Codec, CodecError, Record
@@ -89,6 +90,23 @@ class SnapshotRecord:
     partition: int
     key: str
     value: Record | None  # None: a tombstone (the model was evicted)
+
+
+class _SnapshotUnpickler(pickle.Unpickler):
+    """Unpickles endpoint models, including those snapshotted before a class was renamed."""
+
+    #: (module, old name) -> new name.  The HalfSpaceTrees detector was
+    #: ``processors.anomaly.AnomalyDetector``, now the name of the detector protocol.
+    RENAMED: ClassVar[dict[tuple[str, str], str]] = {
+        ("processors.anomaly", "AnomalyDetector"): "HalfSpaceTreesDetector"}
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(module, self.RENAMED.get((module, name), name))
+
+
+def load_snapshot(state: bytes) -> Any:
+    """The object pickled in a snapshot's ``state`` (an :class:`EndpointModel`)."""
+    return _SnapshotUnpickler(io.BytesIO(state)).load()
 
 
 def window_problem(codec: Codec, window: Record, ref_ms: int,
@@ -372,7 +390,7 @@ class Engine:
             if endpoint is None or r["format"] != "pickle":
                 continue
             # Only the processor writes this topic: restrict its ACLs to the workers.
-            model = pickle.loads(r["state"])
+            model = load_snapshot(r["state"])
             if isinstance(model, EndpointModel):
                 state.models[endpoint] = model
                 self.caps.track((partition, endpoint), model.api, now)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
-from processors.endpoint import ProcessorConfig
+import pytest
+
+from processors import anomaly
+from processors.endpoint import EndpointModel, ProcessorConfig
 from processors.engine import Engine
 from schemas.codec import Codec
 from tests.worker_helpers import make_windows
@@ -104,6 +108,32 @@ def test_restore_then_replay_equals_one_uninterrupted_run(codec: Codec) -> None:
         assert a.windows == b.windows == 150
         assert [p.mean for p in a.forecaster.forecast(15)] == [
             p.mean for p in b.forecaster.forecast(15)]
+
+
+def test_a_snapshot_with_the_hst_detector_from_before_its_rename_restores(
+    codec: Codec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hst = ProcessorConfig(step_seconds=300, anomaly_warmup=50, anomaly_detector="hst")
+    model = EndpointModel.create("e1", hst)
+    for i, w in enumerate(make_windows(["e1"], 0, 20)):
+        model.observe(w, (i, 0), now=0.0)
+    # Pickle it as the old code did: the detector class was processors.anomaly.AnomalyDetector.
+    cls = anomaly.HalfSpaceTreesDetector
+    with monkeypatch.context() as m:
+        m.setattr(anomaly, "AnomalyDetector", cls)
+        cls.__qualname__ = "AnomalyDetector"
+        try:
+            state = pickle.dumps(model, protocol=5)
+        finally:
+            cls.__qualname__ = "HalfSpaceTreesDetector"
+    assert b"AnomalyDetector" in state and b"HalfSpaceTreesDetector" not in state
+    record = {"endpoint_id": "e1", "source_partition": 0, "offset": 19, "index": 0,
+              "taken_at": 0, "model": "default", "format": "pickle", "state": state}
+    eng = Engine(hst, codec, Outputs())
+    eng.restore(0, [record])
+    restored = eng.partitions[0].models["e1"]
+    assert isinstance(restored.anomaly, anomaly.HalfSpaceTreesDetector)
+    assert restored.anomaly.seen == 20  # the detector's state came back
 
 
 def test_worker_metrics_are_read_from_the_engine_at_scrape_time(codec: Codec) -> None:
