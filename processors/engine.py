@@ -93,15 +93,20 @@ class SnapshotRecord:
 
 
 class _SnapshotUnpickler(pickle.Unpickler):
-    """Unpickles endpoint models, including those snapshotted before a class was renamed."""
+    """Unpickles endpoint models, including those snapshotted before a class moved."""
 
-    #: (module, old name) -> new name.  The HalfSpaceTrees detector was
-    #: ``processors.anomaly.AnomalyDetector``, now the name of the detector protocol.
-    RENAMED: ClassVar[dict[tuple[str, str], str]] = {
-        ("processors.anomaly", "AnomalyDetector"): "HalfSpaceTreesDetector"}
+    #: (module, name) then -> (module, name) now, for classes a snapshot may hold.
+    MOVED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
+        # The HalfSpaceTrees detector; the old name is now the detector protocol's.
+        ("processors.anomaly", "AnomalyDetector"):
+            ("processors.anomaly", "HalfSpaceTreesDetector"),
+        # A warm-started endpoint's forecaster (processors/federated.py became a package).
+        ("processors.federated", "ColdStartForecaster"):
+            ("processors.federated.coldstart", "ColdStartForecaster"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
-        return super().find_class(module, self.RENAMED.get((module, name), name))
+        return super().find_class(*self.MOVED.get((module, name), (module, name)))
 
 
 def load_snapshot(state: bytes) -> Any:
