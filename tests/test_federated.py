@@ -15,7 +15,8 @@ from processors.federated.coldstart import ColdStartForecaster, warm_start
 from processors.federated.params import family_of, load_weights, shared_view
 from processors.federated.rounds import RoundCoordinator
 from processors.federated.statistics import RowStats, solve_weights
-from processors.forecasting.direct import N_FEATURES, DirectForecaster
+from processors.forecasting.direct import DirectForecaster
+from processors.forecasting.features import N_FEATURES
 from schemas.codec import Codec
 from schemas.federated import (
     GlobalState,

@@ -9,7 +9,8 @@ import numpy as np
 
 from processors.federated.params import SCALER, WEIGHT_PARAMS, _direct, load_weights
 from processors.federated.statistics import prior_covariance
-from processors.forecasting.direct import CANDIDATES, DirectForecaster
+from processors.forecasting.blend import CANDIDATES
+from processors.forecasting.direct import DirectForecaster
 from schemas.federated import STAT_PARAMS, GlobalState
 
 __all__ = ["COLD_ERROR_COLUMNS", "ColdStartForecaster", "adopt_global", "warm_start"]

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from processors.forecasting.direct import N_FEATURES
+from processors.forecasting.features import N_FEATURES
 from schemas.federated import STAT_PARAMS, Params
 
 __all__ = ["DEFAULT_RIDGE", "RowStats", "prior_covariance", "solve_weights"]
