@@ -1,5 +1,5 @@
 """The federated coordinator (``loadcast coordinator``): thin Faust wiring around
-:class:`processors.federated.RoundCoordinator`.
+:class:`processors.federated.rounds.RoundCoordinator`.
 
 One Faust agent consumes ``model-updates`` (keyed by model family, so one family's
 updates are on one partition and one coordinator owns it); a 1 s timer closes rounds whose
@@ -28,13 +28,9 @@ import faust
 from prometheus_client import Counter, Gauge
 
 from processors.apps.federated_settings import FederatedSettings
-from processors.federated import (
-    GlobalState,
-    RoundCoordinator,
-    global_to_record,
-    update_from_record,
-)
+from processors.federated.rounds import RoundCoordinator
 from schemas.codec import Codec, CodecError
+from schemas.federated import GlobalState, global_to_record, update_from_record
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 from streams.model_repo import ModelRepository

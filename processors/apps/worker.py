@@ -352,7 +352,8 @@ class Worker:
 
     def _warm_start(self, model: EndpointModel) -> None:
         """A new endpoint begins from the latest global model of its family, if any."""
-        from processors.federated import family_of, warm_start
+        from processors.federated.coldstart import warm_start
+        from processors.federated.params import family_of
 
         latest = self.models.latest(family_of(model.forecaster))
         if latest is not None:
