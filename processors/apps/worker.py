@@ -415,9 +415,19 @@ class BoundedWorker(faust.Worker):
 
     def _schedule_shutdown(self, signal: signal.Signals) -> None:
         if not self._signal_stop_time:
+            threading.excepthook = _thread_ended_in_shutdown
             threading.Thread(target=_exit_after, args=(STOP_WITHIN_S,), name="stop-watchdog",
                              daemon=True).start()
         super()._schedule_shutdown(signal)
+
+
+def _thread_ended_in_shutdown(args: threading.ExceptHookArgs) -> None:
+    """During shutdown with the broker gone, aiokafka's fetcher thread ends in a cancelled
+    request; Faust sends stderr to the log line by line (a 100-line traceback per thread).
+    One line says it."""
+    name = args.thread.name if args.thread is not None else "?"
+    log.warning("thread %s ended during shutdown: %s: %s", name,
+                getattr(args.exc_type, "__name__", args.exc_type), args.exc_value)
 
 
 def _exit_after(seconds: float) -> None:
