@@ -6,7 +6,8 @@ sources with one interface (:class:`SchemaIds`):
 
 - :class:`EmbeddedIds`: the deterministic table ``schemas/ids.json`` kept in the
   repository, so every process agrees on ids without a registry;
-- :class:`RegistryIds`: a Confluent-compatible Schema Registry by URL.
+- :class:`streams.kafka.registry.RegistryIds`: a Confluent-compatible Schema Registry by
+  URL (I/O, so it lives with the Kafka runtime, not here).
 
 Timestamps (``timestamp-millis``) travel as the schema says but are plain ints (epoch
 milliseconds) in the dicts the codec takes and returns: no datetime objects on the hot path.
@@ -49,7 +50,6 @@ from schemas.files import (
     load_schema_file,
     named_schemas,
     plain,
-    registry_text,
 )
 
 MAGIC = 0
@@ -244,40 +244,6 @@ class EmbeddedIds:
         return self._by_id.values()
 
 
-class RegistryIds:
-    """A Confluent-compatible Schema Registry (subject per record name, ``<name>-value``)."""
-
-    def __init__(self, url: str, config: Mapping[str, Any] | None = None) -> None:
-        from confluent_kafka.schema_registry import SchemaRegistryClient
-
-        self._client = SchemaRegistryClient({"url": url, **(config or {})})
-        self._ids: dict[str, int] = {}
-        self._schemas: dict[int, SchemaVersion | None] = {}
-
-    def id_for(self, name: str, schema: dict[str, Any]) -> int:
-        from confluent_kafka.schema_registry import Schema
-
-        key = fingerprint(schema)
-        if key not in self._ids:
-            text = registry_text(schema)
-            self._ids[key] = self._client.register_schema(f"{name}-value", Schema(text, "AVRO"))
-        return self._ids[key]
-
-    def schema_for(self, schema_id: int) -> SchemaVersion | None:
-        if schema_id not in self._schemas:
-            from confluent_kafka.schema_registry.error import SchemaRegistryError
-
-            try:
-                s = self._client.get_schema(schema_id)
-            except SchemaRegistryError:
-                self._schemas[schema_id] = None
-            else:
-                raw = json.loads(s.schema_str or "{}")
-                name = f"{raw.get('namespace', '')}.{raw.get('name', '')}".lstrip(".")
-                self._schemas[schema_id] = SchemaVersion(schema_id, name, raw)
-        return self._schemas[schema_id]
-
-
 # --------------------------------------------------------------------------- the codec
 
 
@@ -312,17 +278,6 @@ class Codec:
     def embedded(cls) -> Codec:
         """A codec on the repository's deterministic id table."""
         return cls(EmbeddedIds())
-
-    @classmethod
-    def for_registry(cls, url: str | None) -> Codec:
-        """The codec a process's settings ask for: a Schema Registry when ``url`` is set,
-        else the embedded id table. Every process must choose the same way."""
-        return cls.from_registry(url) if url else cls.embedded()
-
-    @classmethod
-    def from_registry(cls, url: str, config: Mapping[str, Any] | None = None) -> Codec:
-        """A codec on a Confluent-compatible Schema Registry."""
-        return cls(RegistryIds(url, config))
 
     @staticmethod
     def full_name(name: str) -> str:

@@ -47,6 +47,7 @@ from sinks.db import ClickHouseUnavailable, connect
 from sinks.offsets import PartitionLag, StoredOffsets
 from sinks.settings import SinkSettings
 from sinks.writer import Batch, ClickHouseWriter
+from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class Sink:
     ) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
+        self.codec = codec or codec_for(kafka.schema_registry_url)
         self._after_insert = after_insert
         self.topics = {f"{kafka.topic_prefix}{short}": short for short in settings.topics}
         runtime = KafkaRuntime(kafka)

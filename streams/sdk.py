@@ -21,6 +21,7 @@ from schemas.codec import Codec, CodecError
 from schemas.records import EndpointTelemetry, LoadScore, RoutingDecision
 from schemas.validation import reference_ms, score_problem
 from streams import metrics
+from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 
@@ -29,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def make_codec(settings: KafkaSettings) -> Codec:
     """The codec the settings ask for: a Schema Registry by URL, or the embedded ids."""
-    return Codec.for_registry(settings.schema_registry_url)
+    return codec_for(settings.schema_registry_url)
 
 
 class TelemetryProducer:

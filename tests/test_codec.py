@@ -182,10 +182,11 @@ def test_typed_telemetry_matches_schema(codec: Codec) -> None:
 
 def test_registry_url_selects_the_registry_codec() -> None:
     """Every process picks its codec the same way: registry if configured, else embedded."""
-    from schemas.codec import EmbeddedIds, RegistryIds
+    from schemas.codec import EmbeddedIds
+    from streams.kafka.registry import RegistryIds, codec_for
 
-    assert isinstance(Codec.for_registry(None).ids, EmbeddedIds)
-    assert isinstance(Codec.for_registry("http://127.0.0.1:9").ids, RegistryIds)
+    assert isinstance(codec_for(None).ids, EmbeddedIds)
+    assert isinstance(codec_for("http://127.0.0.1:9").ids, RegistryIds)
 
 
 @pytest.mark.parametrize("path", sorted(SCHEMA_DIR.glob("*.avsc")), ids=lambda p: p.name)

@@ -31,6 +31,7 @@ from processors.apps.federated_settings import FederatedSettings
 from processors.federated.rounds import RoundCoordinator
 from schemas.codec import Codec, CodecError
 from schemas.federated import GlobalState, global_to_record, update_from_record
+from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 from streams.model_repo import ModelRepository
@@ -53,7 +54,7 @@ class Coordinator:
                  codec: Codec | None = None, *, restore: bool = True) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
+        self.codec = codec or codec_for(kafka.schema_registry_url)
         self.logic = RoundCoordinator(settings.aggregation_config(),
                                       min_updates=settings.min_updates,
                                       round_timeout=settings.round_timeout_seconds)

@@ -34,6 +34,7 @@ from processors.apps.mirror_settings import MirrorSettings
 from processors.mirroring import MirrorPlanner
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
+from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 
@@ -72,7 +73,7 @@ class Planner:
                  limits: Limits = DEFAULT_LIMITS) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
+        self.codec = codec or codec_for(kafka.schema_registry_url)
         self.logic = MirrorPlanner(settings.planner_config(), settings.signer())
         self.runtime = KafkaRuntime(kafka)
         self.producer = self.runtime.record_producer(f"{settings.planner_app_id}-out",

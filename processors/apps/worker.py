@@ -28,6 +28,7 @@ from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
+from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 
@@ -143,7 +144,7 @@ class Worker:
                  codec: Codec | None = None) -> None:
         self.kafka = kafka
         self.settings = settings
-        self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
+        self.codec = codec or codec_for(kafka.schema_registry_url)
         self.runtime = KafkaRuntime(kafka)
         self.outputs = KafkaOutputs(self.runtime, f"{settings.app_id}-out")
         self.models: Any = None

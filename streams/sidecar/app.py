@@ -27,6 +27,7 @@ from aiohttp import web
 from schemas.codec import Codec
 from streams.edge.agent import EdgeAgent, TelemetryInputError, build_agent
 from streams.kafka.producer import RecordProducer
+from streams.kafka.registry import codec_for
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import topic_name
 from streams.sidecar import metrics as m
@@ -71,7 +72,7 @@ class Sidecar:
             raise UpstreamConfigError("sidecar.upstreams: no upstream endpoints configured")
         self.id = sidecar_id or s.sidecar_id or f"sidecar-{s.region}-{socket.gethostname()}"
         self.kafka = kafka
-        self.codec = codec or Codec.for_registry(kafka.schema_registry_url if kafka else None)
+        self.codec = codec or codec_for(kafka.schema_registry_url if kafka else None)
         self.rng = rng or random.Random()
         self.router = Router(
             self.upstreams,
