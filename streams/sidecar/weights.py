@@ -2,8 +2,9 @@
 
 Pure: takes LoadScore / Anomaly dicts and "now", returns :class:`WeightChange` values.
 
-Weights are **capacity x health**, not scores (``processors.scoring`` says why: a score's
-own-load factor is a consequence of the weights, and weights proportional to it herd):
+Weights are **capacity x health**, not scores (``streams.sidecar.routing_weights`` says
+why: a score's own-load factor is a consequence of the weights, and weights proportional
+to it herd):
 
 - capacity: each endpoint's capacity has a source and a confidence (:class:`Capacity`):
   a LEARNED knee the processor has reported ``learned_confirm`` scores in a row (within 2x
@@ -51,7 +52,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.scoring import (
+from streams.sidecar.routing_weights import (
     ScoreParts,
     haproxy_weights,
     limit_change,
