@@ -107,8 +107,7 @@ def admin_app(sc: Sidecar) -> web.Application:
         if not isinstance(enabled, bool):
             return _error(400, "enabled: must be true or false")
         sc.settings.dynamic_routing = enabled
-        if sc.proxy is not None:
-            sc.proxy.dynamic_routing = enabled
+        sc.plane.set_dynamic_routing(enabled)
         for a in sc.router.routes:
             sc._set_policy_gauge(a)
         return web.json_response({"dynamic_routing": enabled})

@@ -19,7 +19,6 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -29,10 +28,12 @@ from streams.agent import EdgeAgent, TelemetryInputError, build_agent
 from streams.producer import RecordProducer
 from streams.settings import KafkaSettings
 from streams.sidecar import metrics as m
+from streams.sidecar.admin import admin_app
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
+from streams.sidecar.dataplane import DataPlane, PlaneContext
 from streams.sidecar.director import MirrorDirector
-from streams.sidecar.haproxy import HAProxyProcess, RuntimeAPI, backend_name, render_config
-from streams.sidecar.proxy import Outcome, Proxy, serve
+from streams.sidecar.planes import DATA_PLANES
+from streams.sidecar.proxy import Outcome, serve
 from streams.sidecar.router import Router
 from streams.sidecar.scores import Batch, ScoreSubscriber
 from streams.sidecar.weights import WeightChange, WeightTable
@@ -41,11 +42,6 @@ from streams.topics import topic_name
 log = logging.getLogger(__name__)
 
 STALE_TICK_S = 0.05  # how often validity times are checked
-HAPROXY_FALLBACK_S = 1.0  # stale scores: peak-EWMA-like weights from HAProxy stats this often
-HAPROXY_TELEMETRY_S = 1.0
-# HAProxy per-server counters -> a representative status for the edge agent (0 = connect)
-STATUS_COLUMNS = {"hrsp_1xx": 100, "hrsp_2xx": 200, "hrsp_3xx": 300, "hrsp_4xx": 400,
-                  "hrsp_5xx": 500, "econ": 0}
 
 
 def now_ms() -> int:
@@ -90,61 +86,44 @@ class Sidecar:
             capacities={u.id: u.capacity_rps for u in self.upstreams},
             step_ms=round(s.telemetry_interval_s * 1000),  # the score interval
         )
+        plane_type = DATA_PLANES[s.data_plane]
         self.director: MirrorDirector | None = None
-        if s.director and s.data_plane == "proxy" and kafka is not None:
+        if s.director and plane_type.mirrors and kafka is not None:
             self.director = MirrorDirector(
                 region=s.region, central_region=s.central_region,
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
                 headroom=s.mirror_headroom, rng=self.rng,
             )
-        self.proxy: Proxy | None = None
-        if s.data_plane == "proxy":
-            self.proxy = Proxy(
-                self.router,
-                sidecar_id=self.id,
-                dynamic_routing=s.dynamic_routing,
-                connect_timeout_s=s.connect_timeout_s,
-                request_timeout_s=s.request_timeout_s,
-                pool_size=s.pool_size,
-                max_attempts=s.max_attempts,
-                retry_after_s=s.retry_after_s,
-                compress_responses=s.compress_responses,
-                observe=self._observe,
-                director=self.director,
-                region=s.region,
-            )
-        self.haproxy: HAProxyProcess | None = None
-        self.runtime: RuntimeAPI | None = None
+        self.plane: DataPlane = plane_type(PlaneContext(
+            self.id, s, self.upstreams, self.router, self._observe, self.director))
         self.producer: RecordProducer | None = None
         self.agent: EdgeAgent | None = None
         self.subscriber: ScoreSubscriber | None = None
         self.decisions_topic = topic_name(kafka, "routing-decisions") if kafka else ""
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.port = 0
         self.admin_port = 0
         self.started_at = 0.0
         self.weight_changes = 0
         self.last_change_ms: dict[str, int] = {}
-        self.haproxy_errors = 0
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: dict[str, dict[str, int]] = {}
-        self._push = asyncio.Event()
         self._agent_stop = threading.Event()
         self._agent_thread: threading.Thread | None = None
         self._policy_gauge: dict[str, str] = {}
         for api in self.router.routes:
             self._set_policy_gauge(api)
 
+    @property
+    def port(self) -> int:
+        """Where the data plane accepts requests (after :meth:`start`)."""
+        return self.plane.port
+
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Start the data plane, the admin server, and the Kafka parts."""
-        from streams.sidecar.admin import admin_app
-
         s = self.settings
         self.loop = asyncio.get_running_loop()
-        self._push = asyncio.Event()
         self.started_at = time.time()
         if self.kafka is not None:
             self.producer = RecordProducer(self.kafka, f"sidecar-{self.id}", max_buffered=50_000)
@@ -158,12 +137,7 @@ class Sidecar:
                 daemon=True,
             )
             self._agent_thread.start()
-        if self.proxy is not None:
-            await self.proxy.open()
-            runner, self.port = await serve(self.proxy.server(), s.listen_host, s.listen_port)
-            self._runners.append(runner)
-        else:
-            await self._start_haproxy()
+        await self.plane.start(self.agent)
         runner, self.admin_port = await serve(admin_app(self), s.listen_host, s.admin_port)
         self._runners.append(runner)
         self._tasks.append(asyncio.create_task(self._stale_loop(), name="sidecar-stale"))
@@ -179,41 +153,6 @@ class Sidecar:
         log.info("sidecar %s: %s on %s:%d, admin on :%d", self.id, s.data_plane,
                  s.listen_host, self.port, self.admin_port)
 
-    async def _start_haproxy(self) -> None:
-        s = self.settings
-        if s.haproxy_socket is not None:  # attach to a running HAProxy
-            self.runtime = RuntimeAPI(s.haproxy_socket)
-            stats = await self.runtime.stats()
-            have = {(r["pxname"], r["svname"]) for r in stats}
-            missing = [f"{backend_name(u.api)}/{u.id}" for u in self.upstreams
-                       if (backend_name(u.api), u.id) not in have]
-            if missing:
-                raise UpstreamConfigError(
-                    f"sidecar.haproxy_socket: HAProxy has no server {', '.join(missing)}"
-                )
-            self.port = s.listen_port
-        else:
-            from streams.broker import free_port
-
-            self.port = s.listen_port or free_port(s.listen_host)
-            proc = HAProxyProcess("", binary=s.haproxy_bin)
-            sock = proc.dir / "admin.sock"
-            proc.config_path.write_text(render_config(
-                self.upstreams, bind=f"{s.listen_host}:{self.port}", socket_path=sock,
-                threads=s.haproxy_threads, connect_timeout_s=s.connect_timeout_s,
-                request_timeout_s=s.request_timeout_s,
-                eject_after_failures=s.eject_after_failures,
-            ))
-            await asyncio.to_thread(proc.start, sock)
-            self.haproxy = proc
-            self.runtime = RuntimeAPI(sock)
-        self._tasks.append(asyncio.create_task(self._push_loop(), name="sidecar-haproxy"))
-        self._tasks.append(asyncio.create_task(self._haproxy_fallback_loop(),
-                                               name="sidecar-haproxy-fallback"))
-        if self.agent is not None:
-            self._tasks.append(asyncio.create_task(self._haproxy_telemetry_loop(),
-                                                   name="sidecar-haproxy-telemetry"))
-
     async def stop(self) -> None:
         """Stop everything started, in reverse order; publish what is open."""
         if self.subscriber is not None:
@@ -228,11 +167,7 @@ class Sidecar:
         for r in reversed(self._runners):
             await r.cleanup()
         self._runners.clear()
-        if self.proxy is not None:
-            await self.proxy.close()
-        if self.haproxy is not None:
-            await asyncio.to_thread(self.haproxy.stop)
-            self.haproxy = None
+        await self.plane.stop()
         if self._agent_thread is not None:
             self._agent_stop.set()
             await asyncio.to_thread(self._agent_thread.join, 30)
@@ -244,13 +179,12 @@ class Sidecar:
         self.agent = None
 
     async def run_forever(self, stop: threading.Event) -> None:
-        """Start, run until ``stop`` is set (or HAProxy dies), stop."""
+        """Start, run until ``stop`` is set (or the data plane dies), stop."""
         await self.start()
         try:
             while not stop.is_set():
                 await asyncio.sleep(0.2)
-                if self.haproxy is not None and not self.haproxy.alive():
-                    raise RuntimeError(f"haproxy exited: {self.haproxy.log_tail()}")
+                self.plane.check()
         finally:
             await self.stop()
 
@@ -328,9 +262,7 @@ class Sidecar:
         self._set_policy_gauge(c.api)
         self.weight_changes += 1
         self.last_change_ms[c.api] = t
-        if self.runtime is not None:
-            self._pending[c.api] = dict(c.haproxy)
-            self._push.set()
+        self.plane.apply(c)
         self._publish({
             "api": c.api, "kind": "WEIGHTS",
             "policy": route.active_policy(self.settings.dynamic_routing).name,
@@ -370,82 +302,6 @@ class Sidecar:
                 self._set_capacity(api, t)
                 m.SHED.labels(self.id, api).set(route.shed_share)
 
-    # ----------------------------------------------------------------- HAProxy
-
-    async def _push_loop(self) -> None:
-        assert self.runtime is not None
-        while True:
-            await self._push.wait()
-            self._push.clear()
-            pending, self._pending = self._pending, {}
-            if not pending:
-                continue
-            try:
-                await self.runtime.set_weights(pending)
-                m.HAPROXY_UPDATES.labels(self.id, "ok").inc()
-            except (OSError, TimeoutError, RuntimeError) as e:
-                self.haproxy_errors += 1
-                m.HAPROXY_UPDATES.labels(self.id, "error").inc()
-                log.error("pushing weights to HAProxy failed: %s", e)
-                for api, ws in pending.items():  # keep them for the next push
-                    self._pending.setdefault(api, ws)
-                await asyncio.sleep(0.5)
-                self._push.set()
-
-    async def _haproxy_fallback_loop(self) -> None:
-        """With stale scores HAProxy still balances by weight: set weights from its own
-        per-server response time and queue (cost = rtime × (current + 1), as peak-EWMA)."""
-        assert self.runtime is not None
-        while True:
-            await asyncio.sleep(HAPROXY_FALLBACK_S)
-            stale = [api for api, r in self.router.routes.items() if r.stale]
-            if not stale:
-                continue
-            try:
-                stats = await self.runtime.stats()
-            except (OSError, TimeoutError) as e:
-                log.warning("reading HAProxy stats failed: %s", e)
-                continue
-            for api in stale:
-                costs = fallback_costs(stats, api)
-                if costs:
-                    self._pending[api] = cost_weights(costs)
-                    self._push.set()
-
-    async def _haproxy_telemetry_loop(self) -> None:
-        """HAProxy routes the requests: feed the edge agent from its per-server counters
-        (deltas of responses by status class and connection errors each second, latency
-        = HAProxy's mean response time of the server)."""
-        assert self.runtime is not None and self.agent is not None
-        agent = self.agent
-        last: dict[tuple[str, str], dict[str, int]] = {}
-        while True:
-            await asyncio.sleep(HAPROXY_TELEMETRY_S)
-            try:
-                stats = await self.runtime.stats()
-            except (OSError, TimeoutError) as e:
-                log.warning("reading HAProxy stats failed: %s", e)
-                continue
-            for row in stats:
-                api = row.get("pxname", "")[3:]
-                ep = row.get("svname", "")
-                if not row.get("pxname", "").startswith("be_") or api not in self.router.routes \
-                        or ep not in self.router.endpoints:
-                    continue  # the "_first" twins and FRONTEND/BACKEND rows
-                now = {k: int(row.get(k) or 0) for k in STATUS_COLUMNS}
-                prev = last.get((api, ep))
-                last[(api, ep)] = now
-                if prev is None:
-                    if self.haproxy is None:
-                        continue  # attached: counters from before us are not ours
-                    prev = dict.fromkeys(STATUS_COLUMNS, 0)  # our own HAProxy: from 0
-                rtime = float(row.get("rtime") or 0)
-                for col, status in STATUS_COLUMNS.items():
-                    n = max(0, now[col] - prev[col])
-                    if n:  # one weighted call per status class, not one per request
-                        agent.record(ep, rtime, status, api=api, connect_failure=status == 0,
-                                     count=n)
-
     # ----------------------------------------------------------------- telemetry
 
     def _observe(self, o: Outcome) -> None:
@@ -480,7 +336,7 @@ class Sidecar:
                 "available": sum(1 for e in r.endpoints if e.available(t)),
                 "endpoints": len(r.endpoints),
             }
-        ok = self.haproxy is None or self.haproxy.alive()
+        ok = self.plane.alive()
         reader = self.subscriber is None or self.subscriber.alive()
         return {
             "status": "data plane down" if not ok else "ok" if reader else "score reader down",
@@ -511,28 +367,4 @@ class Sidecar:
                 for e in r.endpoints
             }
         return view
-
-
-def fallback_costs(stats: Sequence[dict[str, str]], api: str) -> dict[str, float]:
-    """Per-server cost from ``show stat``: mean response time (ms, last 1024 requests) ×
-    (current sessions + 1); servers that are down are left out."""
-    out = {}
-    for row in stats:
-        if row.get("pxname") != backend_name(api) or row.get("svname") in ("FRONTEND", "BACKEND"):
-            continue
-        if not str(row.get("status", "")).startswith("UP"):
-            continue
-        rtime = float(row.get("rtime") or 0) or 1.0
-        out[row["svname"]] = rtime * (int(row.get("scur") or 0) + 1)
-    return out
-
-
-def cost_weights(costs: dict[str, float]) -> dict[str, int]:
-    """HAProxy weights inversely proportional to cost (cheapest = 256, never 0).
-
-    >>> cost_weights({"a": 1.0, "b": 4.0})
-    {'a': 256, 'b': 64}
-    """
-    best = min(costs.values())
-    return {k: max(1, min(256, round(256 * best / v))) for k, v in costs.items()}
 

@@ -32,12 +32,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from streams.sidecar.config import Upstream
+from streams.sidecar.dataplane import DataPlaneError
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
 
 INITIAL_WEIGHT = 100
 
 
-class HAProxyError(RuntimeError):
+class HAProxyError(DataPlaneError):
     """HAProxy could not be started, or the runtime API refused a command."""
 
 
