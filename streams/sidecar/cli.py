@@ -22,7 +22,7 @@ def sidecar(
         Path | None, typer.Option(help="TOML/JSON file of upstream endpoints.")
     ] = None,
     data_plane: Annotated[
-        str | None, typer.Option(help="proxy (built-in) or haproxy.")
+        str | None, typer.Option(help="proxy (built-in), haproxy or envoy.")
     ] = None,
     policy: Annotated[
         str | None,

