@@ -134,3 +134,50 @@ def admin_app(sc: Sidecar) -> web.Application:
     app.router.add_put("/dynamic-routing", guarded(put_dynamic))
     app.router.add_post("/endpoints/{id}/{action}", guarded(endpoint_action))
     return app
+
+
+def health_view(sc: Sidecar) -> dict[str, Any]:
+    """The sidecar's health: data plane, score reader, routes, mirrors."""
+    t = time.monotonic()
+    apis = {}
+    for api, r in sc.router.routes.items():
+        apis[api] = {
+            "stale": r.stale,
+            "policy": r.active_policy(sc.settings.dynamic_routing).name,
+            "available": sum(1 for e in r.endpoints if e.available(t)),
+            "endpoints": len(r.endpoints),
+        }
+    ok = sc.plane.alive()
+    sub = sc.subscriber
+    reader = sub is None or sub.alive()
+    return {
+        "status": "data plane down" if not ok else "ok" if reader else "score reader down",
+        "sidecar_id": sc.id,
+        "data_plane": sc.settings.data_plane,
+        "port": sc.port,
+        "dynamic_routing": sc.settings.dynamic_routing,
+        "apis": apis,
+        "scores_received": sub.received if sub else 0,
+        "scores_skipped": sub.skipped if sub else 0,
+        "score_reader_restarts": sub.crashes if sub else 0,
+        "mirrors": sc.director.view() if sc.director is not None else {},
+    }
+
+
+def weights_view(sc: Sidecar) -> dict[str, Any]:
+    """The weight table with each route's policy, offered rate, shedding and endpoints."""
+    t = time.monotonic()
+    view = sc.table.snapshot(int(time.time() * 1000))
+    for api, r in sc.router.routes.items():
+        view[api]["policy"] = r.active_policy(sc.settings.dynamic_routing).name
+        view[api]["offered_rps"] = round(r.offered_rps(t, sc.router.rate_window_s), 3)
+        view[api]["overload"] = round(sc.router.update_overload(r, t), 4)
+        view[api]["shed_share"] = round(r.shed_share, 4)
+        view[api]["shed"] = r.shed_total
+        view[api]["endpoints"] = {
+            e.id: {"url": e.url, "weight": e.weight, "in_flight": e.in_flight,
+                   "ejected": not e.available(t), "requests": e.requests,
+                   "failures": e.failures, "peak_ewma_ms": round(e.rtt_ms, 3)}
+            for e in r.endpoints
+        }
+    return view

@@ -24,20 +24,19 @@ from typing import Any
 from aiohttp import web
 
 from schemas.codec import Codec
-from streams.agent import EdgeAgent, TelemetryInputError, build_agent
-from streams.producer import RecordProducer
+from streams.agent import TelemetryInputError
 from streams.settings import KafkaSettings
 from streams.sidecar import metrics as m
-from streams.sidecar.admin import admin_app
+from streams.sidecar.admin import admin_app, health_view, weights_view
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.dataplane import DataPlane, PlaneContext
 from streams.sidecar.director import MirrorDirector
+from streams.sidecar.kafka_parts import SidecarKafka
 from streams.sidecar.planes import DATA_PLANES
 from streams.sidecar.proxy import Outcome, serve
 from streams.sidecar.router import Router
 from streams.sidecar.scores import Batch, ScoreSubscriber
 from streams.sidecar.weights import WeightChange, WeightTable
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -96,10 +95,7 @@ class Sidecar:
             )
         self.plane: DataPlane = plane_type(PlaneContext(
             self.id, s, self.upstreams, self.router, self._observe, self.director))
-        self.producer: RecordProducer | None = None
-        self.agent: EdgeAgent | None = None
-        self.subscriber: ScoreSubscriber | None = None
-        self.decisions_topic = topic_name(kafka, "routing-decisions") if kafka else ""
+        self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin_port = 0
         self.started_at = 0.0
@@ -107,8 +103,6 @@ class Sidecar:
         self.last_change_ms: dict[str, int] = {}
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._agent_stop = threading.Event()
-        self._agent_thread: threading.Thread | None = None
         self._policy_gauge: dict[str, str] = {}
         for api in self.router.routes:
             self._set_policy_gauge(api)
@@ -118,6 +112,11 @@ class Sidecar:
         """Where the data plane accepts requests (after :meth:`start`)."""
         return self.plane.port
 
+    @property
+    def subscriber(self) -> ScoreSubscriber | None:
+        """The score reader (None without Kafka or before :meth:`start`)."""
+        return self.bus.subscriber if self.bus is not None else None
+
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
@@ -125,39 +124,19 @@ class Sidecar:
         s = self.settings
         self.loop = asyncio.get_running_loop()
         self.started_at = time.time()
-        if self.kafka is not None:
-            self.producer = RecordProducer(self.kafka, f"sidecar-{self.id}", max_buffered=50_000)
-            self.agent = build_agent(
-                self.kafka, self.codec, agent_id=self.id, region=s.region,
-                interval_seconds=s.telemetry_interval_s,
-                endpoint_apis={u.id: u.api for u in self.upstreams},
-            )
-            self._agent_thread = threading.Thread(
-                target=self.agent.run, args=(self._agent_stop,), name="sidecar-agent",
-                daemon=True,
-            )
-            self._agent_thread.start()
-        await self.plane.start(self.agent)
+        await self.plane.start(self.bus.start_agent() if self.bus is not None else None)
         runner, self.admin_port = await serve(admin_app(self), s.listen_host, s.admin_port)
         self._runners.append(runner)
         self._tasks.append(asyncio.create_task(self._stale_loop(), name="sidecar-stale"))
-        if self.kafka is not None:
-            self.subscriber = ScoreSubscriber(
-                self.kafka, self.codec, self.deliver, sidecar_id=self.id,
-                dead_letter=self.producer, lookback_s=s.score_lookback_s,
-                mirror_status_lookback_s=s.mirror_lookback_s if self.director else None,
-            )
-            await asyncio.to_thread(self.subscriber.start)
-            self._tasks.append(asyncio.create_task(self._supervise_loop(),
-                                                   name="sidecar-supervise"))
+        if self.bus is not None:
+            await self.bus.start_subscriber(self.deliver, mirror_statuses=bool(self.director))
         log.info("sidecar %s: %s on %s:%d, admin on :%d", self.id, s.data_plane,
                  s.listen_host, self.port, self.admin_port)
 
     async def stop(self) -> None:
         """Stop everything started, in reverse order; publish what is open."""
-        if self.subscriber is not None:
-            await asyncio.to_thread(self.subscriber.stop)
-            self.subscriber = None
+        if self.bus is not None:
+            await self.bus.stop_subscriber()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -168,15 +147,8 @@ class Sidecar:
             await r.cleanup()
         self._runners.clear()
         await self.plane.stop()
-        if self._agent_thread is not None:
-            self._agent_stop.set()
-            await asyncio.to_thread(self._agent_thread.join, 30)
-            self._agent_thread = None
-        if self.producer is not None:
-            await asyncio.to_thread(self.producer.flush, 10)
-        # drop the Kafka clients now rather than at garbage collection
-        self.producer = None
-        self.agent = None
+        if self.bus is not None:
+            await self.bus.stop()
 
     async def run_forever(self, stop: threading.Event) -> None:
         """Start, run until ``stop`` is set (or the data plane dies), stop."""
@@ -271,24 +243,9 @@ class Sidecar:
         }, t)
 
     def _publish(self, fields: dict[str, Any], t: int) -> None:
-        if self.producer is None:
-            return
-        rec = {"sidecar_id": self.id, "region": self.settings.region, "at": t, **fields}
-        try:
-            value = self.codec.encode("RoutingDecision", rec)
-        except ValueError as e:  # a bug, but routing must go on
-            log.error("routing decision did not encode: %s", e)
-            return
-        self.producer.produce(self.decisions_topic, value, self.id.encode())
-        self.producer.poll(0)
-
-    async def _supervise_loop(self) -> None:
-        """Restart the score reader thread if it died (``/health`` is 503 meanwhile)."""
-        while True:
-            await asyncio.sleep(1.0)
-            sub = self.subscriber
-            if sub is not None:
-                sub.supervise()
+        if self.bus is not None:
+            self.bus.publish({"sidecar_id": self.id, "region": self.settings.region, "at": t,
+                              **fields})
 
     async def _stale_loop(self) -> None:
         while True:
@@ -308,14 +265,16 @@ class Sidecar:
         ep = o.endpoint
         if ep is None:
             return
-        if self.agent is not None:
+        agent = self.bus.agent if self.bus is not None else None
+        if agent is not None:
             try:
-                self.agent.record(ep.id, o.latency_ms, o.status, api=o.route.api,
+                agent.record(ep.id, o.latency_ms, o.status, api=o.route.api,
                                   connect_failure=o.connect_failure)
             except TelemetryInputError as e:
                 log.debug("telemetry rejected: %s", e)
         rate = self.settings.decision_sample_rate
-        if rate > 0 and self.producer is not None and self.rng.random() < rate:
+        if rate > 0 and self.bus is not None and self.bus.producer is not None \
+                and self.rng.random() < rate:
             self._publish({
                 "api": o.route.api, "kind": "REQUEST",
                 "policy": o.route.active_policy(o.dynamic).name, "stale": o.route.stale,
@@ -327,44 +286,9 @@ class Sidecar:
     # ----------------------------------------------------------------- views
 
     def health(self) -> dict[str, Any]:
-        t = time.monotonic()
-        apis = {}
-        for api, r in self.router.routes.items():
-            apis[api] = {
-                "stale": r.stale,
-                "policy": r.active_policy(self.settings.dynamic_routing).name,
-                "available": sum(1 for e in r.endpoints if e.available(t)),
-                "endpoints": len(r.endpoints),
-            }
-        ok = self.plane.alive()
-        reader = self.subscriber is None or self.subscriber.alive()
-        return {
-            "status": "data plane down" if not ok else "ok" if reader else "score reader down",
-            "sidecar_id": self.id,
-            "data_plane": self.settings.data_plane,
-            "port": self.port,
-            "dynamic_routing": self.settings.dynamic_routing,
-            "apis": apis,
-            "scores_received": self.subscriber.received if self.subscriber else 0,
-            "scores_skipped": self.subscriber.skipped if self.subscriber else 0,
-            "score_reader_restarts": self.subscriber.crashes if self.subscriber else 0,
-            "mirrors": self.director.view() if self.director is not None else {},
-        }
+        """What ``GET /health`` answers."""
+        return health_view(self)
 
     def weights_view(self) -> dict[str, Any]:
-        t = time.monotonic()
-        view = self.table.snapshot(now_ms())
-        for api, r in self.router.routes.items():
-            view[api]["policy"] = r.active_policy(self.settings.dynamic_routing).name
-            view[api]["offered_rps"] = round(r.offered_rps(t, self.router.rate_window_s), 3)
-            view[api]["overload"] = round(self.router.update_overload(r, t), 4)
-            view[api]["shed_share"] = round(r.shed_share, 4)
-            view[api]["shed"] = r.shed_total
-            view[api]["endpoints"] = {
-                e.id: {"url": e.url, "weight": e.weight, "in_flight": e.in_flight,
-                       "ejected": not e.available(t), "requests": e.requests,
-                       "failures": e.failures, "peak_ewma_ms": round(e.rtt_ms, 3)}
-                for e in r.endpoints
-            }
-        return view
-
+        """What ``GET /weights`` answers."""
+        return weights_view(self)
