@@ -28,35 +28,59 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message}, status=status)
 
 
+def _guarded(token: str, handler: Handler) -> Handler:
+    """``handler`` behind ``Authorization: Bearer <token>`` (no token: always 401)."""
+    async def wrapper(request: web.Request) -> web.StreamResponse:
+        if not token:
+            return _error(401, "admin mutations are disabled: set sidecar.admin_token")
+        auth = request.headers.get("Authorization", "")
+        scheme, _, given = auth.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return web.json_response(
+                {"error": "missing or wrong bearer token"}, status=401,
+                headers={"WWW-Authenticate": 'Bearer realm="loadcast-sidecar"'},
+            )
+        return await handler(request)
+
+    return wrapper
+
+
+async def body(request: web.Request) -> dict[str, Any]:
+    """The request's JSON object (400 for anything else)."""
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise web.HTTPBadRequest(text="body must be a JSON object") from None
+    if not isinstance(data, dict):
+        raise web.HTTPBadRequest(text="body must be a JSON object")
+    return data
+
+
+def manual_scores_problem(sc: Sidecar, api: Any, scores: Any, valid: Any) -> str | None:
+    """What is wrong with a ``PUT /weights`` body, or None."""
+    if api not in sc.router.routes:
+        return f"api: unknown API {api!r}; known: {', '.join(sc.router.routes)}"
+    eps = {e.id for e in sc.router.routes[api].endpoints}
+    if not isinstance(scores, dict) or not scores:
+        return "scores: must be an object {endpoint_id: score in [0, 1]}"
+    for e, v in scores.items():
+        if e not in eps:
+            return f"scores.{e}: not an endpoint of {api}"
+        if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+            return f"scores.{e}: must be a number in [0, 1], got {v!r}"
+    if isinstance(valid, bool) or not isinstance(valid, int | float) or not 0 < valid <= 86400:
+        return "valid_for_s: must be a number of seconds in (0, 86400]"
+    return None
+
+
 def admin_app(sc: Sidecar) -> web.Application:
     """The admin application of sidecar ``sc``."""
     token = sc.settings.admin_token.get_secret_value()
 
     def guarded(handler: Handler) -> Handler:
-        async def wrapper(request: web.Request) -> web.StreamResponse:
-            if not token:
-                return _error(401, "admin mutations are disabled: set sidecar.admin_token")
-            auth = request.headers.get("Authorization", "")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), token.encode()
-            ):
-                return web.json_response(
-                    {"error": "missing or wrong bearer token"}, status=401,
-                    headers={"WWW-Authenticate": 'Bearer realm="loadcast-sidecar"'},
-                )
-            return await handler(request)
-
-        return wrapper
-
-    async def body(request: web.Request) -> dict[str, Any]:
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise web.HTTPBadRequest(text="body must be a JSON object") from None
-        if not isinstance(data, dict):
-            raise web.HTTPBadRequest(text="body must be a JSON object")
-        return data
+        return _guarded(token, handler)
 
     async def health(request: web.Request) -> web.Response:
         h = sc.health()
@@ -70,21 +94,12 @@ def admin_app(sc: Sidecar) -> web.Application:
 
     async def put_weights(request: web.Request) -> web.Response:
         data = await body(request)
-        api = data.get("api")
-        scores = data.get("scores")
-        valid = data.get("valid_for_s", 60)
-        if api not in sc.router.routes:
-            return _error(400, f"api: unknown API {api!r}; known: {', '.join(sc.router.routes)}")
-        eps = {e.id for e in sc.router.routes[api].endpoints}
-        if not isinstance(scores, dict) or not scores:
-            return _error(400, "scores: must be an object {endpoint_id: score in [0, 1]}")
-        for e, v in scores.items():
-            if e not in eps:
-                return _error(400, f"scores.{e}: not an endpoint of {api}")
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
-                return _error(400, f"scores.{e}: must be a number in [0, 1], got {v!r}")
-        if isinstance(valid, bool) or not isinstance(valid, int | float) or not 0 < valid <= 86400:
-            return _error(400, "valid_for_s: must be a number of seconds in (0, 86400]")
+        api: Any = data.get("api")
+        scores: Any = data.get("scores")
+        valid: Any = data.get("valid_for_s", 60)
+        problem = manual_scores_problem(sc, api, scores, valid)
+        if problem is not None:
+            return _error(400, problem)
         sc.set_manual_scores(api, {e: float(v) for e, v in scores.items()}, float(valid))
         return web.json_response(sc.weights_view()[api])
 
