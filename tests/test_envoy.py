@@ -5,7 +5,9 @@ read from Envoy's own per-host counters. Skipped only where no envoy binary is i
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -15,6 +17,8 @@ from streams.settings import KafkaSettings
 from streams.sidecar.app import Sidecar
 from streams.sidecar.envoy import EnvoyPlane, envoy_binary, parse_clusters
 from streams.sidecar.testing import BackendProcess, score_record
+from streams.topics import topic_name
+from tests.kafka_helpers import read_topic
 from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
 
 pytestmark = [
@@ -76,7 +80,15 @@ async def test_scores_drive_envoy_weights_and_shares(
         # dynamic routing off per request: the twin cluster, one endpoint per priority
         off, _ = await drive(sc.port, 200, headers={"X-Loadcast-Dynamic-Routing": "off"})
         assert off == {"a": 200}
+        await asyncio.sleep(1.2)  # one more access-log read for the edge agent
     assert not proc.alive() and not proc.dir.exists()  # stopped, temp dir removed
+    # the sidecar is a telemetry source with Envoy too (from Envoy's access log)
+    tele = read_topic(kafka.bootstrap_servers, topic_name(kafka, "telemetry"), min_records=1)
+    counted: Counter[str] = Counter()
+    for m in tele:
+        w = codec.decode(m.value() or b"")
+        counted[w["endpoint_id"]] += w["request_count"]
+    assert set(counted) == {"a", "b", "c"} and sum(counted.values()) >= 1000, counted
 
 
 @pytest.mark.asyncio

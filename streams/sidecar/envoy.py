@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import shutil
 import signal
@@ -54,12 +55,19 @@ from streams.sidecar.dataplane import DataPlaneError, PlaneContext, Telemetry
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
 from streams.sidecar.weights import WeightChange
 
+log = logging.getLogger(__name__)
+
 INITIAL_WEIGHT = 100
 RETRIES = 2
 CLA_TYPE = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 HCM_TYPE = ("type.googleapis.com/envoy.extensions.filters.network.http_connection_manager."
             "v3.HttpConnectionManager")
 ROUTER_TYPE = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+FILE_LOG_TYPE = "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog"
+# per request: cluster, upstream host, status, ms to the response headers, response flags
+ACCESS_LOG_FORMAT = {"c": "%UPSTREAM_CLUSTER%", "h": "%UPSTREAM_HOST%", "s": "%RESPONSE_CODE%",
+                     "d": "%RESPONSE_DURATION%", "f": "%RESPONSE_FLAGS%"}
+TELEMETRY_S = 1.0
 
 
 class EnvoyError(DataPlaneError):
@@ -152,8 +160,9 @@ def _clusters(apis: Mapping[str, list[Upstream]], eds_dir: Path,
 
 def bootstrap(upstreams: Sequence[Upstream], *, host: str, port: int, admin_port: int,
               eds_dir: Path, node_id: str = "loadcast-sidecar", connect_timeout_s: float = 5.0,
-              request_timeout_s: float = 30.0) -> dict[str, Any]:
-    """Envoy's bootstrap for ``upstreams`` (grouped by API; the first API is the default)."""
+              request_timeout_s: float = 30.0, access_log: Path | None = None) -> dict[str, Any]:
+    """Envoy's bootstrap for ``upstreams`` (grouped by API; the first API is the default);
+    with ``access_log``, one JSON line per request there (:data:`ACCESS_LOG_FORMAT`)."""
     apis: dict[str, list[Upstream]] = {}
     for u in upstreams:
         apis.setdefault(u.api, []).append(u)
@@ -165,6 +174,10 @@ def bootstrap(upstreams: Sequence[Upstream], *, host: str, port: int, admin_port
                 "routes": _routes(list(apis), request_timeout_s)}]},
            "http_filters": [{"name": "envoy.filters.http.router",
                              "typed_config": {"@type": ROUTER_TYPE}}]}
+    if access_log is not None:
+        hcm["access_log"] = [{"name": "envoy.access_loggers.file", "typed_config": {
+            "@type": FILE_LOG_TYPE, "path": str(access_log),
+            "log_format": {"json_format": ACCESS_LOG_FORMAT}}}]
     return {
         "node": {"id": node_id, "cluster": "loadcast"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1",
@@ -211,6 +224,50 @@ def parse_clusters(text: str) -> dict[str, dict[str, dict[str, int]]]:
     return out
 
 
+Answer = tuple[str, str, int, float, bool]  # api, "ip:port", status, latency ms, refused
+
+
+def parse_access_log(text: str) -> list[Answer]:
+    """Access-log lines (:data:`ACCESS_LOG_FORMAT`) into upstream answers; requests that
+    reached no upstream are left out. A refused connection (``UF``) has status 0.
+
+    >>> parse_access_log('{"c":"orders__first","d":2,"f":"-","h":"10.0.0.1:80","s":200}\\n'
+    ...                  '{"c":"orders","d":null,"f":"UF,URX","h":"10.0.0.2:80","s":503}\\n'
+    ...                  '{"c":null,"d":null,"f":"NR","h":null,"s":404}')
+    [('orders', '10.0.0.1:80', 200, 2.0, False), ('orders', '10.0.0.2:80', 0, 0.0, True)]
+    """
+    out = []
+    for line in text.splitlines():
+        try:
+            r = json.loads(line)
+            cluster, host = r.get("c"), r.get("h")
+            if not cluster or not host or host == "-":
+                continue
+            refused = "UF" in str(r.get("f") or "").split(",")
+            status = 0 if refused else int(float(r.get("s") or 0))
+            latency = float(r.get("d") or 0)
+        except (ValueError, TypeError, AttributeError):
+            continue  # a line cut at a flush
+        out.append((str(cluster).removesuffix("__first"), str(host), status, latency, refused))
+    return out
+
+
+def take_access_log(proc: EnvoyProcess) -> str:
+    """What Envoy logged since the last call: the log is renamed, Envoy reopens its path
+    (lines it still buffered go to the new file), the renamed one is read and removed."""
+    log = proc.dir / "access.log"
+    taken = proc.dir / "access.log.taken"
+    try:
+        os.replace(log, taken)
+    except FileNotFoundError:
+        return ""
+    proc.admin("/reopen_logs", method="POST")
+    try:
+        return taken.read_text(errors="replace")
+    finally:
+        taken.unlink(missing_ok=True)
+
+
 class EnvoyProcess:
     """An Envoy process of our own: config in a temp dir, stopped with us."""
 
@@ -230,9 +287,10 @@ class EnvoyProcess:
         self.admin_port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def admin(self, path: str, timeout_s: float = 2.0) -> str:
-        url = f"http://127.0.0.1:{self.admin_port}{path}"
-        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+    def admin(self, path: str, timeout_s: float = 2.0, method: str = "GET") -> str:
+        """One call to Envoy's admin API (loopback)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.admin_port}{path}", method=method)
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
             return str(r.read().decode(errors="replace"))
 
     def start(self, timeout_s: float = 30.0) -> None:
@@ -265,6 +323,14 @@ class EnvoyProcess:
             return ""
 
     def stop(self) -> None:
+        """Terminate Envoy and remove its directory."""
+        self.terminate()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def terminate(self) -> None:
+        """SIGTERM (SIGKILL after 5 s); the directory stays."""
         if self.proc is not None and self.proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.proc.pid, signal.SIGTERM)
@@ -274,9 +340,6 @@ class EnvoyProcess:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
 
 
 class EnvoyPlane:
@@ -294,9 +357,12 @@ class EnvoyPlane:
         self._version = 0
         self._by_api: dict[str, list[Upstream]] = {}
         self._ids: dict[tuple[str, str], str] = {}  # (api, "ip:port") -> endpoint id
+        self._task: asyncio.Task[None] | None = None
+        self._telemetry: Telemetry | None = None
 
     async def start(self, telemetry: Telemetry | None) -> None:
-        """Start Envoy with equal weights (telemetry: not fed by this data plane yet)."""
+        """Start Envoy with equal weights; with ``telemetry``, Envoy logs each request and
+        the upstream answers go to ``telemetry`` every second."""
         s = self.settings
         ups = await asyncio.to_thread(resolved, self.upstreams)
         for u in ups:
@@ -308,15 +374,55 @@ class EnvoyPlane:
         proc.config_path.write_text(json.dumps(bootstrap(
             ups, host=s.listen_host, port=self.port, admin_port=proc.admin_port,
             eds_dir=proc.dir / "eds", node_id=self.ctx.sidecar_id,
-            connect_timeout_s=s.connect_timeout_s, request_timeout_s=s.request_timeout_s)))
+            connect_timeout_s=s.connect_timeout_s, request_timeout_s=s.request_timeout_s,
+            access_log=proc.dir / "access.log" if telemetry is not None else None)))
         self.process = proc
         for api in self._by_api:  # EDS paths must exist when Envoy loads its config
             self._write(api, {})
         await asyncio.to_thread(proc.start)
+        if telemetry is not None:
+            self._telemetry = telemetry
+            self._task = asyncio.create_task(self._telemetry_loop(telemetry),
+                                             name="sidecar-envoy-telemetry")
+
+    async def _telemetry_loop(self, agent: Telemetry) -> None:
+        """Feed the edge agent from Envoy's access log, one answer at a time."""
+        assert self.process is not None
+        proc = self.process
+        while True:
+            await asyncio.sleep(TELEMETRY_S)
+            try:
+                answers = parse_access_log(await asyncio.to_thread(take_access_log, proc))
+            except OSError as e:
+                log.warning("reading Envoy's access log failed: %s", e)
+                continue
+            self._record(agent, answers)
+
+    def _record(self, agent: Telemetry, answers: list[Answer]) -> None:
+        for api, host, status, latency, refused in answers:
+            ep = self._ids.get((api, host))
+            if ep is None:
+                continue
+            try:
+                agent.record(ep, latency, status, api=api, connect_failure=refused)
+            except ValueError as e:  # TelemetryInputError: drop the one answer
+                log.debug("telemetry rejected: %s", e)
 
     async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
         if self.process is not None:
-            await asyncio.to_thread(self.process.stop)
+            proc = self.process
+            await asyncio.to_thread(proc.terminate)
+            if self._telemetry is not None:  # what Envoy logged in its last second
+                with contextlib.suppress(OSError):
+                    log_path = proc.dir / "access.log"
+                    self._record(self._telemetry, parse_access_log(
+                        await asyncio.to_thread(log_path.read_text, errors="replace")))
+            await asyncio.to_thread(proc.stop)
             self.process = None
 
     def _write(self, api: str, weights: Mapping[str, int]) -> None:
