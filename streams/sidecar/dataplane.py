@@ -71,7 +71,8 @@ class DataPlane(Protocol):
         """Take one API's new weights (non-blocking; pushed soon after)."""
 
     async def counters(self) -> dict[str, dict[str, int]]:
-        """Responses each endpoint has answered so far, ``{api: {endpoint: n}}``."""
+        """Requests each endpoint has taken so far, ``{api: {endpoint: n}}`` (HAProxy and
+        Envoy count responses; the built-in proxy also counts failed attempts)."""
 
     def set_dynamic_routing(self, enabled: bool) -> None:
         """The default for requests without ``X-Loadcast-Dynamic-Routing``."""
