@@ -11,17 +11,46 @@ import hmac
 import json
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from streams.sidecar.config import POLICY_NAMES
-
-if TYPE_CHECKING:
-    from streams.sidecar.app import Sidecar
+from streams.sidecar.config import POLICY_NAMES, SidecarSettings
+from streams.sidecar.dataplane import DataPlane
+from streams.sidecar.director import MirrorDirector
+from streams.sidecar.router import Router
+from streams.sidecar.scores import ScoreSubscriber
+from streams.sidecar.weights import WeightChange, WeightTable
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class Sidecar(Protocol):
+    """What the admin server reads and changes of a sidecar
+    (:class:`streams.sidecar.app.Sidecar`)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def settings(self) -> SidecarSettings: ...
+    @property
+    def router(self) -> Router: ...
+    @property
+    def table(self) -> WeightTable: ...
+    @property
+    def plane(self) -> DataPlane: ...
+    @property
+    def director(self) -> MirrorDirector | None: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def subscriber(self) -> ScoreSubscriber | None: ...
+
+    def set_manual_scores(self, api: str, scores: dict[str, float],
+                          valid_s: float) -> list[WeightChange]: ...
+
+    def policies_changed(self) -> None: ...
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -83,14 +112,14 @@ def admin_app(sc: Sidecar) -> web.Application:
         return _guarded(token, handler)
 
     async def health(request: web.Request) -> web.Response:
-        h = sc.health()
+        h = health_view(sc)
         return web.json_response(h, status=200 if h["status"] == "ok" else 503)
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def get_weights(request: web.Request) -> web.Response:
-        return web.json_response(sc.weights_view())
+        return web.json_response(weights_view(sc))
 
     async def put_weights(request: web.Request) -> web.Response:
         data = await body(request)
@@ -101,7 +130,7 @@ def admin_app(sc: Sidecar) -> web.Application:
         if problem is not None:
             return _error(400, problem)
         sc.set_manual_scores(api, {e: float(v) for e, v in scores.items()}, float(valid))
-        return web.json_response(sc.weights_view()[api])
+        return web.json_response(weights_view(sc)[api])
 
     async def put_policy(request: web.Request) -> web.Response:
         data = await body(request)
@@ -112,8 +141,7 @@ def admin_app(sc: Sidecar) -> web.Application:
         if api is not None and api not in sc.router.routes:
             return _error(400, f"api: unknown API {api!r}")
         sc.router.set_policy(name, api)
-        for a in sc.router.routes:
-            sc._set_policy_gauge(a)
+        sc.policies_changed()
         return web.json_response({"policy": name, "api": api})
 
     async def put_dynamic(request: web.Request) -> web.Response:
@@ -123,8 +151,7 @@ def admin_app(sc: Sidecar) -> web.Application:
             return _error(400, "enabled: must be true or false")
         sc.settings.dynamic_routing = enabled
         sc.plane.set_dynamic_routing(enabled)
-        for a in sc.router.routes:
-            sc._set_policy_gauge(a)
+        sc.policies_changed()
         return web.json_response({"dynamic_routing": enabled})
 
     async def endpoint_action(request: web.Request) -> web.Response:

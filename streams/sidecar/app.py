@@ -104,8 +104,7 @@ class Sidecar:
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._policy_gauge: dict[str, str] = {}
-        for api in self.router.routes:
-            self._set_policy_gauge(api)
+        self.policies_changed()
 
     @property
     def port(self) -> int:
@@ -188,15 +187,7 @@ class Sidecar:
         return changes
 
     def _set_capacity(self, api: str, t: int) -> None:
-        """The route sheds by offered rate over this capacity; None (no configured or
-        confidently learned capacity for every live endpoint): never sheds."""
-        route = self.router.routes[api]
-        route.capacity_rps = self.table.total_capacity(api, t)
-        if route.capacity_rps is None:
-            route.overload = 0.0
-            route.shed_share = 0.0
-        else:
-            self.router.update_overload(route)
+        self.router.set_capacity(self.router.routes[api], self.table.total_capacity(api, t))
 
     def set_manual_scores(self, api: str, scores: dict[str, float], valid_s: float) -> list[
             WeightChange]:
@@ -206,6 +197,11 @@ class Sidecar:
                  "valid_until": t + int(valid_s * 1000), "predicted_utilization": 0.0}
                 for e, v in scores.items()]
         return self.apply_batch([("LoadScore", r) for r in recs])
+
+    def policies_changed(self) -> None:
+        """Policy or dynamic routing changed (admin): update the policy gauges."""
+        for api in self.router.routes:
+            self._set_policy_gauge(api)
 
     def _set_policy_gauge(self, api: str) -> None:
         route = self.router.routes[api]
