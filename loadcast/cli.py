@@ -92,8 +92,8 @@ def broker(
     ] = True,
 ) -> None:
     """Run the embedded Kafka-protocol broker (Tansu) until Ctrl-C; prints its address."""
-    from streams.broker import BrokerError, EmbeddedBroker
-    from streams.topics import ensure_topics
+    from streams.kafka.broker import BrokerError, EmbeddedBroker
+    from streams.kafka.topics import ensure_topics
 
     s = settings()
     b = EmbeddedBroker(port or None)
@@ -121,7 +121,7 @@ def broker(
 @topics_app.command("ensure")
 def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
     """Create the topics of the catalog that do not exist (idempotent)."""
-    from streams.topics import ensure_topics
+    from streams.kafka.topics import ensure_topics
 
     s = settings(bootstrap)
     try:
@@ -134,7 +134,7 @@ def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
 @topics_app.command("list")
 def topics_list(bootstrap: BootstrapOpt = None) -> None:
     """Print the topic catalog: name, value schema, key (names carry kafka.topic_prefix)."""
-    from streams.topics import CATALOG, topic_name
+    from streams.kafka.topics import CATALOG, topic_name
 
     s = settings(bootstrap)
     for spec in CATALOG:
@@ -192,12 +192,12 @@ def agent(
     the federated rounds (``loadcast coordinator``): only model updates leave the edge.
     """
     from schemas.codec import CodecError
-    from streams.agent import build_agent
+    from streams.edge.agent import build_agent
+    from streams.edge.replay import TraceError, read_trace, retime, window_offset
+    from streams.edge.replay import replay as run_replay
+    from streams.kafka.topics import ensure_topics
     from streams.metrics import serve_metrics
-    from streams.replay import TraceError, read_trace, retime, window_offset
-    from streams.replay import replay as run_replay
     from streams.sdk import make_codec
-    from streams.topics import ensure_topics
 
     s = settings(bootstrap)
     a = s.agent
@@ -219,7 +219,7 @@ def agent(
     key = a.client_hash_key.get_secret_value().encode()
     build = build_agent
     if a.federated if federated is None else federated:
-        from streams.federated_edge import EdgeTrainingConfig, build_federated_agent
+        from streams.edge.federated import EdgeTrainingConfig, build_federated_agent
 
         p, f = s.processor, s.federated
         training = EdgeTrainingConfig(
@@ -343,8 +343,8 @@ def worker(
 
     Start more workers with the same settings to share the partitions.
     """
-    from processors.worker import run_worker
-    from streams.topics import ensure_topics
+    from processors.apps.worker import run_worker
+    from streams.kafka.topics import ensure_topics
 
     s = settings(bootstrap)
     if metrics_port is not None:

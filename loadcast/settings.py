@@ -30,11 +30,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from processors.federated_settings import FederatedSettings
-from processors.mirroring import MirrorSettings
-from processors.settings import ProcessorSettings
+from processors.apps.federated_settings import FederatedSettings
+from processors.apps.mirror_settings import MirrorSettings
+from processors.apps.settings import ProcessorSettings
 from sinks.settings import SinkSettings
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 from streams.sidecar.config import SidecarSettings
 
 

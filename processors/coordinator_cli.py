@@ -32,9 +32,9 @@ def coordinator(
     from pydantic import ValidationError
 
     from loadcast.cli import fail, settings
-    from processors.coordinator import run_coordinator
-    from processors.federated_settings import FederatedSettings
-    from streams.topics import ensure_topics
+    from processors.apps.coordinator import run_coordinator
+    from processors.apps.federated_settings import FederatedSettings
+    from streams.kafka.topics import ensure_topics
 
     s = settings(bootstrap)
     over = {k: v for k, v in (("aggregation", aggregation), ("min_updates", min_updates),

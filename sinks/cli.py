@@ -21,7 +21,7 @@ import typer
 if TYPE_CHECKING:
     from sinks.queries import QueryResult
     from sinks.settings import SinkSettings
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
 
 
 class RootSettings(Protocol):
@@ -111,9 +111,9 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
 
         from schemas.validation import Limits
         from sinks.service import serve
+        from streams.kafka.topics import ensure_topics
         from streams.metrics import serve_metrics
         from streams.signals import stop_on_signals
-        from streams.topics import ensure_topics
 
         root = get_settings()
         k, s = root.kafka, root.sink

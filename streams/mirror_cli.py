@@ -110,8 +110,8 @@ def planner(
 ) -> None:
     """Run the mirror planner: regional forecasts in, signed mirror commands out."""
     from loadcast.cli import console, fail, settings
-    from processors.planner import run_planner
-    from streams.topics import ensure_topics
+    from processors.apps.planner import run_planner
+    from streams.kafka.topics import ensure_topics
 
     s = settings(bootstrap)
     try:
@@ -145,10 +145,10 @@ def executor(
 
     from loadcast.cli import console, fail, settings
     from streams.executor import Executor
+    from streams.kafka.topics import ensure_topics
     from streams.metrics import serve_metrics
     from streams.sdk import make_codec
     from streams.signals import stop_on_signals
-    from streams.topics import ensure_topics
 
     s = settings(bootstrap)
     m = s.mirror

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 import pytest
 
 from schemas.codec import Codec
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
 from streams.sidecar.envoy import EnvoyPlane, envoy_binary, parse_clusters
 from streams.sidecar.testing import BackendProcess, score_record
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
 

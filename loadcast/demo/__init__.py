@@ -43,8 +43,8 @@ from rich.table import Table
 from loadcast.demo import scenario as scn
 from loadcast.demo.loadgen import LoadGenerator, client_endpoint
 from loadcast.settings import Settings
-from streams.replay import read_trace
-from streams.settings import KafkaSettings
+from streams.edge.replay import read_trace
+from streams.kafka.settings import KafkaSettings
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TRACE = "elb_request_count_8c0756.csv"
@@ -149,14 +149,12 @@ class ScoreWatch:
     history progress, the live view)."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
-        from confluent_kafka import Consumer
-
         from schemas.codec import Codec
-        from streams.topics import topic_name
+        from streams.kafka.runtime import KafkaRuntime
 
+        runtime = KafkaRuntime(kafka)
         self.codec = Codec.embedded()
-        self.consumer = Consumer(kafka.consumer_config(None))
-        self.consumer.subscribe([topic_name(kafka, "load-scores")])
+        self.consumer = runtime.consumer(None, topics=[runtime.topic("load-scores")])
         self.latest: dict[str, dict[str, Any]] = {}
         self.count = 0
         self._stop = threading.Event()
@@ -202,6 +200,7 @@ def _sidecar_env(policy: str, region: str, upstreams: list[dict[str, Any]],
         "LOADCAST_SIDECAR__DECISION_SAMPLE_RATE": "0.02",
         "LOADCAST_SIDECAR__SCORE_LOOKBACK_S": "5",
         "LOADCAST_SIDECAR__MIRROR_LOOKAHEAD_S": "5",
+        "LOADCAST_SIDECAR__MIRROR_HOSTS": '["127.0.0.1"]',  # the demo's mirrors run here
         "LOADCAST_SIDECAR__CENTRAL_CAPACITY_RPS": json.dumps({scn.API: edge_capacity}),
     }
     return env
@@ -212,7 +211,7 @@ def _history(kafka: KafkaSettings, sc: scn.Scenario, shapes: list[list[float]],
     """Replay ``seconds`` (after ``t0``) of the compressed days as a predictive lane's
     telemetry (demand split by capacity, as the weights would), flat out, in event time."""
     from schemas.codec import Codec
-    from streams.agent import build_agent, zero_host_stats
+    from streams.edge.agent import build_agent, zero_host_stats
 
     codec = Codec.embedded()
     agents = {r: build_agent(kafka, codec, agent_id=f"history-{r}", region=r,
@@ -242,7 +241,7 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool = False,
     """Run the demo; write ``out_dir/report.html`` and ``out_dir/summary.json``; return
     the summary. Raises :class:`DemoError` when a part fails, ``KeyboardInterrupt`` on
     Ctrl-C/SIGTERM (after stopping everything and checking that nothing is left)."""
-    from streams.replay import trace_path as find_trace
+    from streams.edge.replay import trace_path as find_trace
 
     path = find_trace(trace_path or DEFAULT_TRACE)
     if not path.is_file():
@@ -312,11 +311,11 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
          console: Console) -> dict[str, Any] | None:
     from processors.signing import generate_keypair
     from schemas.codec import Codec
-    from streams.agent import build_agent, zero_host_stats
-    from streams.broker import EmbeddedBroker, free_port
     from streams.bundles import DirectoryStore, push
+    from streams.edge.agent import build_agent, zero_host_stats
     from streams.executor import kill_recorded
-    from streams.topics import ensure_topics
+    from streams.kafka.broker import EmbeddedBroker, free_port
+    from streams.kafka.topics import ensure_topics
 
     started = time.time()
     broker = EmbeddedBroker()

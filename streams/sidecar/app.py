@@ -24,8 +24,8 @@ from typing import Any
 from aiohttp import web
 
 from schemas.codec import Codec
-from streams.agent import TelemetryInputError
-from streams.settings import KafkaSettings
+from streams.edge.agent import TelemetryInputError
+from streams.kafka.settings import KafkaSettings
 from streams.sidecar import metrics as m
 from streams.sidecar.admin import admin_app, health_view, weights_view
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
@@ -91,7 +91,7 @@ class Sidecar:
             self.director = MirrorDirector(
                 region=s.region, central_region=s.central_region,
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
-                headroom=s.mirror_headroom, rng=self.rng,
+                headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
         self.plane: DataPlane = plane_type(PlaneContext(
             self.id, s, self.upstreams, self.router, self._observe, self.director))
@@ -179,9 +179,15 @@ class Sidecar:
         if self.director is not None:
             self.director.apply_scores(scores, t)
             statuses = [r for name, r in batch if name == "MirrorStatus"]
+            refused = self.director.refused_hosts
             if statuses and self.director.apply_statuses(statuses, t):
                 log.info("edge mirrors now: %s", {f"{a}/{r}": sorted(u) for (a, r), u
                                                   in self.director.mirrors.items()})
+            if self.director.refused_hosts > refused:  # one line per batch, never per record
+                m.MIRRORS_REFUSED.labels(self.id).inc(self.director.refused_hosts - refused)
+                log.warning("ignored %d READY mirror-status record(s) naming a host outside "
+                            "mirror_hosts (%d so far)", self.director.refused_hosts - refused,
+                            self.director.refused_hosts)
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
             self._set_capacity(api, t)
         return changes

@@ -54,11 +54,11 @@ def sidecar(
     from pydantic import ValidationError
 
     from loadcast.cli import console, fail, settings
+    from streams.kafka.topics import ensure_topics
     from streams.sidecar.app import Sidecar
     from streams.sidecar.config import SidecarSettings, UpstreamConfigError
     from streams.sidecar.dataplane import DataPlaneError
     from streams.signals import stop_on_signals
-    from streams.topics import ensure_topics
 
     s = settings(bootstrap)
     overrides = {

@@ -49,7 +49,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.dataplane import DataPlaneError, PlaneContext, Telemetry
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import ClassVar
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from streams.sidecar import metrics as m
 from streams.sidecar.config import UpstreamConfigError
 from streams.sidecar.dataplane import DataPlaneError, PlaneContext, Telemetry

@@ -13,12 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from schemas.codec import Codec
-from streams.agent import EdgeAgent, build_agent
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
+from streams.edge.agent import EdgeAgent, build_agent
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.config import SidecarSettings, Upstream
 from streams.sidecar.scores import Batch, ScoreSubscriber
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 

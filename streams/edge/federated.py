@@ -4,19 +4,19 @@
   (:class:`~processors.stepping.Stepper`) -> one local copy of the global model per endpoint
   (the default forecaster, warm-started from the global model when the endpoint is new).
   Every learning row (scale-free features and target) is added to the edge's
-  least-squares statistics (:class:`~processors.federated.RowStats`).  It also runs one
+  least-squares statistics (:class:`~processors.federated.statistics.RowStats`).  It also runs one
   *shadow* cold start per endpoint: a forecaster warm-started from the global model as a
   new endpoint would be, that lives for one season; its first-season rows feed the
   cold-start statistics and its selector errors the federation's ``cold_errors``, so the
   federation learns how to forecast an endpoint it has no history for.
-  :meth:`LocalTrainer.make_update` returns a :class:`~processors.federated.ModelDelta`:
+  :meth:`LocalTrainer.make_update` returns a :class:`~schemas.federated.ModelDelta`:
   the row sums since the base version (``gram``, ``cold_gram``), sample counts, scale-free
   statistics and a scale-free validation error; nothing in it is a telemetry value, an
   endpoint id or a rate (see :mod:`processors.federated`, Privacy).
 - :class:`FederatedEdge`: the trainer on Kafka: loads new versions from ``global-model``
   (via :class:`~streams.model_repo.ModelRepository`) and publishes one ModelUpdate per
   round to ``model-updates``, keyed by model family.
-- :class:`FederatedEdgeAgent`: an :class:`~streams.agent.EdgeAgent` whose published
+- :class:`FederatedEdgeAgent`: an :class:`~streams.edge.agent.EdgeAgent` whose published
   windows are also handed to the trainer; :func:`build_federated_agent` wires it.
 
 Rounds are synchronous: after loading version ``v`` the edge trains until it has
@@ -39,26 +39,19 @@ from typing import Any
 
 import numpy as np
 
-from processors.federated import (
-    ColdStartForecaster,
-    GlobalState,
-    ModelDelta,
-    RowStats,
-    adopt_global,
-    family_of,
-    merge_stats,
-    shared_view,
-    update_to_record,
-    warm_start,
-)
+from processors.federated.aggregation import merge_stats
+from processors.federated.coldstart import ColdStartForecaster, adopt_global, warm_start
+from processors.federated.params import family_of, shared_view
+from processors.federated.statistics import RowStats
 from processors.forecasting.direct import DirectForecaster
 from processors.stepping import Stepper
 from schemas.codec import Codec, Record
-from streams.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
+from schemas.federated import GlobalState, ModelDelta, update_to_record
+from streams.edge.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
+from streams.kafka.producer import RecordProducer
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.settings import KafkaSettings
 from streams.model_repo import ModelRepository
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +294,9 @@ class FederatedEdge:
                  repo: ModelRepository | None = None) -> None:
         self.codec = codec
         self.trainer = trainer
-        self.topic = topic_name(settings, "model-updates")
-        self.producer = producer or RecordProducer(settings, f"fl-{trainer.edge_id}")
+        runtime = KafkaRuntime(settings)
+        self.topic = runtime.topic("model-updates")
+        self.producer = producer or runtime.record_producer(f"fl-{trainer.edge_id}")
         self.repo = repo or ModelRepository(settings, codec, client_id=f"fl-{trainer.edge_id}")
         self.published = 0
         self.loaded: list[int] = []  # global versions adopted, in order
