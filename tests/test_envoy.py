@@ -16,7 +16,7 @@ from schemas.codec import Codec
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
-from streams.sidecar.envoy import EnvoyPlane, envoy_binary, parse_clusters
+from streams.sidecar.envoy import EnvoyError, EnvoyPlane, envoy_binary, parse_clusters
 from streams.sidecar.testing import BackendProcess, score_record
 from tests.kafka_helpers import read_topic
 from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
@@ -106,3 +106,15 @@ async def test_envoy_drains_an_endpoint_at_weight_zero(backends: BackendProcess)
         assert statuses == {200: 100} and got == {"c": 100}
         h = sc.health()
         assert h["status"] == "ok" and h["data_plane"] == "envoy"
+
+
+@pytest.mark.asyncio
+async def test_envoy_that_cannot_start_says_why(backends: BackendProcess) -> None:
+    taken = BackendProcess({"x": 0})  # a port that is already bound: Envoy cannot listen
+    with taken:
+        port = int(taken.urls["x"].rsplit(":", 1)[1])
+        sc = Sidecar(sidecar_settings(backends.urls, data_plane="envoy", listen_port=port),
+                     None, sidecar_id="sc-envoy-bad")
+        with pytest.raises(EnvoyError, match="envoy exited at start"):
+            await sc.start()
+        await sc.stop()

@@ -305,7 +305,9 @@ class EnvoyProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise EnvoyError(f"envoy exited at start: {self.log_tail()}")
+                tail = self.log_tail()
+                self.stop()
+                raise EnvoyError(f"envoy exited at start: {tail}")
             with contextlib.suppress(OSError):
                 if self.admin("/ready", 1.0).strip() == "LIVE":
                     return
