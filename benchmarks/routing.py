@@ -23,7 +23,7 @@ Two scenarios (``benchmarks/routing_sim/scenarios.py`` says exactly what they ar
 Routing uses the sidecar's own ``Router`` and policy classes; telemetry goes through the
 edge agent's ``TelemetryAggregator``; scores come from ``processors.endpoint.EndpointModel``
 (``Stepper``, ``make_forecaster("default")``, ``CapacityEstimator``, ``load_score_record``);
-weights from the sidecar's ``WeightTable`` (``processors.scoring.routing_weights``).
+weights from the sidecar's ``WeightTable`` (``streams.sidecar.routing_weights``).
 
 Usage::
 

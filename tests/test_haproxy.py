@@ -24,6 +24,7 @@ from streams.sidecar.haproxy import (
     render_config,
     server_counts,
 )
+from streams.sidecar.haproxy_plane import HAProxyPlane
 from streams.sidecar.testing import BackendProcess, score_record
 from tests.kafka_helpers import read_topic
 from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
@@ -61,8 +62,10 @@ async def test_scores_drive_haproxy_weights_and_shares(
     sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy"), kafka, codec=codec,
                  sidecar_id="sc-haproxy")
     async with running(sc):
-        assert sc.runtime is not None and sc.haproxy is not None
-        runtime = sc.runtime
+        plane = sc.plane
+        assert isinstance(plane, HAProxyPlane)
+        assert plane.runtime is not None and plane.process is not None
+        runtime = plane.runtime
         for scores in ({"a": 0.6, "b": 0.3, "c": 0.1}, {"a": 0.1, "b": 0.3, "c": 0.6}):
             t0 = time.monotonic()
             publish(kafka, codec, [score_record(e, s, api="orders", step_seconds=step,
@@ -107,7 +110,8 @@ async def test_stale_scores_on_haproxy_fall_back_to_stats_weights(
     sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy"), kafka, codec=codec,
                  sidecar_id="sc-haproxy-stale")
     async with running(sc):
-        runtime = sc.runtime
+        assert isinstance(sc.plane, HAProxyPlane)
+        runtime = sc.plane.runtime
         assert runtime is not None
         publish(kafka, codec, [score_record(e, s, api="orders", valid_for_s=1.0)
                                for e, s in {"a": 1.0, "b": 0.0, "c": 0.0}.items()])
@@ -192,8 +196,8 @@ async def test_saturated_backends_behind_sidecar_haproxy_answer_not_503(
     async with running(sc):
         _, statuses = await drive(sc.port, 2500, concurrency=50)
         assert statuses == {200: 2500}, statuses
-        assert sc.runtime is not None
-        rows = [r for r in await sc.runtime.stats() if r.get("pxname") == "be_orders"
+        assert isinstance(sc.plane, HAProxyPlane) and sc.plane.runtime is not None
+        rows = [r for r in await sc.plane.runtime.stats() if r.get("pxname") == "be_orders"
                 and r.get("svname") in ("a", "b", "c")]
         assert all(r["status"].startswith("UP") for r in rows), [
             (r["svname"], r["status"]) for r in rows]

@@ -14,11 +14,13 @@ from processors.forecasting import ForecastPoint
 from processors.scoring import (
     CapacityEstimate,
     CapacityEstimator,
-    capacity_weights,
     compute_score,
+    load_score_record,
+)
+from streams.sidecar.routing_weights import (
+    capacity_weights,
     haproxy_weights,
     limit_change,
-    load_score_record,
     prioritize,
     prioritize_by_api,
     routing_weights,

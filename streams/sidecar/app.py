@@ -19,22 +19,22 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
 
 from schemas.codec import Codec
-from streams.edge.agent import EdgeAgent, TelemetryInputError, build_agent
-from streams.kafka.producer import RecordProducer
+from streams.edge.agent import TelemetryInputError
 from streams.kafka.registry import codec_for
 from streams.kafka.settings import KafkaSettings
-from streams.kafka.topics import topic_name
 from streams.sidecar import metrics as m
+from streams.sidecar.admin import admin_app, health_view, weights_view
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
+from streams.sidecar.dataplane import DataPlane, PlaneContext
 from streams.sidecar.director import MirrorDirector
-from streams.sidecar.haproxy import HAProxyProcess, RuntimeAPI, backend_name, render_config
-from streams.sidecar.proxy import Outcome, Proxy, serve
+from streams.sidecar.kafka_parts import SidecarKafka
+from streams.sidecar.planes import DATA_PLANES
+from streams.sidecar.proxy import Outcome, serve
 from streams.sidecar.router import Router
 from streams.sidecar.scores import Batch, ScoreSubscriber
 from streams.sidecar.weights import WeightChange, WeightTable
@@ -42,11 +42,6 @@ from streams.sidecar.weights import WeightChange, WeightTable
 log = logging.getLogger(__name__)
 
 STALE_TICK_S = 0.05  # how often validity times are checked
-HAPROXY_FALLBACK_S = 1.0  # stale scores: peak-EWMA-like weights from HAProxy stats this often
-HAPROXY_TELEMETRY_S = 1.0
-# HAProxy per-server counters -> a representative status for the edge agent (0 = connect)
-STATUS_COLUMNS = {"hrsp_1xx": 100, "hrsp_2xx": 200, "hrsp_3xx": 300, "hrsp_4xx": 400,
-                  "hrsp_5xx": 500, "econ": 0}
 
 
 def now_ms() -> int:
@@ -91,135 +86,57 @@ class Sidecar:
             capacities={u.id: u.capacity_rps for u in self.upstreams},
             step_ms=round(s.telemetry_interval_s * 1000),  # the score interval
         )
+        plane_type = DATA_PLANES[s.data_plane]
         self.director: MirrorDirector | None = None
-        if s.director and s.data_plane == "proxy" and kafka is not None:
+        if s.director and plane_type.mirrors and kafka is not None:
             self.director = MirrorDirector(
                 region=s.region, central_region=s.central_region,
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
                 headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
-        self.proxy: Proxy | None = None
-        if s.data_plane == "proxy":
-            self.proxy = Proxy(
-                self.router,
-                sidecar_id=self.id,
-                dynamic_routing=s.dynamic_routing,
-                connect_timeout_s=s.connect_timeout_s,
-                request_timeout_s=s.request_timeout_s,
-                pool_size=s.pool_size,
-                max_attempts=s.max_attempts,
-                retry_after_s=s.retry_after_s,
-                compress_responses=s.compress_responses,
-                observe=self._observe,
-                director=self.director,
-                region=s.region,
-            )
-        self.haproxy: HAProxyProcess | None = None
-        self.runtime: RuntimeAPI | None = None
-        self.producer: RecordProducer | None = None
-        self.agent: EdgeAgent | None = None
-        self.subscriber: ScoreSubscriber | None = None
-        self.decisions_topic = topic_name(kafka, "routing-decisions") if kafka else ""
+        self.plane: DataPlane = plane_type(PlaneContext(
+            self.id, s, self.upstreams, self.router, self._observe, self.director))
+        self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.loop: asyncio.AbstractEventLoop | None = None
-        self.port = 0
         self.admin_port = 0
         self.started_at = 0.0
         self.weight_changes = 0
         self.last_change_ms: dict[str, int] = {}
-        self.haproxy_errors = 0
         self._runners: list[web.BaseRunner] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._pending: dict[str, dict[str, int]] = {}
-        self._push = asyncio.Event()
-        self._agent_stop = threading.Event()
-        self._agent_thread: threading.Thread | None = None
         self._policy_gauge: dict[str, str] = {}
-        for api in self.router.routes:
-            self._set_policy_gauge(api)
+        self.policies_changed()
+
+    @property
+    def port(self) -> int:
+        """Where the data plane accepts requests (after :meth:`start`)."""
+        return self.plane.port
+
+    @property
+    def subscriber(self) -> ScoreSubscriber | None:
+        """The score reader (None without Kafka or before :meth:`start`)."""
+        return self.bus.subscriber if self.bus is not None else None
 
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self) -> None:
         """Start the data plane, the admin server, and the Kafka parts."""
-        from streams.sidecar.admin import admin_app
-
         s = self.settings
         self.loop = asyncio.get_running_loop()
-        self._push = asyncio.Event()
         self.started_at = time.time()
-        if self.kafka is not None:
-            self.producer = RecordProducer(self.kafka, f"sidecar-{self.id}", max_buffered=50_000)
-            self.agent = build_agent(
-                self.kafka, self.codec, agent_id=self.id, region=s.region,
-                interval_seconds=s.telemetry_interval_s,
-                endpoint_apis={u.id: u.api for u in self.upstreams},
-            )
-            self._agent_thread = threading.Thread(
-                target=self.agent.run, args=(self._agent_stop,), name="sidecar-agent",
-                daemon=True,
-            )
-            self._agent_thread.start()
-        if self.proxy is not None:
-            await self.proxy.open()
-            runner, self.port = await serve(self.proxy.server(), s.listen_host, s.listen_port)
-            self._runners.append(runner)
-        else:
-            await self._start_haproxy()
+        await self.plane.start(self.bus.start_agent() if self.bus is not None else None)
         runner, self.admin_port = await serve(admin_app(self), s.listen_host, s.admin_port)
         self._runners.append(runner)
         self._tasks.append(asyncio.create_task(self._stale_loop(), name="sidecar-stale"))
-        if self.kafka is not None:
-            self.subscriber = ScoreSubscriber(
-                self.kafka, self.codec, self.deliver, sidecar_id=self.id,
-                dead_letter=self.producer, lookback_s=s.score_lookback_s,
-                mirror_status_lookback_s=s.mirror_lookback_s if self.director else None,
-            )
-            await asyncio.to_thread(self.subscriber.start)
-            self._tasks.append(asyncio.create_task(self._supervise_loop(),
-                                                   name="sidecar-supervise"))
+        if self.bus is not None:
+            await self.bus.start_subscriber(self.deliver, mirror_statuses=bool(self.director))
         log.info("sidecar %s: %s on %s:%d, admin on :%d", self.id, s.data_plane,
                  s.listen_host, self.port, self.admin_port)
 
-    async def _start_haproxy(self) -> None:
-        s = self.settings
-        if s.haproxy_socket is not None:  # attach to a running HAProxy
-            self.runtime = RuntimeAPI(s.haproxy_socket)
-            stats = await self.runtime.stats()
-            have = {(r["pxname"], r["svname"]) for r in stats}
-            missing = [f"{backend_name(u.api)}/{u.id}" for u in self.upstreams
-                       if (backend_name(u.api), u.id) not in have]
-            if missing:
-                raise UpstreamConfigError(
-                    f"sidecar.haproxy_socket: HAProxy has no server {', '.join(missing)}"
-                )
-            self.port = s.listen_port
-        else:
-            from streams.kafka.broker import free_port
-
-            self.port = s.listen_port or free_port(s.listen_host)
-            proc = HAProxyProcess("", binary=s.haproxy_bin)
-            sock = proc.dir / "admin.sock"
-            proc.config_path.write_text(render_config(
-                self.upstreams, bind=f"{s.listen_host}:{self.port}", socket_path=sock,
-                threads=s.haproxy_threads, connect_timeout_s=s.connect_timeout_s,
-                request_timeout_s=s.request_timeout_s,
-                eject_after_failures=s.eject_after_failures,
-            ))
-            await asyncio.to_thread(proc.start, sock)
-            self.haproxy = proc
-            self.runtime = RuntimeAPI(sock)
-        self._tasks.append(asyncio.create_task(self._push_loop(), name="sidecar-haproxy"))
-        self._tasks.append(asyncio.create_task(self._haproxy_fallback_loop(),
-                                               name="sidecar-haproxy-fallback"))
-        if self.agent is not None:
-            self._tasks.append(asyncio.create_task(self._haproxy_telemetry_loop(),
-                                                   name="sidecar-haproxy-telemetry"))
-
     async def stop(self) -> None:
         """Stop everything started, in reverse order; publish what is open."""
-        if self.subscriber is not None:
-            await asyncio.to_thread(self.subscriber.stop)
-            self.subscriber = None
+        if self.bus is not None:
+            await self.bus.stop_subscriber()
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -229,29 +146,17 @@ class Sidecar:
         for r in reversed(self._runners):
             await r.cleanup()
         self._runners.clear()
-        if self.proxy is not None:
-            await self.proxy.close()
-        if self.haproxy is not None:
-            await asyncio.to_thread(self.haproxy.stop)
-            self.haproxy = None
-        if self._agent_thread is not None:
-            self._agent_stop.set()
-            await asyncio.to_thread(self._agent_thread.join, 30)
-            self._agent_thread = None
-        if self.producer is not None:
-            await asyncio.to_thread(self.producer.flush, 10)
-        # drop the Kafka clients now rather than at garbage collection
-        self.producer = None
-        self.agent = None
+        await self.plane.stop()
+        if self.bus is not None:
+            await self.bus.stop()
 
     async def run_forever(self, stop: threading.Event) -> None:
-        """Start, run until ``stop`` is set (or HAProxy dies), stop."""
+        """Start, run until ``stop`` is set (or the data plane dies), stop."""
         await self.start()
         try:
             while not stop.is_set():
                 await asyncio.sleep(0.2)
-                if self.haproxy is not None and not self.haproxy.alive():
-                    raise RuntimeError(f"haproxy exited: {self.haproxy.log_tail()}")
+                self.plane.check()
         finally:
             await self.stop()
 
@@ -289,15 +194,7 @@ class Sidecar:
         return changes
 
     def _set_capacity(self, api: str, t: int) -> None:
-        """The route sheds by offered rate over this capacity; None (no configured or
-        confidently learned capacity for every live endpoint): never sheds."""
-        route = self.router.routes[api]
-        route.capacity_rps = self.table.total_capacity(api, t)
-        if route.capacity_rps is None:
-            route.overload = 0.0
-            route.shed_share = 0.0
-        else:
-            self.router.update_overload(route)
+        self.router.set_capacity(self.router.routes[api], self.table.total_capacity(api, t))
 
     def set_manual_scores(self, api: str, scores: dict[str, float], valid_s: float) -> list[
             WeightChange]:
@@ -307,6 +204,11 @@ class Sidecar:
                  "valid_until": t + int(valid_s * 1000), "predicted_utilization": 0.0}
                 for e, v in scores.items()]
         return self.apply_batch([("LoadScore", r) for r in recs])
+
+    def policies_changed(self) -> None:
+        """Policy or dynamic routing changed (admin): update the policy gauges."""
+        for api in self.router.routes:
+            self._set_policy_gauge(api)
 
     def _set_policy_gauge(self, api: str) -> None:
         route = self.router.routes[api]
@@ -335,9 +237,7 @@ class Sidecar:
         self._set_policy_gauge(c.api)
         self.weight_changes += 1
         self.last_change_ms[c.api] = t
-        if self.runtime is not None:
-            self._pending[c.api] = dict(c.haproxy)
-            self._push.set()
+        self.plane.apply(c)
         self._publish({
             "api": c.api, "kind": "WEIGHTS",
             "policy": route.active_policy(self.settings.dynamic_routing).name,
@@ -346,24 +246,9 @@ class Sidecar:
         }, t)
 
     def _publish(self, fields: dict[str, Any], t: int) -> None:
-        if self.producer is None:
-            return
-        rec = {"sidecar_id": self.id, "region": self.settings.region, "at": t, **fields}
-        try:
-            value = self.codec.encode("RoutingDecision", rec)
-        except ValueError as e:  # a bug, but routing must go on
-            log.error("routing decision did not encode: %s", e)
-            return
-        self.producer.produce(self.decisions_topic, value, self.id.encode())
-        self.producer.poll(0)
-
-    async def _supervise_loop(self) -> None:
-        """Restart the score reader thread if it died (``/health`` is 503 meanwhile)."""
-        while True:
-            await asyncio.sleep(1.0)
-            sub = self.subscriber
-            if sub is not None:
-                sub.supervise()
+        if self.bus is not None:
+            self.bus.publish({"sidecar_id": self.id, "region": self.settings.region, "at": t,
+                              **fields})
 
     async def _stale_loop(self) -> None:
         while True:
@@ -377,96 +262,22 @@ class Sidecar:
                 self._set_capacity(api, t)
                 m.SHED.labels(self.id, api).set(route.shed_share)
 
-    # ----------------------------------------------------------------- HAProxy
-
-    async def _push_loop(self) -> None:
-        assert self.runtime is not None
-        while True:
-            await self._push.wait()
-            self._push.clear()
-            pending, self._pending = self._pending, {}
-            if not pending:
-                continue
-            try:
-                await self.runtime.set_weights(pending)
-                m.HAPROXY_UPDATES.labels(self.id, "ok").inc()
-            except (OSError, TimeoutError, RuntimeError) as e:
-                self.haproxy_errors += 1
-                m.HAPROXY_UPDATES.labels(self.id, "error").inc()
-                log.error("pushing weights to HAProxy failed: %s", e)
-                for api, ws in pending.items():  # keep them for the next push
-                    self._pending.setdefault(api, ws)
-                await asyncio.sleep(0.5)
-                self._push.set()
-
-    async def _haproxy_fallback_loop(self) -> None:
-        """With stale scores HAProxy still balances by weight: set weights from its own
-        per-server response time and queue (cost = rtime × (current + 1), as peak-EWMA)."""
-        assert self.runtime is not None
-        while True:
-            await asyncio.sleep(HAPROXY_FALLBACK_S)
-            stale = [api for api, r in self.router.routes.items() if r.stale]
-            if not stale:
-                continue
-            try:
-                stats = await self.runtime.stats()
-            except (OSError, TimeoutError) as e:
-                log.warning("reading HAProxy stats failed: %s", e)
-                continue
-            for api in stale:
-                costs = fallback_costs(stats, api)
-                if costs:
-                    self._pending[api] = cost_weights(costs)
-                    self._push.set()
-
-    async def _haproxy_telemetry_loop(self) -> None:
-        """HAProxy routes the requests: feed the edge agent from its per-server counters
-        (deltas of responses by status class and connection errors each second, latency
-        = HAProxy's mean response time of the server)."""
-        assert self.runtime is not None and self.agent is not None
-        agent = self.agent
-        last: dict[tuple[str, str], dict[str, int]] = {}
-        while True:
-            await asyncio.sleep(HAPROXY_TELEMETRY_S)
-            try:
-                stats = await self.runtime.stats()
-            except (OSError, TimeoutError) as e:
-                log.warning("reading HAProxy stats failed: %s", e)
-                continue
-            for row in stats:
-                api = row.get("pxname", "")[3:]
-                ep = row.get("svname", "")
-                if not row.get("pxname", "").startswith("be_") or api not in self.router.routes \
-                        or ep not in self.router.endpoints:
-                    continue  # the "_first" twins and FRONTEND/BACKEND rows
-                now = {k: int(row.get(k) or 0) for k in STATUS_COLUMNS}
-                prev = last.get((api, ep))
-                last[(api, ep)] = now
-                if prev is None:
-                    if self.haproxy is None:
-                        continue  # attached: counters from before us are not ours
-                    prev = dict.fromkeys(STATUS_COLUMNS, 0)  # our own HAProxy: from 0
-                rtime = float(row.get("rtime") or 0)
-                for col, status in STATUS_COLUMNS.items():
-                    n = max(0, now[col] - prev[col])
-                    if n:  # one weighted call per status class, not one per request
-                        agent.record(ep, rtime, status, api=api, connect_failure=status == 0,
-                                     count=n)
-
     # ----------------------------------------------------------------- telemetry
 
     def _observe(self, o: Outcome) -> None:
         ep = o.endpoint
         if ep is None:
             return
-        if self.agent is not None:
+        agent = self.bus.agent if self.bus is not None else None
+        if agent is not None:
             try:
-                self.agent.record(ep.id, o.latency_ms, o.status, api=o.route.api,
+                agent.record(ep.id, o.latency_ms, o.status, api=o.route.api,
                                   connect_failure=o.connect_failure)
             except TelemetryInputError as e:
                 log.debug("telemetry rejected: %s", e)
         rate = self.settings.decision_sample_rate
-        if rate > 0 and self.producer is not None and self.rng.random() < rate:
+        if rate > 0 and self.bus is not None and self.bus.producer is not None \
+                and self.rng.random() < rate:
             self._publish({
                 "api": o.route.api, "kind": "REQUEST",
                 "policy": o.route.active_policy(o.dynamic).name, "stale": o.route.stale,
@@ -478,68 +289,9 @@ class Sidecar:
     # ----------------------------------------------------------------- views
 
     def health(self) -> dict[str, Any]:
-        t = time.monotonic()
-        apis = {}
-        for api, r in self.router.routes.items():
-            apis[api] = {
-                "stale": r.stale,
-                "policy": r.active_policy(self.settings.dynamic_routing).name,
-                "available": sum(1 for e in r.endpoints if e.available(t)),
-                "endpoints": len(r.endpoints),
-            }
-        ok = self.haproxy is None or self.haproxy.alive()
-        reader = self.subscriber is None or self.subscriber.alive()
-        return {
-            "status": "data plane down" if not ok else "ok" if reader else "score reader down",
-            "sidecar_id": self.id,
-            "data_plane": self.settings.data_plane,
-            "port": self.port,
-            "dynamic_routing": self.settings.dynamic_routing,
-            "apis": apis,
-            "scores_received": self.subscriber.received if self.subscriber else 0,
-            "scores_skipped": self.subscriber.skipped if self.subscriber else 0,
-            "score_reader_restarts": self.subscriber.crashes if self.subscriber else 0,
-            "mirrors": self.director.view() if self.director is not None else {},
-        }
+        """What ``GET /health`` answers."""
+        return health_view(self)
 
     def weights_view(self) -> dict[str, Any]:
-        t = time.monotonic()
-        view = self.table.snapshot(now_ms())
-        for api, r in self.router.routes.items():
-            view[api]["policy"] = r.active_policy(self.settings.dynamic_routing).name
-            view[api]["offered_rps"] = round(r.offered_rps(t, self.router.rate_window_s), 3)
-            view[api]["overload"] = round(self.router.update_overload(r, t), 4)
-            view[api]["shed_share"] = round(r.shed_share, 4)
-            view[api]["shed"] = r.shed_total
-            view[api]["endpoints"] = {
-                e.id: {"url": e.url, "weight": e.weight, "in_flight": e.in_flight,
-                       "ejected": not e.available(t), "requests": e.requests,
-                       "failures": e.failures, "peak_ewma_ms": round(e.rtt_ms, 3)}
-                for e in r.endpoints
-            }
-        return view
-
-
-def fallback_costs(stats: Sequence[dict[str, str]], api: str) -> dict[str, float]:
-    """Per-server cost from ``show stat``: mean response time (ms, last 1024 requests) ×
-    (current sessions + 1); servers that are down are left out."""
-    out = {}
-    for row in stats:
-        if row.get("pxname") != backend_name(api) or row.get("svname") in ("FRONTEND", "BACKEND"):
-            continue
-        if not str(row.get("status", "")).startswith("UP"):
-            continue
-        rtime = float(row.get("rtime") or 0) or 1.0
-        out[row["svname"]] = rtime * (int(row.get("scur") or 0) + 1)
-    return out
-
-
-def cost_weights(costs: dict[str, float]) -> dict[str, int]:
-    """HAProxy weights inversely proportional to cost (cheapest = 256, never 0).
-
-    >>> cost_weights({"a": 1.0, "b": 4.0})
-    {'a': 256, 'b': 64}
-    """
-    best = min(costs.values())
-    return {k: max(1, min(256, round(256 * best / v))) for k, v in costs.items()}
-
+        """What ``GET /weights`` answers."""
+        return weights_view(self)

@@ -22,7 +22,7 @@ def sidecar(
         Path | None, typer.Option(help="TOML/JSON file of upstream endpoints.")
     ] = None,
     data_plane: Annotated[
-        str | None, typer.Option(help="proxy (built-in) or haproxy.")
+        str | None, typer.Option(help="proxy (built-in), haproxy or envoy.")
     ] = None,
     policy: Annotated[
         str | None,
@@ -57,7 +57,7 @@ def sidecar(
     from streams.kafka.topics import ensure_topics
     from streams.sidecar.app import Sidecar
     from streams.sidecar.config import SidecarSettings, UpstreamConfigError
-    from streams.sidecar.haproxy import HAProxyError
+    from streams.sidecar.dataplane import DataPlaneError
     from streams.signals import stop_on_signals
 
     s = settings(bootstrap)
@@ -97,8 +97,7 @@ def sidecar(
         try:
             while not stop.is_set():
                 await asyncio.sleep(0.2)
-                if sc.haproxy is not None and not sc.haproxy.alive():
-                    raise HAProxyError(f"haproxy exited: {sc.haproxy.log_tail()}")
+                sc.plane.check()
         finally:
             await sc.stop()
 
@@ -109,7 +108,7 @@ def sidecar(
         )
         try:
             _run(run(stop))
-        except (HAProxyError, UpstreamConfigError, OSError) as e:
+        except (DataPlaneError, UpstreamConfigError, OSError) as e:
             raise fail(str(e), 1) from None
 
 

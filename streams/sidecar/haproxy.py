@@ -32,12 +32,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from streams.sidecar.config import Upstream
+from streams.sidecar.dataplane import DataPlaneError
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
 
 INITIAL_WEIGHT = 100
 
 
-class HAProxyError(RuntimeError):
+class HAProxyError(DataPlaneError):
     """HAProxy could not be started, or the runtime API refused a command."""
 
 
@@ -78,7 +79,16 @@ def render_config(
         raise ValueError("no upstreams to write a config for")
     ct = max(1, round(connect_timeout_s * 1000))
     rt = max(1, round(request_timeout_s * 1000))
-    lines = [
+    lines = _global_and_defaults(socket_path, threads, maxconn, ct, rt)
+    lines += _frontend(upstreams, list(apis), bind)
+    lines += _backends(apis, check, eject_after_failures)
+    return "\n".join(lines) + "\n"
+
+
+def _global_and_defaults(socket_path: str | Path, threads: int, maxconn: int,
+                         connect_ms: int, server_ms: int) -> list[str]:
+    ct, rt = connect_ms, server_ms
+    return [
         "global",
         f"    stats socket {socket_path} mode 600 level admin",
         "    stats timeout 30s",
@@ -97,6 +107,11 @@ def render_config(
         "    retries 2",
         "    retry-on conn-failure empty-response",
         "",
+    ]
+
+
+def _frontend(upstreams: Sequence[Upstream], apis: list[str], bind: str) -> list[str]:
+    lines = [
         "frontend fe_loadcast",
         f"    bind {bind}",
         # Never an open proxy: HAProxy only ever connects to the servers below, and a
@@ -123,7 +138,12 @@ def render_config(
         lines.append(
             f"    use_backend {backend_name(api)} if {{ req.hdr({API_HEADER}) -m str {api} }}"
         )
-    lines += [f"    default_backend {backend_name(first_api)}", ""]
+    return [*lines, f"    default_backend {backend_name(first_api)}", ""]
+
+
+def _backends(apis: Mapping[str, list[Upstream]], check: bool,
+              eject_after_failures: int) -> list[str]:
+    lines: list[str] = []
     for api, ups in apis.items():
         for suffix, balance in (("", "roundrobin"), ("_first", "first")):
             lines += [f"backend {backend_name(api)}{suffix}", f"    balance {balance}"]
@@ -138,7 +158,7 @@ def render_config(
                     )
                 lines.append(srv)
             lines.append("")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _absolute_prefixes(upstreams: Sequence[Upstream]) -> list[str]:

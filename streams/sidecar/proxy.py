@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,20 +119,8 @@ class Proxy:
 
     async def open(self) -> None:
         if self.session is None:
-            conn = aiohttp.TCPConnector(
-                limit=0, limit_per_host=self.pool_size, keepalive_timeout=30,
-                ttl_dns_cache=None, enable_cleanup_closed=False,
-            )
-            self.session = aiohttp.ClientSession(
-                connector=conn,
-                auto_decompress=False,  # pass compression through untouched
-                cookie_jar=aiohttp.DummyCookieJar(),
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-                timeout=aiohttp.ClientTimeout(
-                    total=None, sock_connect=self.connect_timeout_s,
-                    sock_read=self.request_timeout_s,
-                ),
-            )
+            self.session = upstream_session(self.pool_size, self.connect_timeout_s,
+                                            self.request_timeout_s)
 
     async def close(self) -> None:
         if self.session is not None:
@@ -159,27 +147,6 @@ class Proxy:
             )
         return url
 
-    def origin_target(self, method: str, raw: str) -> tuple[str | None, int, str]:
-        """The origin-form path (with query) to forward for request target ``raw``, or
-        None with the status and message of the refusal."""
-        if method == "CONNECT":
-            return None, 405, "CONNECT is not supported: this is a reverse proxy, not a tunnel"
-        raw = raw.partition("#")[0]
-        if raw.startswith("/"):
-            return raw, 200, ""
-        if "://" in raw[:16]:
-            try:
-                u = URL(raw, encoded=True)
-            except ValueError:
-                return None, 400, f"unparseable request target {raw[:200]!r}"
-            if not u.is_absolute() or _authority(u) not in self._authorities:
-                return None, 400, (f"absolute-form request target names {u.scheme}://"
-                                   f"{u.raw_authority} which is not an upstream of this "
-                                   "sidecar; send an origin-form path")
-            path = u.raw_path or "/"
-            return (path + "?" + u.raw_query_string if u.raw_query_string else path), 200, ""
-        return None, 400, f"request target must be a path starting with '/', got {raw[:200]!r}"
-
     def _count(self, api: str, endpoint: str, outcome: str) -> None:
         key = (api, endpoint, outcome)
         c = self._m.get(key)
@@ -198,7 +165,8 @@ class Proxy:
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         h = request.headers
-        target, status, why = self.origin_target(request.method, request.raw_path)
+        target, status, why = origin_target(request.method, request.raw_path,
+                                           self._authorities)
         if target is None:
             return self._reject(None, status,
                                 "method_not_allowed" if status == 405 else "bad_target", why)
@@ -209,21 +177,10 @@ class Proxy:
                 None, 400, "bad_request",
                 f"unknown API {h.get(API_HEADER)!r} in {API_HEADER}; known: {known}",
             )
-        dyn_h = h.get(DYNAMIC_HEADER)
-        dynamic = self.dynamic_routing
-        if dyn_h is not None:
-            v = dyn_h.strip().lower()
-            if v not in ("on", "off"):
-                return self._reject(route, 400, "bad_request",
-                                    f"{DYNAMIC_HEADER} must be 'on' or 'off', got {dyn_h!r}")
-            dynamic = v == "on"
-        prio = DEFAULT_PRIORITY
-        prio_h = h.get(PRIORITY_HEADER)
-        if prio_h is not None:
-            if not (prio_h.isdigit() and len(prio_h) == 1):
-                return self._reject(route, 400, "bad_request",
-                                    f"{PRIORITY_HEADER} must be a digit 0-9, got {prio_h!r}")
-            prio = int(prio_h)
+        opts = request_options(h, self.dynamic_routing)
+        if isinstance(opts, str):
+            return self._reject(route, 400, "bad_request", opts)
+        dynamic, prio = opts
         now = time.monotonic()
         ep = None
         region = self.region
@@ -353,23 +310,9 @@ class Proxy:
         out_headers = CIMultiDict(
             (k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESP
         )
-        n = resp.content_length
-        zip_it = self.compress and self._compressible(request, resp)
+        zip_it = self.compress and compressible(request, resp)
         try:
-            if n is not None and n <= MAX_READ_WHOLE and not zip_it:
-                data = await resp.read()
-                return web.Response(status=status, reason=resp.reason, body=data,
-                                    headers=out_headers)
-            out = web.StreamResponse(status=status, reason=resp.reason, headers=out_headers)
-            if zip_it:
-                out.enable_compression(web.ContentCoding.gzip)
-            elif n is not None:
-                out.content_length = n
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
+            return await relay(request, resp, out_headers, zip_it)
         except ConnectionResetError as e:  # the client went away mid-response
             log.debug("client left during the response from %s: %s", ep.id, e)
             raise
@@ -381,15 +324,101 @@ class Proxy:
         finally:
             resp.release()
 
-    @staticmethod
-    def _compressible(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> bool:
-        if "Content-Encoding" in resp.headers or request.method == "HEAD":
-            return False
-        if "gzip" not in request.headers.get("Accept-Encoding", ""):
-            return False
-        if resp.content_length is not None and resp.content_length < 1024:
-            return False
-        return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
+
+def upstream_session(pool_size: int, connect_timeout_s: float,
+                     request_timeout_s: float) -> aiohttp.ClientSession:
+    """The pooled keep-alive client session to the upstreams."""
+    conn = aiohttp.TCPConnector(
+        limit=0, limit_per_host=pool_size, keepalive_timeout=30,
+        ttl_dns_cache=None, enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=conn,
+        auto_decompress=False,  # pass compression through untouched
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+        timeout=aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s,
+        ),
+    )
+
+
+def request_options(h: Mapping[str, str], dynamic: bool) -> tuple[bool, int] | str:
+    """(dynamic routing, priority) from the request headers (``dynamic``: the default),
+    or what is wrong with them.
+
+    >>> request_options({"X-Loadcast-Priority": "2"}, True)
+    (True, 2)
+    >>> request_options({"X-Loadcast-Dynamic-Routing": "maybe"}, True)
+    "X-Loadcast-Dynamic-Routing must be 'on' or 'off', got 'maybe'"
+    """
+    dyn_h = h.get(DYNAMIC_HEADER)
+    if dyn_h is not None:
+        v = dyn_h.strip().lower()
+        if v not in ("on", "off"):
+            return f"{DYNAMIC_HEADER} must be 'on' or 'off', got {dyn_h!r}"
+        dynamic = v == "on"
+    prio = DEFAULT_PRIORITY
+    prio_h = h.get(PRIORITY_HEADER)
+    if prio_h is not None:
+        if not (prio_h.isdigit() and len(prio_h) == 1):
+            return f"{PRIORITY_HEADER} must be a digit 0-9, got {prio_h!r}"
+        prio = int(prio_h)
+    return dynamic, prio
+
+
+def origin_target(method: str, raw: str, authorities: Set[tuple[str, str, int | None]],
+              ) -> tuple[str | None, int, str]:
+    """The origin-form path (with query) to forward for request target ``raw``, or
+    None with the status and message of the refusal; an absolute-form target must name
+    one of ``authorities`` (scheme, host, port)."""
+    if method == "CONNECT":
+        return None, 405, "CONNECT is not supported: this is a reverse proxy, not a tunnel"
+    raw = raw.partition("#")[0]
+    if raw.startswith("/"):
+        return raw, 200, ""
+    if "://" in raw[:16]:
+        try:
+            u = URL(raw, encoded=True)
+        except ValueError:
+            return None, 400, f"unparseable request target {raw[:200]!r}"
+        if not u.is_absolute() or _authority(u) not in authorities:
+            return None, 400, (f"absolute-form request target names {u.scheme}://"
+                               f"{u.raw_authority} which is not an upstream of this "
+                               "sidecar; send an origin-form path")
+        path = u.raw_path or "/"
+        return (path + "?" + u.raw_query_string if u.raw_query_string else path), 200, ""
+    return None, 400, f"request target must be a path starting with '/', got {raw[:200]!r}"
+
+
+def compressible(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> bool:
+    """Gzip this response for this client (text-like, >= 1 KiB, not yet encoded)?"""
+    if "Content-Encoding" in resp.headers or request.method == "HEAD":
+        return False
+    if "gzip" not in request.headers.get("Accept-Encoding", ""):
+        return False
+    if resp.content_length is not None and resp.content_length < 1024:
+        return False
+    return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
+
+
+async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse,
+                headers: CIMultiDict[str], zip_it: bool) -> web.StreamResponse:
+    """Send ``resp`` back to the client: small bodies whole, others streamed."""
+    n = resp.content_length
+    if n is not None and n <= MAX_READ_WHOLE and not zip_it:
+        data = await resp.read()
+        return web.Response(status=resp.status, reason=resp.reason, body=data, headers=headers)
+    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
+    if zip_it:
+        out.enable_compression(web.ContentCoding.gzip)
+    elif n is not None:
+        out.content_length = n
+    await out.prepare(request)
+    async for chunk in resp.content.iter_any():
+        await out.write(chunk)
+    await out.write_eof()
+    return out
 
 
 def _authority(u: URL) -> tuple[str, str, int | None]:

@@ -196,6 +196,16 @@ class Router:
 
     # ----------------------------------------------------------------- shedding
 
+    def set_capacity(self, route: Route, capacity_rps: float | None) -> None:
+        """The route sheds by offered rate over this capacity; None (no configured or
+        confidently learned capacity for every live endpoint): never sheds."""
+        route.capacity_rps = capacity_rps
+        if capacity_rps is None:
+            route.overload = 0.0
+            route.shed_share = 0.0
+        else:
+            self.update_overload(route)
+
     def update_overload(self, route: Route, now: float | None = None) -> float:
         """With a known capacity: overload = offered rate / capacity, now (also when no
         request arrives, so that the view and the metric fall back); else unchanged."""

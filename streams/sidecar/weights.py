@@ -2,8 +2,9 @@
 
 Pure: takes LoadScore / Anomaly dicts and "now", returns :class:`WeightChange` values.
 
-Weights are **capacity x health**, not scores (``processors.scoring`` says why: a score's
-own-load factor is a consequence of the weights, and weights proportional to it herd):
+Weights are **capacity x health**, not scores (``streams.sidecar.routing_weights`` says
+why: a score's own-load factor is a consequence of the weights, and weights proportional
+to it herd):
 
 - capacity: each endpoint's capacity has a source and a confidence (:class:`Capacity`):
   a LEARNED knee the processor has reported ``learned_confirm`` scores in a row (within 2x
@@ -51,7 +52,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.scoring import (
+from streams.sidecar.routing_weights import (
     ScoreParts,
     haproxy_weights,
     limit_change,
@@ -191,7 +192,7 @@ class WeightTable:
                 float(r.get("predicted_utilization", 0.0)),
                 parts,
             )
-            self._learn(a, r["endpoint_id"], parts)
+            _learn(a, r["endpoint_id"], parts)
             touched.add(api)
         return [c for api in touched if (c := self._recompute(api, now_ms)) is not None]
 
@@ -226,18 +227,6 @@ class WeightTable:
         ]
         ranked = prioritize(recs, now_ms)
         return ranked + [e for e in a.endpoints if e not in ranked]
-
-    @staticmethod
-    def _learn(a: _Api, e: str, p: ScoreParts) -> None:
-        """Count LEARNED knees in a row (a knee more than 2x off the last starts over)."""
-        if p.capacity_source == "LEARNED" and p.capacity_rps:
-            last = a.learned_rps.get(e)
-            same = last is not None and 0.5 <= p.capacity_rps / last <= 2.0
-            a.learned_n[e] = a.learned_n.get(e, 0) + 1 if same else 1
-            a.learned_rps[e] = p.capacity_rps
-        else:
-            a.learned_n.pop(e, None)
-            a.learned_rps.pop(e, None)
 
     def capacity(self, api: str, endpoint_id: str) -> Capacity:
         """The capacity of one endpoint with its source and confidence (module docstring)."""
@@ -307,22 +296,7 @@ class WeightTable:
         fresh = {e: s for e, s in a.scores.items() if s.valid_until_ms >= now_ms}
         if not fresh or self.total_capacity(api, now_ms) is None:
             return 0.0  # no scores, or a capacity nobody configured or learned: no overload
-        caps = self.capacities(api)
-        demand = 0.0
-        capacity = 0.0
-        for e in a.endpoints:
-            s = fresh.get(e)
-            p = s.parts if s is not None else None
-            if p is not None and p.explicit <= 0:
-                continue
-            capacity += caps[e]
-            if s is None:
-                continue
-            d = None if p is None else p.next_demand_rps if horizon == "next" else p.demand_rps
-            if d is None:  # no capacity in the record: its utilization of ours
-                d = max(0.0, s.predicted_utilization) * caps[e]
-            demand += d
-        return demand / capacity if capacity > 0 else 0.0
+        return _overload(a.endpoints, fresh, self.capacities(api), horizon)
 
     def _recompute(self, api: str, now_ms: int) -> WeightChange | None:
         a = self._apis[api]
@@ -349,12 +323,11 @@ class WeightTable:
                 f = self.max_step ** min(dt, 1.0)
                 target = {e: limit_change(a.measured.get(e, v), v, f) for e, v in target.items()}
             a.measured, a.measured_at_ms = target, now_ms
-            effective = {}
-            for e in a.endpoints:
-                w = target[e] * (parts[e].explicit if e in parts else mean_x)
-                if a.anomaly_until.get(e, 0) > now_ms:
-                    w *= self.anomaly_damping
-                effective[e] = w
+            effective = {
+                e: target[e] * (parts[e].explicit if e in parts else mean_x)
+                * (self.anomaly_damping if a.anomaly_until.get(e, 0) > now_ms else 1.0)
+                for e in a.endpoints
+            }
         hap = haproxy_weights(effective)
         new = routing_weights(effective)
         if hap == a.haproxy and stale == a.stale:
@@ -380,16 +353,7 @@ class WeightTable:
                 "stale": a.stale,
                 "weights": dict(a.weights),
                 "haproxy_weights": dict(a.haproxy),
-                "scores": {
-                    e: {
-                        "score": s.score,
-                        "valid_until": s.valid_until_ms,
-                        "computed_at": s.computed_at_ms,
-                        "predicted_utilization": s.predicted_utilization,
-                        "fresh": s.valid_until_ms >= now_ms,
-                    }
-                    for e, s in a.scores.items()
-                },
+                "scores": {e: _entry_view(s, now_ms) for e, s in a.scores.items()},
                 "score_order": self.score_order(api, now_ms),
                 "capacity_source": self.capacity_source(api),
                 "capacity_total_rps": self.total_capacity(api, now_ms),
@@ -402,3 +366,40 @@ class WeightTable:
                 "predicted_overload": self.overload(api, now_ms),
             }
         return out
+
+
+def _learn(a: _Api, e: str, p: ScoreParts) -> None:
+    """Count LEARNED knees in a row (a knee more than 2x off the last starts over)."""
+    if p.capacity_source == "LEARNED" and p.capacity_rps:
+        last = a.learned_rps.get(e)
+        same = last is not None and 0.5 <= p.capacity_rps / last <= 2.0
+        a.learned_n[e] = a.learned_n.get(e, 0) + 1 if same else 1
+        a.learned_rps[e] = p.capacity_rps
+    else:
+        a.learned_n.pop(e, None)
+        a.learned_rps.pop(e, None)
+
+
+def _overload(endpoints: list[str], fresh: Mapping[str, ScoreEntry],
+              caps: Mapping[str, float], horizon: str) -> float:
+    """Demand over capacity (see :meth:`WeightTable.overload`)."""
+    demand = 0.0
+    capacity = 0.0
+    for e in endpoints:
+        s = fresh.get(e)
+        p = s.parts if s is not None else None
+        if p is not None and p.explicit <= 0:
+            continue
+        capacity += caps[e]
+        if s is None:
+            continue
+        d = None if p is None else p.next_demand_rps if horizon == "next" else p.demand_rps
+        if d is None:  # no capacity in the record: its utilization of ours
+            d = max(0.0, s.predicted_utilization) * caps[e]
+        demand += d
+    return demand / capacity if capacity > 0 else 0.0
+
+
+def _entry_view(s: ScoreEntry, now_ms: int) -> dict[str, Any]:
+    return {"score": s.score, "valid_until": s.valid_until_ms, "computed_at": s.computed_at_ms,
+            "predicted_utilization": s.predicted_utilization, "fresh": s.valid_until_ms >= now_ms}
