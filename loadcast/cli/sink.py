@@ -1,8 +1,6 @@
-"""``loadcast sink`` and ``loadcast query``: registered on the root app by :func:`register`.
-
-The root command passes a callable that returns its settings (anything with ``.kafka`` and
-``.sink``), so this package never imports the composition root. Heavy imports (Kafka,
-chDB) happen inside the commands, keeping ``loadcast --help`` fast.
+"""``loadcast sink`` and ``loadcast query``: the ClickHouse sink and the analytics over
+its tables. Kafka and chDB/ClickHouse are imported inside the commands, keeping
+``loadcast --help`` fast.
 """
 
 from __future__ import annotations
@@ -14,22 +12,17 @@ import json
 import sys
 from collections.abc import Callable
 from enum import StrEnum
-from typing import TYPE_CHECKING, Annotated, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from loadcast.cli.common import SettingsFn, ensure_kafka, fail
+from sinks.queries import CANNED, QueryError, QueryResult, parse_time
+
 if TYPE_CHECKING:
-    from sinks.queries import QueryResult
+    from loadcast.settings import Settings
     from sinks.settings import SinkSettings
     from streams.settings import KafkaSettings
-
-
-class RootSettings(Protocol):
-    kafka: KafkaSettings
-    sink: SinkSettings
-
-
-SettingsFn = Callable[[], RootSettings]
 
 
 class Format(StrEnum):
@@ -42,14 +35,6 @@ class Via(StrEnum):
     auto = "auto"
     direct = "direct"
     admin = "admin"
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    from rich.console import Console
-    from rich.markup import escape
-
-    Console(stderr=True).print(f"[red]error:[/red] {escape(message)}")
-    return typer.Exit(code)
 
 
 def render(result: QueryResult, fmt: Format, title: str = "") -> str:
@@ -107,46 +92,29 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
         ] = None,
     ) -> None:
         """Store every loadcast topic in ClickHouse (offsets committed after the insert)."""
-        from pydantic import ValidationError
-
         from schemas.validation import Limits
         from sinks.service import serve
         from streams.metrics import serve_metrics
         from streams.signals import stop_on_signals
-        from streams.topics import ensure_topics
 
         root = get_settings()
-        k, s = root.kafka, root.sink
-        if bootstrap:
-            k = k.model_copy(update={"bootstrap_servers": bootstrap})
-        try:
-            update: dict[str, Any] = {}
-            if dsn is not None:
-                update["dsn"] = dsn
-            if admin_port is not None:
-                update["admin_port"] = admin_port
-            s = type(s).model_validate({**s.model_dump(), **update})
-        except ValidationError as e:
-            raise _fail(f"bad option: {e.errors()[0]['msg']}") from None
-        try:
-            ensure_topics(k)
-        except Exception as e:
-            raise _fail(f"cannot reach Kafka at {k.bootstrap_servers}: {e}", 1) from None
+        k, s = _sink_settings(root, bootstrap, dsn, admin_port)
+        ensure_kafka(k)
         serve_metrics(s.metrics_port)
+
         def ready(sink: Any, admin: Any) -> None:
             where = f"; admin on {admin.url}" if admin is not None else ""
             print(f"sink consuming {len(s.topics)} topics into {s.dsn}{where}",
                   file=sys.stderr, flush=True)
 
-        proc = getattr(root, "processor", None)  # the worker's bounds: one validation
-        limits = (Limits(proc.max_window_seconds, proc.clock_skew_seconds)
-                  if proc is not None else Limits())
+        proc = root.processor  # the worker's bounds: one validation
+        limits = Limits(proc.max_window_seconds, proc.clock_skew_seconds)
         with stop_on_signals(duration) as stop:
             try:
                 stats = serve(k, s, stop, on_ready=ready, until_idle=until_idle,
                               limits=limits)
             except OSError as e:
-                raise _fail(f"admin endpoint: {e}", 1) from None
+                raise fail(f"admin endpoint: {e}", 1) from None
         print(
             f"sink: {stats.records} records, {stats.rows} rows, {stats.dead_lettered} "
             f"dead-lettered, {stats.already_stored} already stored, {stats.expired} older "
@@ -156,6 +124,26 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
         )
 
     return sink
+
+
+def _sink_settings(root: Settings, bootstrap: str | None, dsn: str | None,
+                   admin_port: int | None) -> tuple[KafkaSettings, SinkSettings]:
+    """Kafka and sink settings with the command's options over them (a bad one exits 2)."""
+    from pydantic import ValidationError
+
+    k, s = root.kafka, root.sink
+    if bootstrap:
+        k = k.model_copy(update={"bootstrap_servers": bootstrap})
+    try:
+        update: dict[str, Any] = {}
+        if dsn is not None:
+            update["dsn"] = dsn
+        if admin_port is not None:
+            update["admin_port"] = admin_port
+        s = type(s).model_validate({**s.model_dump(), **update})
+    except ValidationError as e:
+        raise fail(f"bad option: {e.errors()[0]['msg']}") from None
+    return k, s
 
 
 FormatOpt = Annotated[Format, typer.Option("--format", "-f", help="table, csv or json.")]
@@ -171,40 +159,48 @@ ApiOpt = Annotated[str, typer.Option(help="Only this API.")]
 
 
 def make_query_app(get_settings: SettingsFn) -> typer.Typer:
-    from sinks.queries import CANNED
-
+    """``query``: ``--sql`` on the group itself, one sub-command per canned query."""
     query_app = typer.Typer(
         help="Canned analytics over the sink's tables, or --sql for anything else. "
         "forecast-accuracy: MASE's denominator is the mean absolute error of the "
         "one-step-back naive forecast of the endpoint's actual series.",
         invoke_without_command=True,
     )
+    query_app.callback()(_sql_query(get_settings))
+    for q in CANNED.values():
+        query_app.command(q.name, help=q.help)(
+            _canned_command(get_settings, q.name, q.help, q.extra))
+    return query_app
 
-    def run(body: dict[str, Any], fmt: Format, via: Via, title: str) -> None:
-        from sinks.admin import AdminError
-        from sinks.db import ClickHouseUnavailable
-        from sinks.queries import QueryError
-        from sinks.service import query
 
-        s = get_settings().sink
-        try:
-            result = query(s, body, via.value)
-        except QueryError as e:
-            raise _fail(str(e)) from None
-        except (AdminError, ClickHouseUnavailable) as e:
-            raise _fail(str(e), 1) from None
-        except Exception as e:
-            from clickhouse_connect.driver.exceptions import ClickHouseError
+def _run_query(get_settings: SettingsFn, body: dict[str, Any], fmt: Format, via: Via,
+               title: str) -> None:
+    """Run one query (canned or SQL) and print it; bad input exits 2, an unreachable or
+    failing ClickHouse 1."""
+    from sinks.admin import AdminError
+    from sinks.db import ClickHouseUnavailable
+    from sinks.service import query
 
-            if isinstance(e, ClickHouseError):
-                raise _fail(f"ClickHouse: {e}", 1) from None
-            raise
-        sys.stdout.write(render(result, fmt, title))
-        sys.stdout.flush()
-        if not result.rows:  # on stderr: csv/json output stays parseable
-            print(result.note or "no rows", file=sys.stderr, flush=True)
+    s = get_settings().sink
+    try:
+        result = query(s, body, via.value)
+    except QueryError as e:
+        raise fail(str(e)) from None
+    except (AdminError, ClickHouseUnavailable) as e:
+        raise fail(str(e), 1) from None
+    except Exception as e:
+        from clickhouse_connect.driver.exceptions import ClickHouseError
 
-    @query_app.callback()
+        if isinstance(e, ClickHouseError):
+            raise fail(f"ClickHouse: {e}", 1) from None
+        raise
+    sys.stdout.write(render(result, fmt, title))
+    sys.stdout.flush()
+    if not result.rows:  # on stderr: csv/json output stays parseable
+        print(result.note or "no rows", file=sys.stderr, flush=True)
+
+
+def _sql_query(get_settings: SettingsFn) -> Callable[..., None]:
     def sql_query(
         ctx: typer.Context,
         sql: Annotated[
@@ -226,58 +222,58 @@ def make_query_app(get_settings: SettingsFn) -> typer.Typer:
         for p in param or []:
             name, sep, value = p.partition("=")
             if not sep or not name:
-                raise _fail(f"--param must be name=value, not {p!r}")
+                raise fail(f"--param must be name=value, not {p!r}")
             params[name] = value
-        run({"sql": sql, "params": params}, fmt, via, "")
+        _run_query(get_settings, {"sql": sql, "params": params}, fmt, via, "")
 
-    def add(name: str, help_text: str, extra: dict[str, Any]) -> None:
-        def command(
-            since: SinceOpt = "24h",
-            until: UntilOpt = "now",
-            endpoint: EndpointOpt = "",
-            api: ApiOpt = "",
-            lookback: Annotated[
-                int | None,
-                typer.Option(help="mirror-lead-time: seconds before an activation to look "
-                             "for the demand crossing.", min=0),
-            ] = None,
-            limit: Annotated[
-                int | None, typer.Option(help="anomalies: at most this many rows.", min=1)
-            ] = None,
-            fmt: FormatOpt = Format.table,
-            via: ViaOpt = Via.auto,
-        ) -> None:
-            from sinks.queries import QueryError, parse_time
+    return sql_query
 
-            try:
-                params: dict[str, Any] = {
-                    "since_ms": parse_time(since), "until_ms": parse_time(until),
-                    "endpoint": endpoint, "api": api,
-                }
-            except QueryError as e:
-                raise _fail(str(e)) from None
-            if until == "now":
-                params["until_ms"] += 1  # include records stamped this very millisecond
-            if lookback is not None:
-                if "lookback_s" not in extra:
-                    raise _fail(f"--lookback applies to mirror-lead-time, not {name}")
-                params["lookback_s"] = lookback
-            if limit is not None:
-                if "limit" not in extra:
-                    raise _fail(f"--limit applies to anomalies, not {name}")
-                params["limit"] = limit
-            run({"query": name, "params": params}, fmt, via, name)
 
-        command.__doc__ = help_text
-        # Each query's --help lists its own options only: drop the others' from the
-        # signature typer reads (they keep their None defaults when called).
-        sig = inspect.signature(command, eval_str=True)
-        own = {"lookback": "lookback_s", "limit": "limit"}
-        command.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
-            p for p in sig.parameters.values() if p.name not in own or own[p.name] in extra
-        ])
-        query_app.command(name, help=help_text)(command)
+def _canned_command(get_settings: SettingsFn, name: str, help_text: str,
+                    extra: dict[str, Any]) -> Callable[..., None]:
+    """The sub-command of the canned query ``name``; its --help lists its own options only."""
 
-    for q in CANNED.values():
-        add(q.name, q.help, q.extra)
-    return query_app
+    def command(
+        since: SinceOpt = "24h",
+        until: UntilOpt = "now",
+        endpoint: EndpointOpt = "",
+        api: ApiOpt = "",
+        lookback: Annotated[
+            int | None,
+            typer.Option(help="mirror-lead-time: seconds before an activation to look "
+                         "for the demand crossing.", min=0),
+        ] = None,
+        limit: Annotated[
+            int | None, typer.Option(help="anomalies: at most this many rows.", min=1)
+        ] = None,
+        fmt: FormatOpt = Format.table,
+        via: ViaOpt = Via.auto,
+    ) -> None:
+        try:
+            params: dict[str, Any] = {
+                "since_ms": parse_time(since), "until_ms": parse_time(until),
+                "endpoint": endpoint, "api": api,
+            }
+        except QueryError as e:
+            raise fail(str(e)) from None
+        if until == "now":
+            params["until_ms"] += 1  # include records stamped this very millisecond
+        if lookback is not None:
+            if "lookback_s" not in extra:
+                raise fail(f"--lookback applies to mirror-lead-time, not {name}")
+            params["lookback_s"] = lookback
+        if limit is not None:
+            if "limit" not in extra:
+                raise fail(f"--limit applies to anomalies, not {name}")
+            params["limit"] = limit
+        _run_query(get_settings, {"query": name, "params": params}, fmt, via, name)
+
+    command.__doc__ = help_text
+    # Each query's --help lists its own options only: drop the others' from the
+    # signature typer reads (they keep their None defaults when called).
+    sig = inspect.signature(command, eval_str=True)
+    own = {"lookback": "lookback_s", "limit": "limit"}
+    command.__signature__ = sig.replace(parameters=[  # type: ignore[attr-defined]
+        p for p in sig.parameters.values() if p.name not in own or own[p.name] in extra
+    ])
+    return command
