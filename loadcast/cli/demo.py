@@ -35,7 +35,8 @@ def _demo(get_settings: SettingsFn) -> Callable[..., None]:
     ) -> None:
         """The whole pipeline on embedded defaults under real-shaped traffic, with a live view;
         ends in OUT/report.html and OUT/summary.json."""
-        from loadcast.demo import DemoError, run_demo
+        from loadcast.demo import run_demo
+        from loadcast.demo.processes import DemoError
 
         try:
             run_demo(get_settings(), out_dir=out, quick=quick, live_seconds=live_seconds,

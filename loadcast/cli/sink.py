@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from loadcast.cli.common import SettingsFn, ensure_kafka, fail
-from sinks.queries import CANNED, QueryError, QueryResult, parse_time
+from sinks.canned import CANNED
+from sinks.queries import QueryError, QueryResult, parse_time
 
 if TYPE_CHECKING:
     from loadcast.settings import Settings
