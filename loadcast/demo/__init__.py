@@ -99,8 +99,9 @@ class ScoreWatch:
 def run_demo(settings: Settings, *, out_dir: Path, quick: bool = False,
              live_seconds: int | None = None, trace_path: Path | None = None) -> dict[str, Any]:
     """Run the demo; write ``out_dir/report.html`` and ``out_dir/summary.json``; return
-    the summary. Raises :class:`~loadcast.demo.processes.DemoError` when a part fails, ``KeyboardInterrupt`` on
-    Ctrl-C/SIGTERM (after stopping everything and checking that nothing is left)."""
+    the summary. Raises :class:`~loadcast.demo.processes.DemoError` when a part fails,
+    ``KeyboardInterrupt`` on Ctrl-C/SIGTERM (after stopping everything and checking that
+    nothing is left)."""
     path = find_trace(trace_path or DEFAULT_TRACE)
     if not path.is_file():
         raise FileNotFoundError(f"trace {path} not found (set LOADCAST_DATA_DIR or --trace)")
