@@ -10,9 +10,11 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from pydantic import ValidationError
 
 from loadcast.cli.common import SettingsFn, ensure_kafka, fail
 from loadcast.cli.options import BootstrapOpt, LogLevelOpt, faust_loglevel
+from processors.federated_settings import FederatedSettings
 
 if TYPE_CHECKING:
     from streams.model_repo import ModelRepository
@@ -43,10 +45,7 @@ def _coordinator(get_settings: SettingsFn) -> Callable[..., None]:
         log_level: LogLevelOpt = None,
     ) -> None:
         """Run the federated coordinator: rounds of model updates -> global model versions."""
-        from pydantic import ValidationError
-
         from processors.coordinator import run_coordinator
-        from processors.federated_settings import FederatedSettings
 
         s = get_settings(bootstrap)
         over = {k: v for k, v in (("aggregation", aggregation), ("min_updates", min_updates),

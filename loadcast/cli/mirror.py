@@ -16,7 +16,9 @@ settings. Faust, Kafka, aiohttp and the crypto library are imported inside the c
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
@@ -25,6 +27,7 @@ import typer
 
 from loadcast.cli.common import SettingsFn, console, ensure_kafka, fail
 from loadcast.cli.options import BootstrapOpt, LogLevelOpt, faust_loglevel
+from processors.signing import generate_keypair
 from streams.signals import stop_on_signals
 
 StoreOpt = Annotated[
@@ -77,9 +80,6 @@ def _bundle_serve(get_settings: SettingsFn) -> Callable[..., None]:
         ] = None,
     ) -> None:
         """Serve the store over HTTP (GET /bundles/sha256:<hex>) until Ctrl-C; prints its URL."""
-        import asyncio
-        import threading
-
         from streams.bundles import DirectoryStore
         from streams.bundles import bundle_app as make_app
         from streams.sidecar.proxy import serve
@@ -112,8 +112,6 @@ def _bundle_serve(get_settings: SettingsFn) -> Callable[..., None]:
 
 def keygen() -> None:
     """A new Ed25519 key pair: the private key for the planner, the public for executors."""
-    from processors.signing import generate_keypair
-
     private, public = generate_keypair()
     print(f"LOADCAST_MIRROR__SIGNING_KEY={private}")
     print(f'LOADCAST_MIRROR__TRUSTED_KEYS={{"default": "{public}"}}')

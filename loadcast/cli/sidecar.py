@@ -10,14 +10,18 @@ functions that need it, so ``loadcast --help`` stays fast.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from loadcast.cli.common import SettingsFn, console, ensure_kafka, fail
 from loadcast.settings import Settings
+from streams.sidecar.config import SidecarSettings, UpstreamConfigError
 from streams.signals import stop_on_signals
 
 if TYPE_CHECKING:
@@ -66,7 +70,6 @@ def _sidecar_command(get_settings: SettingsFn) -> Callable[..., None]:
         ] = None,
     ) -> None:
         """Run a routing sidecar: consume load scores, re-weight traffic, proxy or drive HAProxy."""
-        from streams.sidecar.config import UpstreamConfigError
         from streams.sidecar.haproxy import HAProxyError
 
         sc = build_sidecar(get_settings(bootstrap), no_kafka=no_kafka, overrides={
@@ -90,10 +93,7 @@ def build_sidecar(s: Settings, *, no_kafka: bool, overrides: dict[str, Any]) -> 
     """The sidecar of ``s.sidecar`` with the options that were given (not None) over it;
     without Kafka when ``no_kafka``, else with the topics ensured. Bad settings or
     upstreams exit 2, an unreachable Kafka 1."""
-    from pydantic import ValidationError
-
     from streams.sidecar.app import Sidecar
-    from streams.sidecar.config import SidecarSettings, UpstreamConfigError
 
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
@@ -114,9 +114,6 @@ def build_sidecar(s: Settings, *, no_kafka: bool, overrides: dict[str, Any]) -> 
 
 async def _serve(sc: Sidecar, stop: threading.Event) -> None:
     """Start the sidecar, run until ``stop`` (or HAProxy dies), stop it."""
-    import asyncio
-    import gc
-
     from streams.sidecar.haproxy import HAProxyError
 
     await sc.start()
@@ -136,8 +133,6 @@ async def _serve(sc: Sidecar, stop: threading.Event) -> None:
 
 
 def _run(coro: Coroutine[Any, Any, None]) -> None:
-    import asyncio
-
     try:
         import uvloop
 

@@ -15,10 +15,15 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
 
 from loadcast.cli.common import SettingsFn, ensure_kafka, fail
+from schemas.validation import Limits
 from sinks.canned import CANNED
 from sinks.queries import QueryError, QueryResult, parse_time
+from streams.signals import stop_on_signals
 
 if TYPE_CHECKING:
     from loadcast.settings import Settings
@@ -51,9 +56,6 @@ def render(result: QueryResult, fmt: Format, title: str = "") -> str:
             w.writerow(["" if v is None else json.dumps(v) if isinstance(v, dict | list) else v
                         for v in r])
         return buf.getvalue()
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title=title or None)
     for c in result.columns:
         table.add_column(c)
@@ -93,10 +95,8 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
         ] = None,
     ) -> None:
         """Store every loadcast topic in ClickHouse (offsets committed after the insert)."""
-        from schemas.validation import Limits
         from sinks.service import serve
         from streams.metrics import serve_metrics
-        from streams.signals import stop_on_signals
 
         root = get_settings()
         k, s = _sink_settings(root, bootstrap, dsn, admin_port)
@@ -130,8 +130,6 @@ def make_sink_command(get_settings: SettingsFn) -> Callable[..., None]:
 def _sink_settings(root: Settings, bootstrap: str | None, dsn: str | None,
                    admin_port: int | None) -> tuple[KafkaSettings, SinkSettings]:
     """Kafka and sink settings with the command's options over them (a bad one exits 2)."""
-    from pydantic import ValidationError
-
     k, s = root.kafka, root.sink
     if bootstrap:
         k = k.model_copy(update={"bootstrap_servers": bootstrap})
