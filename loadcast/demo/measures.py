@@ -16,15 +16,14 @@ from typing import Any
 
 from loadcast.demo import scenario as scn
 from loadcast.demo.loadgen import client_endpoint
+from sinks.service import query
+from sinks.settings import SinkSettings
 
 HORIZON = 5  # the forecast horizon drawn against the actuals (steps = seconds)
 PHASES = ("overall", "steady", "degraded", "spike")
 
 
 def _q(dsn: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    from sinks.service import query
-    from sinks.settings import SinkSettings
-
     r = query(SinkSettings(dsn=dsn, admin_enabled=False), body, "direct")
     return [dict(zip(r.columns, row, strict=True)) for row in r.rows]
 
