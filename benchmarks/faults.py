@@ -53,8 +53,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 
 from schemas.codec import Codec, CodecError
 from schemas.validation import reference_ms, score_problem, telemetry_problem
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "benchmarks" / "faults.json"
 STEP = 300
@@ -650,7 +650,7 @@ def broker_settings(bootstrap: str | None) -> Iterator[KafkaSettings]:
         yield KafkaSettings(bootstrap_servers=bootstrap,
                             topic_prefix=f"faults{uuid.uuid4().hex[:6]}.", partitions=3)
         return
-    from streams.broker import EmbeddedBroker
+    from streams.kafka.broker import EmbeddedBroker
 
     with EmbeddedBroker() as b:
         yield KafkaSettings(bootstrap_servers=b.bootstrap,

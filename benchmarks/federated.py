@@ -5,7 +5,7 @@ Protocol, per trace of ``streams/traces`` (or ``$LOADCAST_DATA_DIR``) (``timesta
 * The last 20 % of the series is the **test** section; the first 80 % is split across 4
   simulated edges, either in 4 contiguous **time** blocks or in day-long blocks
   **shuffled** (seeded) and dealt round-robin.  Each edge sees only its own blocks, as
-  telemetry windows through the real :class:`~streams.federated_edge.LocalTrainer`.
+  telemetry windows through the real :class:`~streams.edge.federated.LocalTrainer`.
 * **central**: one forecaster trained on the whole training section in time order.
   **edge alone**: each edge's own weights, never averaged (mean and worst of the 4).
   **fedavg**: R synchronous rounds through :class:`~processors.federated.RoundCoordinator`
@@ -66,8 +66,8 @@ from processors.federated import (  # noqa: E402
     warm_start,
 )
 from processors.forecasting.direct import DirectForecaster  # noqa: E402
-from streams.federated_edge import EdgeTrainingConfig, LocalTrainer  # noqa: E402
-from streams.replay import data_dir  # noqa: E402
+from streams.edge.federated import EdgeTrainingConfig, LocalTrainer  # noqa: E402
+from streams.edge.replay import data_dir  # noqa: E402
 
 DATA_DIR = data_dir()
 DEFAULT_FILES = ("elb_request_count_8c0756.csv", "nyc_taxi.csv")

@@ -51,7 +51,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from processors.forecasting import KINDS, make_forecaster  # noqa: E402
-from streams.replay import data_dir  # noqa: E402
+from streams.edge.replay import data_dir  # noqa: E402
 
 DATA_DIR = data_dir()
 DEFAULT_FILES = ("nyc_taxi.csv", "elb_request_count_8c0756.csv")

@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from processors.forecasting import KINDS, make_forecaster  # noqa: E402
-from streams.replay import data_dir  # noqa: E402
+from streams.edge.replay import data_dir  # noqa: E402
 
 DATA = data_dir() / "nyc_taxi.csv"
 STEP, SEASON, HORIZON = 60, 86400, 15

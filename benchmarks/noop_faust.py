@@ -14,8 +14,8 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge, start_http_server
 
-from processors.faust_config import faust_settings
-from streams.settings import KafkaSettings
+from streams.kafka.faust_config import faust_settings
+from streams.kafka.settings import KafkaSettings
 
 EVENTS = Counter("loadcast_noop_events_total", "Events the no-op agent iterated over")
 ASSIGNED = Gauge("loadcast_noop_partitions", "Partitions assigned")

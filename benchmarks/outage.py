@@ -38,10 +38,10 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
-from streams.broker import EmbeddedBroker
-from streams.settings import KafkaSettings
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 from streams.sidecar.testing import BackendProcess
-from streams.topics import ensure_topics, topic_name
 
 RESUME_TARGET_S = 15.0
 SIGTERM_TARGET_S = 10.0

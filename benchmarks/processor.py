@@ -47,11 +47,11 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.codec import Codec
-from streams.broker import EmbeddedBroker, free_port
-from streams.partitioning import partition_for
-from streams.replay import data_dir, read_trace
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.edge.replay import data_dir, read_trace
+from streams.kafka.broker import EmbeddedBroker, free_port
+from streams.kafka.partitioning import partition_for
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "benchmarks" / "processor.json"

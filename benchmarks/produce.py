@@ -32,11 +32,11 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.codec import Codec
-from streams.agent import TelemetryPublisher
-from streams.broker import EmbeddedBroker
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.edge.agent import TelemetryPublisher
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "benchmarks" / "produce.json"
 

@@ -59,12 +59,12 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.codec import Codec
-from streams.broker import EmbeddedBroker, free_port
-from streams.settings import KafkaSettings
+from streams.kafka.broker import EmbeddedBroker, free_port
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 from streams.sidecar.config import Upstream
 from streams.sidecar.haproxy import HAProxyProcess, haproxy_binary, render_config
 from streams.sidecar.testing import BackendProcess, score_record
-from streams.topics import ensure_topics, topic_name
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "benchmarks" / "proxy.json"

@@ -75,7 +75,7 @@ from benchmarks.routing_sim.scenarios import (  # noqa: E402
     build,
     calibration_config,
 )
-from streams.replay import ELB_TRACE, trace_path  # noqa: E402
+from streams.edge.replay import ELB_TRACE, trace_path  # noqa: E402
 
 TOLERANCE_POINTS = 0.5
 QUICK_SCALE = 0.25

@@ -99,7 +99,7 @@ class RealScenario:
 @contextmanager
 def backends(sc: RealScenario, t0: float) -> Iterator[dict[str, str]]:
     """The loopback backends in a child process; yields {id: url}. Stopped on exit."""
-    from streams.broker import free_port
+    from streams.kafka.broker import free_port
 
     specs = sc.specs()
     spec: dict[str, Any] = {"deadline_s": sc.deadline_s, "t0": t0, "backends": [
@@ -138,7 +138,7 @@ def sidecar(kafka: Any, upstreams: list[Any], plane: str, policy: str,
     """``loadcast sidecar`` with ``policy``; yields its admin port once healthy."""
     import urllib.request
 
-    from streams.broker import free_port
+    from streams.kafka.broker import free_port
 
     admin = free_port()
     env = dict(os.environ)
@@ -196,9 +196,9 @@ class Scorer:
 
         from processors.endpoint import EndpointModel, ProcessorConfig
         from schemas.codec import Codec
-        from streams.agent import TelemetryAggregator
-        from streams.settings import KafkaSettings
-        from streams.topics import topic_name
+        from streams.edge.agent import TelemetryAggregator
+        from streams.kafka.settings import KafkaSettings
+        from streams.kafka.topics import topic_name
 
         ids = [b.id for b in sc.specs()]
         self.agg = TelemetryAggregator("real-agent", "central", interval_seconds=sc.interval_s,
@@ -350,11 +350,11 @@ def phase_table(rows: list[tuple[float, float, int, str]],
 def run_real(sc: RealScenario, seed: int, planes: tuple[str, ...],
              log: Any = print) -> dict[str, Any]:
     """Every (data plane, policy) once; backends restarted per run (fresh queues)."""
-    from streams.broker import EmbeddedBroker, free_port
-    from streams.settings import KafkaSettings
+    from streams.kafka.broker import EmbeddedBroker, free_port
+    from streams.kafka.settings import KafkaSettings
+    from streams.kafka.topics import ensure_topics
     from streams.sidecar.config import Upstream
     from streams.sidecar.haproxy import haproxy_binary
-    from streams.topics import ensure_topics
 
     res: dict[str, Any] = {}
     with EmbeddedBroker() as broker:

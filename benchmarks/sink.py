@@ -44,9 +44,9 @@ from sinks.db import connect
 from sinks.ddl import TABLE_BY_NAME, migrate
 from sinks.settings import SinkSettings
 from sinks.sink import Sink
-from streams.broker import EmbeddedBroker
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "benchmarks" / "sink.json"
 
@@ -129,7 +129,7 @@ def run_sink(path: Path, broker: EmbeddedBroker, codec: Codec, rows: list[dict[s
     t0 = None
     try:
         while time.monotonic() < deadline:
-            if t0 is None and (sink._batch.messages or sink.stats.records):
+            if t0 is None and (sink.pending or sink.stats.records):
                 t0 = time.perf_counter()
             if sink.stats.rows >= len(rows):
                 break

@@ -7,10 +7,10 @@ greater than or equal to 1``.
 
 Every section, field, variable and default: ``loadcast settings`` (from :func:`catalog`).
 The sections are defined next to the part they configure: ``kafka``
-(:mod:`streams.settings`), ``agent`` (here), ``processor`` (:mod:`processors.settings`),
-``sidecar`` (:mod:`streams.sidecar.config`), ``sink`` (:mod:`sinks.settings`),
-``federated`` (:mod:`processors.federated_settings`), ``mirror``
-(:mod:`processors.mirroring`).
+(:mod:`streams.kafka.settings`), ``agent`` (here), ``processor``
+(:mod:`processors.apps.settings`), ``sidecar`` (:mod:`streams.sidecar.config`), ``sink``
+(:mod:`sinks.settings`), ``federated`` (:mod:`processors.apps.federated_settings`),
+``mirror`` (:mod:`processors.mirroring`).
 
 Example file::
 
@@ -39,11 +39,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from processors.federated_settings import FederatedSettings
+from processors.apps.federated_settings import FederatedSettings
+from processors.apps.settings import ProcessorSettings
 from processors.mirroring import MirrorSettings
-from processors.settings import ProcessorSettings
 from sinks.settings import SinkSettings
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 from streams.sidecar.config import SidecarSettings
 
 
@@ -180,7 +180,7 @@ def catalog(settings: Settings | None = None) -> list[SettingInfo]:
     >>> rows = catalog()
     >>> r = next(r for r in rows if r.name == "kafka.partitions")
     >>> r.env, r.default, r.defined_in
-    ('LOADCAST_KAFKA__PARTITIONS', '6', 'streams.settings.KafkaSettings')
+    ('LOADCAST_KAFKA__PARTITIONS', '6', 'streams.kafka.settings.KafkaSettings')
     """
     settings = settings if settings is not None else Settings.model_construct(
         **{k: f.get_default(call_default_factory=True) for k, f in Settings.model_fields.items()})

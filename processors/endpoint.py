@@ -5,7 +5,7 @@ with their source offset and returns what to publish. Per window:
 
 1. skip it if its position — (offset, index of the window inside a TelemetryBatch value) —
    is at or below the highest position already applied (replay after a restart:
-   exactly-once effect together with snapshots, see ``processors.worker``);
+   exactly-once effect together with snapshots, see ``processors.apps.worker``);
 2. feed the window to the stepper; each model step it closes is learned by the forecaster
    and the forecast for the next ``horizon`` steps is cached (learning happens once per
    model step, not once per window);

@@ -1,6 +1,6 @@
 """The processor's engine: telemetry bytes in, scores/anomalies/dead letters/snapshots out.
 
-No Kafka client and no Faust here: the Faust wiring (``processors.worker``) hands each
+No Kafka client and no Faust here: the Faust wiring (``processors.apps.worker``) hands each
 record's partition, offset, key and value to :meth:`Engine.handle`, and the engine calls
 an :class:`Outputs` implementation for what must be produced. That keeps exactly-once
 effect testable without a broker.

@@ -1,7 +1,7 @@
 """Federated learning of the default forecaster: what is shared, statistics, robust rounds.
 
-Plain Python (numpy): no Kafka.  The edge (:mod:`streams.federated_edge`) and the
-coordinator (:mod:`processors.coordinator`) wire it to topics.
+Plain Python (numpy): no Kafka.  The edge (:mod:`streams.edge.federated`) and the
+coordinator (:mod:`processors.apps.coordinator`) wire it to topics.
 
 **Federated least squares.**  The default forecaster
 (:class:`~processors.forecasting.direct.DirectForecaster`) predicts, per horizon, a
@@ -43,7 +43,7 @@ error quantiles                        averages are shared (``cold_errors``)
 ==========================  =========  =====================================================
 
 *Privacy.*  A statistic is a sum over at least ``min_rows`` rows (an edge holds fewer back
-for a later round, see :class:`~streams.federated_edge.EdgeTrainingConfig`) of products
+for a later round, see :class:`~streams.edge.federated.EdgeTrainingConfig`) of products
 of features that are all divided by the endpoint's level: persistence, EW means, last
 week's value *minus the seasonal-naive value, over the level*, time-of-day terms.  Neither
 a request count, a rate, a latency nor the level itself is in it, and rows cannot be

@@ -2,7 +2,7 @@
 
 Plain Python (no Kafka, no Faust): :class:`DemandTable` keeps the latest LoadScore of
 every endpoint and sums their forecasts per (api, region); :class:`MirrorPlanner` turns
-those sums into commands. ``processors.planner`` is the Faust wiring; the routing
+those sums into commands. ``processors.apps.planner`` is the Faust wiring; the routing
 sidecar's traffic director uses :class:`DemandTable` too, so both judge demand alike.
 
 **Regional demand.** An endpoint's score counts while it is fresh (``valid_until`` not

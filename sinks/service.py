@@ -30,7 +30,7 @@ from sinks.sink import Sink, SinkStats, describe
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -78,7 +78,7 @@ class SinkSettings(BaseModel):
     @field_validator("topics")
     @classmethod
     def _known_topics(cls, v: list[str]) -> list[str]:
-        # Kept in step with streams.topics.CATALOG (sinks must not import the root package,
+        # Kept in step with streams.kafka.topics.CATALOG (sinks must not import the root package,
         # and a settings model should not need Kafka client imports).
         known = {
             "telemetry", "load-scores", "mirror-commands", "mirror-status", "routing-decisions",

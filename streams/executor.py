@@ -65,10 +65,10 @@ from streams.bundles import (
     fetch,
     unpack,
 )
-from streams.deadletter import DeadLetterWriter
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.deadletter import DeadLetterWriter
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,15 @@ saw; :meth:`ModelRepository.refresh` picks up what was published since.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING
 
 from processors.federated import GlobalState, global_from_record
 from schemas.codec import Codec, CodecError
 from streams import metrics
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,20 +34,12 @@ class ModelRepository:
                  client_id: str = "model-repo", metadata_timeout: float = 10.0) -> None:
         self.codec = codec
         self.client_id = client_id
-        self.topic = topic_name(settings, "global-model")
-        conf = settings.consumer_config(
-            None, **{"enable.partition.eof": True, "client.id": client_id}
-        )
-        self._consumer = Consumer(conf)
-        md = self._consumer.list_topics(self.topic, timeout=metadata_timeout)
-        t = md.topics.get(self.topic)
-        if t is None or t.error is not None:
-            self._consumer.close()
-            raise KeyError(f"topic {self.topic} does not exist (run `loadcast topics ensure`)")
-        self._parts = sorted(t.partitions)
-        self._consumer.assign([TopicPartition(self.topic, p, OFFSET_BEGINNING)
-                               for p in self._parts])
-        self._at_eof: set[int] = set()
+        runtime = KafkaRuntime(settings)
+        self.topic = runtime.topic("global-model")
+        # KeyError when the topic does not exist
+        conf: dict[str, Any] = {"client.id": client_id}
+        self._reader = runtime.reader(self.topic, start=OFFSET_BEGINNING, follow=True,
+                                      metadata_timeout=metadata_timeout, **conf)
         self._models: dict[str, dict[int, GlobalState]] = {}
         self.skipped = 0
         self._closed = False
@@ -56,23 +47,7 @@ class ModelRepository:
     def refresh(self, timeout: float = 5.0) -> int:
         """Read what was published since the last call (until every partition is at its
         end, or ``timeout`` seconds); returns how many versions were added."""
-        added = 0
-        deadline = time.monotonic() + timeout
-        first = True
-        while first or (len(self._at_eof) < len(self._parts) and time.monotonic() < deadline):
-            first = False
-            wait = max(0.0, min(0.2, deadline - time.monotonic()))
-            for m in self._consumer.consume(500, wait):
-                err, part = m.error(), m.partition() or 0
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        self._at_eof.add(part)
-                    else:
-                        log.warning("global-model read error: %s", err)
-                    continue
-                self._at_eof.discard(part)
-                added += self._add(m.value())
-        return added
+        return sum(self._add(m.value()) for m in self._reader.read(timeout))
 
     def _add(self, value: bytes | None) -> int:
         try:
@@ -107,7 +82,7 @@ class ModelRepository:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._consumer.close()
+            self._reader.close()
 
     def __enter__(self) -> ModelRepository:
         return self

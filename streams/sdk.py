@@ -15,15 +15,14 @@ import time
 from collections.abc import Iterator
 from types import TracebackType
 
-from confluent_kafka import Consumer, KafkaError, TopicPartition
+from confluent_kafka import KafkaError, TopicPartition
 
 from schemas.codec import Codec, CodecError
 from schemas.records import EndpointTelemetry, LoadScore, RoutingDecision
 from schemas.validation import reference_ms, score_problem
 from streams import metrics
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,9 @@ class TelemetryProducer:
         max_buffered: int = 100_000,
     ) -> None:
         self.codec = codec or make_codec(settings)
-        self.topic = topic_name(settings, "telemetry")
-        self.producer = RecordProducer(settings, client_id, max_buffered=max_buffered)
+        runtime = KafkaRuntime(settings)
+        self.topic = runtime.topic("telemetry")
+        self.producer = runtime.record_producer(client_id, max_buffered=max_buffered)
 
     def send(self, telemetry: EndpointTelemetry) -> bool:
         """Queue one window; False if the producer's buffer bound is full (counted)."""
@@ -94,13 +94,13 @@ class DecisionConsumer:
     ) -> None:
         self.codec = codec or make_codec(settings)
         self.client_id = client_id
-        self.topics = [topic_name(settings, t) for t in topics]
+        runtime = KafkaRuntime(settings)
+        self.topics = [runtime.topic(t) for t in topics]
         self.group_id = group_id
-        conf = settings.consumer_config(group_id, **{"enable.partition.eof": True})
-        self.consumer = Consumer(conf)
-        if group_id is not None:
-            self.consumer.subscribe(self.topics)
-        else:
+        self.consumer = runtime.consumer(
+            group_id, topics=self.topics if group_id is not None else (),
+            **{"enable.partition.eof": True})
+        if group_id is None:
             md = self.consumer.list_topics(timeout=10)
             parts = [
                 TopicPartition(t, p, 0)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from schemas.codec import Codec
-from streams.broker import EmbeddedBroker
-from streams.replay import data_dir
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics
+from streams.edge.replay import data_dir
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = data_dir()

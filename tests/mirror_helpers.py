@@ -22,8 +22,8 @@ from confluent_kafka import Producer
 
 from schemas.codec import Codec
 from streams.executor import kill_recorded
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.kafka_helpers import read_topic
 
 FIXTURE = Path(__file__).parent / "fixtures" / "bundles" / "echo-api"

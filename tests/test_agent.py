@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from schemas.codec import Codec
-from streams.agent import TelemetryAggregator, TelemetryInputError
-from streams.replay import LatencyModel, read_trace, replay, split_evenly, window_counts
+from streams.edge.agent import TelemetryAggregator, TelemetryInputError
+from streams.edge.replay import LatencyModel, read_trace, replay, split_evenly, window_counts
 from tests.conftest import ELB
 
 

@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from schemas.codec import Codec
-from streams.agent import TelemetryInputError, build_agent, zero_host_stats
-from streams.partitioning import partition_for
-from streams.producer import RecordProducer
-from streams.replay import read_trace
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.edge.agent import TelemetryInputError, build_agent, zero_host_stats
+from streams.edge.replay import read_trace
+from streams.kafka.partitioning import partition_for
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.conftest import ELB
 from tests.kafka_helpers import read_topic
 
@@ -91,7 +91,7 @@ def test_bad_input_keeps_the_agent_publishing(kafka: KafkaSettings, codec: Codec
 
 def test_broker_down_buffers_within_bound_and_counts_the_rest() -> None:
     """Nothing listens on the port: records queue up to the bound; the rest are counted."""
-    from streams.broker import free_port
+    from streams.kafka.broker import free_port
 
     s = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")
     p = RecordProducer(s, "t-down", max_buffered=10, delivery_timeout_s=1.0)

@@ -8,7 +8,7 @@ import pickle
 import numpy as np
 
 from processors.anomaly import AnomalyDetector, telemetry_features
-from streams.replay import data_dir
+from streams.edge.replay import data_dir
 
 DATA = data_dir()
 INJECTED = (700, 1100, 1500, 1900)

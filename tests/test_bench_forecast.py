@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from streams.replay import data_dir
+from streams.edge.replay import data_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = data_dir()

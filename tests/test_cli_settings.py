@@ -12,8 +12,8 @@ import pytest
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from loadcast.settings import SettingsError, load_settings
-from streams.settings import KafkaSettings
-from streams.topics import CATALOG, ensure_topics, topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import CATALOG, ensure_topics, topic_name
 
 LOADCAST = [sys.executable, "-m", "loadcast"]
 
@@ -139,7 +139,7 @@ def test_broker_dies_with_a_killed_parent(tmp_path: Path) -> None:
     script = tmp_path / "parent.py"
     script.write_text(
         "import sys, time\n"
-        "from streams.broker import EmbeddedBroker\n"
+        "from streams.kafka.broker import EmbeddedBroker\n"
         "b = EmbeddedBroker().start()\n"
         "print(b.process.pid, flush=True)\n"
         "time.sleep(60)\n"

@@ -427,7 +427,7 @@ def registered_metrics() -> dict[str, set[str]]:
                 continue
             module = importlib.import_module(
                 ".".join(path.relative_to(ROOT).with_suffix("").parts))
-            # Metrics a collector reads at scrape time (processors.worker.SCRAPED_METRICS).
+            # Metrics a collector reads at scrape time (processors.apps.worker.SCRAPED_METRICS).
             for name in getattr(module, "SCRAPED_METRICS", {}):
                 out[name] = set()
             for obj in vars(module).values():
@@ -723,7 +723,7 @@ def test_k8s_kustomization_renders() -> None:
 def test_k8s_workers_scale_on_their_consumer_lag(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from streams.topics import topic_name
+    from streams.kafka.topics import topic_name
 
     (scaled,) = by_kind("ScaledObject").values()
     target = scaled["spec"]["scaleTargetRef"]["name"]
@@ -819,7 +819,7 @@ def test_readme_run_on_a_cluster_and_the_two_worker_test(
     assert commands >= 5
     # The referenced test: real `python -m loadcast worker` processes configured only by
     # LOADCAST_* environment variables, read by load_settings (the production path).
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
     from tests import test_worker, worker_helpers
 
     assert callable(test_worker.test_two_workers_share_and_survive_a_rebalance)

@@ -112,7 +112,7 @@ def test_worker_metrics_are_read_from_the_engine_at_scrape_time(codec: Codec) ->
 
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from processors.worker import SCRAPED_METRICS, EngineMetrics
+    from processors.apps.worker import SCRAPED_METRICS, EngineMetrics
 
     eng, _ = engine()
     worker = SimpleNamespace(engine=eng, last_snapshot=time.monotonic())

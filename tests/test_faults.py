@@ -26,9 +26,9 @@ from processors.endpoint import ProcessorConfig
 from processors.engine import Engine
 from schemas.codec import Codec
 from schemas.validation import reference_ms
-from streams.broker import EmbeddedBroker
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics, topic_name
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics, topic_name
 
 pytestmark = pytest.mark.slow
 
@@ -172,8 +172,8 @@ def test_a_window_spanning_years_is_dead_lettered_and_does_not_hang_the_worker(
 def test_a_score_from_the_future_is_refused_and_locks_nothing(
     stack: Stack, codec: Codec
 ) -> None:
+    from processors.apps.planner import Planner
     from processors.mirroring import MirrorSettings
-    from processors.planner import Planner
     from processors.signing import generate_keypair
 
     k, now = stack.kafka, reference_ms()

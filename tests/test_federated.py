@@ -30,7 +30,7 @@ from processors.federated import (
 )
 from processors.forecasting.direct import N_FEATURES, DirectForecaster
 from schemas.codec import Codec
-from streams.federated_edge import EdgeTrainingConfig, LocalTrainer
+from streams.edge.federated import EdgeTrainingConfig, LocalTrainer
 from tests.conftest import ELB
 
 

@@ -20,12 +20,12 @@ import pytest
 from processors.endpoint import EndpointModel, ProcessorConfig
 from processors.federated import ColdStartForecaster, family_of, global_from_record, warm_start
 from schemas.codec import Codec
-from streams.federated_edge import EdgeTrainingConfig, FederatedEdgeAgent, build_federated_agent
+from streams.edge.federated import EdgeTrainingConfig, FederatedEdgeAgent, build_federated_agent
+from streams.edge.replay import read_trace
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.model_repo import ModelRepository, fetch_latest
-from streams.producer import RecordProducer
-from streams.replay import read_trace
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
 from tests.conftest import ELB, REPO
 from tests.kafka_helpers import read_topic
 

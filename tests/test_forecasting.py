@@ -14,7 +14,7 @@ import pytest
 
 from processors.forecasting import KINDS, Forecaster, ForecastPoint, make_forecaster
 from processors.forecasting.bands import BandedForecaster
-from streams.replay import data_dir
+from streams.edge.replay import data_dir
 
 DATA = data_dir()
 

@@ -12,8 +12,9 @@ from collections.abc import Iterator
 import pytest
 
 from schemas.codec import Codec
-from streams.broker import free_port
-from streams.settings import KafkaSettings
+from streams.kafka.broker import free_port
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
 from streams.sidecar.config import Upstream, UpstreamConfigError
 from streams.sidecar.haproxy import (
@@ -24,7 +25,6 @@ from streams.sidecar.haproxy import (
     server_counts,
 )
 from streams.sidecar.testing import BackendProcess, score_record
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.test_sidecar import drive, normalized, publish, running, sidecar_settings, wait_for
 

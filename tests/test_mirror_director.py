@@ -11,18 +11,19 @@ from typing import Any
 import aiohttp
 import pytest
 from confluent_kafka import Producer
+from pydantic import ValidationError
 
+from processors.apps.planner import Planner
 from processors.mirroring import BundleSpec, MirrorSettings
-from processors.planner import Planner
 from processors.signing import generate_keypair
 from schemas.codec import Codec
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
 from streams.sidecar.config import SidecarSettings, Upstream
 from streams.sidecar.director import MirrorDirector
 from streams.sidecar.router import Router
 from streams.sidecar.testing import BackendProcess
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 
 DIGEST = "sha256:" + "cd" * 32
@@ -46,7 +47,8 @@ def status(state: str, url: str, region: str = "eu", capacity: float | None = 10
 def test_director_rule() -> None:
     router = Router([Upstream(id="c1", url="http://127.0.0.1:9001", api="orders")])
     route = router.routes["orders"]
-    d = MirrorDirector(region="central", lookahead_s=5.0, headroom=0.5)
+    d = MirrorDirector(region="central", lookahead_s=5.0, headroom=0.5,
+                       mirror_hosts=["127.0.0.1"])
     now = int(time.time() * 1000)
     d.apply_statuses([status("READY", "http://127.0.0.1:9100")], now)
     d.apply_scores([score(now, 50.0)], now)
@@ -90,7 +92,8 @@ async def test_sidecar_routes_region_to_mirror_from_the_topics(
     with BackendProcess({"central-1": 0, "mirror-1": 0}) as b:
         settings = SidecarSettings(
             upstreams=[{"id": "central-1", "url": b.urls["central-1"], "api": "orders"}],
-            listen_port=0, admin_port=0, region="central", mirror_lookahead_s=5.0)
+            listen_port=0, admin_port=0, region="central", mirror_lookahead_s=5.0,
+            mirror_hosts=["127.0.0.1"])
         sc = Sidecar(settings, kafka, codec=codec)
         await sc.start()
         try:
@@ -159,3 +162,25 @@ def test_planner_restores_its_commands_and_dead_letters_bad_input(
         "latency_p99_ms": 5.0, "error_rate": 0.0}))
     assert second.tick(now + 500) == []
     second.close()
+
+
+def test_a_forged_mirror_status_never_adds_a_host_outside_mirror_hosts() -> None:
+    router = Router([Upstream(id="c1", url="http://127.0.0.1:9001", api="orders")])
+    route = router.routes["orders"]
+    d = MirrorDirector(region="central", lookahead_s=5.0, mirror_hosts=["127.0.0.0/8"])
+    now = int(time.time() * 1000)
+    forged = ["http://203.0.113.7:80", "http://127.0.0.1.evil.example/", "file:///etc/passwd",
+              "http://[::1]:9/", "http://127.0.0.1:99999/", "gopher://127.0.0.1/"]
+    assert d.apply_statuses([status("READY", u) for u in forged], now) == 0
+    assert d.refused_hosts == len(forged)
+    d.apply_scores([score(now, 500.0)], now)  # demand far over central capacity
+    assert d.choose(route, "eu", 0.0, 0) is None  # so it would take a mirror: there is none
+    assert d.apply_statuses([status("READY", "http://127.0.0.1:9100")], now) == 1
+    # no configured hosts (the default): no mirror at all
+    assert MirrorDirector(region="central").apply_statuses(
+        [status("READY", "http://127.0.0.1:9100")], now) == 0
+
+
+def test_a_bad_mirror_hosts_entry_stops_start_up_naming_the_field() -> None:
+    with pytest.raises(ValidationError, match="mirror_hosts"):
+        SidecarSettings(mirror_hosts=["10.0.0.0/33"])

@@ -35,13 +35,13 @@ from processors.signing import Verifier, generate_keypair
 from schemas.codec import Codec
 from sinks.service import serve as serve_sink
 from sinks.settings import SinkSettings
-from streams.agent import build_agent, zero_host_stats
-from streams.replay import read_trace, replay
-from streams.settings import KafkaSettings
+from streams.edge.agent import build_agent, zero_host_stats
+from streams.edge.replay import read_trace, replay
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
 from streams.sidecar.config import SidecarSettings
 from streams.sidecar.testing import BackendProcess
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.mirror_helpers import (
     base_env,
@@ -161,7 +161,7 @@ async def test_ramp_activates_mirror_ahead_routes_to_it_and_retires(
                 upstreams=[{"id": "central-1", "url": central.urls["central-1"],
                             "api": "echo-api"}],
                 listen_port=0, admin_port=0, region="central", telemetry_interval_s=1.0,
-                mirror_lookahead_s=5.0,
+                mirror_lookahead_s=5.0, mirror_hosts=["127.0.0.1"],
                 shed_overload=1000.0)  # load shedding of the central API is not tested here
             sidecar = Sidecar(settings, kafka, codec=codec)
             await sidecar.start()

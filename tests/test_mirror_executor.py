@@ -15,8 +15,8 @@ from processors.signing import Signer, Verifier, generate_keypair
 from schemas.codec import Codec
 from streams.bundles import DirectoryStore, bundle_app, digest_of, pack
 from streams.executor import Executor, ExecutorState
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.mirror_helpers import (
     FIXTURE,

@@ -19,8 +19,8 @@ from typing import Any
 
 from rich.console import Console
 
-from streams.replay import ELB_TRACE, Trace, read_trace
-from streams.settings import KafkaSettings
+from streams.edge.replay import ELB_TRACE, Trace, read_trace
+from streams.kafka.settings import KafkaSettings
 
 LIMIT = 120  # ten hours of the ELB trace: inside the query's default 24 h lookback
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from streams.replay import ELB_TRACE, NYC_TRACE, TRACES, data_dir, read_trace, trace_path
+from streams.edge.replay import ELB_TRACE, NYC_TRACE, TRACES, data_dir, read_trace, trace_path
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,10 +6,10 @@ from typing import Any
 
 from schemas.codec import Codec
 from schemas.records import LoadScore, RoutingDecision
-from streams.producer import RecordProducer
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sdk import DecisionConsumer, TelemetryProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.test_codec import telemetry
 

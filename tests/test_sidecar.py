@@ -16,11 +16,11 @@ import pytest
 from confluent_kafka import Producer
 
 from schemas.codec import Codec
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar.app import Sidecar
 from streams.sidecar.config import SidecarSettings
 from streams.sidecar.testing import BackendProcess, score_record
-from streams.topics import topic_name
 from tests.kafka_helpers import read_topic
 
 TOKEN = "s3cret-token"

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from streams.broker import free_port
+from streams.kafka.broker import free_port
 from streams.sidecar.config import SidecarSettings, Upstream
 from streams.sidecar.haproxy import HAProxyProcess, haproxy_binary, render_config
 from streams.sidecar.proxy import Proxy, serve

@@ -27,8 +27,8 @@ from schemas.codec import Codec, EmbeddedIds
 from sinks.service import serve
 from sinks.settings import SinkSettings
 from sinks.sink import Sink
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.kafka_helpers import read_topic
 
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from schemas.codec import Codec
 from sinks.db import connect
 from sinks.settings import SinkSettings
 from sinks.sink import Sink
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.test_sink import BAD_RECORDS, known_input, produce, wait_for
 
 pytestmark = pytest.mark.slow
@@ -31,7 +31,7 @@ CRASHING_SINK = """
 import json, os, sys, time
 from sinks.settings import SinkSettings
 from sinks.sink import Sink
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 import threading
 
 def hold():  # inserted, not yet committed: tell the test, which kill -9s us here

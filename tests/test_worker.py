@@ -10,8 +10,8 @@ from pathlib import Path
 from processors.endpoint import ProcessorConfig
 from processors.engine import Engine
 from schemas.codec import Codec
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.kafka_helpers import read_topic
 from tests.worker_helpers import (
     STEP,

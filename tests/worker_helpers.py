@@ -14,10 +14,10 @@ from typing import Any
 
 from processors.endpoint import EndpointModel
 from schemas.codec import Codec
-from streams.producer import RecordProducer
-from streams.replay import read_trace
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.edge.replay import read_trace
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from tests.conftest import ELB
 from tests.kafka_helpers import read_topic
 

@@ -3,7 +3,7 @@
 Predictive (:class:`PredictiveControl`) runs the project's own code on the simulated
 clock, nothing re-implemented:
 
-- responses go into ``streams.agent.TelemetryAggregator`` (the edge agent's windows);
+- responses go into ``streams.edge.agent.TelemetryAggregator`` (the edge agent's windows);
 - every ``interval_s`` the closed windows reach the processor after ``telemetry_lag_s``,
   where one ``processors.endpoint.EndpointModel`` per endpoint (``Stepper`` ->
   ``make_forecaster("default")`` -> ``CapacityEstimator`` / anomaly detector ->
@@ -36,7 +36,7 @@ import numpy as np
 
 from benchmarks.routing_sim.engine import T0, Simulation
 from processors.endpoint import EndpointModel, ProcessorConfig
-from streams.agent import TelemetryAggregator
+from streams.edge.agent import TelemetryAggregator
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.weights import WeightChange, WeightTable
 

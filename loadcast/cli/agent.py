@@ -25,8 +25,8 @@ from streams.signals import stop_on_signals
 if TYPE_CHECKING:
     import threading
 
-    from streams.agent import EdgeAgent
-    from streams.replay import Trace
+    from streams.edge.agent import EdgeAgent
+    from streams.edge.replay import Trace
 
 
 def register(app: typer.Typer, get_settings: SettingsFn) -> None:
@@ -106,7 +106,7 @@ def _agent_command(get_settings: SettingsFn) -> Callable[..., None]:
 def _load_trace(replay: Path | None, limit: int | None, keep_timestamps: bool,
                 speedup: float) -> Trace | None:
     """The trace to replay (re-timed to end now unless ``keep_timestamps``), or None."""
-    from streams.replay import TraceError, read_trace, retime
+    from streams.edge.replay import TraceError, read_trace, retime
 
     if replay is None:
         return None
@@ -121,9 +121,9 @@ def build_edge(s: Settings, *, agent_id: str, region: str, api: str, interval: f
                batch: bool | None, federated: bool | None, trace: Trace | None) -> EdgeAgent:
     """The edge agent of ``s`` (options given on the command line win): a plain one, or
     with local training when federated. Starts its ``/metrics`` when configured."""
-    from streams.agent import build_agent
+    from streams.edge.agent import build_agent
+    from streams.edge.replay import window_offset
     from streams.metrics import serve_metrics
-    from streams.replay import window_offset
     from streams.sdk import make_codec
 
     a = s.agent
@@ -131,7 +131,7 @@ def build_edge(s: Settings, *, agent_id: str, region: str, api: str, interval: f
     key = a.client_hash_key.get_secret_value().encode()
     build: Callable[..., EdgeAgent] = build_agent
     if a.federated if federated is None else federated:
-        from streams.federated_edge import EdgeTrainingConfig, build_federated_agent
+        from streams.edge.federated import EdgeTrainingConfig, build_federated_agent
 
         p, f = s.processor, s.federated
         training = EdgeTrainingConfig(
@@ -181,7 +181,7 @@ def _run(edge: EdgeAgent, agent_id: str, trace: Trace | None, duration: float | 
 def _replay(trace: Trace | None, edge: EdgeAgent, stop: threading.Event, *, api: str,
             region: str, endpoints: int, speedup: float, scale: float,
             keep_timestamps: bool) -> None:
-    from streams.replay import replay as run_replay
+    from streams.edge.replay import replay as run_replay
 
     assert trace is not None
     names = [f"{api}-{region}-{i + 1}" for i in range(endpoints)]

@@ -33,8 +33,8 @@ def _broker(get_settings: SettingsFn) -> Callable[..., None]:
         ] = True,
     ) -> None:
         """Run the embedded Kafka-protocol broker (Tansu) until Ctrl-C; prints its address."""
-        from streams.broker import BrokerError, EmbeddedBroker
-        from streams.topics import ensure_topics
+        from streams.kafka.broker import BrokerError, EmbeddedBroker
+        from streams.kafka.topics import ensure_topics
 
         s = get_settings()
         b = EmbeddedBroker(port or None)
@@ -61,7 +61,7 @@ def _broker(get_settings: SettingsFn) -> Callable[..., None]:
 def _topics_ensure(get_settings: SettingsFn) -> Callable[..., None]:
     def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
         """Create the topics of the catalog that do not exist (idempotent)."""
-        from streams.topics import ensure_topics
+        from streams.kafka.topics import ensure_topics
 
         s = get_settings(bootstrap)
         try:
@@ -76,7 +76,7 @@ def _topics_ensure(get_settings: SettingsFn) -> Callable[..., None]:
 def _topics_list(get_settings: SettingsFn) -> Callable[..., None]:
     def topics_list(bootstrap: BootstrapOpt = None) -> None:
         """Print the topic catalog: name, value schema, key (names carry kafka.topic_prefix)."""
-        from streams.topics import CATALOG, topic_name
+        from streams.kafka.topics import CATALOG, topic_name
 
         s = get_settings(bootstrap)
         for spec in CATALOG:

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from loadcast.settings import Settings, SettingsError, load_settings
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 
 console = Console(stderr=True)
 #: The root's ``--config``, set by its callback before any command runs.
@@ -50,7 +50,7 @@ def settings(bootstrap: str | None = None) -> Settings:
 
 def ensure_kafka(kafka: KafkaSettings) -> None:
     """Create the missing topics; exit 1 with ``cannot reach Kafka at ...`` when it fails."""
-    from streams.topics import ensure_topics  # confluent_kafka: not at `loadcast --help`
+    from streams.kafka.topics import ensure_topics  # confluent_kafka: not at `loadcast --help`
 
     try:
         ensure_topics(kafka)

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 
 from loadcast.cli.common import SettingsFn, ensure_kafka, fail
 from loadcast.cli.options import BootstrapOpt, LogLevelOpt, faust_loglevel
-from processors.federated_settings import FederatedSettings
+from processors.apps.federated_settings import FederatedSettings
 
 if TYPE_CHECKING:
     from streams.model_repo import ModelRepository
@@ -45,7 +45,7 @@ def _coordinator(get_settings: SettingsFn) -> Callable[..., None]:
         log_level: LogLevelOpt = None,
     ) -> None:
         """Run the federated coordinator: rounds of model updates -> global model versions."""
-        from processors.coordinator import run_coordinator
+        from processors.apps.coordinator import run_coordinator
 
         s = get_settings(bootstrap)
         over = {k: v for k, v in (("aggregation", aggregation), ("min_updates", min_updates),

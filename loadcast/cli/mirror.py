@@ -123,7 +123,7 @@ def _planner(get_settings: SettingsFn) -> Callable[..., None]:
         log_level: LogLevelOpt = None,
     ) -> None:
         """Run the mirror planner: regional forecasts in, signed mirror commands out."""
-        from processors.planner import run_planner
+        from processors.apps.planner import run_planner
 
         s = get_settings(bootstrap)
         try:

@@ -28,7 +28,7 @@ from streams.signals import stop_on_signals
 if TYPE_CHECKING:
     from loadcast.settings import Settings
     from sinks.settings import SinkSettings
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
 
 
 class Format(StrEnum):

@@ -29,7 +29,7 @@ def _worker(get_settings: SettingsFn) -> Callable[..., None]:
 
         Start more workers with the same settings to share the partitions.
         """
-        from processors.worker import run_worker
+        from processors.apps.worker import run_worker
 
         s = get_settings(bootstrap)
         if metrics_port is not None:

@@ -43,11 +43,11 @@ from loadcast.demo import scenario as scn
 from loadcast.demo.processes import Children, http_json, kill_leftovers, wait_for
 from loadcast.demo.report import build_report
 from loadcast.settings import Settings
-from streams.broker import EmbeddedBroker
+from streams.edge.replay import read_trace
+from streams.edge.replay import trace_path as find_trace
 from streams.executor import kill_recorded
-from streams.replay import read_trace
-from streams.replay import trace_path as find_trace
-from streams.settings import KafkaSettings
+from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.settings import KafkaSettings
 
 DEFAULT_TRACE = "elb_request_count_8c0756.csv"
 
@@ -57,14 +57,12 @@ class ScoreWatch:
     history progress, the live view)."""
 
     def __init__(self, kafka: KafkaSettings) -> None:
-        from confluent_kafka import Consumer
-
         from schemas.codec import Codec
-        from streams.topics import topic_name
+        from streams.kafka.runtime import KafkaRuntime
 
+        runtime = KafkaRuntime(kafka)
         self.codec = Codec.embedded()
-        self.consumer = Consumer(kafka.consumer_config(None))
-        self.consumer.subscribe([topic_name(kafka, "load-scores")])
+        self.consumer = runtime.consumer(None, topics=[runtime.topic("load-scores")])
         self.latest: dict[str, dict[str, Any]] = {}
         self.count = 0
         self._stop = threading.Event()

@@ -14,10 +14,10 @@ from typing import Any
 from loadcast.demo import scenario as scn
 from loadcast.demo.processes import Children, DemoError
 from processors.signing import generate_keypair
-from streams.broker import free_port
 from streams.bundles import DirectoryStore, push
-from streams.settings import KafkaSettings
-from streams.topics import ensure_topics
+from streams.kafka.broker import free_port
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import ensure_topics
 
 MIRROR_BUNDLE = Path(__file__).parent / "mirror_api"
 #: Requests per second one mirror instance of the demo's API serves.
@@ -186,6 +186,7 @@ def sidecar_env(policy: str, region: str, upstreams: list[dict[str, Any]],
         "LOADCAST_SIDECAR__DECISION_SAMPLE_RATE": "0.02",
         "LOADCAST_SIDECAR__SCORE_LOOKBACK_S": "5",
         "LOADCAST_SIDECAR__MIRROR_LOOKAHEAD_S": "5",
+        "LOADCAST_SIDECAR__MIRROR_HOSTS": '["127.0.0.1"]',  # the demo's mirrors run here
         "LOADCAST_SIDECAR__CENTRAL_CAPACITY_RPS": json.dumps({scn.API: edge_capacity}),
     }
     return env

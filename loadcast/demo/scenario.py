@@ -21,7 +21,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from streams.replay import Trace
+from streams.edge.replay import Trace
 
 API = "orders"  # the API the demo serves
 CLIENT_API = "demo-client"  # client-side measurements of each lane (not routed)

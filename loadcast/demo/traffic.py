@@ -20,8 +20,8 @@ from loadcast.demo.lanes import Pipe, Topology
 from loadcast.demo.loadgen import LoadGenerator, client_endpoint
 from loadcast.demo.processes import Children, http_json
 from schemas.codec import Codec
-from streams.agent import EdgeAgent, build_agent, zero_host_stats
-from streams.settings import KafkaSettings
+from streams.edge.agent import EdgeAgent, build_agent, zero_host_stats
+from streams.kafka.settings import KafkaSettings
 
 
 def history(kafka: KafkaSettings, sc: scn.Scenario, shapes: list[list[float]],

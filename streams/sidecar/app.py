@@ -25,9 +25,10 @@ from typing import Any
 from aiohttp import web
 
 from schemas.codec import Codec
-from streams.agent import EdgeAgent, TelemetryInputError, build_agent
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
+from streams.edge.agent import EdgeAgent, TelemetryInputError, build_agent
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import topic_name
 from streams.sidecar import metrics as m
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.director import MirrorDirector
@@ -36,7 +37,6 @@ from streams.sidecar.proxy import Outcome, Proxy, serve
 from streams.sidecar.router import Router
 from streams.sidecar.scores import Batch, ScoreSubscriber
 from streams.sidecar.weights import WeightChange, WeightTable
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ class Sidecar:
             self.director = MirrorDirector(
                 region=s.region, central_region=s.central_region,
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
-                headroom=s.mirror_headroom, rng=self.rng,
+                headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
         self.proxy: Proxy | None = None
         if s.data_plane == "proxy":
@@ -193,7 +193,7 @@ class Sidecar:
                 )
             self.port = s.listen_port
         else:
-            from streams.broker import free_port
+            from streams.kafka.broker import free_port
 
             self.port = s.listen_port or free_port(s.listen_host)
             proc = HAProxyProcess("", binary=s.haproxy_bin)
@@ -274,9 +274,15 @@ class Sidecar:
         if self.director is not None:
             self.director.apply_scores(scores, t)
             statuses = [r for name, r in batch if name == "MirrorStatus"]
+            refused = self.director.refused_hosts
             if statuses and self.director.apply_statuses(statuses, t):
                 log.info("edge mirrors now: %s", {f"{a}/{r}": sorted(u) for (a, r), u
                                                   in self.director.mirrors.items()})
+            if self.director.refused_hosts > refused:  # one line per batch, never per record
+                m.MIRRORS_REFUSED.labels(self.id).inc(self.director.refused_hosts - refused)
+                log.warning("ignored %d READY mirror-status record(s) naming a host outside "
+                            "mirror_hosts (%d so far)", self.director.refused_hosts - refused,
+                            self.director.refused_hosts)
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
             self._set_capacity(api, t)
         return changes

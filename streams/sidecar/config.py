@@ -137,6 +137,19 @@ class SidecarSettings(BaseModel):
     )
     mirror_headroom: float = Field(0.9, gt=0, le=1, description="share of mirror capacity used")
     mirror_lookback_s: float = Field(86_400.0, ge=0, description="read mirror-status this far back")
+    mirror_hosts: list[str] = Field(
+        default_factory=list,
+        description="hosts (names, addresses or CIDR networks) edge mirrors may run on; a "
+        "mirror-status naming any other host is ignored and counted (empty: no mirror is used)",
+    )
+
+    @field_validator("mirror_hosts")
+    @classmethod
+    def _mirror_hosts(cls, v: list[str]) -> list[str]:
+        from streams.sidecar.director import HostAllowlist  # director imports no config
+
+        HostAllowlist(v)  # raises naming the entry
+        return v
 
     def resolved_upstreams(self) -> list[Upstream]:
         """Upstreams from settings plus ``upstreams_file``; ids must be unique."""

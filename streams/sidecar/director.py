@@ -4,9 +4,11 @@ Pure (no I/O): the sidecar feeds it LoadScore and MirrorStatus dicts and asks it
 request, for a mirror endpoint or None (= route centrally as before).
 
 - **Mirrors** come from mirror-status: READY adds ``instance_url`` as an endpoint of the
-  API's mirror group in that region; DRAINING, RETIRED or FAILED of that URL removes it
-  (DRAINING comes ``drain_seconds`` before the process stops, so no new request goes to
-  an instance that is about to go).
+  API's mirror group in that region, if its host is one of ``mirror_hosts`` (names, addresses
+  or CIDR networks): mirror-status is written by any executor and is not signed, so a forged
+  status must not make the sidecar forward to a host outside its configuration. DRAINING,
+  RETIRED or FAILED of that URL removes it (DRAINING comes ``drain_seconds`` before the
+  process stops, so no new request goes to an instance that is about to go).
 - **Demand** is :class:`processors.mirroring.DemandTable`, the planner's own sum of the
   region's endpoint forecasts, and so is central capacity (configured per API, else the
   sum of the scores' ``capacity_rps``).
@@ -21,23 +23,29 @@ request, for a mirror endpoint or None (= route centrally as before).
   choice is the predictive policy (score-weighted power-of-two-choices), as inside the
   central group.
 
->>> d = MirrorDirector(region="central")
+>>> d = MirrorDirector(region="central", mirror_hosts=["127.0.0.0/8"])
 >>> d.apply_statuses([{"api": "orders", "region": "eu", "state": "READY", "at": 0,
 ...     "instance_url": "http://127.0.0.1:9100", "capacity_rps": 50.0,
 ...     "executor_id": "x", "command_id": "c", "sequence": 1}], now_ms=0)
 1
 >>> sorted(d.mirrors[("orders", "eu")])
 ['http://127.0.0.1:9100']
+>>> d.apply_statuses([{"api": "orders", "region": "eu", "state": "READY", "at": 0,
+...     "instance_url": "http://203.0.113.9/", "capacity_rps": 50.0,
+...     "executor_id": "x", "command_id": "c", "sequence": 2}], now_ms=0), d.refused_hosts
+(0, 1)
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import random
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from processors.mirroring import DemandTable
 from streams.sidecar.policies import Endpoint, make_policy
@@ -51,6 +59,57 @@ GONE = frozenset({"DRAINING", "RETIRED", "FAILED"})
 def valid_region(value: str) -> bool:
     """A region name as the header may carry it."""
     return bool(_REGION.match(value))
+
+
+class HostAllowlist:
+    """Hosts a mirror may run on: exact names (case-insensitive) or IP networks.
+
+    >>> a = HostAllowlist(["edge-1.example", "10.0.0.0/8"])
+    >>> a.allows("http://10.2.3.4:8080/"), a.allows("http://EDGE-1.example"), a.allows("http://x/")
+    (True, True, False)
+    >>> HostAllowlist(["10.0.0.0/33"])
+    Traceback (most recent call last):
+    ...
+    ValueError: mirror_hosts: '10.0.0.0/33' is neither a host name nor an IP network
+    """
+
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.names: set[str] = set()
+        self.networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+        for e in entries:
+            e = e.strip()
+            if "/" in e or _is_ip(e):
+                try:
+                    self.networks.append(ipaddress.ip_network(e, strict=False))
+                except ValueError:
+                    raise ValueError(f"mirror_hosts: {e!r} is neither a host name nor an "
+                                     "IP network") from None
+            elif re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})", e):
+                self.names.add(e.lower().rstrip("."))
+            else:
+                raise ValueError(f"mirror_hosts: {e!r} is neither a host name nor an IP network")
+
+    def allows(self, url: str) -> bool:
+        try:
+            parts = urlsplit(url)
+            host = parts.hostname
+            _ = parts.port  # a malformed port raises here
+        except ValueError:
+            return False
+        if parts.scheme not in ("http", "https") or not host:
+            return False
+        if _is_ip(host):
+            ip = ipaddress.ip_address(host)
+            return any(ip in n for n in self.networks)
+        return host.lower().rstrip(".") in self.names
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass
@@ -89,8 +148,11 @@ class MirrorDirector:
         enter_ratio: float = 1.0,
         leave_ratio: float = 0.8,
         rng: random.Random | None = None,
+        mirror_hosts: Iterable[str] = (),
     ) -> None:
         self.region = region
+        self.allowlist = HostAllowlist(mirror_hosts)
+        self.refused_hosts = 0  # READY statuses naming a host outside ``mirror_hosts``
         self.demand = DemandTable(central_region, central_capacity_rps)
         self.lookahead_ms = int(lookahead_s * 1000)
         self.headroom = headroom
@@ -122,6 +184,9 @@ class MirrorDirector:
             g = self.groups.setdefault(key, _Group())
             state = r["state"]
             if state == "READY" and url not in g.urls:
+                if not self.allowlist.allows(str(url)):
+                    self.refused_hosts += 1
+                    continue
                 host_port = url.split("://", 1)[-1]
                 eid = f"{key[0]}-mirror-{key[1]}-{host_port.replace(':', '-')}"[:100]
                 ep = Endpoint(eid, url, key[0], key[1], r.get("capacity_rps"))

@@ -70,3 +70,8 @@ SHED = Gauge(
     "loadcast_sidecar_shed_share", "Share of traffic being shed (offered rate over known capacity)",
     ["sidecar", "api"],
 )
+MIRRORS_REFUSED = Counter(
+    "loadcast_sidecar_mirrors_refused_total",
+    "READY mirror-status records whose host is not in mirror_hosts (ignored: never forwarded to)",
+    ["sidecar"],
+)

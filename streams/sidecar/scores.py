@@ -8,7 +8,7 @@ becomes one weight change. Records that do not decode, and LoadScores whose
 ``computed_at`` lies beyond the clock-skew allowance (``schemas.validation``: such a
 score would win over every genuine one after it), are counted
 (``loadcast_sidecar_scores_skipped_total{reason}``), sent to dead-letter with the reason
-in the headers (:mod:`streams.deadletter`: a value too large goes as a reference), and
+in the headers (:mod:`streams.kafka.deadletter`: a value too large goes as a reference), and
 skipped.
 
 If the thread dies all the same, :meth:`ScoreSubscriber.alive` says so (the sidecar's
@@ -26,7 +26,6 @@ from typing import Any
 from confluent_kafka import (
     OFFSET_BEGINNING,
     OFFSET_END,
-    Consumer,
     KafkaError,
     KafkaException,
     TopicPartition,
@@ -34,11 +33,10 @@ from confluent_kafka import (
 
 from schemas.codec import Codec, CodecError
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
-from streams.deadletter import DeadLetterWriter
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
 from streams.sidecar import metrics as m
-from streams.topics import topic_name
 
 log = logging.getLogger(__name__)
 
@@ -67,16 +65,16 @@ class ScoreSubscriber:
         self.deliver = deliver
         self.sidecar_id = sidecar_id
         self.dead_letter = dead_letter
-        self.dlq_topic = topic_name(settings, "dead-letter")
+        self.runtime = KafkaRuntime(settings)
+        self.dlq_topic = self.runtime.topic("dead-letter")
         self.limits = limits
-        self.dead_letters = (DeadLetterWriter(dead_letter, self.dlq_topic,
-                                              client=f"sidecar-{sidecar_id}")
+        self.dead_letters = (self.runtime.dead_letter(dead_letter, client=f"sidecar-{sidecar_id}")
                              if dead_letter is not None else None)
-        self.topics = [topic_name(settings, "load-scores"), topic_name(settings, "anomalies")]
+        self.topics = [self.runtime.topic("load-scores"), self.runtime.topic("anomalies")]
         self.lookback_s = lookback_s
         self.lookbacks = dict.fromkeys(self.topics, lookback_s)
         if mirror_status_lookback_s is not None:  # the traffic director's mirrors
-            status = topic_name(settings, "mirror-status")
+            status = self.runtime.topic("mirror-status")
             self.topics.append(status)
             self.lookbacks[status] = mirror_status_lookback_s
         self.max_batch = max_batch
@@ -88,17 +86,13 @@ class ScoreSubscriber:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         # Low fetch wait: a score should be live within milliseconds of being published.
-        self._consumer = Consumer(
-            settings.consumer_config(
-                None,
-                **{
-                    "client.id": f"sidecar-{sidecar_id}",
-                    "fetch.wait.max.ms": 10,
-                    "fetch.min.bytes": 1,
-                    "enable.partition.eof": False,
-                },
-            )
-        )
+        conf: dict[str, Any] = {
+            "client.id": f"sidecar-{sidecar_id}",
+            "fetch.wait.max.ms": 10,
+            "fetch.min.bytes": 1,
+            "enable.partition.eof": False,
+        }
+        self._consumer = self.runtime.consumer(None, **conf)
 
     def _assign(self) -> None:
         md = self._consumer.list_topics(timeout=10)

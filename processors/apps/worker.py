@@ -3,7 +3,7 @@
 One agent consumes the telemetry topic; outputs (scores, anomalies, dead letters,
 snapshots) go through a confluent-kafka producer (idempotent; aiokafka's idempotent
 producer fails against Tansu). The Faust settings, and why, are in
-``processors.faust_config``.
+``streams.kafka.faust_config``.
 """
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ from collections.abc import Iterable
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from faust.types import TP
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
-from processors.faust_config import faust_settings
-from processors.settings import ProcessorSettings
+from processors.apps.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
-from streams.brokerwatch import quiet_aiokafka, watch
-from streams.deadletter import DeadLetterWriter
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.brokerwatch import quiet_aiokafka
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +80,14 @@ class EngineMetrics:
 class KafkaOutputs:
     """The engine's outputs, produced with confluent-kafka."""
 
-    def __init__(self, kafka: KafkaSettings, client_id: str) -> None:
-        self.producer = RecordProducer(kafka, client_id, linger_ms=2.0)
-        self.scores = topic_name(kafka, "load-scores")
-        self.anomalies = topic_name(kafka, "anomalies")
-        self.dead = topic_name(kafka, "dead-letter")
-        self.telemetry = topic_name(kafka, "telemetry")
-        self.snapshots = topic_name(kafka, "processor-snapshots")
-        self.dead_letters = DeadLetterWriter(self.producer, self.dead, client=client_id)
+    def __init__(self, runtime: KafkaRuntime, client_id: str) -> None:
+        self.producer = runtime.record_producer(client_id, linger_ms=2.0)
+        self.scores = runtime.topic("load-scores")
+        self.anomalies = runtime.topic("anomalies")
+        self.dead = runtime.topic("dead-letter")
+        self.telemetry = runtime.topic("telemetry")
+        self.snapshots = runtime.topic("processor-snapshots")
+        self.dead_letters = runtime.dead_letter(self.producer, client=client_id)
 
     def score(self, endpoint_id: str, value: bytes) -> None:
         self.producer.produce(self.scores, value, endpoint_id.encode())
@@ -109,44 +105,24 @@ class KafkaOutputs:
 
 
 def read_snapshots(
-    kafka: KafkaSettings, codec: Codec, partitions: list[int], timeout: float = 30.0
+    runtime: KafkaRuntime, codec: Codec, partitions: list[int], timeout: float = 30.0
 ) -> tuple[dict[int, list[Record]], dict[int, int]]:
     """Every ModelSnapshot of ``partitions`` (oldest first, read to each partition's end
     by Fetch, not ListOffsets), and the first available telemetry offset of each."""
-    snapshots = topic_name(kafka, "processor-snapshots")
-    telemetry = topic_name(kafka, "telemetry")
-    c = Consumer(kafka.consumer_config(None, **{"enable.partition.eof": True}))
+    marks = runtime.watermarks(runtime.topic("telemetry"), partitions)
+    starts = {p: low for p, (low, _) in marks.items()}
     out: dict[int, list[Record]] = {p: [] for p in partitions}
-    try:
-        starts = {p: c.get_watermark_offsets(TopicPartition(telemetry, p), 10)[0]
-                  for p in partitions}
-        c.assign([TopicPartition(snapshots, p, 0) for p in partitions])
-        open_parts = set(partitions)
-        deadline = time.monotonic() + timeout
-        while open_parts:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {snapshots} did not reach its end in {timeout}s")
-            for msg in c.consume(1000, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        open_parts.discard(msg.partition() or 0)
-                    else:
-                        log.warning("snapshot read: %s", err)
-                    continue
-                if msg.value() is None:  # tombstone: the model was evicted
-                    key = (msg.key() or b"").decode(errors="replace")
-                    out[msg.partition() or 0].append({"endpoint_id": key, "format": "evicted"})
-                    continue
-                try:
-                    out[msg.partition() or 0].append(
-                        codec.decode(msg.value() or b"", "ModelSnapshot")
-                    )
-                except CodecError as e:
-                    log.error("skipping undecodable snapshot at %d: %s", msg.offset(), e)
-        return out, starts
-    finally:
-        c.close()
+    snapshots = runtime.topic("processor-snapshots")
+    for msg in runtime.read_to_end(snapshots, timeout=timeout, partitions=partitions):
+        if msg.value() is None:  # tombstone: the model was evicted
+            key = (msg.key() or b"").decode(errors="replace")
+            out[msg.partition() or 0].append({"endpoint_id": key, "format": "evicted"})
+            continue
+        try:
+            out[msg.partition() or 0].append(codec.decode(msg.value() or b"", "ModelSnapshot"))
+        except CodecError as e:
+            log.error("skipping undecodable snapshot at %d: %s", msg.offset(), e)
+    return out, starts
 
 
 # Shutdown: snapshot flushes wait this long, and the process exits STOP_WITHIN_S after
@@ -168,7 +144,8 @@ class Worker:
         self.kafka = kafka
         self.settings = settings
         self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
-        self.outputs = KafkaOutputs(kafka, f"{settings.app_id}-out")
+        self.runtime = KafkaRuntime(kafka)
+        self.outputs = KafkaOutputs(self.runtime, f"{settings.app_id}-out")
         self.models: Any = None
         if settings.warm_start and settings.forecaster == "default":
             from streams.model_repo import ModelRepository
@@ -179,14 +156,14 @@ class Worker:
                              warm_start=self._warm_start if self.models is not None else None)
         self.last_snapshot = time.monotonic()
         self._snapshot_lock = asyncio.Lock()
-        self.app = faust.App(settings.app_id, **faust_settings(kafka))
+        self.app = self.runtime.faust_app(settings.app_id)
         self.telemetry = self.app.topic(
-            topic_name(kafka, "telemetry"), key_type=bytes, value_type=bytes,
+            self.runtime.topic("telemetry"), key_type=bytes, value_type=bytes,
             key_serializer="raw", value_serializer="raw",
         )
         # A lost broker: logged once (then every 30 s), not per failed fetch; on its
         # return with an empty log, the worker keeps its models and starts again at 0.
-        self.watch = watch(kafka, name=f"worker {settings.app_id}")
+        self.watch = self.runtime.watch(name=f"worker {settings.app_id}")
         quiet_aiokafka()
         self.watch.on_return(self._broker_back)
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -290,14 +267,11 @@ class Worker:
 
     def _log_end(self, partition: int) -> int:
         """The telemetry partition's end offset now (-1: the topic is not there)."""
-        c = Consumer(self.kafka.consumer_config(None))
         try:
-            tp = TopicPartition(self.telemetry.get_topic_name(), partition)
-            return int(c.get_watermark_offsets(tp, timeout=3)[1])
+            return int(self.runtime.watermarks(self.telemetry.get_topic_name(), [partition],
+                                               timeout=3)[partition][1])
         except Exception:
             return -1
-        finally:
-            c.close()
 
     async def _rebase(self, partitions: list[int]) -> None:
         topic = self.telemetry.get_topic_name()
@@ -335,7 +309,7 @@ class Worker:
         """Restore models from snapshots and seek each partition to its resume offset."""
         loop = asyncio.get_running_loop()
         snapshots, starts = await loop.run_in_executor(
-            None, read_snapshots, self.kafka, self.codec, partitions
+            None, read_snapshots, self.runtime, self.codec, partitions
         )
         for p in partitions:
             resume = self.engine.restore(p, snapshots[p], starts[p])

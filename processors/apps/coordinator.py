@@ -14,7 +14,7 @@ re-sent by the edges (``resend_after``).  Undecodable or malformed updates go to
 Faust settings, and why (same as the processor worker): session timeout 6 s, heartbeat
 1 s, rebalance timeout 6 s (Tansu answers JoinGroup after about half the session timeout);
 no tables and ``table_standby_replicas=0`` (state is the repository); topics are not
-declared by Faust (``streams.topics.ensure_topics`` creates them); raw values (the
+declared by Faust (``streams.kafka.topics.ensure_topics`` creates them); raw values (the
 codec decodes); no web server (prometheus-client serves ``metrics_port``).
 """
 
@@ -27,20 +27,17 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
-from processors.faust_config import faust_settings
 from processors.federated import (
     GlobalState,
     RoundCoordinator,
     global_to_record,
     update_from_record,
 )
-from processors.federated_settings import FederatedSettings
+from processors.apps.federated_settings import FederatedSettings
 from schemas.codec import Codec, CodecError
-from streams.deadletter import DeadLetterWriter
+from streams.kafka.runtime import KafkaRuntime
 from streams.model_repo import ModelRepository
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -64,10 +61,12 @@ class Coordinator:
         self.logic = RoundCoordinator(settings.aggregation_config(),
                                       min_updates=settings.min_updates,
                                       round_timeout=settings.round_timeout_seconds)
-        self.producer = RecordProducer(kafka, f"{settings.app_id}-out", linger_ms=1.0)
-        self.updates_topic = topic_name(kafka, "model-updates")
-        self.global_topic = topic_name(kafka, "global-model")
-        self.dead_topic = topic_name(kafka, "dead-letter")
+        self.runtime = KafkaRuntime(kafka)
+        self.producer = self.runtime.record_producer(f"{settings.app_id}-out", linger_ms=1.0)
+        self.updates_topic = self.runtime.topic("model-updates")
+        self.global_topic = self.runtime.topic("global-model")
+        self.dead_topic = self.runtime.topic("dead-letter")
+        self.dead_letters = self.runtime.dead_letter(self.producer, client=self.producer.client_id)
         self.published: list[GlobalState] = []
         if restore:
             self.restore()
@@ -126,7 +125,7 @@ class Coordinator:
 
     def _dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
                      partition: int, offset: int) -> None:
-        DeadLetterWriter(self.producer, self.dead_topic, client=self.producer.client_id).send(
+        self.dead_letters.send(
             key, value, reason=reason, detail=detail, source_topic=self.updates_topic,
             partition=partition, offset=offset)
         self.producer.poll(0)
@@ -141,7 +140,7 @@ def make_app(kafka: KafkaSettings, settings: FederatedSettings,
              codec: Codec | None = None) -> tuple[faust.App, Coordinator]:
     """The coordinator's Faust app, with its agent and timer."""
     coord = Coordinator(kafka, settings, codec)
-    app = faust.App(settings.app_id, **faust_settings(kafka))
+    app = coord.runtime.faust_app(settings.app_id)
     topic = app.topic(coord.updates_topic, key_type=bytes, value_type=bytes,
                       key_serializer="raw", value_serializer="raw")
 

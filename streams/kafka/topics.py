@@ -6,9 +6,10 @@ import logging
 from dataclasses import dataclass, field
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import NewTopic
 
-from streams.settings import KafkaSettings
+from streams.kafka.clients import new_admin
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 15.0) -> dict[str, s
     Safe to run from every process at start-up: an existing topic is left as it is (a
     partition count that differs from the settings is logged, not changed).
     """
-    admin = AdminClient(settings.client_config())
+    admin = new_admin(settings.client_config())
     existing = admin.list_topics(timeout=timeout).topics
     outcome: dict[str, str] = {}
     wanted = []
@@ -90,7 +91,7 @@ def ensure_topics(settings: KafkaSettings, timeout: float = 15.0) -> dict[str, s
 
 def partition_count(settings: KafkaSettings, topic: str, timeout: float = 10.0) -> int:
     """How many partitions ``topic`` has (KeyError if it does not exist)."""
-    md = AdminClient(settings.client_config()).list_topics(topic, timeout=timeout)
+    md = new_admin(settings.client_config()).list_topics(topic, timeout=timeout)
     t = md.topics.get(topic)
     if t is None or t.error is not None:
         raise KeyError(f"topic {topic} does not exist")

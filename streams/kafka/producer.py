@@ -8,7 +8,7 @@ as delivery failures.
 
 A broker that comes back without its storage (the embedded one restarted) no longer knows
 the idempotent producer's id, and librdkafka retries forever. So when the process's broker
-watch (:mod:`streams.brokerwatch`) sees the broker return without its topics, the producer
+watch (:mod:`streams.kafka.brokerwatch`) sees the broker return without its topics, the producer
 is replaced by a new one and every record still queued in the old one is produced again,
 in order, on the new one: the buffer arrives.
 """
@@ -26,7 +26,8 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
-from streams.settings import KafkaSettings
+from streams.kafka.clients import new_producer
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ class RecordProducer:
         )
         conf.update(extra or {})
         self._conf = conf
-        self._producer = Producer(conf)
+        self._producer = new_producer(conf)
         self._next: Producer | None = None  # while re-sending an old producer's records
         self._reset_lock = threading.Lock()
         self.resent = 0
@@ -89,7 +90,7 @@ class RecordProducer:
         self._m_queued = metrics.PRODUCER_QUEUED.labels(client_id)
         self._m_sent: dict[str, Any] = {}
         self._last_overflow_log = 0.0
-        from streams.brokerwatch import watch
+        from streams.kafka.brokerwatch import watch
 
         watch(settings).on_return(self._broker_back, weak=True)
 
@@ -116,16 +117,19 @@ class RecordProducer:
         (purged there, produced again here in their order). Returns how many."""
         with self._reset_lock:
             old = self._producer
-            new = Producer(self._conf)
+            new = new_producer(self._conf)
             self._next = new
             self._producer = new
             before = self.resent
             deadline = time.monotonic() + timeout
             try:
                 while len(old) and time.monotonic() < deadline:
+                    # A producer that hit a fatal error raises it once more from poll;
+                    # the delivery reports after it still arrive on the next polls.
                     with contextlib.suppress(KafkaException):
                         old.purge(in_queue=True, in_flight=True, blocking=False)
-                    old.poll(0.1)  # delivery reports: purged records go to ``new``
+                    with contextlib.suppress(KafkaException):
+                        old.poll(0.1)  # delivery reports: purged records go to ``new``
             finally:
                 self._next = None
             n = self.resent - before

@@ -17,7 +17,7 @@ the score partitions. At start-up it reads its earlier commands back from
 left off: active or not, the sequence, when the last state change was. Undecodable
 records go to ``dead-letter`` with the reason in the headers.
 
-Faust settings as the other loadcast apps (``processors.faust_config``): short
+Faust settings as the other loadcast apps (``streams.kafka.faust_config``): short
 session timeouts for Tansu, no tables, topics not declared by Faust, raw values.
 """
 
@@ -28,17 +28,13 @@ import time
 from typing import Any
 
 import faust
-from confluent_kafka import Consumer, KafkaError, TopicPartition
 from prometheus_client import Counter, Gauge
 
-from processors.faust_config import faust_settings
 from processors.mirroring import MirrorPlanner, MirrorSettings
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
-from streams.deadletter import DeadLetterWriter
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,32 +50,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def read_commands(kafka: KafkaSettings, codec: Codec, timeout: float = 20.0) -> list[Record]:
+def read_commands(runtime: KafkaRuntime, codec: Codec, timeout: float = 20.0) -> list[Record]:
     """Every MirrorCommand on the topic (each partition read to its end by Fetch)."""
-    topic = topic_name(kafka, "mirror-commands")
-    c = Consumer(kafka.consumer_config(None, **{"enable.partition.eof": True}))
     out: list[Record] = []
-    try:
-        parts = list(c.list_topics(topic, timeout=10).topics[topic].partitions)
-        c.assign([TopicPartition(topic, p, 0) for p in parts])
-        open_parts = set(parts)
-        deadline = time.monotonic() + timeout
-        while open_parts:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"reading {topic} did not reach its end in {timeout}s")
-            for msg in c.consume(500, 0.2):
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        open_parts.discard(msg.partition() or 0)
-                    continue
-                try:
-                    out.append(codec.decode(msg.value() or b"", "MirrorCommand"))
-                except CodecError as e:
-                    log.warning("skipping undecodable command at %d: %s", msg.offset(), e)
-        return out
-    finally:
-        c.close()
+    for msg in runtime.read_to_end(runtime.topic("mirror-commands"), timeout=timeout,
+                                   max_records=500):
+        try:
+            out.append(codec.decode(msg.value() or b"", "MirrorCommand"))
+        except CodecError as e:
+            log.warning("skipping undecodable command at %d: %s", msg.offset(), e)
+    return out
 
 
 class Planner:
@@ -93,17 +73,19 @@ class Planner:
         self.settings = settings
         self.codec = codec or Codec.for_registry(kafka.schema_registry_url)
         self.logic = MirrorPlanner(settings.planner_config(), settings.signer())
-        self.producer = RecordProducer(kafka, f"{settings.planner_app_id}-out", linger_ms=0.0)
-        self.scores_topic = topic_name(kafka, "load-scores")
-        self.status_topic = topic_name(kafka, "mirror-status")
-        self.commands_topic = topic_name(kafka, "mirror-commands")
-        self.dead_topic = topic_name(kafka, "dead-letter")
-        self.dead_letters = DeadLetterWriter(self.producer, self.dead_topic,
-                                             client=f"{settings.planner_app_id}-out")
+        self.runtime = KafkaRuntime(kafka)
+        self.producer = self.runtime.record_producer(f"{settings.planner_app_id}-out",
+                                                     linger_ms=0.0)
+        self.scores_topic = self.runtime.topic("load-scores")
+        self.status_topic = self.runtime.topic("mirror-status")
+        self.commands_topic = self.runtime.topic("mirror-commands")
+        self.dead_topic = self.runtime.topic("dead-letter")
+        self.dead_letters = self.runtime.dead_letter(self.producer,
+                                                     client=f"{settings.planner_app_id}-out")
         self.limits = limits
         self.issued: list[Record] = []
         if restore:
-            n = self.logic.restore(read_commands(kafka, self.codec))
+            n = self.logic.restore(read_commands(self.runtime, self.codec))
             log.info("planner restored %d earlier commands", n)
 
     def _decode(self, topic: str, expect: str, key: bytes | None, value: bytes | None,
@@ -173,7 +155,7 @@ def make_app(kafka: KafkaSettings, settings: MirrorSettings,
              codec: Codec | None = None) -> tuple[faust.App, Planner]:
     """The planner's Faust app: two agents and a timer."""
     planner = Planner(kafka, settings, codec)
-    app = faust.App(settings.planner_app_id, **faust_settings(kafka))
+    app = planner.runtime.faust_app(settings.planner_app_id)
     raw: dict[str, Any] = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw",
                            "value_serializer": "raw"}
     scores = app.topic(planner.scores_topic, **raw)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from confluent_kafka.admin import AdminClient
+from streams.kafka.clients import new_admin
 
 
 class BrokerError(RuntimeError):
@@ -79,7 +79,7 @@ def wait_for_metadata(bootstrap: str, timeout: float) -> None:
         with contextlib.suppress(OSError), socket.create_connection((host, int(port)), 0.5):
             break
         time.sleep(0.05)
-    admin = AdminClient(
+    admin = new_admin(
         {"bootstrap.servers": bootstrap, "socket.connection.setup.timeout.ms": 1000}
     )
     last: Exception | None = None

@@ -114,7 +114,7 @@ def _reference(key: bytes | None, value: bytes, headers: Headers, reason: str,
 
 class DeadLetterWriter:
     """Produce dead letters with any producer that has ``produce(topic, value=, key=,
-    headers=)`` (confluent-kafka's ``Producer`` or :class:`streams.producer.RecordProducer`,
+    headers=)`` (confluent-kafka's ``Producer`` or :class:`streams.kafka.producer.RecordProducer`,
     whose ``produce`` returns False when its buffer bound refused the record)."""
 
     def __init__(self, producer: Any, topic: str, *, client: str,

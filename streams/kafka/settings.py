@@ -48,7 +48,7 @@ class KafkaSettings(BaseModel):
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka properties common to producers, consumers and admin clients."""
-        from streams.brokerwatch import RDKAFKA_LOGGER, watch
+        from streams.kafka.brokerwatch import RDKAFKA_LOGGER, watch
 
         # Brokers closing idle connections is routine; librdkafka would log each one. A
         # lost broker is logged once (then every 30 s) by the process's broker watch.

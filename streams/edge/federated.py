@@ -16,7 +16,7 @@
 - :class:`FederatedEdge`: the trainer on Kafka: loads new versions from ``global-model``
   (via :class:`~streams.model_repo.ModelRepository`) and publishes one ModelUpdate per
   round to ``model-updates``, keyed by model family.
-- :class:`FederatedEdgeAgent`: an :class:`~streams.agent.EdgeAgent` whose published
+- :class:`FederatedEdgeAgent`: an :class:`~streams.edge.agent.EdgeAgent` whose published
   windows are also handed to the trainer; :func:`build_federated_agent` wires it.
 
 Rounds are synchronous: after loading version ``v`` the edge trains until it has
@@ -54,11 +54,11 @@ from processors.federated import (
 from processors.forecasting.direct import DirectForecaster
 from processors.stepping import Stepper
 from schemas.codec import Codec, Record
-from streams.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
+from streams.edge.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
+from streams.kafka.runtime import KafkaRuntime
 from streams.model_repo import ModelRepository
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import topic_name
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
@@ -301,8 +301,9 @@ class FederatedEdge:
                  repo: ModelRepository | None = None) -> None:
         self.codec = codec
         self.trainer = trainer
-        self.topic = topic_name(settings, "model-updates")
-        self.producer = producer or RecordProducer(settings, f"fl-{trainer.edge_id}")
+        runtime = KafkaRuntime(settings)
+        self.topic = runtime.topic("model-updates")
+        self.producer = producer or runtime.record_producer(f"fl-{trainer.edge_id}")
         self.repo = repo or ModelRepository(settings, codec, client_id=f"fl-{trainer.edge_id}")
         self.published = 0
         self.loaded: list[int] = []  # global versions adopted, in order

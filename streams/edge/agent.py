@@ -37,10 +37,11 @@ from ddsketch import DDSketch
 
 from schemas.codec import Codec, Record
 from streams import metrics
-from streams.partitioning import partition_for
-from streams.producer import RecordProducer
-from streams.settings import KafkaSettings
-from streams.topics import partition_count, topic_name
+from streams.kafka.runtime import KafkaRuntime
+from streams.kafka.partitioning import partition_for
+from streams.kafka.producer import RecordProducer
+from streams.kafka.settings import KafkaSettings
+from streams.kafka.topics import partition_count, topic_name
 
 log = logging.getLogger(__name__)
 
@@ -455,7 +456,8 @@ def build_agent(
     aggregator = TelemetryAggregator(
         agent_id, region, host_stats=host_stats or PsutilHostStats(), **aggregator_options
     )
-    producer = RecordProducer(settings, f"agent-{agent_id}", max_buffered=max_buffered)
+    producer = KafkaRuntime(settings).record_producer(f"agent-{agent_id}",
+                                                      max_buffered=max_buffered)
     publisher = TelemetryPublisher(
         settings, producer, codec, agent_id=agent_id, region=region, batch=batch
     )

@@ -11,7 +11,7 @@ Why each value (also in the README):
   undercounts).
 - ``processing_guarantee="at_least_once"``: exactly-once *effect* comes from snapshot
   positions; Kafka transactions are not available on Tansu.
-- ``topic_allow_declare=False``: topics come from ``streams.topics.ensure_topics``.
+- ``topic_allow_declare=False``: topics come from ``streams.kafka.topics.ensure_topics``.
 - ``web_enabled=False``: metrics are served by prometheus-client.
 - aiokafka's ``fetch_max_wait_ms`` is cut from Faust's hard-coded 1,500 ms to 20 ms.
 - SASL/TLS come from the same ``kafka`` settings as the confluent-kafka clients.
@@ -23,7 +23,7 @@ from typing import Any
 
 import faust
 
-from streams.settings import KafkaSettings
+from streams.kafka.settings import KafkaSettings
 
 FETCH_MAX_WAIT_MS = 20
 

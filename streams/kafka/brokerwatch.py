@@ -1,7 +1,7 @@
 """Broker outages, seen once per process: bounded logs and a hook for the broker's return.
 
 Every Kafka client of a process (confluent-kafka through
-:meth:`streams.settings.KafkaSettings.client_config`, aiokafka inside Faust through
+:meth:`streams.kafka.settings.KafkaSettings.client_config`, aiokafka inside Faust through
 :func:`quiet_aiokafka`) reports connection failures here instead of logging each one.
 The first failure is logged; while the broker stays away one line at most every
 ``LOG_EVERY_S`` (30 s) says for how long and how many errors; its return is logged once.
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError
 
-    from streams.settings import KafkaSettings
+    from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger("loadcast.broker")
 
@@ -187,7 +187,7 @@ class BrokerWatch:
                 except Exception:
                     log.exception("%s: broker-return hook failed", self.name)
             if lost_log:
-                from streams.topics import ensure_topics
+                from streams.kafka.topics import ensure_topics
 
                 assert self.kafka is not None
                 try:
@@ -206,12 +206,11 @@ class BrokerWatch:
     def _lost_topics(self) -> bool:
         """True when the broker answers without loadcast's telemetry topic (it lost its
         storage); raises while it does not answer metadata."""
-        from confluent_kafka.admin import AdminClient
-
-        from streams.topics import topic_name
+        from streams.kafka.clients import new_admin
+        from streams.kafka.topics import topic_name
 
         assert self.kafka is not None
-        md = AdminClient(_quiet_config(self.kafka)).list_topics(timeout=3)
+        md = new_admin(_quiet_config(self.kafka)).list_topics(timeout=3)
         if not md.brokers:
             raise RuntimeError("no brokers in metadata")
         return topic_name(self.kafka, "telemetry") not in md.topics
@@ -270,7 +269,7 @@ _FILTER = OutageFilter()
 RDKAFKA_LOGGER.addFilter(_FILTER)
 # loadcast's own loggers that report Kafka failures (the sink's failed commits): only
 # those records are outage reports, anything else they log passes
-for _name in ("sinks.sink",):
+for _name in ("sinks.sink", "sinks.writer", "sinks.offsets"):
     logging.getLogger(_name).addFilter(OutageFilter(hold_all=False))
 
 

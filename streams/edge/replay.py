@@ -26,7 +26,7 @@ from schemas.codec import Record
 
 #: The traces that ship with loadcast (NAB, MIT licence): the default of the demo, the
 #: tests, the benchmarks and ``loadcast agent --replay``.
-TRACES = Path(__file__).resolve().parent / "traces"
+TRACES = Path(__file__).resolve().parents[1] / "traces"  # streams/traces
 ELB_TRACE = "elb_request_count_8c0756.csv"
 NYC_TRACE = "nyc_taxi.csv"
 
