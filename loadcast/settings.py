@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -150,21 +151,29 @@ class SettingInfo:
         return f"{self.section}.{self.field}"
 
 
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+
+
 def _shown(value: Any) -> str:
-    """A value as one would write it in a variable: JSON for structures, secrets masked.
+    """A value as one would write it in a variable: JSON for structures; secrets, and
+    passwords in URLs, masked.
 
     >>> _shown(None), _shown(True), _shown(2.5), _shown({"a": [1]}), _shown(SecretStr("k"))
     ('', 'true', '2.5', '{"a": [1]}', '**********')
+    >>> _shown("https://user:pw@ch.example:8443/?secure=1")
+    'https://user:****@ch.example:8443/?secure=1'
     """
     if isinstance(value, SecretStr):
         return "**********" if value.get_secret_value() else ""
     if isinstance(value, BaseModel):
-        return json.dumps(value.model_dump(mode="json"))
-    if value is None:
-        return ""
-    if isinstance(value, bool | dict | list | tuple):
-        return json.dumps(value, default=_jsonable)
-    return str(value)
+        text = json.dumps(value.model_dump(mode="json"))
+    elif value is None:
+        text = ""
+    elif isinstance(value, bool | dict | list | tuple):
+        text = json.dumps(value, default=_jsonable)
+    else:
+        text = str(value)
+    return _URL_PASSWORD.sub(r"\1****@", text)
 
 
 def _jsonable(value: Any) -> Any:

@@ -78,6 +78,7 @@ def test_settings_command_lists_every_setting_its_variable_default_and_value(
     f = tmp_path / "s.toml"
     f.write_text('[agent]\nregion = "eu-west"\nclient_hash_key = "s3cret"\n')
     monkeypatch.setenv("LOADCAST_KAFKA__PARTITIONS", "24")
+    monkeypatch.setenv("LOADCAST_SINK__DSN", "http://loader:pw0rd@127.0.0.1:8123")
     r = CliRunner().invoke(app, ["--config", str(f), "settings"])
     assert r.exit_code == 0, r.output
     rows = {line.split("\t")[0]: line.split("\t") for line in r.stdout.splitlines()
@@ -89,6 +90,7 @@ def test_settings_command_lists_every_setting_its_variable_default_and_value(
     assert rows["kafka.partitions"][1:4] == ["LOADCAST_KAFKA__PARTITIONS", "6", "24"]
     assert rows["agent.region"][2:4] == ["central", "eu-west"]
     assert "s3cret" not in r.stdout and rows["agent.client_hash_key"][3] == "**********"
+    assert "pw0rd" not in r.stdout and rows["sink.dsn"][3] == "http://loader:****@127.0.0.1:8123"
     assert "# [sidecar] streams.sidecar.config.SidecarSettings" in r.stdout
     only = CliRunner().invoke(app, ["settings", "sink"])
     assert only.exit_code == 0
