@@ -8,7 +8,7 @@ Protocol, per trace of ``streams/traces`` (or ``$LOADCAST_DATA_DIR``) (``timesta
   telemetry windows through the real :class:`~streams.edge.federated.LocalTrainer`.
 * **central**: one forecaster trained on the whole training section in time order.
   **edge alone**: each edge's own weights, never averaged (mean and worst of the 4).
-  **fedavg**: R synchronous rounds through :class:`~processors.federated.RoundCoordinator`
+  **fedavg**: R synchronous rounds through :class:`~processors.federated.rounds.RoundCoordinator`
   with the default ``"fedavg"`` aggregation (each edge trains on the next 1/R of its data,
   sends its update; all 4 close the round; edges load the new version).  The edges'
   updates are least-squares row statistics, so this is federated least squares (see
@@ -56,16 +56,12 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.forecast_accuracy import load_series  # noqa: E402
-from processors.federated import (  # noqa: E402
-    AggregationConfig,
-    GlobalState,
-    ModelDelta,
-    RoundCoordinator,
-    load_weights,
-    shared_view,
-    warm_start,
-)
+from processors.federated.aggregation import AggregationConfig  # noqa: E402
+from processors.federated.coldstart import warm_start  # noqa: E402
+from processors.federated.params import load_weights, shared_view  # noqa: E402
+from processors.federated.rounds import RoundCoordinator  # noqa: E402
 from processors.forecasting.direct import DirectForecaster  # noqa: E402
+from schemas.federated import GlobalState, ModelDelta  # noqa: E402
 from streams.edge.federated import EdgeTrainingConfig, LocalTrainer  # noqa: E402
 from streams.edge.replay import data_dir  # noqa: E402
 

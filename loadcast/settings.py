@@ -41,8 +41,8 @@ from pydantic_settings import (
 )
 
 from processors.apps.federated_settings import FederatedSettings
+from processors.apps.mirror_settings import MirrorSettings
 from processors.apps.settings import ProcessorSettings
-from processors.mirroring import MirrorSettings
 from sinks.settings import SinkSettings
 from streams.kafka.settings import KafkaSettings
 from streams.sidecar.config import SidecarSettings

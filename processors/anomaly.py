@@ -1,22 +1,31 @@
-"""Per-endpoint anomaly detection on telemetry windows (River HalfSpaceTrees).
+"""Per-endpoint anomaly detection on telemetry windows.
 
-Each window becomes a few features (request rate, error rate, p50/p99 latency, CPU...).
-Half-space trees need inputs in [0, 1], and a min-max scaler is ruined by the first
-outlier, so every feature goes through a running robust scaler instead: ``log1p`` for the
-heavy-tailed ones, then an EW mean and EW mean absolute deviation, then a logistic squash
-``1 / (1 + exp(-(x - mean) / (k * mad)))``.  Normal windows land near 0.5; an outlier in
-either direction lands near 0 or 1, a corner the trees have seen little mass in.  The
-scaler does not learn from windows it flags, so an incident does not become "normal".
+:class:`AnomalyDetector` is the contract: score a window's features (0 = normal,
+1 = anomalous) before learning it, flag it at ``threshold``, never flag during the first
+``warmup`` windows, and do not learn flagged windows as normal.  Two implementations:
 
-The score is HST's (0 = normal, 1 = anomalous).  During the first ``warmup`` windows the
-detector learns but never flags (the trees' mass profiles are still empty).  Seeded, so
-the same inputs give the same scores.
+- :class:`RobustZDetector` (``anomaly_detector = "robust-z"``, the default): the largest
+  robust z-score over the features, from running spike-proof centres and spreads;
+- :class:`HalfSpaceTreesDetector` (``"hst"``): River's HalfSpaceTrees on the features
+  squashed to [0, 1] by :class:`RobustSquasher`.
 
->>> det = AnomalyDetector(warmup=50, seed=1)
->>> for i in range(300):
-...     r = det.score_and_learn({"rate": 100 + i % 7, "error_rate": 0.01, "p99_ms": 80})
->>> det.score_and_learn({"rate": 100, "error_rate": 0.5, "p99_ms": 1600}).is_anomaly
-True
+Each window becomes a few features (:func:`telemetry_features`: request rate, error rate,
+p50/p99 latency, CPU).  Half-space trees need inputs in [0, 1], and a min-max scaler is
+ruined by the first outlier, so every feature goes through a running robust scaler
+instead: ``log1p`` for the heavy-tailed ones, then an EW mean and EW mean absolute
+deviation, then a logistic squash ``1 / (1 + exp(-(x - mean) / (k * mad)))``.  Normal
+windows land near 0.5; an outlier in either direction lands near 0 or 1, a corner the
+trees have seen little mass in.  The scaler does not learn from windows it flags, so an
+incident does not become "normal".
+
+>>> detectors: list[AnomalyDetector] = [RobustZDetector(warmup=50),
+...                                     HalfSpaceTreesDetector(warmup=50, seed=1)]
+>>> for det in detectors:
+...     for i in range(300):
+...         r = det.score_and_learn({"rate": 100 + i % 7, "error_rate": 0.01, "p99_ms": 80})
+>>> [det.score_and_learn({"rate": 100, "error_rate": 0.5, "p99_ms": 1600}).is_anomaly
+...  for det in detectors]
+[True, True]
 """
 
 from __future__ import annotations
@@ -24,13 +33,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from river import anomaly
 
 __all__ = [
     "AnomalyDetector",
     "AnomalyResult",
+    "HalfSpaceTreesDetector",
     "RobustSquasher",
     "RobustZDetector",
     "telemetry_features",
@@ -115,8 +125,43 @@ class AnomalyResult:
     features: dict[str, float]
 
 
-class AnomalyDetector:
-    """Online anomaly detector for one endpoint's telemetry windows."""
+@runtime_checkable
+class AnomalyDetector(Protocol):
+    """What an online anomaly detector of one endpoint's telemetry windows must do.
+
+    ``score_and_learn`` scores a window's features (a name -> value mapping, see
+    :func:`telemetry_features`) *before* learning it, in [0, 1] (higher = more anomalous);
+    the window is flagged when the score reaches ``threshold``.  No window is flagged
+    during the first ``warmup`` windows (``warm`` False, score 0).  A flagged window must
+    not be learned as normal.  Implementations are deterministic for a given seed and
+    picklable: they are part of the endpoint model's snapshot.
+
+    >>> isinstance(RobustZDetector(), AnomalyDetector)
+    True
+    """
+
+    threshold: float
+    warmup: int
+
+    def score_and_learn(self, features: Mapping[str, float]) -> AnomalyResult:
+        """Score a window (before learning it), then learn it unless flagged."""
+        ...
+
+
+class HalfSpaceTreesDetector:
+    """Online anomaly detector: River's HalfSpaceTrees on robustly squashed features.
+
+    The score is HST's (0 = normal, 1 = anomalous).  During the first ``warmup`` windows
+    the detector learns but never flags (the trees' mass profiles are still empty).  The
+    trees learn every window; the squasher only the windows not flagged.  Seeded, so the
+    same inputs give the same scores.
+
+    >>> det = HalfSpaceTreesDetector(warmup=50, seed=1)
+    >>> for i in range(300):
+    ...     r = det.score_and_learn({"rate": 100 + i % 7, "error_rate": 0.01, "p99_ms": 80})
+    >>> det.score_and_learn({"rate": 100, "error_rate": 0.5, "p99_ms": 1600}).is_anomaly
+    True
+    """
 
     def __init__(
         self,

@@ -35,7 +35,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from processors.anomaly import AnomalyDetector, RobustZDetector, telemetry_features
+from processors.anomaly import (
+    AnomalyDetector,
+    AnomalyResult,
+    HalfSpaceTreesDetector,
+    RobustZDetector,
+    telemetry_features,
+)
 from processors.forecasting import Forecaster, ForecastPoint, make_forecaster
 from processors.scoring import (
     CapacityEstimate,
@@ -89,11 +95,11 @@ class ProcessorConfig:
 DETECTORS = ("robust-z", "hst")
 
 
-def make_detector(config: ProcessorConfig) -> AnomalyDetector | RobustZDetector:
+def make_detector(config: ProcessorConfig) -> AnomalyDetector:
     """The per-endpoint anomaly detector the config names."""
     if config.anomaly_detector == "hst":
-        return AnomalyDetector(threshold=config.anomaly_threshold, warmup=config.anomaly_warmup,
-                               n_trees=10, height=5)
+        return HalfSpaceTreesDetector(threshold=config.anomaly_threshold,
+                                      warmup=config.anomaly_warmup, n_trees=10, height=5)
     if config.anomaly_detector == "robust-z":
         return RobustZDetector(threshold=config.anomaly_threshold, warmup=config.anomaly_warmup)
     raise ValueError(f"anomaly detector must be one of {', '.join(DETECTORS)}")
@@ -119,7 +125,7 @@ class EndpointModel:
     config: ProcessorConfig
     forecaster: Forecaster
     stepper: Stepper
-    anomaly: AnomalyDetector | RobustZDetector
+    anomaly: AnomalyDetector
     capacity: CapacityEstimator
     api: str = "default"
     region: str = ""
@@ -239,21 +245,24 @@ class EndpointModel:
             )
             self.last_published_score = score["score"]
             self.last_published_at = now
-        anomaly = None
-        if result.is_anomaly:
-            anomaly = {
-                "endpoint_id": self.endpoint_id,
-                "api": self.api,
-                "region": self.region,
-                "detected_at": round(now * 1000),
-                "window_start": window["window_start"],
-                "score": result.score,
-                "threshold": self.anomaly.threshold,
-                "detector": self.config.anomaly_detector,
-                "features": {k: float(v) for k, v in result.features.items()
-                             if math.isfinite(v)},
-            }
+        anomaly = self._anomaly_record(window, result, now) if result.is_anomaly else None
         return Observation(True, score, publish, anomaly, len(steps), value)
+
+    def _anomaly_record(self, window: Mapping[str, Any], result: AnomalyResult,
+                        now: float) -> dict[str, Any]:
+        """The Anomaly record of a flagged window."""
+        return {
+            "endpoint_id": self.endpoint_id,
+            "api": self.api,
+            "region": self.region,
+            "detected_at": round(now * 1000),
+            "window_start": window["window_start"],
+            "score": result.score,
+            "threshold": self.anomaly.threshold,
+            "detector": self.config.anomaly_detector,
+            "features": {k: float(v) for k, v in result.features.items()
+                         if math.isfinite(v)},
+        }
 
     def _naive_forecast(self, window: Mapping[str, Any], rate: float) -> list[ForecastPoint]:
         """Before the first step closes: persistence of the current rate, wide band."""

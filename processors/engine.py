@@ -22,13 +22,14 @@ undercounts): the snapshot partition is read to the end by Fetch (partition EOF)
 
 from __future__ import annotations
 
+import io
 import logging
 import pickle
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 from processors.endpoint import EndpointModel, Observation, ProcessorConfig
 from schemas.codec import Codec, CodecError, Record
@@ -91,6 +92,116 @@ class SnapshotRecord:
     value: Record | None  # None: a tombstone (the model was evicted)
 
 
+class _SnapshotUnpickler(pickle.Unpickler):
+    """Unpickles endpoint models, including those snapshotted before a class moved."""
+
+    #: (module, name) then -> (module, name) now, for classes a snapshot may hold.
+    MOVED: ClassVar[dict[tuple[str, str], tuple[str, str]]] = {
+        # The HalfSpaceTrees detector; the old name is now the detector protocol's.
+        ("processors.anomaly", "AnomalyDetector"):
+            ("processors.anomaly", "HalfSpaceTreesDetector"),
+        # A warm-started endpoint's forecaster (processors/federated.py became a package).
+        ("processors.federated", "ColdStartForecaster"):
+            ("processors.federated.coldstart", "ColdStartForecaster"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        return super().find_class(*self.MOVED.get((module, name), (module, name)))
+
+
+def load_snapshot(state: bytes) -> Any:
+    """The object pickled in a snapshot's ``state`` (an :class:`EndpointModel`)."""
+    return _SnapshotUnpickler(io.BytesIO(state)).load()
+
+
+def window_problem(codec: Codec, window: Record, ref_ms: int,
+                   limits: Limits) -> tuple[str, str] | None:
+    """(reason, detail) of a telemetry window to dead-letter, or None: the one validation
+    (schemas.validation) the sink applies too."""
+    try:
+        codec.check("EndpointTelemetry", window)
+    except CodecError as e:
+        return "out_of_range", e.detail
+    return telemetry_problem(window, ref_ms, limits)
+
+
+def reencode(codec: Codec, window: Record) -> bytes:
+    """One window of a batch on its own (the batch's own bytes would carry the good
+    windows too: dead-letter just this one)."""
+    lax = Codec(codec.ids, validate_on_encode=False)
+    return lax.encode("EndpointTelemetry", window)
+
+
+Slot = tuple[int, str]  # (partition, endpoint_id)
+
+
+class ModelCaps:
+    """The ``max_endpoints`` / ``max_endpoints_per_api`` caps: models by last use (oldest
+    first), all and per api; room for a new one is made by evicting the longest-idle
+    model once it has been idle ``idle_seconds`` (``on_evict(slot, idle)`` drops it)."""
+
+    def __init__(self, max_endpoints: int, max_per_api: int, idle_seconds: float,
+                 on_evict: Callable[[Slot, float], None]) -> None:
+        self.max_endpoints = max_endpoints
+        self.max_per_api = max_per_api
+        self.idle_seconds = idle_seconds
+        self.on_evict = on_evict
+        self._lru: OrderedDict[Slot, float] = OrderedDict()
+        self._by_api: dict[str, OrderedDict[Slot, float]] = {}
+        self._api_of: dict[Slot, str] = {}
+
+    def track(self, slot: Slot, api: str, now: float) -> None:
+        self._lru[slot] = now
+        self._by_api.setdefault(api, OrderedDict())[slot] = now
+        self._api_of[slot] = api
+
+    def touch(self, slot: Slot, now: float) -> None:
+        api = self._api_of.get(slot)
+        if api is None:
+            return
+        self._lru[slot] = now
+        self._lru.move_to_end(slot)
+        per = self._by_api[api]
+        per[slot] = now
+        per.move_to_end(slot)
+
+    def untrack(self, slot: Slot) -> None:
+        self._lru.pop(slot, None)
+        api = self._api_of.pop(slot, None)
+        if api is not None:
+            per = self._by_api.get(api)
+            if per is not None:
+                per.pop(slot, None)
+                if not per:
+                    del self._by_api[api]
+
+    def admit(self, api: str, now: float) -> str | None:
+        """Room for one more model (evicting the longest-idle one if it has been idle
+        ``idle_seconds``), else why not."""
+        if len(self._lru) >= self.max_endpoints:
+            self._evict_idle(self._lru, now)
+        per = self._by_api.get(api)
+        if per is not None and len(per) >= self.max_per_api:
+            self._evict_idle(per, now)
+        if len(self._lru) >= self.max_endpoints:
+            return (f"worker holds max_endpoints ({self.max_endpoints}) models, none idle "
+                    f"for {self.idle_seconds:g} s")
+        if per is not None and len(per) >= self.max_per_api:
+            return (f"api {api[:100]!r} has max_endpoints_per_api "
+                    f"({self.max_per_api}) models, none idle for "
+                    f"{self.idle_seconds:g} s")
+        return None
+
+    def _evict_idle(self, lru: OrderedDict[Slot, float], now: float) -> None:
+        if not lru:
+            return
+        slot, seen = next(iter(lru.items()))
+        if now - seen < self.idle_seconds:
+            return
+        self.untrack(slot)
+        self.on_evict(slot, now - seen)
+
+
 class Engine:
     """Per-partition endpoint models; see the module docstring."""
 
@@ -105,11 +216,8 @@ class Engine:
         self.partitions: dict[int, PartitionState] = {}
         self.stats = EngineStats()
         self.limits = Limits(config.max_window_seconds, config.clock_skew_seconds)
-        # Models by last use (oldest first), all and per api: the caps evict idle ones.
-        Slot = tuple[int, str]  # (partition, endpoint_id)
-        self._lru: OrderedDict[Slot, float] = OrderedDict()
-        self._by_api: dict[str, OrderedDict[Slot, float]] = {}
-        self._api_of: dict[Slot, str] = {}
+        self.caps = ModelCaps(config.max_endpoints, config.max_endpoints_per_api,
+                              config.endpoint_idle_seconds, self._evicted)
         self._logged_at = 0.0
         self._unlogged = 0
 
@@ -153,27 +261,14 @@ class Engine:
             return
         ref = reference_ms(timestamp_ms)
         for index, window in enumerate(windows):
-            problem = self._check(window, ref)
+            problem = window_problem(self.codec, window, ref, self.limits)
             if problem is None:
                 problem = self._observe(state, window, (offset, index), now)
             if problem is not None:
-                raw = value if len(windows) == 1 else self._reencode(window)
+                raw = value if len(windows) == 1 else reencode(self.codec, window)
                 self._dead(window["endpoint_id"].encode(), raw, problem[0], problem[1],
                            partition, offset)
         state.processed = offset
-
-    def _check(self, window: Record, ref_ms: int) -> tuple[str, str] | None:
-        """The one validation (schemas.validation) the sink applies too."""
-        try:
-            self.codec.check("EndpointTelemetry", window)
-        except CodecError as e:
-            return "out_of_range", e.detail
-        return telemetry_problem(window, ref_ms, self.limits)
-
-    def _reencode(self, window: Record) -> bytes:
-        # The batch's own bytes would carry the good windows too: dead-letter just this one.
-        lax = Codec(self.codec.ids, validate_on_encode=False)
-        return lax.encode("EndpointTelemetry", window)
 
     def _observe(self, state: PartitionState, window: Record, position: tuple[int, int],
                  now: float) -> tuple[str, str] | None:
@@ -181,13 +276,13 @@ class Engine:
         slot = (state.partition, endpoint)
         model = state.models.get(endpoint)
         if model is None:
-            refused = self._admit(window["api"], now)
+            refused = self.caps.admit(window["api"], now)
             if refused is not None:
                 return "endpoint_cap", refused
             model = state.models[endpoint] = self.new_model(endpoint)
-            self._track(slot, window["api"], now)
+            self.caps.track(slot, window["api"], now)
         else:
-            self._touch(slot, now)
+            self.caps.touch(slot, now)
         obs: Observation = model.observe(window, position, now)
         if not obs.applied:
             self.stats.skipped_replayed += 1
@@ -204,66 +299,16 @@ class Engine:
             self.stats.anomalies += 1
         return None
 
-    # ----------------------------------------------------------------- caps
-
-    def _track(self, slot: tuple[int, str], api: str, now: float) -> None:
-        self._lru[slot] = now
-        self._by_api.setdefault(api, OrderedDict())[slot] = now
-        self._api_of[slot] = api
-
-    def _touch(self, slot: tuple[int, str], now: float) -> None:
-        api = self._api_of.get(slot)
-        if api is None:
-            return
-        self._lru[slot] = now
-        self._lru.move_to_end(slot)
-        per = self._by_api[api]
-        per[slot] = now
-        per.move_to_end(slot)
-
-    def _untrack(self, slot: tuple[int, str]) -> None:
-        self._lru.pop(slot, None)
-        api = self._api_of.pop(slot, None)
-        if api is not None:
-            per = self._by_api.get(api)
-            if per is not None:
-                per.pop(slot, None)
-                if not per:
-                    del self._by_api[api]
-
-    def _admit(self, api: str, now: float) -> str | None:
-        """Room for one more model (evicting the longest-idle one if it has been idle
-        ``endpoint_idle_seconds``), else why not."""
-        c = self.config
-        if len(self._lru) >= c.max_endpoints:
-            self._evict_idle(self._lru, now)
-        per = self._by_api.get(api)
-        if per is not None and len(per) >= c.max_endpoints_per_api:
-            self._evict_idle(per, now)
-        if len(self._lru) >= c.max_endpoints:
-            return (f"worker holds max_endpoints ({c.max_endpoints}) models, none idle for "
-                    f"{c.endpoint_idle_seconds:g} s")
-        if per is not None and len(per) >= c.max_endpoints_per_api:
-            return (f"api {api[:100]!r} has max_endpoints_per_api "
-                    f"({c.max_endpoints_per_api}) models, none idle for "
-                    f"{c.endpoint_idle_seconds:g} s")
-        return None
-
-    def _evict_idle(self, lru: OrderedDict[tuple[int, str], float], now: float) -> None:
-        if not lru:
-            return
-        slot, seen = next(iter(lru.items()))
-        if now - seen < self.config.endpoint_idle_seconds:
-            return
+    def _evicted(self, slot: tuple[int, str], idle: float) -> None:
+        """The caps dropped the longest-idle model to make room: forget it here too (its
+        snapshot record becomes a tombstone)."""
         partition, endpoint = slot
-        self._untrack(slot)
         state = self.partitions.get(partition)
         if state is not None and state.models.pop(endpoint, None) is not None:
             state.dirty.discard(endpoint)
             state.evicted.add(endpoint)
             self.stats.evicted += 1
-            log.info("evicted endpoint model %s (idle %.0f s) to make room", endpoint,
-                     now - seen)
+            log.info("evicted endpoint model %s (idle %.0f s) to make room", endpoint, idle)
 
     def new_model(self, endpoint_id: str) -> EndpointModel:
         """A model for an endpoint seen for the first time (from the global model when a
@@ -350,16 +395,30 @@ class Engine:
             if endpoint is None or r["format"] != "pickle":
                 continue
             # Only the processor writes this topic: restrict its ACLs to the workers.
-            model = pickle.loads(r["state"])
+            model = load_snapshot(r["state"])
             if isinstance(model, EndpointModel):
                 state.models[endpoint] = model
-                self._track((partition, endpoint), model.api, now)
+                self.caps.track((partition, endpoint), model.api, now)
         checkpoint = latest.get(None)
         resume = checkpoint["offset"] + 1 if checkpoint is not None else start_offset
         state.resume = max(resume, start_offset)
         state.processed = state.resume - 1
         state.recovering = True
         return state.resume
+
+    def expect(self, partition: int, offset: int) -> None:
+        """The consumer was sought to ``offset`` (everything before it is processed): drop
+        records until that one arrives, as after a recovery.
+
+        >>> from processors.engine import PartitionState
+        >>> e = Engine.__new__(Engine); e.partitions = {0: PartitionState(0, processed=9)}
+        >>> e.expect(0, 10); (e.partitions[0].resume, e.partitions[0].recovering)
+        (10, True)
+        """
+        state = self.partitions.get(partition)
+        if state is not None:
+            state.resume = offset
+            state.recovering = True
 
     def rebase(self, partition: int) -> None:
         """The broker lost the partition's log (it came back empty): keep every model but
@@ -382,7 +441,7 @@ class Engine:
         state = self.partitions.get(partition)
         if state is not None:
             for endpoint in state.models:
-                self._untrack((partition, endpoint))
+                self.caps.untrack((partition, endpoint))
 
     def endpoints(self) -> int:
         """Endpoint models held. Safe from another thread (metrics): iterates a copy."""

@@ -12,19 +12,19 @@ import json
 import sys
 from typing import Any
 
-from schemas.codec import (
-    IDS_FILE,
-    _named_schemas,
+from schemas.codec import IDS_FILE
+from schemas.files import (
     current_schema_files,
     expand,
     fingerprint,
     load_schema_file,
+    named_schemas,
 )
 
 
 def missing_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows that the current schema files need and the table lacks."""
-    named = _named_schemas()
+    named = named_schemas()
     known = {r["fingerprint"] for r in rows}
     next_id = max((r["id"] for r in rows), default=0) + 1
     new = []

@@ -47,7 +47,8 @@ from typing import Any
 
 import fastavro
 
-from schemas.codec import MAGIC, Codec, plain
+from schemas.codec import MAGIC, Codec
+from schemas.files import plain
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, telemetry_sql
 from sinks.convert import _MAX_MS, _MIN_MS
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from confluent_kafka import OFFSET_BEGINNING
 
-from processors.federated import GlobalState, global_from_record
 from schemas.codec import Codec, CodecError
+from schemas.federated import GlobalState, global_from_record
 from streams import metrics
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings

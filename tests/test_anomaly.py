@@ -7,7 +7,13 @@ import pickle
 
 import numpy as np
 
-from processors.anomaly import AnomalyDetector, telemetry_features
+from processors.anomaly import (
+    AnomalyDetector,
+    HalfSpaceTreesDetector,
+    RobustZDetector,
+    telemetry_features,
+)
+from processors.endpoint import ProcessorConfig, make_detector
 from streams.edge.replay import data_dir
 
 DATA = data_dir()
@@ -37,7 +43,7 @@ def _run(det: AnomalyDetector, stream: list[dict[str, float]]) -> tuple[np.ndarr
 
 def test_injected_incidents_score_high_and_normal_windows_do_not() -> None:
     stream = _stream()
-    det = AnomalyDetector(seed=7)
+    det = HalfSpaceTreesDetector(seed=7)
     scores, flags = _run(det, stream)
     assert all(0.0 <= s <= 1.0 for s in scores)
     for i in INJECTED:
@@ -51,7 +57,7 @@ def test_injected_incidents_score_high_and_normal_windows_do_not() -> None:
 def test_no_anomalies_during_warmup() -> None:
     stream = _stream(300)
     stream[10] = {"rate": 1.0, "error_rate": 0.9, "p99_ms": 9000.0}
-    det = AnomalyDetector(warmup=100, seed=1)
+    det = HalfSpaceTreesDetector(warmup=100, seed=1)
     _, flags = _run(det, stream[:100])
     assert not flags.any()
     r = det.score_and_learn(stream[150])
@@ -60,15 +66,53 @@ def test_no_anomalies_during_warmup() -> None:
 
 def test_deterministic_with_a_seed_and_picklable() -> None:
     stream = _stream(600)
-    a, _ = _run(AnomalyDetector(seed=3), stream)
-    b, _ = _run(AnomalyDetector(seed=3), stream)
+    a, _ = _run(HalfSpaceTreesDetector(seed=3), stream)
+    b, _ = _run(HalfSpaceTreesDetector(seed=3), stream)
     np.testing.assert_array_equal(a, b)
-    det = AnomalyDetector(seed=3)
+    det = HalfSpaceTreesDetector(seed=3)
     _run(det, stream[:400])
     copy = pickle.loads(pickle.dumps(det))
     x, _ = _run(det, stream[400:])
     y, _ = _run(copy, stream[400:])
     np.testing.assert_array_equal(x, y)
+
+
+def test_robust_z_flags_injected_incidents_and_not_normal_windows() -> None:
+    stream = _stream()
+    det = RobustZDetector()
+    scores, flags = _run(det, stream)
+    assert all(0.0 <= s <= 1.0 for s in scores)
+    for i in INJECTED:
+        assert flags[i], (i, scores[i])
+    normal = np.array([i for i in range(det.warmup, len(stream)) if i not in INJECTED])
+    assert flags[normal].mean() < 0.01
+    assert np.median(scores[normal]) < 0.6
+
+
+def test_robust_z_never_flags_during_warmup_and_is_deterministic_and_picklable() -> None:
+    stream = _stream(600)
+    stream[10] = {"rate": 1.0, "error_rate": 0.9, "p99_ms": 9000.0}
+    det = RobustZDetector(warmup=100)
+    scores, flags = _run(det, stream[:100])
+    assert not flags.any() and not scores.any()
+    assert det.score_and_learn(stream[150]).warm
+    a, _ = _run(RobustZDetector(), stream)
+    b, _ = _run(RobustZDetector(), stream)
+    np.testing.assert_array_equal(a, b)
+    det = RobustZDetector()
+    _run(det, stream[:400])
+    copy = pickle.loads(pickle.dumps(det))
+    x, _ = _run(det, stream[400:])
+    y, _ = _run(copy, stream[400:])
+    np.testing.assert_array_equal(x, y)
+
+
+def test_both_detectors_satisfy_the_protocol_and_the_config_picks_them() -> None:
+    for name, cls in (("robust-z", RobustZDetector), ("hst", HalfSpaceTreesDetector)):
+        det = make_detector(ProcessorConfig(anomaly_detector=name, anomaly_threshold=0.7))
+        assert isinstance(det, cls) and isinstance(det, AnomalyDetector)
+        assert det.threshold == 0.7
+    assert not isinstance(object(), AnomalyDetector)
 
 
 def test_telemetry_features_from_a_window() -> None:

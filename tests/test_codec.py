@@ -15,10 +15,9 @@ import fastavro
 import pytest
 
 from schemas import records
-from schemas.codec import (
+from schemas.codec import Codec, CodecError
+from schemas.files import (
     SCHEMA_DIR,
-    Codec,
-    CodecError,
     current_schema_files,
     expand,
     fingerprint,

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import pickle
 from typing import Any
 
-from processors.endpoint import ProcessorConfig
+import numpy as np
+import pytest
+
+from processors import anomaly, federated
+from processors.endpoint import EndpointModel, ProcessorConfig
 from processors.engine import Engine
+from processors.federated.coldstart import ColdStartForecaster, warm_start
+from processors.federated.params import family_of
+from processors.forecasting.features import N_FEATURES
 from schemas.codec import Codec
+from schemas.federated import GlobalState
 from tests.worker_helpers import make_windows
 
 
@@ -104,6 +113,58 @@ def test_restore_then_replay_equals_one_uninterrupted_run(codec: Codec) -> None:
         assert a.windows == b.windows == 150
         assert [p.mean for p in a.forecaster.forecast(15)] == [
             p.mean for p in b.forecaster.forecast(15)]
+
+
+def test_a_snapshot_with_the_hst_detector_from_before_its_rename_restores(
+    codec: Codec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hst = ProcessorConfig(step_seconds=300, anomaly_warmup=50, anomaly_detector="hst")
+    model = EndpointModel.create("e1", hst)
+    for i, w in enumerate(make_windows(["e1"], 0, 20)):
+        model.observe(w, (i, 0), now=0.0)
+    # Pickle it as the old code did: the detector class was processors.anomaly.AnomalyDetector.
+    cls = anomaly.HalfSpaceTreesDetector
+    with monkeypatch.context() as m:
+        m.setattr(anomaly, "AnomalyDetector", cls)
+        cls.__qualname__ = "AnomalyDetector"
+        try:
+            state = pickle.dumps(model, protocol=5)
+        finally:
+            cls.__qualname__ = "HalfSpaceTreesDetector"
+    assert b"AnomalyDetector" in state and b"HalfSpaceTreesDetector" not in state
+    record = {"endpoint_id": "e1", "source_partition": 0, "offset": 19, "index": 0,
+              "taken_at": 0, "model": "default", "format": "pickle", "state": state}
+    eng = Engine(hst, codec, Outputs())
+    eng.restore(0, [record])
+    restored = eng.partitions[0].models["e1"]
+    assert isinstance(restored.anomaly, anomaly.HalfSpaceTreesDetector)
+    assert restored.anomaly.seen == 20  # the detector's state came back
+
+
+def test_a_warm_started_model_snapshotted_before_the_federated_package_restores(
+    codec: Codec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = EndpointModel.create("e1", CONFIG)
+    shape = (CONFIG.horizon, N_FEATURES)
+    g = GlobalState(family_of(model.forecaster), 1, {
+        "weights": np.zeros(shape), "cold_weights": np.full(shape, 0.01)})
+    model.forecaster = warm_start(model.forecaster, g)
+    assert isinstance(model.forecaster, ColdStartForecaster)
+    for i, w in enumerate(make_windows(["e1"], 0, 20)):
+        model.observe(w, (i, 0), now=0.0)
+    # Pickle it as the old code did: the class was processors.federated.ColdStartForecaster.
+    with monkeypatch.context() as m:
+        m.setattr(ColdStartForecaster, "__module__", "processors.federated")
+        m.setattr(federated, "ColdStartForecaster", ColdStartForecaster, raising=False)
+        state = pickle.dumps(model, protocol=5)
+    assert b"processors.federated.coldstart" not in state
+    record = {"endpoint_id": "e1", "source_partition": 0, "offset": 19, "index": 0,
+              "taken_at": 0, "model": "default", "format": "pickle", "state": state}
+    eng = Engine(CONFIG, codec, Outputs())
+    eng.restore(0, [record])
+    restored = eng.partitions[0].models["e1"]
+    assert isinstance(restored.forecaster, ColdStartForecaster)
+    assert restored.forecaster.forecast(15) == model.forecaster.forecast(15)
 
 
 def test_worker_metrics_are_read_from_the_engine_at_scrape_time(codec: Codec) -> None:

@@ -172,8 +172,8 @@ def test_a_window_spanning_years_is_dead_lettered_and_does_not_hang_the_worker(
 def test_a_score_from_the_future_is_refused_and_locks_nothing(
     stack: Stack, codec: Codec
 ) -> None:
+    from processors.apps.mirror_settings import MirrorSettings
     from processors.apps.planner import Planner
-    from processors.mirroring import MirrorSettings
     from processors.signing import generate_keypair
 
     k, now = stack.kafka, reference_ms()

@@ -10,26 +10,22 @@ import pytest
 
 from benchmarks.federated import EDGES, federate, frozen_mae, split
 from benchmarks.forecast_accuracy import load_series
-from processors.federated import (
-    AggregationConfig,
-    ColdStartForecaster,
+from processors.federated.aggregation import AggregationConfig, aggregate
+from processors.federated.coldstart import ColdStartForecaster, warm_start
+from processors.federated.params import family_of, load_weights, shared_view
+from processors.federated.rounds import RoundCoordinator
+from processors.federated.statistics import RowStats, solve_weights
+from processors.forecasting.direct import DirectForecaster
+from processors.forecasting.features import N_FEATURES
+from schemas.codec import Codec
+from schemas.federated import (
     GlobalState,
     ModelDelta,
-    RoundCoordinator,
-    RowStats,
-    aggregate,
-    family_of,
     global_from_record,
     global_to_record,
-    load_weights,
-    shared_view,
-    solve_weights,
     update_from_record,
     update_to_record,
-    warm_start,
 )
-from processors.forecasting.direct import N_FEATURES, DirectForecaster
-from schemas.codec import Codec
 from streams.edge.federated import EdgeTrainingConfig, LocalTrainer
 from tests.conftest import ELB
 

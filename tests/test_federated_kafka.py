@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 
 from processors.endpoint import EndpointModel, ProcessorConfig
-from processors.federated import ColdStartForecaster, family_of, global_from_record, warm_start
+from processors.federated.coldstart import ColdStartForecaster, warm_start
+from processors.federated.params import family_of
 from schemas.codec import Codec
+from schemas.federated import global_from_record
 from streams.edge.federated import EdgeTrainingConfig, FederatedEdgeAgent, build_federated_agent
 from streams.edge.replay import read_trace
 from streams.kafka.producer import RecordProducer
@@ -185,7 +187,7 @@ def test_bad_updates_go_to_dead_letter_and_rounds_go_on(
 ) -> None:
     """Garbage and a wrong-shape update on model-updates: dead-lettered / rejected with a
     reason; then 4 good updates still make version 1."""
-    from processors.federated import ModelDelta, update_to_record
+    from schemas.federated import ModelDelta, update_to_record
 
     topic = topic_name(kafka, "model-updates")
     fam = "default-rls/300s/86400s/h15"
@@ -216,7 +218,7 @@ def test_model_list_and_show_read_the_repository(kafka: KafkaSettings, codec: Co
     from typer.testing import CliRunner
 
     from loadcast.cli import app
-    from processors.federated import GlobalState, global_to_record
+    from schemas.federated import GlobalState, global_to_record
 
     fam = "default-rls/60s/86400s/h15"
     p = RecordProducer(kafka, "test-model-cli")

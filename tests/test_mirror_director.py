@@ -13,8 +13,9 @@ import pytest
 from confluent_kafka import Producer
 from pydantic import ValidationError
 
+from processors.apps.mirror_settings import MirrorSettings
 from processors.apps.planner import Planner
-from processors.mirroring import BundleSpec, MirrorSettings
+from processors.mirroring import BundleSpec
 from processors.signing import generate_keypair
 from schemas.codec import Codec
 from streams.kafka.settings import KafkaSettings

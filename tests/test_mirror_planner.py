@@ -10,13 +10,8 @@ from typing import Any
 
 import pytest
 
-from processors.mirroring import (
-    BundleSpec,
-    DemandTable,
-    MirrorPlanner,
-    MirrorSettings,
-    PlannerConfig,
-)
+from processors.apps.mirror_settings import MirrorSettings
+from processors.mirroring import BundleSpec, DemandTable, MirrorPlanner, PlannerConfig
 from processors.signing import Signer, Verifier, generate_keypair
 
 DIGEST = "sha256:" + "ab" * 32

@@ -165,3 +165,38 @@ def test_bad_input_goes_to_dead_letter_and_scoring_goes_on(
     assert all(dict(m.headers() or [])["loadcast.error"] for m in dead)
     assert final_models(kafka, codec)["ok-1"].windows == 20
     assert {s["endpoint_id"] for s in scores(kafka, codec)} == {"ok-1"}
+
+
+def test_a_partition_in_recovery_is_sought_again_when_faust_would_drop_its_records(
+    codec: Codec,
+) -> None:
+    """Records fetched before the recovery seek reach the stream after it; Faust counts them
+    as read and would drop the records from the resume offset on (a partition then waited
+    forever, seen under load). The worker's recovery watch seeks again; only then."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from faust.types import TP
+
+    from processors.apps.worker import Worker
+
+    engine = Engine(ProcessorConfig(step_seconds=STEP), codec, ListOutputs())
+    engine.hold(2)
+    engine.restore(2, [], 0)  # no snapshot: resume at 0, recovering
+    engine.hold(1)
+    engine.restore(1, [], 0)
+    engine.handle(1, 0, None, None)  # partition 1 got its first record: recovered
+    seeks: list[tuple[TP, int]] = []
+
+    async def seek(tp: TP, offset: int) -> None:
+        seeks.append((tp, offset))
+        read[tp] = offset or None  # what Faust's seek does
+
+    read: dict[TP, int | None] = {TP("t", 2): 1399, TP("t", 1): 50}
+    worker = SimpleNamespace(
+        app=SimpleNamespace(consumer=SimpleNamespace(_read_offset=read, seek=seek)),
+        telemetry=SimpleNamespace(get_topic_name=lambda: "t"), engine=engine)
+    asyncio.run(Worker.reseek_stuck(worker))  # type: ignore[arg-type]
+    assert seeks == [(TP("t", 2), 0)]
+    asyncio.run(Worker.reseek_stuck(worker))  # type: ignore[arg-type]
+    assert len(seeks) == 1  # Faust's read offset is reset: nothing more to do

@@ -1,5 +1,5 @@
 """The federated coordinator (``loadcast coordinator``): thin Faust wiring around
-:class:`processors.federated.RoundCoordinator`.
+:class:`processors.federated.rounds.RoundCoordinator`.
 
 One Faust agent consumes ``model-updates`` (keyed by model family, so one family's
 updates are on one partition and one coordinator owns it); a 1 s timer closes rounds whose
@@ -27,17 +27,13 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
-from processors.federated import (
-    GlobalState,
-    RoundCoordinator,
-    global_to_record,
-    update_from_record,
-)
 from processors.apps.federated_settings import FederatedSettings
+from processors.federated.rounds import RoundCoordinator
 from schemas.codec import Codec, CodecError
+from schemas.federated import GlobalState, global_to_record, update_from_record
 from streams.kafka.runtime import KafkaRuntime
-from streams.model_repo import ModelRepository
 from streams.kafka.settings import KafkaSettings
+from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from processors.federated import AGGREGATIONS, DEFAULT_RIDGE, AggregationConfig
+from processors.federated.aggregation import AGGREGATIONS, AggregationConfig
+from processors.federated.statistics import DEFAULT_RIDGE
 
 
 class FederatedSettings(BaseModel):

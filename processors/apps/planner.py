@@ -30,7 +30,8 @@ from typing import Any
 import faust
 from prometheus_client import Counter, Gauge
 
-from processors.mirroring import MirrorPlanner, MirrorSettings
+from processors.apps.mirror_settings import MirrorSettings
+from processors.mirroring import MirrorPlanner
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
 from streams.kafka.runtime import KafkaRuntime

@@ -23,9 +23,9 @@ from faust.types import TP
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from processors.apps.settings import ProcessorSettings
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
-from processors.apps.settings import ProcessorSettings
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
 from streams.kafka.runtime import KafkaRuntime
@@ -201,6 +201,10 @@ class Worker:
             if self.models is not None:  # new global versions, for later cold starts
                 await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
 
+        @app.timer(interval=1.0)
+        async def recovery_watch() -> None:
+            await self.reseek_stuck()
+
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode stub wants signal=
         async def assigned(sender: Any, *args: Any, **kw: Any) -> None:
             assigned: set[TP] = args[0] if args else kw["assigned"]
@@ -277,6 +281,7 @@ class Worker:
         topic = self.telemetry.get_topic_name()
         for p in partitions:
             self.engine.rebase(p)
+            self.engine.expect(p, 0)
             try:
                 await self.app.consumer.seek(TP(topic, p), 0)
             except Exception as e:  # not assigned right now: the assignment seeks
@@ -296,14 +301,38 @@ class Worker:
             if end <= state.processed:
                 self.engine.rebase(p)
                 rebased.append(p)
+                self.engine.expect(p, 0)
                 await self.app.consumer.seek(TP(topic, p), 0)
             else:
                 resumed.append(p)
+                self.engine.expect(p, state.processed + 1)
                 await self.app.consumer.seek(TP(topic, p), state.processed + 1)
         models = sum(len(self.engine.partitions[p].models) for p in partitions)
         log.warning("partitions %s back after the outage, %d models kept: %s", partitions,
                     models, f"the broker lost the log of {rebased}, starting again at offset 0"
                     if rebased else "resuming after the last processed offset")
+
+    async def reseek_stuck(self) -> None:
+        """Seek again where a partition in recovery waits for a record Faust will drop.
+
+        Records fetched before a seek can still reach the stream after it; Faust marks
+        each as read, and then drops every record at or below that offset as a duplicate,
+        including the one the engine waits for (a partition would wait forever: seen
+        under load after a restart). Seeking resets Faust's read offset.
+        """
+        read = getattr(self.app.consumer, "_read_offset", None)  # faust.transport.Consumer
+        if read is None:
+            return
+        topic = self.telemetry.get_topic_name()
+        for p, state in list(self.engine.partitions.items()):
+            if not state.recovering or state.resume < 0:
+                continue
+            tp = TP(topic, p)
+            at = read.get(tp)
+            if at is not None and at > state.resume:
+                log.info("partition %d: records up to %d were fetched before the seek to "
+                         "%d; seeking again", p, at, state.resume)
+                await self.app.consumer.seek(tp, state.resume)
 
     async def recover(self, partitions: list[int]) -> None:
         """Restore models from snapshots and seek each partition to its resume offset."""
@@ -352,7 +381,8 @@ class Worker:
 
     def _warm_start(self, model: EndpointModel) -> None:
         """A new endpoint begins from the latest global model of its family, if any."""
-        from processors.federated import family_of, warm_start
+        from processors.federated.coldstart import warm_start
+        from processors.federated.params import family_of
 
         latest = self.models.latest(family_of(model.forecaster))
         if latest is not None:

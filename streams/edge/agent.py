@@ -37,9 +37,9 @@ from ddsketch import DDSketch
 
 from schemas.codec import Codec, Record
 from streams import metrics
-from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.partitioning import partition_for
 from streams.kafka.producer import RecordProducer
+from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import partition_count, topic_name
 

@@ -4,12 +4,12 @@
   (:class:`~processors.stepping.Stepper`) -> one local copy of the global model per endpoint
   (the default forecaster, warm-started from the global model when the endpoint is new).
   Every learning row (scale-free features and target) is added to the edge's
-  least-squares statistics (:class:`~processors.federated.RowStats`).  It also runs one
+  least-squares statistics (:class:`~processors.federated.statistics.RowStats`).  It also runs one
   *shadow* cold start per endpoint: a forecaster warm-started from the global model as a
   new endpoint would be, that lives for one season; its first-season rows feed the
   cold-start statistics and its selector errors the federation's ``cold_errors``, so the
   federation learns how to forecast an endpoint it has no history for.
-  :meth:`LocalTrainer.make_update` returns a :class:`~processors.federated.ModelDelta`:
+  :meth:`LocalTrainer.make_update` returns a :class:`~schemas.federated.ModelDelta`:
   the row sums since the base version (``gram``, ``cold_gram``), sample counts, scale-free
   statistics and a scale-free validation error; nothing in it is a telemetry value, an
   endpoint id or a rate (see :mod:`processors.federated`, Privacy).
@@ -39,26 +39,19 @@ from typing import Any
 
 import numpy as np
 
-from processors.federated import (
-    ColdStartForecaster,
-    GlobalState,
-    ModelDelta,
-    RowStats,
-    adopt_global,
-    family_of,
-    merge_stats,
-    shared_view,
-    update_to_record,
-    warm_start,
-)
+from processors.federated.aggregation import merge_stats
+from processors.federated.coldstart import ColdStartForecaster, adopt_global, warm_start
+from processors.federated.params import family_of, shared_view
+from processors.federated.statistics import RowStats
 from processors.forecasting.direct import DirectForecaster
 from processors.stepping import Stepper
 from schemas.codec import Codec, Record
+from schemas.federated import GlobalState, ModelDelta, update_to_record
 from streams.edge.agent import EdgeAgent, HostStats, TelemetryPublisher, build_agent
-from streams.kafka.runtime import KafkaRuntime
-from streams.model_repo import ModelRepository
 from streams.kafka.producer import RecordProducer
+from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
+from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,10 @@ from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from streams.kafka.brokerwatch import BrokerWatch, watch
-from streams.kafka.deadletter import DeadLetterWriter
 from streams.kafka.clients import new_admin, new_consumer, new_producer
-from streams.kafka.reader import TopicReader
+from streams.kafka.deadletter import DeadLetterWriter
 from streams.kafka.producer import RecordProducer
+from streams.kafka.reader import TopicReader
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import ensure_topics, topic_name
 

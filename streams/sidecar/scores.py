@@ -33,8 +33,8 @@ from confluent_kafka import (
 
 from schemas.codec import Codec, CodecError
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
-from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.producer import RecordProducer
+from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 from streams.sidecar import metrics as m
 

@@ -1,0 +1,228 @@
+"""The default forecaster's final forecast from its candidates (see
+:mod:`processors.forecasting.direct`, ``select``).
+
+:class:`CandidateBlend` scores every candidate forecast (the model, seasonal naive,
+persistence, the EW means, the long-season naive, the multi-season mean) when its actual
+arrives, and combines them: ``"mix"`` (online exponentiated-gradient blend with a fixed
+share and a guard), ``"best"`` (smallest recent error), ``"model"`` or ``"blend"``
+(inverse-squared-error weights).  A mixin of
+:class:`~processors.forecasting.direct.DirectForecaster`: the state lives in the
+forecaster's own attributes, so snapshots keep their layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from processors.forecasting.features import FCLIP
+
+__all__ = ["CANDIDATES", "MIX_LR", "MIX_SHARE", "SELECTS", "CandidateBlend"]
+
+_MAX = float(np.finfo(np.float64).max)  # what np.nan_to_num turns +inf into
+
+#: Candidate forecasts the selector chooses between, in column order.
+CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew_slow",
+              "long_season_naive", "multi_season_mean")
+#: How the final forecast is made from the candidates (see :class:`DirectForecaster`).
+SELECTS = ("mix", "best", "model", "blend")
+#: Learning rate and fixed share of the online blend (select="mix"); picked on the two
+#: traces in streams/traces, the same ones the accuracy benchmark reports.
+MIX_LR = 0.5
+MIX_SHARE = 1e-5
+
+
+class CandidateBlend:
+    """Candidate errors, the online blend and the guard (a mixin)."""
+
+    # Set by BandedForecaster.
+    max_horizon: int
+    _t: int
+    _hs: np.ndarray
+    # Set by _init_selector.
+    select: str
+    guard_margin: float
+    mix_lr: float
+    mix_share: float
+    _err_a: float
+    _cerr: np.ndarray
+    _cerr_num: np.ndarray
+    _cerr_w: np.ndarray
+    _cerr_n: np.ndarray
+    _warm: int
+    _chosen: np.ndarray
+    _mixw: np.ndarray
+    _pmix: np.ndarray
+    _gerr: np.ndarray
+    _guard_a: float
+    _rows_h: np.ndarray
+
+    def _init_selector(self, select: str, guard_margin: float, mix_lr: float,
+                       mix_share: float, error_halflife: int | None,
+                       guard_halflife: int | None, season: int) -> None:
+        H, C, m = self.max_horizon, len(CANDIDATES), season
+        self.select = select
+        self.guard_margin = float(guard_margin)
+        self.mix_lr = float(mix_lr)
+        self.mix_share = float(mix_share)
+        hl = error_halflife if error_halflife else min(max(m, 50), 2000)
+        self._err_a = 1.0 - 0.5 ** (1.0 / hl)
+        self._cerr = np.full((H, C), np.nan)  # EW mean |error| / level, per candidate
+        self._cerr_num = np.zeros((H, C))
+        self._cerr_w = np.zeros((H, C))
+        self._cerr_n = np.zeros((H, C), dtype=np.int64)
+        self._warm = min(hl, 100)  # errors a candidate needs before it can be chosen
+        self._chosen = np.zeros(H, dtype=np.int64)
+        # Online blend (select="mix"): weights per horizon over the candidates, and the
+        # blended forecast made at step k (row k % H) to score it when the actual arrives.
+        self._mixw = np.full((H, C), 1.0 / C)
+        self._pmix = np.full((H, H), np.nan)
+        # EW mean |error| / level of the blend, seasonal naive, persistence (the guard).
+        self._gerr = np.zeros((H, 3))
+        self._guard_a = 1.0 - 0.5 ** (1.0 / (guard_halflife or max(m // 2, 12)))
+
+    def selector_errors(self) -> tuple[np.ndarray, np.ndarray]:
+        """Scale-free EW mean absolute error of each selector candidate (H x C, columns
+        in :data:`CANDIDATES` order; NaN = never scored) and the weight behind each entry
+        (the bias-corrected EW weight sum, about the number of recent errors)."""
+        num, w = self._cerr_num, self._cerr_w
+        with np.errstate(invalid="ignore", divide="ignore"):
+            err = np.where(w > 0, num / np.maximum(w, 1e-12), np.nan)
+        return err, w.copy()
+
+    def seed_selector(self, errors: np.ndarray, pseudo_count: float) -> None:
+        """Give the online selector a track record before it has one of its own.
+
+        ``errors`` (H x C, :data:`CANDIDATES` order, NaN = no record) count as
+        ``pseudo_count`` past errors of each candidate, so they are usable at once and own
+        errors replace them as they arrive (the EW mean is bias-corrected).  Without a
+        record a new forecaster uses seasonal naive (or the level) until every candidate
+        has scored ``min(halflife, 100)`` errors itself.  With ``select="mix"`` the
+        record also sets the blend's starting weights: half a softmax of ``-5 x error``
+        over the candidates with a record, half uniform.
+        """
+        e = np.asarray(errors, dtype=float)
+        if e.shape != self._cerr.shape:
+            raise ValueError(f"errors: expected shape {self._cerr.shape}, got {e.shape}")
+        if not pseudo_count > 0:
+            raise ValueError("pseudo_count must be > 0")
+        ok = np.isfinite(e)
+        self._cerr_num = np.where(ok, e * pseudo_count, self._cerr_num)
+        self._cerr_w = np.where(ok, float(pseudo_count), self._cerr_w)
+        self._cerr_n = np.where(ok, np.maximum(self._cerr_n, self._warm), self._cerr_n)
+        self._cerr = np.where(ok, e, self._cerr)
+        if self.select == "mix":
+            # The blend starts half from the record (softmax of -5 x error), half uniform.
+            z = np.where(ok, -5.0 * e, -np.inf)
+            z -= np.where(ok.any(axis=1), z.max(axis=1), 0.0)[:, None]
+            w = np.exp(z)
+            tot = w.sum(axis=1, keepdims=True)
+            w = np.where(tot > 0, w / np.where(tot > 0, tot, 1.0), 1.0 / e.shape[1])
+            self._mixw = 0.5 * w + 0.5 / e.shape[1]
+
+    def _combine(self, C: np.ndarray) -> np.ndarray:
+        if self.select == "model":
+            return C[:, 0]
+        if self.select == "mix":
+            # Weighted mean of the candidates that have a forecast, weights renormalized.
+            ok = ~np.isnan(C)
+            w = np.where(ok, self._mixw, 0.0)
+            tot = w.sum(axis=1)
+            out = np.where(ok, C, 0.0)
+            out *= w
+            out = out.sum(axis=1) / np.where(tot > 0, tot, 1.0)
+            out = np.where(tot > 0, out, C[:, 1])
+            self._pmix[self._t % self.max_horizon] = out
+            # Guard: while seasonal naive or persistence has had a clearly smaller recent
+            # error than the blend, forecast with it (the blend's weights move too slowly
+            # to leave a component that has just gone wrong, e.g. in a holiday week).
+            ge = self._gerr
+            best = 1 + np.argmin(ge[:, 1:], axis=1)
+            use = ge[self._rows_h, best] < self.guard_margin * ge[:, 0]
+            if use.any():
+                base = C[self._rows_h, best]
+                out = np.where(use & ~np.isnan(base), base, out)
+            return out
+        err = self._cerr
+        # A candidate without a forecast or without a score yet is never chosen (inf);
+        # the clip is nan_to_num's +-inf -> +-max, so an overflowed score still ranks.
+        scored = np.where(np.isnan(C) | np.isnan(err), np.inf,
+                          np.minimum(np.maximum(err, -_MAX), _MAX))
+        if self.select == "best":
+            # Before any error is known prefer seasonal naive, then the model.  Another
+            # candidate must beat the model by the margin: switching on noise costs.
+            scored[:, 0] *= self.guard_margin
+            idx = np.argmin(scored, axis=1)
+            idx = np.where(np.isfinite(scored[self._rows_h, idx]), idx, 1)
+            out = C[self._rows_h, idx]
+            out = np.where(np.isnan(out), C[:, 0], out)
+            self._chosen = idx
+            return out
+        # blend: inverse-squared-error weights over the available candidates
+        w = np.where(np.isfinite(scored), 1.0 / np.maximum(scored, 1e-9) ** 2, 0.0)
+        tot = w.sum(axis=1)
+        Cz = np.nan_to_num(C, nan=0.0)
+        out = np.where(tot > 0, (w * Cz).sum(axis=1) / np.maximum(tot, 1e-300), C[:, 0])
+        return out
+
+    def _score_candidates(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray,
+                          value: float, s: np.ndarray, full: bool) -> None:
+        """Score the candidates of horizons ``hi`` (forecasts ``cands`` made at rows
+        ``rws``, levels ``s``) against the actual ``value``; ``full``: every horizon."""
+        # Candidate errors (scale-free), EW mean per horizon.
+        e = np.abs(value - cands) / s[:, None]
+        # Bias-corrected EW mean (sum of decayed errors / sum of decayed weights), so the
+        # first few errors of a new candidate do not stand for its accuracy for long.
+        keep = 1.0 - self._err_a
+        seen = ~np.isnan(e)
+        num = self._cerr_num if full else self._cerr_num[hi]
+        wsum = self._cerr_w if full else self._cerr_w[hi]
+        # e >= 0, so the minimum is nan_to_num's inf -> max on the entries kept.
+        num = np.where(seen, num * keep + np.minimum(e, _MAX), num)
+        wsum = np.where(seen, wsum * keep + 1.0, wsum)
+        if full:
+            self._cerr_num, self._cerr_w = num, wsum
+            self._cerr_n += seen
+            cerr_n = self._cerr_n
+        else:
+            self._cerr_num[hi], self._cerr_w[hi] = num, wsum
+            self._cerr_n[hi] += seen
+            cerr_n = self._cerr_n[hi]
+        cerr = np.where(cerr_n >= self._warm, num / np.maximum(wsum, 1e-12), np.nan)
+        if full:
+            self._cerr = cerr
+        else:
+            self._cerr[hi] = cerr
+        if self.select == "mix":
+            self._mix_update(hi, rws, cands, value, s)
+
+    def _mix_update(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray, value: float,
+                    s: np.ndarray) -> None:
+        """Exponentiated-gradient step of the blend weights of horizons ``hi`` on the
+        absolute error of the blend, scale-free, then a fixed share of uniform weight so a
+        candidate that was poor can come back when the series changes."""
+        pred = self._pmix[rws, hi]
+        # Recent errors of the blend, seasonal naive and persistence, for the guard.
+        ge = np.abs(np.column_stack([pred, cands[:, 1], cands[:, 2]]) - value) / s[:, None]
+        gerr = self._gerr[hi]
+        self._gerr[hi] = np.where(np.isnan(ge), gerr,
+                                  gerr + self._guard_a * (np.minimum(ge, FCLIP) - gerr))
+        ok = ~np.isnan(cands)
+        # d|sum_c w_c x_c / sum_c w_c - y| / dw_c ~ sign(pred - y) (x_c - y) / level.
+        g = np.sign(pred - value)[:, None] * (cands - value) / s[:, None]
+        ok &= np.isfinite(g)
+        g = np.where(ok, np.minimum(np.maximum(g, -FCLIP), FCLIP), 0.0)
+        w = self._mixw[hi]
+        # A candidate without a forecast (no week of history yet ...) takes the blend's
+        # mean gradient: it keeps its weight relative to the blend, neither gaining weight
+        # while the others err nor losing it.
+        wa = np.where(ok, w, 0.0)
+        gm = (wa * g).sum(axis=1) / np.maximum(wa.sum(axis=1), 1e-300)
+        g = np.where(ok, g, gm[:, None])
+        g = np.where(np.isnan(pred)[:, None], 0.0, g)
+        # Horizon h learns from forecasts made h steps ago, so h updates are in flight at
+        # once: the rate is divided by h (a fixed rate oscillates at long horizons).
+        lr = self.mix_lr / self._hs[hi]
+        w = w * np.exp(-lr[:, None] * g)
+        w /= w.sum(axis=1, keepdims=True)
+        a = self.mix_share
+        self._mixw[hi] = (1.0 - a) * w + a / w.shape[1]
