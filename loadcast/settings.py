@@ -10,7 +10,7 @@ The sections are defined next to the part they configure: ``kafka``
 (:mod:`streams.kafka.settings`), ``agent`` (here), ``processor``
 (:mod:`processors.apps.settings`), ``sidecar`` (:mod:`streams.sidecar.config`), ``sink``
 (:mod:`sinks.settings`), ``federated`` (:mod:`processors.apps.federated_settings`),
-``mirror`` (:mod:`processors.mirroring`).
+``mirror`` (:mod:`processors.apps.mirror_settings`).
 
 Example file::
 
