@@ -5,6 +5,13 @@ settings file (``--config PATH`` or ``LOADCAST_CONFIG``) > defaults. A bad value
 start-up with a message that names the field, e.g. ``kafka.partitions: Input should be
 greater than or equal to 1``.
 
+Every section, field, variable and default: ``loadcast settings`` (from :func:`catalog`).
+The sections are defined next to the part they configure: ``kafka``
+(:mod:`streams.kafka.settings`), ``agent`` (here), ``processor``
+(:mod:`processors.apps.settings`), ``sidecar`` (:mod:`streams.sidecar.config`), ``sink``
+(:mod:`sinks.settings`), ``federated`` (:mod:`processors.apps.federated_settings`),
+``mirror`` (:mod:`processors.apps.mirror_settings`).
+
 Example file::
 
     [kafka]
@@ -18,7 +25,10 @@ Example file::
 
 from __future__ import annotations
 
+import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -122,3 +132,76 @@ def load_settings(config: Path | str | None = None, **overrides: Any) -> Setting
         raise SettingsError(f"bad settings file {path}: {e}") from None
     finally:
         Settings.config_file = None
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """One setting: ``section.field``, its variable, default, value in force, meaning."""
+
+    section: str
+    field: str
+    env: str
+    default: str
+    value: str
+    description: str
+    defined_in: str  # the section's class, module-qualified
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.field}"
+
+
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]*@")
+
+
+def _shown(value: Any) -> str:
+    """A value as one would write it in a variable: JSON for structures; secrets, and
+    passwords in URLs, masked.
+
+    >>> _shown(None), _shown(True), _shown(2.5), _shown({"a": [1]}), _shown(SecretStr("k"))
+    ('', 'true', '2.5', '{"a": [1]}', '**********')
+    >>> _shown("https://user:pw@ch.example:8443/?secure=1")
+    'https://user:****@ch.example:8443/?secure=1'
+    """
+    if isinstance(value, SecretStr):
+        return "**********" if value.get_secret_value() else ""
+    if isinstance(value, BaseModel):
+        text = json.dumps(value.model_dump(mode="json"))
+    elif value is None:
+        text = ""
+    elif isinstance(value, bool | dict | list | tuple):
+        text = json.dumps(value, default=_jsonable)
+    else:
+        text = str(value)
+    return _URL_PASSWORD.sub(r"\1****@", text)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    return str(value)
+
+
+def catalog(settings: Settings | None = None) -> list[SettingInfo]:
+    """Every setting of every section, in :class:`Settings` order, with the value in force
+    in ``settings`` (default: the defaults).
+
+    >>> rows = catalog()
+    >>> r = next(r for r in rows if r.name == "kafka.partitions")
+    >>> r.env, r.default, r.defined_in
+    ('LOADCAST_KAFKA__PARTITIONS', '6', 'streams.kafka.settings.KafkaSettings')
+    """
+    settings = settings if settings is not None else Settings.model_construct(
+        **{k: f.get_default(call_default_factory=True) for k, f in Settings.model_fields.items()})
+    rows = []
+    for section, sfield in Settings.model_fields.items():
+        cls = sfield.annotation
+        assert isinstance(cls, type) and issubclass(cls, BaseModel)
+        current = getattr(settings, section)
+        for name, field in cls.model_fields.items():
+            default = field.get_default(call_default_factory=True)
+            rows.append(SettingInfo(
+                section, name, f"LOADCAST_{section.upper()}__{name.upper()}", _shown(default),
+                _shown(getattr(current, name)), field.description or "",
+                f"{cls.__module__}.{cls.__qualname__}"))
+    return rows

@@ -13,7 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from loadcast.cli import app
-from streams.cli_options import faust_loglevel
+from loadcast.cli.options import faust_loglevel
 from streams.sidecar.config import load_upstreams
 from tests.test_deploy import parse_cli
 
@@ -93,7 +93,8 @@ def test_bootstrap_is_accepted_by_every_command_that_talks_to_kafka() -> None:
     without = {name for name, cmd in commands().items()
                if "-b" not in {o for p in cmd.params for o in p.opts}}
     # Commands with no Kafka of their own (the broker and the demo start one).
-    assert without == {"broker", "demo", "bundle push", "bundle serve", "mirror keygen",
+    assert without == {"broker", "demo", "settings", "bundle push", "bundle serve",
+                       "mirror keygen",
                        *(f"query {q}" for q in ("latency", "forecast-accuracy",
                                                 "routing-shares", "mirror-lead-time",
                                                 "anomalies", "dead-letter"))}

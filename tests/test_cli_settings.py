@@ -67,6 +67,39 @@ def test_help_lists_the_commands() -> None:
         assert cmd in done.stdout
 
 
+def test_settings_command_lists_every_setting_its_variable_default_and_value(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from loadcast.cli import app
+    from loadcast.settings import Settings
+
+    f = tmp_path / "s.toml"
+    f.write_text('[agent]\nregion = "eu-west"\nclient_hash_key = "s3cret"\n')
+    monkeypatch.setenv("LOADCAST_KAFKA__PARTITIONS", "24")
+    monkeypatch.setenv("LOADCAST_SINK__DSN", "http://loader:pw0rd@127.0.0.1:8123")
+    r = CliRunner().invoke(app, ["--config", str(f), "settings"])
+    assert r.exit_code == 0, r.output
+    rows = {line.split("\t")[0]: line.split("\t") for line in r.stdout.splitlines()
+            if not line.startswith("#")}
+    assert rows.pop("setting") == ["setting", "env", "default", "value", "description"]
+    # Every field of every section, and nothing else.
+    assert set(rows) == {f"{section}.{name}" for section, field in Settings.model_fields.items()
+                         for name in field.annotation.model_fields}  # type: ignore[union-attr]
+    assert rows["kafka.partitions"][1:4] == ["LOADCAST_KAFKA__PARTITIONS", "6", "24"]
+    assert rows["agent.region"][2:4] == ["central", "eu-west"]
+    assert "s3cret" not in r.stdout and rows["agent.client_hash_key"][3] == "**********"
+    assert "pw0rd" not in r.stdout and rows["sink.dsn"][3] == "http://loader:****@127.0.0.1:8123"
+    assert "# [sidecar] streams.sidecar.config.SidecarSettings" in r.stdout
+    only = CliRunner().invoke(app, ["settings", "sink"])
+    assert only.exit_code == 0
+    assert {line.split(".")[0] for line in only.stdout.splitlines()[1:]
+            if not line.startswith("#")} == {"sink"}
+    bad = CliRunner().invoke(app, ["settings", "kafak"])
+    assert bad.exit_code == 2 and "no section kafak" in bad.output
+
+
 def test_ensure_topics_is_idempotent_and_compacts_the_model_repository(
     kafka: KafkaSettings,
 ) -> None:

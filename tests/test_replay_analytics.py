@@ -79,7 +79,7 @@ def test_replay_summary_counts_the_rows_replayed_not_the_trace(kafka: KafkaSetti
 
 
 def test_replay_progress_on_a_terminal() -> None:
-    from loadcast.cli import ReplayProgress
+    from loadcast.cli.agent import ReplayProgress
 
     class Edge:
         windows_published = 0

@@ -1,0 +1,224 @@
+"""The demo's headline: the comparison as claims, each with the numbers behind it, and
+the lines that say them (green: predictive won and lost nothing in that comparison; red:
+it lost somewhere; no colour: within noise)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loadcast.demo import scenario as scn
+from loadcast.demo.measures import PHASES
+
+#: A ratio within this much of 1 is a tie ("no worse, within noise"), not a win or a loss.
+TIE = 0.02
+#: The forecast earns its place when its MAE is at most this share of each baseline's.
+SKILL_TARGET = 0.85
+COVERAGE_TARGET = (0.85, 0.95)
+#: Runnable processes per CPU (1-min load average) above which the latency lines are
+#: flagged: the simulated backends, sidecars and load generator all share the CPUs.
+BUSY_LOAD_PER_CPU = 1.5
+
+ERROR_TIE = 0.002  # error rates within 0.2 points of each other: no difference
+GROUPS = {scn.CENTRAL: "central clients (routing only: same backends, no mirrors in any lane)",
+          scn.EDGE: "edge clients (routing plus mirrors: only the two predictive lanes have "
+                    "edge mirrors)"}
+BASELINES = ("peak-ewma", "round-robin", "predictive-persistence")
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def verdict(ratio: float | None, err: float | None, base_err: float | None) -> str:
+    """``won``, ``lost`` or ``tie`` for one comparison: p99 ratio (subject / baseline)
+    outside 1 ± :data:`TIE`, error rates more than :data:`ERROR_TIE` apart. Worse on
+    either count is a loss; better on one and not worse on the other, a win.
+
+    >>> verdict(0.9, 0.0, 0.0), verdict(0.9, 0.01, 0.0), verdict(1.01, 0.0, 0.05)
+    ('won', 'lost', 'won')
+    >>> verdict(1.01, 0.001, 0.0), verdict(None, None, None)
+    ('tie', 'no data')
+    """
+    if ratio is None:
+        return "no data"
+    e, b = err or 0.0, base_err or 0.0
+    lat = -1 if ratio < 1 - TIE else 1 if ratio > 1 + TIE else 0
+    er = -1 if e < b - ERROR_TIE else 1 if e > b + ERROR_TIE else 0
+    if lat > 0 or er > 0:
+        return "lost"
+    return "won" if lat < 0 or er < 0 else "tie"
+
+
+def tone(verdicts: list[str]) -> str:
+    """A headline line's colour: ``win`` only when nothing was lost and something won."""
+    if "lost" in verdicts:
+        return "lose"
+    return "win" if "won" in verdicts else "neutral"
+
+
+
+def headline(q: dict[str, Any], machine: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The comparison as claims, each with the numbers behind it, and the lines that say
+    them: per client group what ``predictive`` won and lost against each baseline (the
+    ablation ``predictive-persistence`` among them), then whether its forecasts earned
+    their place, then the mirrors' lead times."""
+    pol = q["policies"]
+    out: dict[str, Any] = {"tolerance": {"p99_ratio": TIE, "error_rate": ERROR_TIE,
+                                         "skill_target": SKILL_TARGET,
+                                         "coverage_target": list(COVERAGE_TARGET)}}
+    claims: list[dict[str, Any]] = []
+    statements: list[dict[str, Any]] = []
+    for base in ("round-robin", "peak-ewma"):  # all clients together, as before
+        for ph in PHASES:
+            out[f"p99_ratio_vs_{base}_{ph}"] = _ratio(pol["predictive"]["all"][ph]["p99_ms"],
+                                                      pol[base]["all"][ph]["p99_ms"])
+    _latency_claims(pol, claims, statements)
+    # Forecast skill at the planner's horizon, per client group.
+    _forecast_claims(q["skill"], claims, statements)
+    _planner_claims(q["skill"], claims, statements)
+    _mirror_claim(q["lead"], out, claims, statements)
+    if machine:
+        _machine_claim(machine, claims, statements)
+    # Prediction won only where none of its claims lost (the machine's load is context).
+    out["predictive_wins"] = not any(c["verdict"] == "lost" for c in claims
+                                     if c["kind"] != "machine")
+    out["claims"] = claims
+    out["statements"] = statements
+    return out
+
+
+def _said(claims: list[dict[str, Any]], ids: list[str]) -> str:
+    """The tone of the statement made of the claims ``ids``."""
+    return tone([c["verdict"] for c in claims if c["id"] in ids])
+
+
+def _latency_claims(pol: dict[str, Any], claims: list[dict[str, Any]],
+                    statements: list[dict[str, Any]]) -> None:
+    """Per client group and baseline: predictive's p99 and errors in each phase."""
+    for g, title in GROUPS.items():
+        for base in BASELINES:
+            ids, parts = [], []
+            for ph in PHASES:
+                a, b = pol["predictive"][g][ph], pol[base][g][ph]
+                if not a["requests"] or not b["requests"]:
+                    continue
+                r = _ratio(a["p99_ms"], b["p99_ms"])
+                c = {"id": f"{g}:predictive-vs-{base}:{ph}", "kind": "latency", "group": g,
+                     "subject": "predictive", "baseline": base, "phase": ph,
+                     "p99_ms": a["p99_ms"], "baseline_p99_ms": b["p99_ms"], "ratio": r,
+                     "error_rate": a["error_rate"], "baseline_error_rate": b["error_rate"],
+                     "verdict": verdict(r, a["error_rate"], b["error_rate"])}
+                claims.append(c)
+                ids.append(c["id"])
+                parts.append(f"{ph} {c['verdict']} (p99 x{r:.2f}, errors "
+                             f"{a['error_rate'] or 0:.2%} vs {b['error_rate'] or 0:.2%})"
+                             if r is not None else f"{ph}: no data")
+            what = ("the ablation: the forecast's own share" if base == "predictive-persistence"
+                    else "reactive")
+            statements.append({
+                "group": g, "tone": _said(claims, ids), "claims": ids,
+                "text": f"{title}: predictive vs {base} ({what}): " + "; ".join(parts)})
+
+
+def _skill_claim(kind: str, series: str, g: str, base: str, st: dict[str, Any],
+                 horizon_s: int) -> dict[str, Any]:
+    m = st[f"mase_vs_{base}"]
+    return {"id": f"{g}:{kind}-vs-{base}", "kind": "forecast", "series": series,
+            "group": g, "baseline": base.replace("_", "-"), "horizon_s": horizon_s,
+            "mase": m, "mae": st["mae"], "baseline_mae": st[f"mae_{base}"],
+            "points": st["points"], "target": SKILL_TARGET,
+            "verdict": "no data" if m is None else "won" if m <= SKILL_TARGET else "lost"}
+
+
+def _forecast_claims(sk: dict[str, Any], claims: list[dict[str, Any]],
+                     statements: list[dict[str, Any]]) -> None:
+    """Per client group: the demand forecast's MASE against both naive forecasts and its
+    band's coverage."""
+    for g, st in sk["groups"].items():
+        ids, parts = [], []
+        for base in ("seasonal_naive", "persistence"):
+            c = _skill_claim("forecast", "demand", g, base, st, sk["horizon_s"])
+            claims.append(c)
+            ids.append(c["id"])
+            m = c["mase"]
+            parts.append(f"MASE {m} vs {c['baseline']} ({c['verdict']})" if m is not None
+                         else f"no data vs {c['baseline']}")
+        cov = st["coverage"]
+        lo, hi = COVERAGE_TARGET
+        c = {"id": f"{g}:forecast-band-coverage", "kind": "coverage", "group": g,
+             "coverage": cov, "points": st["points"], "target": [lo, hi],
+             "verdict": "no data" if cov is None else "won" if lo <= cov <= hi else "lost"}
+        claims.append(c)
+        ids.append(c["id"])
+        parts.append(f"90 % band coverage {cov} ({c['verdict']})")
+        statements.append({
+            "group": g, "tone": _said(claims, ids), "claims": ids,
+            "text": f"{g} demand forecast {sk['horizon_s']} s ahead (the horizon the planner "
+                    f"and the mirror director act on), over {st['points']} s: "
+                    + "; ".join(parts)})
+
+
+def _planner_claims(sk: dict[str, Any], claims: list[dict[str, Any]],
+                    statements: list[dict[str, Any]]) -> None:
+    """Per client group with mirrors: the planner's sum (forecast + mirrors' rate)."""
+    for g, st in sk["planner_sums"].items():
+        if not st["mirrors"]:
+            continue  # no mirror: the planner's sum is the forecast above
+        ids = []
+        for base in ("seasonal_naive", "persistence"):
+            c = _skill_claim("planner-sum", "planner", g, base, st, sk["horizon_s"])
+            claims.append(c)
+            ids.append(c["id"])
+        statements.append({
+            "group": g, "tone": _said(claims, ids), "claims": ids,
+            "text": f"{g} demand as the planner adds it up (plus what the "
+                    f"{len(st['mirrors'])} mirror(s) carried when the forecast was made): "
+                    f"MASE {st['mase_vs_seasonal_naive']} vs seasonal-naive, MASE "
+                    f"{st['mase_vs_persistence']} vs persistence"})
+
+
+def _mirror_claim(lead: list[dict[str, Any]], out: dict[str, Any],
+                  claims: list[dict[str, Any]], statements: list[dict[str, Any]]) -> None:
+    """The edge mirrors: ready before the demand crossed capacity, or after."""
+    leads = [r["lead_seconds"] for r in lead if r.get("lead_seconds") is not None]
+    out["mirror_activations"] = len(lead)
+    out["mirror_lead_seconds"] = leads
+    # No crossing (NULL lead): demand never went over capacity, said as such, not a number.
+    out["mirror_no_crossing"] = len(lead) - len(leads)
+    ahead = sum(1 for x in leads if x > 0)
+    c = {"id": "edge:mirror-lead", "kind": "mirror", "group": scn.EDGE,
+         "activations": len(lead), "ready_before": ahead,
+         "ready_after": len(leads) - ahead, "no_crossing": out["mirror_no_crossing"],
+         "lead_seconds": leads,
+         "verdict": "no data" if not leads else "won" if ahead == len(leads) else "lost"}
+    claims.append(c)
+    if lead:
+        shown = ", ".join("no crossing" if r.get("lead_seconds") is None
+                          else f"{r['lead_seconds']:+.1f}s" for r in lead)
+        text = (f"{len(lead)} edge mirror activation(s) in the predictive lane: ready "
+                f"before the edge demand crossed central capacity in {ahead}, after it in "
+                f"{len(leads) - ahead}, no crossing in {out['mirror_no_crossing']} "
+                f"(lead {shown})")
+    else:
+        text = "no edge mirror was activated in the predictive lane"
+    statements.append({"group": scn.EDGE, "tone": tone([c["verdict"]]), "claims": [c["id"]],
+                       "text": text})
+
+
+def _machine_claim(machine: dict[str, Any], claims: list[dict[str, Any]],
+                   statements: list[dict[str, Any]]) -> None:
+    """The machine's load during the live run: context for the latency lines (first)."""
+    per_cpu = max(machine["load_1m_at_live_start"], machine["load_1m_at_live_end"]) / max(
+        1, machine["cpus"])
+    busy = per_cpu > BUSY_LOAD_PER_CPU
+    c = {"id": "machine-load", "kind": "machine", "group": "all", **machine,
+         "load_per_cpu": round(per_cpu, 2), "limit": BUSY_LOAD_PER_CPU,
+         "verdict": "lost" if busy else "tie"}
+    claims.append(c)
+    statements.insert(0, {
+        "group": "all", "tone": "lose" if busy else "neutral", "claims": [c["id"]],
+        "text": (f"machine load during the live run: {per_cpu:.2f} runnable processes per "
+                 f"CPU ({machine['cpus']} CPUs)"
+                 + (": the lanes' latencies measure CPU contention more than the "
+                    "policies; rerun on an idle machine before trusting the p99 lines"
+                    if busy else ": the lanes were not starved of CPU"))})
