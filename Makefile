@@ -18,6 +18,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # Debian packages the tests use: haproxy (sidecar data plane), wrk (proxy benchmark).
 system-deps:

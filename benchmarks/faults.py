@@ -179,7 +179,7 @@ class Stack:
         """Rows of a query the running sink answers (none before its first batch made
         the tables)."""
         from sinks.admin import fetch_query
-        from sinks.queries import QueryError
+        from sinks.errors import QueryError
 
         try:
             return fetch_query(f"http://127.0.0.1:{self.sink_port}", TOKEN,

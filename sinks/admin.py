@@ -28,7 +28,8 @@ from typing import Any
 
 from aiohttp import web
 
-from sinks.queries import QueryError, QueryResult
+from sinks.errors import QueryError
+from sinks.queries import QueryResult
 
 log = logging.getLogger(__name__)
 

@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from sinks.canned import CANNED, SOURCES
+from sinks.errors import QueryError
+from sinks.sqlguard import check_sql
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
 
 MAX_ROWS = 100_000
-
-
-class QueryError(ValueError):
-    """A query request that cannot be run as asked (unknown name, bad parameter)."""
 
 
 @dataclass
@@ -169,8 +167,6 @@ def run_sql(client: Client, sql: str, params: dict[str, Any] | None = None) -> Q
     Refused before it runs (:class:`sinks.sqlguard.SqlRefused`, a :class:`QueryError`)
     when it is not one reading statement or reaches files, URLs or other servers; then
     run with ``readonly=1`` (no writes, no setting changes, no table functions)."""
-    from sinks.sqlguard import check_sql
-
     if not sql.strip():
         raise QueryError("empty SQL")
     check_sql(sql)

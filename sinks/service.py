@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from schemas.validation import DEFAULT_LIMITS, Limits
 from sinks.admin import AdminError, AdminServer, fetch_query, make_app
 from sinks.db import ClickHouseUnavailable, chdb_locked, chdb_path, close_quietly, connect
-from sinks.queries import QueryError, QueryResult, run_canned, run_sql
+from sinks.errors import QueryError
+from sinks.queries import QueryResult, run_canned, run_sql
 from sinks.settings import SinkSettings
 from sinks.sink import Sink, SinkStats, describe
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 
-from sinks.queries import QueryError
+from sinks.errors import QueryError
 
 # Table functions / functions that read or write files, URLs, other servers or processes.
 FORBIDDEN_FUNCTIONS = frozenset(

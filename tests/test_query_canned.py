@@ -14,7 +14,8 @@ import pytest
 from sinks.convert import rows_for
 from sinks.db import connect
 from sinks.ddl import TABLE_BY_TOPIC, migrate
-from sinks.queries import QueryError, run_canned, run_sql
+from sinks.errors import QueryError
+from sinks.queries import run_canned, run_sql
 from sinks.settings import SinkSettings
 
 T = (time.time_ns() // 1_000_000) // 60_000 * 60_000 - 30 * 60_000

@@ -13,7 +13,8 @@ from pydantic import ValidationError
 from sinks.admin import AdminServer, make_app
 from sinks.convert import ConversionError, dead_letter_row, rows_for
 from sinks.ddl import TABLES, create_table_sql
-from sinks.queries import QueryError, QueryResult, canned_params, parse_time
+from sinks.errors import QueryError
+from sinks.queries import QueryResult, canned_params, parse_time
 from sinks.settings import SinkSettings
 
 

@@ -19,7 +19,8 @@ import pytest
 from sinks.admin import AdminServer, make_app
 from sinks.db import connect
 from sinks.ddl import migrate
-from sinks.queries import QueryError, QueryResult, run_sql
+from sinks.errors import QueryError
+from sinks.queries import QueryResult, run_sql
 from sinks.service import run_body
 from sinks.settings import SinkSettings
 from sinks.sqlguard import SqlRefused, check_sql

@@ -22,7 +22,8 @@ from rich.table import Table
 from loadcast.cli.common import SettingsFn, ensure_kafka, fail
 from schemas.validation import Limits
 from sinks.canned import CANNED
-from sinks.queries import QueryError, QueryResult, parse_time
+from sinks.errors import QueryError
+from sinks.queries import QueryResult, parse_time
 from streams.signals import stop_on_signals
 
 if TYPE_CHECKING:

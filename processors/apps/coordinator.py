@@ -34,6 +34,7 @@ from schemas.federated import GlobalState, global_to_record, update_from_record
 from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
+from streams.metrics import serve_metrics
 from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,6 @@ def make_app(kafka: KafkaSettings, settings: FederatedSettings,
 def run_coordinator(kafka: KafkaSettings, settings: FederatedSettings,
                     loglevel: str = "warn") -> None:
     """Run the coordinator until SIGTERM/SIGINT (Faust's worker handles the signals)."""
-    from streams.metrics import serve_metrics
-
     serve_metrics(settings.metrics_port)
     app, _ = make_app(kafka, settings)
     faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

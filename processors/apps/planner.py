@@ -37,6 +37,7 @@ from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_probl
 from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
+from streams.metrics import serve_metrics
 
 log = logging.getLogger(__name__)
 
@@ -190,8 +191,6 @@ def make_app(kafka: KafkaSettings, settings: MirrorSettings,
 
 def run_planner(kafka: KafkaSettings, settings: MirrorSettings, loglevel: str = "warn") -> None:
     """Run the planner until SIGTERM/SIGINT (Faust's worker handles the signals)."""
-    from streams.metrics import serve_metrics
-
     serve_metrics(settings.planner_metrics_port)
     app, _ = make_app(kafka, settings)
     faust.Worker(app, loglevel=loglevel, quiet=True).execute_from_commandline()

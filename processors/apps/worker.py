@@ -26,11 +26,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from processors.apps.settings import ProcessorSettings
 from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
+from processors.federated.coldstart import warm_start
+from processors.federated.params import family_of
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
 from streams.kafka.registry import codec_for
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
+from streams.metrics import serve_metrics
+from streams.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +153,6 @@ class Worker:
         self.outputs = KafkaOutputs(self.runtime, f"{settings.app_id}-out")
         self.models: Any = None
         if settings.warm_start and settings.forecaster == "default":
-            from streams.model_repo import ModelRepository
-
             self.models = ModelRepository(kafka, self.codec, client_id=f"{settings.app_id}-models")
             self.models.refresh(10)
         self.engine = Engine(settings.config(), self.codec, self.outputs,
@@ -382,8 +384,6 @@ class Worker:
 
     def _warm_start(self, model: EndpointModel) -> None:
         """A new endpoint begins from the latest global model of its family, if any."""
-        from processors.federated.coldstart import warm_start
-        from processors.federated.params import family_of
 
         latest = self.models.latest(family_of(model.forecaster))
         if latest is not None:
@@ -397,8 +397,6 @@ class Worker:
 
 def run_worker(kafka: KafkaSettings, settings: ProcessorSettings, loglevel: str = "warn") -> None:
     """Run the worker until SIGTERM/SIGINT (Faust's worker handles the signals)."""
-    from streams.metrics import serve_metrics
-
     serve_metrics(settings.metrics_port)
     worker = Worker(kafka, settings)
     REGISTRY.register(EngineMetrics(worker))

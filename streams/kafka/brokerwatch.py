@@ -35,6 +35,9 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from streams.kafka.clients import new_admin
+from streams.kafka.topics import ensure_topics, topic_name
+
 if TYPE_CHECKING:
     from confluent_kafka import KafkaError
 
@@ -187,8 +190,6 @@ class BrokerWatch:
                 except Exception:
                     log.exception("%s: broker-return hook failed", self.name)
             if lost_log:
-                from streams.kafka.topics import ensure_topics
-
                 assert self.kafka is not None
                 try:
                     ensure_topics(self.kafka)
@@ -206,9 +207,6 @@ class BrokerWatch:
     def _lost_topics(self) -> bool:
         """True when the broker answers without loadcast's telemetry topic (it lost its
         storage); raises while it does not answer metadata."""
-        from streams.kafka.clients import new_admin
-        from streams.kafka.topics import topic_name
-
         assert self.kafka is not None
         md = new_admin(_quiet_config(self.kafka)).list_topics(timeout=3)
         if not md.brokers:

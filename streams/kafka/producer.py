@@ -26,6 +26,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from streams import metrics
+from streams.kafka.brokerwatch import watch
 from streams.kafka.clients import new_producer
 from streams.kafka.settings import KafkaSettings
 
@@ -90,8 +91,6 @@ class RecordProducer:
         self._m_queued = metrics.PRODUCER_QUEUED.labels(client_id)
         self._m_sent: dict[str, Any] = {}
         self._last_overflow_log = 0.0
-        from streams.kafka.brokerwatch import watch
-
         watch(settings).on_return(self._broker_back, weak=True)
 
     def _broker_back(self, lost_log: bool) -> None:

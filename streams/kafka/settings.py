@@ -18,6 +18,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from streams.kafka.brokerwatch import RDKAFKA_LOGGER, watch
+
 
 class KafkaSettings(BaseModel):
     """Where Kafka is and how to talk to it."""
@@ -48,8 +50,6 @@ class KafkaSettings(BaseModel):
 
     def client_config(self) -> dict[str, Any]:
         """librdkafka properties common to producers, consumers and admin clients."""
-        from streams.kafka.brokerwatch import RDKAFKA_LOGGER, watch
-
         # Brokers closing idle connections is routine; librdkafka would log each one. A
         # lost broker is logged once (then every 30 s) by the process's broker watch.
         w = watch(self)

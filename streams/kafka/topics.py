@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import NewTopic
 
 from streams.kafka.clients import new_admin
-from streams.kafka.settings import KafkaSettings
+
+if TYPE_CHECKING:  # annotations only: settings import the broker watch, which needs this
+    from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
