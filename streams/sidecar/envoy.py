@@ -39,7 +39,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -50,6 +49,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from streams.kafka.broker import free_port
+from streams.sidecar.child import ChildProcess
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.dataplane import DataPlaneError, PlaneContext, Telemetry
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
@@ -268,7 +268,7 @@ def take_access_log(proc: EnvoyProcess) -> str:
         taken.unlink(missing_ok=True)
 
 
-class EnvoyProcess:
+class EnvoyProcess(ChildProcess):
     """An Envoy process of our own: config in a temp dir, stopped with us."""
 
     def __init__(self, binary: str = "envoy", concurrency: int = 2) -> None:
@@ -283,9 +283,8 @@ class EnvoyProcess:
         self.dir = Path(self._tmp.name)
         (self.dir / "eds").mkdir()
         self.config_path = self.dir / "envoy.json"
-        self.log_path = self.dir / "envoy.log"
+        super().__init__(self.dir / "envoy.log")
         self.admin_port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def admin(self, path: str, timeout_s: float = 2.0, method: str = "GET") -> str:
         """One call to Envoy's admin API (loopback)."""
@@ -315,33 +314,12 @@ class EnvoyProcess:
         self.stop()
         raise EnvoyError(f"envoy was not ready within {timeout_s}s")
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 1500) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
     def stop(self) -> None:
         """Terminate Envoy and remove its directory."""
         self.terminate()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
-
-    def terminate(self) -> None:
-        """SIGTERM (SIGKILL after 5 s); the directory stays."""
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
 
 
 class EnvoyPlane:

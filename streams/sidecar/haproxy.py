@@ -22,15 +22,14 @@ import asyncio
 import contextlib
 import csv
 import io
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from streams.sidecar.child import ChildProcess
 from streams.sidecar.config import Upstream
 from streams.sidecar.dataplane import DataPlaneError
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
@@ -261,7 +260,7 @@ def haproxy_binary(name: str = "haproxy") -> str | None:
     return found
 
 
-class HAProxyProcess:
+class HAProxyProcess(ChildProcess):
     """A HAProxy process of our own: config in a temp dir, foreground, stopped with us."""
 
     def __init__(self, config_text: str, *, binary: str = "haproxy",
@@ -274,8 +273,7 @@ class HAProxyProcess:
         self.dir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.config_path = self.dir / "haproxy.cfg"
         self.config_path.write_text(config_text)
-        self.log_path = self.dir / "haproxy.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(self.dir / "haproxy.log")
 
     def check(self) -> None:
         """Validate the config with ``haproxy -c``."""
@@ -308,25 +306,8 @@ class HAProxyProcess:
         self.stop()
         raise HAProxyError(f"haproxy did not open {socket_path} within {timeout_s}s")
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log_tail(self, n: int = 1500) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self.proc = None
+        self.terminate()
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
