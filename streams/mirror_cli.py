@@ -144,7 +144,7 @@ def executor(
     """Run a mirror executor: verified mirror commands of one region -> API processes."""
 
     from loadcast.cli import console, fail, settings
-    from streams.executor import Executor
+    from streams.executor.service import Executor
     from streams.metrics import serve_metrics
     from streams.sdk import make_codec
     from streams.signals import stop_on_signals

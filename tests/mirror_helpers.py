@@ -21,7 +21,7 @@ from typing import Any
 from confluent_kafka import Producer
 
 from schemas.codec import Codec
-from streams.executor import kill_recorded
+from streams.executor.supervise import kill_recorded
 from streams.settings import KafkaSettings
 from streams.topics import topic_name
 from tests.kafka_helpers import read_topic

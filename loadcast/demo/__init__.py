@@ -315,7 +315,7 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
     from streams.agent import build_agent, zero_host_stats
     from streams.broker import EmbeddedBroker, free_port
     from streams.bundles import DirectoryStore, push
-    from streams.executor import kill_recorded
+    from streams.executor.supervise import kill_recorded
     from streams.topics import ensure_topics
 
     started = time.time()

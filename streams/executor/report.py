@@ -1,0 +1,53 @@
+"""What the executor tells: a MirrorStatus record per state change (on ``mirror-status``,
+keyed by region) and a dead letter per undecodable command."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from schemas.codec import Codec
+from streams.deadletter import DeadLetterWriter
+from streams.executor.state import now_ms
+from streams.producer import RecordProducer
+
+log = logging.getLogger(__name__)
+
+
+class Reporter:
+    """Statuses and dead letters of one executor, through one producer."""
+
+    def __init__(self, producer: RecordProducer, codec: Codec, *, executor_id: str,
+                 region: str, status_topic: str, commands_topic: str,
+                 dead_topic: str) -> None:
+        self.producer = producer
+        self.codec = codec
+        self.id = executor_id
+        self.region = region
+        self.status_topic = status_topic
+        self.commands_topic = commands_topic
+        self.dead_topic = dead_topic
+        self.statuses: list[dict[str, Any]] = []  # everything reported (tests, inspection)
+
+    def status(self, api: str, command_id: str, sequence: int, state: str, *,
+               url: str | None = None, digest: str | None = None, reason: str = "",
+               capacity: float | None = None) -> None:
+        rec = {"executor_id": self.id, "region": self.region, "api": api,
+               "command_id": command_id, "sequence": int(sequence), "state": state,
+               "at": now_ms(), "instance_url": url, "bundle_digest": digest,
+               "reason": reason[:1000], "capacity_rps": capacity}
+        self.statuses.append(rec)
+        self.producer.produce(self.status_topic, self.codec.encode("MirrorStatus", rec),
+                              self.region.encode())
+        self.producer.poll(0)
+
+    def dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
+                    partition: int, offset: int) -> None:
+        log.warning("mirror command at %d@%d to dead-letter: %s", partition, offset, detail)
+        DeadLetterWriter(self.producer, self.dead_topic, client=f"executor-{self.id}").send(
+            key, value, reason=reason, detail=detail, source_topic=self.commands_topic,
+            partition=partition, offset=offset, consumer=f"executor-{self.id}")
+        self.producer.poll(0)
+
+    def flush(self, timeout: float) -> None:
+        self.producer.flush(timeout)
