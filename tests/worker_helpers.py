@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.support.records import window
 from processors.endpoint import EndpointModel
 from schemas.codec import Codec
 from streams.producer import RecordProducer
@@ -22,7 +23,6 @@ from tests.conftest import ELB
 from tests.kafka_helpers import read_topic
 
 STEP = 300  # model step in the tests: 5 windows of 60 s per step
-INTERVAL_MS = 60_000
 
 
 def worker_env(kafka: KafkaSettings, app_id: str) -> dict[str, str]:
@@ -68,16 +68,7 @@ def make_windows(endpoints: list[str], start: int, count: int) -> list[dict[str,
     for i in range(start, start + count):
         for k, endpoint in enumerate(endpoints):
             n = round(values[(i + 37 * k) % len(values)] * (1 + k / 4))
-            ws = 1_700_000_000_000 + i * INTERVAL_MS
-            out.append({
-                "endpoint_id": endpoint, "region": "eu", "api": "orders", "agent_id": "t",
-                "window_start": ws, "window_end": ws + INTERVAL_MS, "interval_ms": INTERVAL_MS,
-                "request_count": n, "errors_4xx": 0, "errors_5xx": n // 100, "errors_connect": 0,
-                "latency_p50_ms": 20.0 + n / 10, "latency_p95_ms": 40.0 + n / 5,
-                "latency_p99_ms": 60.0 + n / 4, "latency_max_ms": 90.0 + n / 3,
-                "cpu_percent": 30.0, "memory_percent": 50.0, "net_in_bytes": 1000 * n,
-                "net_out_bytes": 3000 * n,
-            })
+            out.append(window(endpoint, i, 1_700_000_000_000, n=n, agent_id="t"))
     return out
 
 
