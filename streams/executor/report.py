@@ -4,6 +4,7 @@ keyed by region) and a dead letter per undecodable command."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.codec import Codec
@@ -14,25 +15,23 @@ from streams.producer import RecordProducer
 log = logging.getLogger(__name__)
 
 
+@dataclass
 class Reporter:
     """Statuses and dead letters of one executor, through one producer."""
 
-    def __init__(self, producer: RecordProducer, codec: Codec, *, executor_id: str,
-                 region: str, status_topic: str, commands_topic: str,
-                 dead_topic: str) -> None:
-        self.producer = producer
-        self.codec = codec
-        self.id = executor_id
-        self.region = region
-        self.status_topic = status_topic
-        self.commands_topic = commands_topic
-        self.dead_topic = dead_topic
-        self.statuses: list[dict[str, Any]] = []  # everything reported (tests, inspection)
+    producer: RecordProducer
+    codec: Codec
+    executor_id: str
+    region: str
+    status_topic: str
+    commands_topic: str
+    dead_topic: str
+    statuses: list[dict[str, Any]] = field(default_factory=list)  # all reported (tests)
 
     def status(self, api: str, command_id: str, sequence: int, state: str, *,
                url: str | None = None, digest: str | None = None, reason: str = "",
                capacity: float | None = None) -> None:
-        rec = {"executor_id": self.id, "region": self.region, "api": api,
+        rec = {"executor_id": self.executor_id, "region": self.region, "api": api,
                "command_id": command_id, "sequence": int(sequence), "state": state,
                "at": now_ms(), "instance_url": url, "bundle_digest": digest,
                "reason": reason[:1000], "capacity_rps": capacity}
@@ -44,9 +43,10 @@ class Reporter:
     def dead_letter(self, key: bytes | None, value: bytes, reason: str, detail: str,
                     partition: int, offset: int) -> None:
         log.warning("mirror command at %d@%d to dead-letter: %s", partition, offset, detail)
-        DeadLetterWriter(self.producer, self.dead_topic, client=f"executor-{self.id}").send(
+        client = f"executor-{self.executor_id}"
+        DeadLetterWriter(self.producer, self.dead_topic, client=client).send(
             key, value, reason=reason, detail=detail, source_topic=self.commands_topic,
-            partition=partition, offset=offset, consumer=f"executor-{self.id}")
+            partition=partition, offset=offset, consumer=client)
         self.producer.poll(0)
 
     def flush(self, timeout: float) -> None:

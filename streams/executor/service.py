@@ -65,7 +65,7 @@ class Executor:
         self.state = ExecutorState.load(self.state_path)
         self.commands_topic = topic_name(kafka, "mirror-commands")
         self.producer = RecordProducer(kafka, f"executor-{executor_id}", linger_ms=1.0)
-        self.report = Reporter(self.producer, codec, executor_id=executor_id, region=region,
+        self.report = Reporter(self.producer, codec, executor_id, region,
                                status_topic=topic_name(kafka, "mirror-status"),
                                commands_topic=self.commands_topic,
                                dead_topic=topic_name(kafka, "dead-letter"))
@@ -73,9 +73,8 @@ class Executor:
         self.bundles = BundleCache(self.work / "bundles", store_url, max_bundle_bytes)
         self._stop = threading.Event()
         self.supervisor = Supervisor(self.state, self._save, self.bundles, self.report,
-                                     executor_id=executor_id, region=region,
-                                     work_dir=self.work, host=host,
-                                     drain_seconds=drain_seconds, stopping=self._stop)
+                                     executor_id, region, self.work, host,
+                                     drain_s=drain_seconds, stopping=self._stop)
         self.consumer: Consumer | None = None
 
     # ----------------------------------------------------------------- lifecycle

@@ -16,6 +16,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -75,24 +76,23 @@ def kill(inst: Instance) -> None:
         pass
 
 
+@dataclass
 class Supervisor:
     """Makes the instances in ``state`` match the accepted commands, and keeps them so.
 
-    ``save`` writes the state file; ``stopping`` cuts a drain wait short."""
+    ``save`` writes the state file; ``stopping`` cuts a drain wait short; instances log
+    to ``<work_dir>/logs/``."""
 
-    def __init__(self, state: ExecutorState, save: Callable[[], None], bundles: BundleCache,
-                 report: Reporter, *, executor_id: str, region: str, work_dir: Path,
-                 host: str, drain_seconds: float, stopping: threading.Event) -> None:
-        self.state = state
-        self.save = save
-        self.bundles = bundles
-        self.report = report
-        self.id = executor_id
-        self.region = region
-        self.logs = work_dir / "logs"
-        self.host = host
-        self.drain_s = drain_seconds
-        self.stopping = stopping
+    state: ExecutorState
+    save: Callable[[], None]
+    bundles: BundleCache
+    report: Reporter
+    executor_id: str
+    region: str
+    work_dir: Path
+    host: str
+    drain_s: float
+    stopping: threading.Event
 
     def adopt(self) -> None:
         """Keep the recorded instances that still run and answer their health check
@@ -133,7 +133,7 @@ class Supervisor:
         extra = current[want:]
         for inst in [*stale, *extra]:
             self.retire(inst, cmd)
-        INSTANCES.labels(self.id, api).set(len(self.state.instances.get(api, [])))
+        INSTANCES.labels(self.executor_id, api).set(len(self.state.instances.get(api, [])))
 
     def check_instances(self, api: str) -> None:
         """An instance whose process died is reported FAILED and replaced."""
@@ -159,8 +159,9 @@ class Supervisor:
             return None
         port = free_port(self.host)
         url = f"http://{self.host}:{port}"
-        self.logs.mkdir(parents=True, exist_ok=True)
-        logfile = self.logs / f"{api}-{port}.log"
+        logs = self.work_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        logfile = logs / f"{api}-{port}.log"
         self.report.status(api, cid, seq, "STARTING", url=url, digest=digest,
                            capacity=manifest.capacity_rps)
         argv = [sys.executable if a == "{python}" else a.replace("{port}", str(port))
