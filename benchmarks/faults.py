@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import signal
 import socket
@@ -52,6 +51,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
 from benchmarks.support.kafka_read import read_to_end
+from benchmarks.support.processes import kafka_env
 from benchmarks.support.records import INTERVAL_MS, window
 from schemas.codec import Codec, CodecError
 from schemas.validation import reference_ms, score_problem, telemetry_problem
@@ -89,13 +89,7 @@ class Stack:
     worker_log_level: str = "warn"
 
     def env(self) -> dict[str, str]:
-        k = self.kafka
-        return {
-            **os.environ,
-            "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
-            "LOADCAST_KAFKA__TOPIC_PREFIX": k.topic_prefix,
-            "LOADCAST_KAFKA__PARTITIONS": str(k.partitions),
-        }
+        return kafka_env(self.kafka)
 
     def start(self) -> Stack:
         self.work.mkdir(parents=True, exist_ok=True)

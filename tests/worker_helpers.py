@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.support.processes import kafka_env, stop_process
 from benchmarks.support.records import window
 from processors.endpoint import EndpointModel
 from schemas.codec import Codec
@@ -26,17 +26,11 @@ STEP = 300  # model step in the tests: 5 windows of 60 s per step
 
 
 def worker_env(kafka: KafkaSettings, app_id: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
-        "LOADCAST_PROCESSOR__APP_ID": app_id,
-        "LOADCAST_PROCESSOR__STEP_SECONDS": str(STEP),
-        "LOADCAST_PROCESSOR__SEASON_SECONDS": "86400",
-        "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": "0.5",
-        "LOADCAST_PROCESSOR__ANOMALY_WARMUP": "50",
-    }
+    return kafka_env(kafka, LOADCAST_PROCESSOR__APP_ID=app_id,
+                     LOADCAST_PROCESSOR__STEP_SECONDS=str(STEP),
+                     LOADCAST_PROCESSOR__SEASON_SECONDS="86400",
+                     LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS="0.5",
+                     LOADCAST_PROCESSOR__ANOMALY_WARMUP="50")
 
 
 def start_worker(kafka: KafkaSettings, app_id: str, log: Path) -> subprocess.Popen[bytes]:
@@ -48,13 +42,7 @@ def start_worker(kafka: KafkaSettings, app_id: str, log: Path) -> subprocess.Pop
 
 
 def stop(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    if p.poll() is None:
-        p.send_signal(sig)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+    stop_process(p, timeout, sig=sig, kill_wait_s=10, close_pipes=False)
 
 
 def new_app_id() -> str:

@@ -21,26 +21,34 @@ from streams.settings import KafkaSettings
 REPO = Path(__file__).resolve().parents[2]
 
 
-def stop_process(proc: subprocess.Popen[Any], wait_s: float = 10.0) -> None:
-    """SIGTERM, up to ``wait_s`` for it to exit, then SIGKILL; closes its pipes."""
+def stop_process(proc: subprocess.Popen[Any] | None, wait_s: float = 10.0, *,
+                 sig: int = signal.SIGTERM, kill_wait_s: float = 5.0,
+                 close_pipes: bool = True) -> None:
+    """``sig``, up to ``wait_s`` for it to exit, then SIGKILL (up to ``kill_wait_s``);
+    closes its pipes unless told not to. Nothing to do for None or an exited process."""
+    if proc is None:
+        return
     if proc.poll() is None:
-        os.kill(proc.pid, signal.SIGTERM)
+        proc.send_signal(sig)
         try:
             proc.wait(wait_s)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait(5)
-    for pipe in (proc.stdin, proc.stdout, proc.stderr):
-        if pipe is not None:
-            pipe.close()
+            proc.wait(kill_wait_s)
+    if close_pipes:
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
 
 
-def kafka_env(kafka: KafkaSettings) -> dict[str, str]:
-    """This process's environment plus the settings that point ``loadcast`` at ``kafka``."""
+def kafka_env(kafka: KafkaSettings, **extra: str) -> dict[str, str]:
+    """This process's environment plus the settings that point a ``loadcast`` child
+    process at ``kafka``, plus ``extra``."""
     return {**os.environ,
             "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
             "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-            "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions)}
+            "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
+            **extra}
 
 
 @contextmanager
