@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import signal
 import socket
@@ -51,6 +50,9 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
 
+from benchmarks.support.kafka_read import read_to_end
+from benchmarks.support.processes import kafka_env
+from benchmarks.support.records import INTERVAL_MS, window
 from schemas.codec import Codec, CodecError
 from schemas.validation import reference_ms, score_problem, telemetry_problem
 from streams.kafka.settings import KafkaSettings
@@ -58,7 +60,6 @@ from streams.kafka.topics import ensure_topics, topic_name
 
 OUT = Path(__file__).resolve().parents[1] / "out" / "benchmarks" / "faults.json"
 STEP = 300
-INTERVAL_MS = 60_000
 TOKEN = "fault-suite-token"
 
 
@@ -88,13 +89,7 @@ class Stack:
     worker_log_level: str = "warn"
 
     def env(self) -> dict[str, str]:
-        k = self.kafka
-        return {
-            **os.environ,
-            "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": k.bootstrap_servers,
-            "LOADCAST_KAFKA__TOPIC_PREFIX": k.topic_prefix,
-            "LOADCAST_KAFKA__PARTITIONS": str(k.partitions),
-        }
+        return kafka_env(self.kafka)
 
     def start(self) -> Stack:
         self.work.mkdir(parents=True, exist_ok=True)
@@ -226,22 +221,6 @@ def http_status(url: str) -> int:
 
 
 # --------------------------------------------------------------------------- records
-
-
-def window(endpoint: str, i: int, base_ms: int, *, api: str = "orders",
-           n: int | None = None) -> dict[str, Any]:
-    """The i-th 60-s window of ``endpoint`` from ``base_ms``."""
-    n = 50 + (i * 37) % 200 if n is None else n
-    ws = base_ms + i * INTERVAL_MS
-    return {
-        "endpoint_id": endpoint, "region": "eu", "api": api, "agent_id": "faults",
-        "window_start": ws, "window_end": ws + INTERVAL_MS, "interval_ms": INTERVAL_MS,
-        "request_count": n, "errors_4xx": 0, "errors_5xx": n // 100, "errors_connect": 0,
-        "latency_p50_ms": 20.0 + n / 10, "latency_p95_ms": 40.0 + n / 5,
-        "latency_p99_ms": 60.0 + n / 4, "latency_max_ms": 90.0 + n / 3,
-        "cpu_percent": 30.0, "memory_percent": 50.0, "net_in_bytes": 1000 * n,
-        "net_out_bytes": 3000 * n,
-    }
 
 
 def load_score(endpoint: str, computed_at: int, score: float = 0.5) -> dict[str, Any]:
@@ -381,28 +360,8 @@ def producer(kafka: KafkaSettings) -> Producer:
 def read_all(kafka: KafkaSettings, short: str, timeout: float = 60.0,
              idle: float = 3.0) -> list[Message]:
     """Every record of a topic, from 0 to its end (stops after ``idle`` s with nothing)."""
-    topic = topic_name(kafka, short)
-    c = Consumer(kafka.consumer_config(None, **{"enable.partition.eof": True}))
-    try:
-        md = c.list_topics(topic, timeout=10)
-        parts = list(md.topics[topic].partitions)
-        c.assign([TopicPartition(topic, p, 0) for p in parts])
-        open_parts = set(parts)
-        out: list[Message] = []
-        deadline = time.monotonic() + timeout
-        last = time.monotonic()
-        while time.monotonic() < deadline and open_parts and time.monotonic() - last < idle:
-            for m in c.consume(5000, 0.3):
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        open_parts.discard(m.partition())
-                    continue
-                last = time.monotonic()
-                out.append(m)
-        return out
-    finally:
-        c.close()
+    return read_to_end(kafka.consumer_config(None), topic_name(kafka, short),
+                       timeout=timeout, idle=idle, batch=5000, poll_s=0.3)
 
 
 def headers(m: Message) -> dict[str, str]:

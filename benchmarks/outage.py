@@ -38,6 +38,10 @@ from typing import Any
 
 from confluent_kafka import Consumer
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.support.processes import kafka_env
 from streams.kafka.broker import EmbeddedBroker
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import ensure_topics, topic_name
@@ -82,14 +86,7 @@ class Proc:
 
 
 def env_for(kafka: KafkaSettings, **extra: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
+    return kafka_env(kafka, PYTHONUNBUFFERED="1", **extra)
 
 
 def new_scores(kafka: KafkaSettings, after_ms: int, timeout: float) -> float | None:

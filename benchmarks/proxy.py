@@ -39,7 +39,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -58,6 +57,10 @@ from confluent_kafka import Producer
 from rich.console import Console
 from rich.table import Table
 
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.support.processes import sidecar_process
 from schemas.codec import Codec
 from streams.kafka.broker import EmbeddedBroker, free_port
 from streams.kafka.settings import KafkaSettings
@@ -153,56 +156,6 @@ def load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- parts
-
-
-@contextmanager
-def sidecar_process(kafka: KafkaSettings, upstreams: list[Upstream], plane: str,
-                    port: int) -> Iterator[int]:
-    """``loadcast sidecar`` in a subprocess; yields its admin port once it is healthy."""
-    admin = free_port()
-    env = dict(os.environ)
-    env.update({
-        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
-        "LOADCAST_SIDECAR__UPSTREAMS": json.dumps([u.model_dump() for u in upstreams]),
-        "LOADCAST_SIDECAR__SIDECAR_ID": f"bench-{plane}",
-        "LOADCAST_SIDECAR__DECISION_SAMPLE_RATE": "0.001",
-    })
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loadcast", "sidecar", "--data-plane", plane,
-         "--port", str(port), "--admin-port", str(admin)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"sidecar exited: {err[-1000:]}")
-            try:
-                import urllib.request
-
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/health", timeout=1) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("sidecar did not become healthy in 30 s")
-            time.sleep(0.1)
-        yield admin
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
 
 
 class ScorePublisher:
@@ -401,8 +354,10 @@ def saturated(kafka: KafkaSettings, ups: list[Upstream], pub: ScorePublisher,
     with contextlib.ExitStack() as stack:
         h.start(sock)
         stack.callback(h.stop)
-        stack.enter_context(sidecar_process(kafka, ups, "haproxy", ports["haproxy+sidecar"]))
-        stack.enter_context(sidecar_process(kafka, ups, "proxy", ports["proxy"]))
+        stack.enter_context(sidecar_process(kafka, ups, "haproxy", ports["haproxy+sidecar"],
+                                            sidecar_id="bench-haproxy"))
+        stack.enter_context(sidecar_process(kafka, ups, "proxy", ports["proxy"],
+                                            sidecar_id="bench-proxy"))
         scorer.start()
         stack.callback(scorer.join, 10)
         stack.callback(stop.set)
@@ -451,7 +406,7 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
                     else:
                         plane = "haproxy" if key == "haproxy+sidecar" else "proxy"
                         port = free_port()
-                        with sidecar_process(kafka, ups, plane, port):
+                        with sidecar_process(kafka, ups, plane, port, sidecar_id=f"bench-{plane}"):
                             pub.publish({"a": 0.5, "b": 0.5, "c": 0.5})
                             results[key].append(asyncio.run(_under_scores(
                                 pub, f"http://127.0.0.1:{port}/x", seconds, connections)))

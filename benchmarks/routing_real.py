@@ -26,9 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -50,6 +48,7 @@ from benchmarks.routing_sim.backends import BackendSpec, ServiceTime, Slowdown  
 from benchmarks.routing_sim.control import PredictiveConfig, PredictiveControl  # noqa: E402
 from benchmarks.routing_sim.engine import OK, SimConfig, Simulation  # noqa: E402
 from benchmarks.routing_sim.loadshape import LoadShape, Spike  # noqa: E402
+from benchmarks.support.processes import sidecar_process, stop_process  # noqa: E402
 
 API = "api"
 PROXY_POLICIES = ("round-robin", "peak-ewma", "prequal", "predictive")
@@ -118,69 +117,21 @@ def backends(sc: RealScenario, t0: float) -> Iterator[dict[str, str]]:
             raise RuntimeError("backends did not start")
         yield {b["id"]: f"http://127.0.0.1:{b['port']}" for b in spec["backends"]}
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stdout is not None:
-            proc.stdout.close()
+        stop_process(proc, 10)
 
 
 # -- sidecar ----------------------------------------------------------------------------
 
 
-@contextmanager
 def sidecar(kafka: Any, upstreams: list[Any], plane: str, policy: str,
-            port: int) -> Iterator[int]:
+            port: int) -> contextlib.AbstractContextManager[int]:
     """``loadcast sidecar`` with ``policy``; yields its admin port once healthy."""
-    import urllib.request
-
-    from streams.kafka.broker import free_port
-
-    admin = free_port()
-    env = dict(os.environ)
-    env.update({
-        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
-        "LOADCAST_SIDECAR__UPSTREAMS": json.dumps([u.model_dump() for u in upstreams]),
-        "LOADCAST_SIDECAR__SIDECAR_ID": f"real-{plane}-{policy}",
-        "LOADCAST_SIDECAR__POLICY": policy,
-        "LOADCAST_SIDECAR__FALLBACK_POLICY": "peak-ewma" if policy == "predictive" else policy,
-        "LOADCAST_SIDECAR__DECISION_SAMPLE_RATE": "0.001",
-    })
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loadcast", "sidecar", "--data-plane", plane,
-         "--port", str(port), "--admin-port", str(admin)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT,
-        start_new_session=True)
-    try:
-        deadline = time.monotonic() + 40
-        while True:
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                raise RuntimeError(f"sidecar exited: {err[-1000:]}")
-            with (contextlib.suppress(OSError),
-                  urllib.request.urlopen(f"http://127.0.0.1:{admin}/health", timeout=1) as r):
-                if r.status == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("sidecar did not become healthy in 40 s")
-            time.sleep(0.2)
-        yield admin
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    return sidecar_process(
+        kafka, upstreams, plane, port, sidecar_id=f"real-{plane}-{policy}",
+        env={"LOADCAST_SIDECAR__POLICY": policy,
+             "LOADCAST_SIDECAR__FALLBACK_POLICY":
+                 "peak-ewma" if policy == "predictive" else policy},
+        healthy_within_s=40, poll_s=0.2)
 
 
 # -- scores (predictive) ----------------------------------------------------------------

@@ -67,6 +67,16 @@ class PartitionState:
     recovering: bool = False
     evicted: set[str] = field(default_factory=set)  # to delete from the snapshot topic
 
+    def expect(self, offset: int) -> None:
+        """The consumer was sought to ``offset`` (everything before it is processed): drop
+        records until that one arrives, as after a recovery.
+
+        >>> s = PartitionState(0, processed=9); s.expect(10); (s.resume, s.recovering)
+        (10, True)
+        """
+        self.resume = offset
+        self.recovering = True
+
 
 @dataclass
 class EngineStats:
@@ -405,20 +415,6 @@ class Engine:
         state.processed = state.resume - 1
         state.recovering = True
         return state.resume
-
-    def expect(self, partition: int, offset: int) -> None:
-        """The consumer was sought to ``offset`` (everything before it is processed): drop
-        records until that one arrives, as after a recovery.
-
-        >>> from processors.engine import PartitionState
-        >>> e = Engine.__new__(Engine); e.partitions = {0: PartitionState(0, processed=9)}
-        >>> e.expect(0, 10); (e.partitions[0].resume, e.partitions[0].recovering)
-        (10, True)
-        """
-        state = self.partitions.get(partition)
-        if state is not None:
-            state.resume = offset
-            state.recovering = True
 
     def rebase(self, partition: int) -> None:
         """The broker lost the partition's log (it came back empty): keep every model but

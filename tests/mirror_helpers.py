@@ -20,8 +20,9 @@ from typing import Any
 
 from confluent_kafka import Producer
 
+from benchmarks.support.processes import kafka_env, stop_process
 from schemas.codec import Codec
-from streams.executor import kill_recorded
+from streams.executor.supervise import kill_recorded
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import topic_name
 from tests.kafka_helpers import read_topic
@@ -59,17 +60,6 @@ def app_in_thread(app: Any) -> Iterator[str]:
         t.join(10)
 
 
-def base_env(kafka: KafkaSettings, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
-    }
-    env.update(extra)
-    return env
-
-
 def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     """The next stdout line of ``proc`` within ``timeout`` (AssertionError otherwise)."""
     q: queue.Queue[str] = queue.Queue()
@@ -84,14 +74,7 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
 
 def stop(proc: subprocess.Popen[Any] | None, sig: int = signal.SIGTERM,
          timeout: float = 20) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(sig)
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+    stop_process(proc, timeout, sig=sig, kill_wait_s=10, close_pipes=False)
 
 
 @contextmanager
@@ -121,7 +104,7 @@ def start_executor(kafka: KafkaSettings, *, region: str, work_dir: Path, store_u
                    public_key: str, log: Path, drain: float = 0.5,
                    key_id: str = "k1") -> subprocess.Popen[str]:
     """`loadcast executor`; returns once it says it is ready."""
-    env = base_env(kafka, LOADCAST_MIRROR__TRUSTED_KEYS=f'{{"{key_id}": "{public_key}"}}',
+    env = kafka_env(kafka, LOADCAST_MIRROR__TRUSTED_KEYS=f'{{"{key_id}": "{public_key}"}}',
                    LOADCAST_MIRROR__DRAIN_SECONDS=str(drain),
                    LOADCAST_MIRROR__EXECUTOR_ID=f"ex-{region}")
     with log.open("a") as f:

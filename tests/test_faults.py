@@ -13,15 +13,8 @@ from typing import Any
 import pytest
 from confluent_kafka import Message
 
-from benchmarks.faults import (
-    INTERVAL_MS,
-    Stack,
-    headers,
-    load_score,
-    producer,
-    read_all,
-    window,
-)
+from benchmarks.faults import Stack, headers, load_score, producer, read_all
+from benchmarks.support.records import INTERVAL_MS, window
 from processors.endpoint import ProcessorConfig
 from processors.engine import Engine
 from schemas.codec import Codec

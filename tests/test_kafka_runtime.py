@@ -19,10 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 #: Calls that construct a Kafka client or a Faust app.
 CONSTRUCTORS = {"Consumer", "Producer", "AdminClient", "DeserializingConsumer",
                 "SerializingProducer"}
-#: Where they may be called: the runtime, and (temporarily, issue #18: helper h18-exec
-#: splits it into a package that uses the runtime) the mirror executor.
-ALLOWED = {"streams/kafka/clients.py", "streams/kafka/runtime.py",
-           "streams/executor.py"}
+#: Where they may be called: the runtime only.
+ALLOWED = {"streams/kafka/clients.py", "streams/kafka/runtime.py"}
 SCANNED = ("streams", "processors", "sinks", "schemas", "loadcast")
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from benchmarks.support.processes import kafka_env
 from processors.signing import Verifier, generate_keypair
 from schemas.codec import Codec
 from sinks.service import serve as serve_sink
@@ -44,7 +45,6 @@ from streams.sidecar.config import SidecarSettings
 from streams.sidecar.testing import BackendProcess
 from tests.kafka_helpers import read_topic
 from tests.mirror_helpers import (
-    base_env,
     bundle_server,
     cleanup_instances,
     processes_in,
@@ -144,7 +144,7 @@ async def test_ramp_activates_mirror_ahead_routes_to_it_and_retires(
     stop_replay = threading.Event()
     with bundle_server(store) as store_url, BackendProcess({"central-1": 0}) as central:
         try:
-            worker_env = base_env(
+            worker_env = kafka_env(
                 kafka, LOADCAST_PROCESSOR__APP_ID=f"w-{kafka.topic_prefix}",
                 LOADCAST_PROCESSOR__STEP_SECONDS="1",
                 LOADCAST_PROCESSOR__SEASON_SECONDS=str(SEASON),
@@ -187,7 +187,7 @@ async def test_ramp_activates_mirror_ahead_routes_to_it_and_retires(
                             for s in scores_of(kafka, codec, ENDPOINT)),
                 60, "the history to be scored", [procs["worker"]])
 
-            planner_env = base_env(
+            planner_env = kafka_env(
                 kafka, LOADCAST_MIRROR__SIGNING_KEY=private, LOADCAST_MIRROR__KEY_ID="k1",
                 LOADCAST_MIRROR__PLANNER_APP_ID=f"p-{kafka.topic_prefix}",
                 LOADCAST_MIRROR__BUNDLES=json.dumps(
@@ -300,7 +300,7 @@ async def test_ramp_activates_mirror_ahead_routes_to_it_and_retires(
     finally:
         sink_stop.set()
         await asyncio.to_thread(sink_thread.join, 30)
-    env = base_env(kafka, LOADCAST_SINK__DSN=sink_settings.dsn)
+    env = kafka_env(kafka, LOADCAST_SINK__DSN=sink_settings.dsn)
     r = subprocess.run([sys.executable, "-m", "loadcast", "query", "mirror-lead-time",
                         "--since", "1h", "--lookback", "5", "-f", "json", "--via", "direct"],
                        env=env, capture_output=True, text=True, timeout=120)

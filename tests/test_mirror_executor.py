@@ -14,7 +14,8 @@ import pytest
 from processors.signing import Signer, Verifier, generate_keypair
 from schemas.codec import Codec
 from streams.bundles import DirectoryStore, bundle_app, digest_of, pack
-from streams.executor import Executor, ExecutorState
+from streams.executor.service import Executor
+from streams.executor.state import ExecutorState
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import topic_name
 from tests.kafka_helpers import read_topic

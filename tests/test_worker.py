@@ -178,7 +178,7 @@ def test_a_partition_in_recovery_is_sought_again_when_faust_would_drop_its_recor
 
     from faust.types import TP
 
-    from processors.apps.worker import Worker
+    from processors.apps.worker import reseek_stuck
 
     engine = Engine(ProcessorConfig(step_seconds=STEP), codec, ListOutputs())
     engine.hold(2)
@@ -193,10 +193,8 @@ def test_a_partition_in_recovery_is_sought_again_when_faust_would_drop_its_recor
         read[tp] = offset or None  # what Faust's seek does
 
     read: dict[TP, int | None] = {TP("t", 2): 1399, TP("t", 1): 50}
-    worker = SimpleNamespace(
-        app=SimpleNamespace(consumer=SimpleNamespace(_read_offset=read, seek=seek)),
-        telemetry=SimpleNamespace(get_topic_name=lambda: "t"), engine=engine)
-    asyncio.run(Worker.reseek_stuck(worker))  # type: ignore[arg-type]
+    consumer = SimpleNamespace(_read_offset=read, seek=seek)
+    asyncio.run(reseek_stuck(consumer, "t", engine))
     assert seeks == [(TP("t", 2), 0)]
-    asyncio.run(Worker.reseek_stuck(worker))  # type: ignore[arg-type]
+    asyncio.run(reseek_stuck(consumer, "t", engine))
     assert len(seeks) == 1  # Faust's read offset is reset: nothing more to do

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import pickle
 import signal
 import subprocess
@@ -12,6 +11,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from benchmarks.support.processes import kafka_env, stop_process
+from benchmarks.support.records import window
 from processors.endpoint import EndpointModel
 from schemas.codec import Codec
 from streams.edge.replay import read_trace
@@ -22,21 +23,14 @@ from tests.conftest import ELB
 from tests.kafka_helpers import read_topic
 
 STEP = 300  # model step in the tests: 5 windows of 60 s per step
-INTERVAL_MS = 60_000
 
 
 def worker_env(kafka: KafkaSettings, app_id: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "LOADCAST_KAFKA__BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "LOADCAST_KAFKA__TOPIC_PREFIX": kafka.topic_prefix,
-        "LOADCAST_KAFKA__PARTITIONS": str(kafka.partitions),
-        "LOADCAST_PROCESSOR__APP_ID": app_id,
-        "LOADCAST_PROCESSOR__STEP_SECONDS": str(STEP),
-        "LOADCAST_PROCESSOR__SEASON_SECONDS": "86400",
-        "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": "0.5",
-        "LOADCAST_PROCESSOR__ANOMALY_WARMUP": "50",
-    }
+    return kafka_env(kafka, LOADCAST_PROCESSOR__APP_ID=app_id,
+                     LOADCAST_PROCESSOR__STEP_SECONDS=str(STEP),
+                     LOADCAST_PROCESSOR__SEASON_SECONDS="86400",
+                     LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS="0.5",
+                     LOADCAST_PROCESSOR__ANOMALY_WARMUP="50")
 
 
 def start_worker(kafka: KafkaSettings, app_id: str, log: Path) -> subprocess.Popen[bytes]:
@@ -48,13 +42,7 @@ def start_worker(kafka: KafkaSettings, app_id: str, log: Path) -> subprocess.Pop
 
 
 def stop(p: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 30) -> None:
-    if p.poll() is None:
-        p.send_signal(sig)
-        try:
-            p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(10)
+    stop_process(p, timeout, sig=sig, kill_wait_s=10, close_pipes=False)
 
 
 def new_app_id() -> str:
@@ -68,16 +56,7 @@ def make_windows(endpoints: list[str], start: int, count: int) -> list[dict[str,
     for i in range(start, start + count):
         for k, endpoint in enumerate(endpoints):
             n = round(values[(i + 37 * k) % len(values)] * (1 + k / 4))
-            ws = 1_700_000_000_000 + i * INTERVAL_MS
-            out.append({
-                "endpoint_id": endpoint, "region": "eu", "api": "orders", "agent_id": "t",
-                "window_start": ws, "window_end": ws + INTERVAL_MS, "interval_ms": INTERVAL_MS,
-                "request_count": n, "errors_4xx": 0, "errors_5xx": n // 100, "errors_connect": 0,
-                "latency_p50_ms": 20.0 + n / 10, "latency_p95_ms": 40.0 + n / 5,
-                "latency_p99_ms": 60.0 + n / 4, "latency_max_ms": 90.0 + n / 3,
-                "cpu_percent": 30.0, "memory_percent": 50.0, "net_in_bytes": 1000 * n,
-                "net_out_bytes": 3000 * n,
-            })
+            out.append(window(endpoint, i, 1_700_000_000_000, n=n, agent_id="t"))
     return out
 
 

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ from benchmarks.routing_sim.backends import BackendSpec, ServiceTime
 from benchmarks.routing_sim.control import _position_kw, _window
 from benchmarks.routing_sim.engine import OK, T0, RunResult, SimConfig, Simulation
 from benchmarks.routing_sim.loadshape import LoadShape, read_trace
+from benchmarks.routing_sim.scenarios import ScaledScenario
 from processors.endpoint import EndpointModel, ProcessorConfig
 
 LANES = ("hpa+peak-ewma", "loadcast", "loadcast-persistence", "oracle")
@@ -85,38 +86,23 @@ def load_trace(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @dataclass
-class PrescaleScenario:
-    """The scenario; ``scale`` < 1 shrinks every time in it (``--quick``)."""
+class PrescaleScenario(ScaledScenario):
+    """The pre-scaling scenario."""
 
-    scale: float = 1.0
-    trace: Path | None = None
     slots: int = 8
-    median_s: float = 0.1
-    sigma: float = 0.4
-    queue_per_slot: int = 4
-    deadline_s: float = 1.0
     min_instances: int = 3
     max_instances: int = 8
     activation_intervals: float = 3.0
-    interval_s: float = 5.0
     target_util: float = 0.6
     tolerance: float = 0.1
     stabilization_s: float = 120.0  # scale-down window (Kubernetes' default 300 s)
     day_s: float = 900.0
-    history_seasons: int = 3
     mean_util: float = 0.55  # base load's mean, of the always-on capacity
     amplitude: float = 0.3
     spikes: tuple[tuple[float, float, float], ...] = ((120.0, 210.0, 2.6), (450.0, 540.0, 2.0))
     ramp_s: float = 3.0
-    slo_ms: float = 500.0
     margin_intervals: float = 1.0
     plan_band: float = 0.3  # plan for mean + plan_band x (upper - mean) of the forecast band
-    step_s: int = 10
-    horizon: int = 6
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def t(self, seconds: float) -> float:
-        return seconds * self.scale
 
     @property
     def duration_s(self) -> float:

@@ -1,6 +1,7 @@
-"""Loopback backends for ``benchmarks/routing.py --real`` (a child process; stdlib and
-aiohttp only, so it starts fast): worker slots, a bounded queue, log-normal service times,
-queued requests past the deadline dropped, one backend slowed in a time window.
+"""Loopback backends for ``benchmarks/routing.py --real`` (a child process; stdlib,
+aiohttp and the serving helpers of :mod:`streams.sidecar.testing`): worker slots, a
+bounded queue, log-normal service times, queued requests past the deadline dropped, one
+backend slowed in a time window.
 
     python -m benchmarks.routing_sim.real_backends '{"deadline_s": 1, "t0": ..., "backends": [...]}'
 
@@ -13,12 +14,13 @@ import asyncio
 import json
 import math
 import random
-import signal
 import sys
 import time
 from typing import Any
 
 from aiohttp import web
+
+from streams.sidecar.testing import serve_until_signal, start_site
 
 
 async def _serve(spec: dict[str, Any]) -> None:
@@ -62,20 +64,9 @@ async def _serve(spec: dict[str, Any]) -> None:
 
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handler())
-        runner = web.AppRunner(app, access_log=None, handle_signals=False,
-                               shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", b["port"], backlog=2048,
-                          reuse_address=True).start()
-        runners.append(runner)
+        runners.append((await start_site(app, b["port"], backlog=2048))[0])
     print("ready", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for r in runners:
-        await r.cleanup()
+    await serve_until_signal(runners)
 
 
 

@@ -58,33 +58,40 @@ def calibration_config(seed: int, slow_factor: float | None = None) -> SimConfig
 
 
 @dataclass
-class MainScenario:
-    """The main scenario; ``scale`` < 1 shrinks every time in it (``--quick``)."""
+class ScaledScenario:
+    """What the simulated scenarios share; ``scale`` < 1 shrinks every time in one
+    (``--quick``)."""
 
     scale: float = 1.0
     trace: Path | None = None
-    slots: tuple[int, ...] = (12, 12, 10, 8, 8, 6, 6, 4)
     median_s: float = 0.1
     sigma: float = 0.4
     queue_per_slot: int = 4
     deadline_s: float = 1.0
-    mean_util: float = 0.35
-    amplitude: float = 0.10 / 0.35
-    spike_factor: float = 2.0
-    degrade_backend: int = 2
-    degrade_factor: float = 4.0
     history_seasons: int = 3
     slo_ms: float = 500.0
     interval_s: float = 5.0
-    telemetry_lag_s: float = 0.5
-    score_lag_s: float = 0.5
-    actuation_s: float = 0.05
     step_s: int = 10
     horizon: int = 6
     extra: dict[str, Any] = field(default_factory=dict)
 
     def t(self, seconds: float) -> float:
         return seconds * self.scale
+
+
+@dataclass
+class MainScenario(ScaledScenario):
+    """The main scenario."""
+
+    slots: tuple[int, ...] = (12, 12, 10, 8, 8, 6, 6, 4)
+    mean_util: float = 0.35
+    amplitude: float = 0.10 / 0.35
+    spike_factor: float = 2.0
+    degrade_backend: int = 2
+    degrade_factor: float = 4.0
+    telemetry_lag_s: float = 0.5
+    score_lag_s: float = 0.5
+    actuation_s: float = 0.05
 
     @property
     def duration_s(self) -> float:

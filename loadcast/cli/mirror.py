@@ -154,7 +154,7 @@ def _executor(get_settings: SettingsFn) -> Callable[..., None]:
         ] = None,
     ) -> None:
         """Run a mirror executor: verified mirror commands of one region -> API processes."""
-        from streams.executor import Executor
+        from streams.executor.service import Executor
         from streams.metrics import serve_metrics
         from streams.sdk import make_codec
 

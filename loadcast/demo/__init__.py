@@ -45,7 +45,7 @@ from loadcast.demo.report import build_report
 from loadcast.settings import Settings
 from streams.edge.replay import read_trace
 from streams.edge.replay import trace_path as find_trace
-from streams.executor import kill_recorded
+from streams.executor.supervise import kill_recorded
 from streams.kafka.broker import EmbeddedBroker
 from streams.kafka.settings import KafkaSettings
 

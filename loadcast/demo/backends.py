@@ -14,13 +14,14 @@ import asyncio
 import json
 import math
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+
+from streams.sidecar.testing import serve_until_signal, start_site
 
 MAX_WAIT_S = 1.0
 SIGMA = 0.25  # log-normal spread of service times
@@ -91,12 +92,7 @@ async def start_backend(b: QueueingBackend, port: int = 0) -> tuple[web.AppRunne
     """Serve ``b`` on 127.0.0.1:``port`` (0 = a free one); returns the runner and port."""
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", b.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_address=True)
-    await site.start()
-    bound = runner.addresses[0][1]
-    return runner, int(bound)
+    return await start_site(app, port)
 
 
 async def serve(specs: list[dict[str, Any]]) -> None:
@@ -110,13 +106,7 @@ async def serve(specs: list[dict[str, Any]]) -> None:
         runner, ports[s["id"]] = await start_backend(b, s.get("port", 0))
         runners.append(runner)
     print(json.dumps(ports), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for r in runners:
-        await r.cleanup()
+    await serve_until_signal(runners)
 
 
 def serve_one(port: int, name: str, slots: int, service_ms: float) -> None:

@@ -284,7 +284,7 @@ class Worker:
         topic = self.telemetry.get_topic_name()
         for p in partitions:
             self.engine.rebase(p)
-            self.engine.expect(p, 0)
+            self.engine.partitions[p].expect(0)
             try:
                 await self.app.consumer.seek(TP(topic, p), 0)
             except Exception as e:  # not assigned right now: the assignment seeks
@@ -304,11 +304,11 @@ class Worker:
             if end <= state.processed:
                 self.engine.rebase(p)
                 rebased.append(p)
-                self.engine.expect(p, 0)
+                self.engine.partitions[p].expect(0)
                 await self.app.consumer.seek(TP(topic, p), 0)
             else:
                 resumed.append(p)
-                self.engine.expect(p, state.processed + 1)
+                state.expect(state.processed + 1)
                 await self.app.consumer.seek(TP(topic, p), state.processed + 1)
         models = sum(len(self.engine.partitions[p].models) for p in partitions)
         log.warning("partitions %s back after the outage, %d models kept: %s", partitions,
@@ -316,26 +316,7 @@ class Worker:
                     if rebased else "resuming after the last processed offset")
 
     async def reseek_stuck(self) -> None:
-        """Seek again where a partition in recovery waits for a record Faust will drop.
-
-        Records fetched before a seek can still reach the stream after it; Faust marks
-        each as read, and then drops every record at or below that offset as a duplicate,
-        including the one the engine waits for (a partition would wait forever: seen
-        under load after a restart). Seeking resets Faust's read offset.
-        """
-        read = getattr(self.app.consumer, "_read_offset", None)  # faust.transport.Consumer
-        if read is None:
-            return
-        topic = self.telemetry.get_topic_name()
-        for p, state in list(self.engine.partitions.items()):
-            if not state.recovering or state.resume < 0:
-                continue
-            tp = TP(topic, p)
-            at = read.get(tp)
-            if at is not None and at > state.resume:
-                log.info("partition %d: records up to %d were fetched before the seek to "
-                         "%d; seeking again", p, at, state.resume)
-                await self.app.consumer.seek(tp, state.resume)
+        await reseek_stuck(self.app.consumer, self.telemetry.get_topic_name(), self.engine)
 
     async def recover(self, partitions: list[int]) -> None:
         """Restore models from snapshots and seek each partition to its resume offset."""
@@ -393,6 +374,28 @@ class Worker:
         value = None if r.value is None else self.codec.encode("ModelSnapshot", r.value)
         self.outputs.producer.produce(self.outputs.snapshots, value, r.key.encode(),
                                       partition=r.partition)
+
+
+async def reseek_stuck(consumer: Any, topic: str, engine: Engine) -> None:
+    """Seek again where a partition in recovery waits for a record Faust will drop.
+
+    Records fetched before a seek can still reach the stream after it; Faust marks each as
+    read, and then drops every record at or below that offset as a duplicate, including
+    the one the engine waits for (a partition would wait forever: seen under load after a
+    restart). Seeking resets Faust's read offset (``consumer._read_offset``).
+    """
+    read = getattr(consumer, "_read_offset", None)  # faust.transport.Consumer
+    if read is None:
+        return
+    for p, state in list(engine.partitions.items()):
+        if not state.recovering or state.resume < 0:
+            continue
+        tp = TP(topic, p)
+        at = read.get(tp)
+        if at is not None and at > state.resume:
+            log.info("partition %d: records up to %d were fetched before the seek to %d; "
+                     "seeking again", p, at, state.resume)
+            await consumer.seek(tp, state.resume)
 
 
 def run_worker(kafka: KafkaSettings, settings: ProcessorSettings, loglevel: str = "warn") -> None:

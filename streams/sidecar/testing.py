@@ -55,15 +55,17 @@ def backend_app(endpoint_id: str) -> web.Application:
     return app
 
 
-async def _serve(listen: dict[str, int]) -> None:
-    runners = []
-    for eid, port in listen.items():
-        runner = web.AppRunner(backend_app(eid), access_log=None, handle_signals=False,
-                               shutdown_timeout=0.5)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, backlog=1024, reuse_address=True).start()
-        runners.append(runner)
-    print("ready", flush=True)
+async def start_site(app: web.Application, port: int = 0, *,
+                     backlog: int = 1024) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on 127.0.0.1:``port`` (0 = a free one); the runner and the port."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", port, backlog=backlog, reuse_address=True).start()
+    return runner, int(runner.addresses[0][1])
+
+
+async def serve_until_signal(runners: list[web.AppRunner]) -> None:
+    """Wait for SIGTERM or SIGINT, then clean ``runners`` up."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -71,6 +73,12 @@ async def _serve(listen: dict[str, int]) -> None:
     await stop.wait()
     for r in runners:
         await r.cleanup()
+
+
+async def _serve(listen: dict[str, int]) -> None:
+    runners = [(await start_site(backend_app(eid), port))[0] for eid, port in listen.items()]
+    print("ready", flush=True)
+    await serve_until_signal(runners)
 
 
 def main(argv: list[str] | None = None) -> None:
