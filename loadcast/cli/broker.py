@@ -61,14 +61,14 @@ def _broker(get_settings: SettingsFn) -> Callable[..., None]:
 def _topics_ensure(get_settings: SettingsFn) -> Callable[..., None]:
     def topics_ensure(bootstrap: BootstrapOpt = None) -> None:
         """Create the topics of the catalog that do not exist (idempotent)."""
-        from streams.kafka.topics import ensure_topics
+        from streams.kafka.runtime import KafkaRuntime, KafkaUnreachable
 
         s = get_settings(bootstrap)
         try:
-            for name, outcome in ensure_topics(s.kafka).items():
+            for name, outcome in KafkaRuntime(s.kafka).ensure_topics().items():
                 print(f"{name}\t{outcome}")
-        except Exception as e:
-            raise fail(f"cannot reach Kafka at {s.kafka.bootstrap_servers}: {e}", 1) from None
+        except KafkaUnreachable as e:
+            raise fail(str(e), 1) from None
 
     return topics_ensure
 

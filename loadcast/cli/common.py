@@ -49,10 +49,12 @@ def settings(bootstrap: str | None = None) -> Settings:
 
 
 def ensure_kafka(kafka: KafkaSettings) -> None:
-    """Create the missing topics; exit 1 with ``cannot reach Kafka at ...`` when it fails."""
-    from streams.kafka.topics import ensure_topics  # confluent_kafka: not at `loadcast --help`
+    """Create the missing topics; exit 1 with the runtime's ``cannot reach Kafka at ...``
+    when it fails."""
+    # confluent_kafka: not imported for `loadcast --help`
+    from streams.kafka.runtime import KafkaRuntime, KafkaUnreachable
 
     try:
-        ensure_topics(kafka)
-    except Exception as e:
-        raise fail(f"cannot reach Kafka at {kafka.bootstrap_servers}: {e}", 1) from None
+        KafkaRuntime(kafka).ensure_topics()
+    except KafkaUnreachable as e:
+        raise fail(str(e), 1) from None
