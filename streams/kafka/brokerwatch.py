@@ -90,6 +90,13 @@ class BrokerWatch:
     def lost(self) -> bool:
         return self.lost_at is not None
 
+    @property
+    def just_back(self) -> bool:
+        """The broker answered again less than GRACE_S ago: what clients report now is
+        the outage's echo (a group member the new broker does not know, a commit timer
+        that overran while it was away)."""
+        return self.lost_at is None and time.monotonic() - self._back_at < GRACE_S
+
     def failure(self, text: str, now: float | None = None) -> bool:
         """A client could not reach the broker. Returns True when this one was logged."""
         now = time.monotonic() if now is None else now
@@ -239,8 +246,9 @@ def watch(kafka: KafkaSettings | None = None, name: str | None = None) -> Broker
 
 class OutageFilter(logging.Filter):
     """Turns connection-failure records of Kafka client loggers into :meth:`failure`
-    reports (logged only as the watch decides); while the broker is away, every other
-    warning or error of those loggers is counted and held back too."""
+    reports (logged only as the watch decides); while the broker is away, and for
+    GRACE_S after it is back, every other warning or error of those loggers is counted
+    and held back too."""
 
     def __init__(self, w: BrokerWatch | None = None, *, hold_all: bool = True) -> None:
         super().__init__()
@@ -257,8 +265,8 @@ class OutageFilter(logging.Filter):
         if _TRANSPORT.search(text):
             self.w.failure(text)
             return False
-        if self.hold_all and self.w.lost:
-            self.w.failure(text)
+        if self.hold_all and (self.w.lost or self.w.just_back):
+            self.w.failure(text)  # counted (late errors while just back), not logged
             return False
         return True
 

@@ -141,7 +141,7 @@ class RecordProducer:
     def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
         nxt = self._next
         if err is not None and (nxt is not None or self._fatal or err.fatal()
-                                or err.code() == KafkaError._FATAL):
+                                or err.code() in _STATE_LOST):
             kwargs: dict[str, Any] = {"key": msg.key(), "value": msg.value(),
                                       "on_delivery": self._on_delivery}
             if (msg.partition() or 0) >= 0:
@@ -265,6 +265,16 @@ class RecordProducer:
         return len(self._producer)
 
 
+#: Delivery errors that mean the broker no longer knows this producer's id or sequence (it
+#: came back without its state): the producer is replaced and the record sent again, as
+#: for a fatal error. Seen after a 20 s outage of the embedded broker: PRODUCER_FENCED on
+#: every score, each logged and lost.
+_STATE_LOST = frozenset({
+    KafkaError._FATAL, KafkaError.PRODUCER_FENCED, KafkaError.UNKNOWN_PRODUCER_ID,
+    KafkaError.INVALID_PRODUCER_EPOCH, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+})
+
+
 def _is_fatal(e: KafkaException) -> bool:
     err = e.args[0] if e.args else None
-    return isinstance(err, KafkaError) and (err.fatal() or err.code() == KafkaError._FATAL)
+    return isinstance(err, KafkaError) and (err.fatal() or err.code() in _STATE_LOST)
