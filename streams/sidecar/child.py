@@ -35,6 +35,11 @@ class ChildProcess:
         except OSError:
             return ""
 
+    def check_alive(self, name: str, error: type[Exception]) -> None:
+        """Raise ``error`` with the log tail if the process was started and has exited."""
+        if self.proc is not None and self.proc.poll() is not None:
+            raise error(f"{name} exited: {self.log_tail()}")
+
     def terminate(self, grace_s: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace_s``; waits for it to end."""
         if self.proc is not None and self.proc.poll() is None:

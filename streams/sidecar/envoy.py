@@ -430,6 +430,5 @@ class EnvoyPlane:
         return self.process is None or self.process.alive()
 
     def check(self) -> None:
-        if not self.alive():
-            assert self.process is not None
-            raise EnvoyError(f"envoy exited: {self.process.log_tail()}")
+        if self.process is not None:
+            self.process.check_alive("envoy", EnvoyError)

@@ -112,9 +112,8 @@ class HAProxyPlane:
         return self.process is None or self.process.alive()
 
     def check(self) -> None:
-        if not self.alive():
-            assert self.process is not None
-            raise DataPlaneError(f"haproxy exited: {self.process.log_tail()}")
+        if self.process is not None:
+            self.process.check_alive("haproxy", DataPlaneError)
 
     # ------------------------------------------------------------------ loops
 
