@@ -628,6 +628,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--worker-log-level", default="warn")
     args = ap.parse_args()
+    # SIGTERM ends the run through its finally blocks: the processes it started (each in
+    # its own session) are stopped, not left running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     max_big = 20
     if args.quick:
         args.malformed, args.bad_scores, max_big = 5_000, 200, 3
