@@ -44,6 +44,7 @@ from processors.apps.federated_settings import FederatedSettings
 from processors.apps.mirror_settings import MirrorSettings
 from processors.apps.settings import ProcessorSettings
 from sinks.settings import SinkSettings
+from streams.api.config import ApiSettings
 from streams.kafka.settings import KafkaSettings
 from streams.sidecar.config import SidecarSettings
 
@@ -93,6 +94,7 @@ class Settings(BaseSettings):
     sink: SinkSettings = Field(default_factory=SinkSettings)
     federated: FederatedSettings = Field(default_factory=FederatedSettings)
     mirror: MirrorSettings = Field(default_factory=MirrorSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
 
     @classmethod
     def settings_customise_sources(

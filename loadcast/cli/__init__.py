@@ -33,6 +33,7 @@ import typer
 
 from loadcast.cli import (
     agent,
+    api,
     broker,
     demo,
     federated,
@@ -75,7 +76,8 @@ def root(
 
 
 # In the order of `loadcast --help`.
-for _role in (broker, agent, worker, sidecar, federated, mirror, sink, demo, show_settings):
+for _role in (broker, agent, worker, sidecar, federated, mirror, sink, api, demo,
+              show_settings):
     _role.register(app, settings)
 
 

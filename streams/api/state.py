@@ -1,0 +1,153 @@
+"""What the API knows: the latest LoadScore of every endpoint with a short history, the
+latest anomaly per endpoint, mirror statuses, and the latest global model per family.
+
+Plain Python, applied on the event loop (the Kafka feed hands batches over with
+``call_soon_threadsafe``), so readers never see half an update. ``version`` grows with
+every change; :meth:`ForecastState.changed` lets a live view wait for the next one.
+
+>>> from schemas.records import ForecastPoint, LoadScore
+>>> st = ForecastState(history_points=3, max_endpoints=10)
+>>> s = LoadScore("e1", "orders", "eu", 1_000, 6_000, 0.8, 100.0, "CONFIGURED", 40.0, 0.5,
+...               12.0, 0.0, 0.0, 5, (ForecastPoint(1, 6_000, 45.0, 40.0, 50.0),))
+>>> st.apply([("LoadScore", {**s.__dict__, "forecast": [p.__dict__ for p in s.forecast]})])
+>>> st.scores["e1"].capacity_rps, st.version
+(100.0, 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from schemas.records import LoadScore
+
+Batch = Iterable[tuple[str, dict[str, Any]]]
+
+
+@dataclass
+class MirrorView:
+    """The latest status of one mirror (region, api), with when each state began."""
+
+    region: str
+    api: str
+    state: str
+    at: int
+    command_id: str
+    instance_url: str | None
+    capacity_rps: float | None
+    reason: str
+    since: dict[str, int] = field(default_factory=dict)  # state -> first seen at (ms)
+
+
+class ForecastState:
+    """Latest scores and friends, bounded in endpoints and history."""
+
+    def __init__(self, *, history_points: int = 720, max_endpoints: int = 100_000) -> None:
+        self.history_points = history_points
+        self.max_endpoints = max_endpoints
+        self.scores: dict[str, LoadScore] = {}
+        self.history: dict[str, deque[LoadScore]] = {}
+        self.anomalies: dict[str, dict[str, Any]] = {}
+        self.mirrors: dict[tuple[str, str], MirrorView] = {}
+        self.models: dict[str, dict[str, Any]] = {}  # family -> GlobalModel without params
+        self.version = 0
+        self.updated_at: float | None = None  # wall time of the last change
+        self.ignored_endpoints = 0  # scores of endpoints over max_endpoints
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def apply(self, batch: Batch) -> None:
+        """Apply decoded records (schema short name, record); newer scores win."""
+        changed = False
+        for name, rec in batch:
+            if name == "LoadScore":
+                changed |= self._score(LoadScore.from_record(rec))
+            elif name == "Anomaly":
+                self.anomalies[rec["endpoint_id"]] = rec
+                changed = True
+            elif name == "MirrorStatus":
+                self._mirror(rec)
+                changed = True
+            elif name == "GlobalModel":
+                changed |= self._model(rec)
+        if changed:
+            self.version += 1
+            self.updated_at = time.time()
+            for w in self._waiters:
+                if not w.done():
+                    w.set_result(None)
+            self._waiters.clear()
+
+    def _score(self, score: LoadScore) -> bool:
+        eid = score.endpoint_id
+        old = self.scores.get(eid)
+        if old is None and len(self.scores) >= self.max_endpoints:
+            self.ignored_endpoints += 1
+            return False
+        if old is not None and score.computed_at <= old.computed_at:
+            return False  # a replayed or late score never replaces a newer one
+        self.scores[eid] = score
+        hist = self.history.get(eid)
+        if hist is None:
+            hist = self.history[eid] = deque(maxlen=self.history_points)
+        hist.append(score)
+        return True
+
+    def _mirror(self, rec: dict[str, Any]) -> None:
+        key = (rec["region"], rec["api"])
+        view = self.mirrors.get(key)
+        state = str(rec["state"])
+        if view is not None and rec["at"] < view.at:
+            return
+        since = dict(view.since) if view is not None and view.command_id == rec["command_id"] \
+            else {}
+        since.setdefault(state, rec["at"])
+        self.mirrors[key] = MirrorView(
+            region=rec["region"], api=rec["api"], state=state, at=rec["at"],
+            command_id=rec["command_id"], instance_url=rec.get("instance_url"),
+            capacity_rps=rec.get("capacity_rps"), reason=rec.get("reason", ""), since=since)
+
+    def _model(self, rec: dict[str, Any]) -> bool:
+        family = rec["family"]
+        old = self.models.get(family)
+        if old is not None and rec["version"] <= old["version"]:
+            return False
+        self.models[family] = {k: v for k, v in rec.items() if k not in ("params", "scaler")}
+        return True
+
+    def find(self, endpoint_id: str | None = None, *, api: str | None = None,
+             region: str | None = None) -> list[LoadScore]:
+        """The latest score of ``endpoint_id``, or of every endpoint of ``api`` (in
+        ``region`` if given), sorted by endpoint."""
+        if endpoint_id is not None:
+            s = self.scores.get(endpoint_id)
+            return [s] if s is not None else []
+        return sorted(
+            (s for s in self.scores.values()
+             if (api is None or s.api == api) and (region is None or s.region == region)),
+            key=lambda s: s.endpoint_id)
+
+    def newest_age_s(self, now: float | None = None) -> float | None:
+        """Seconds since the newest score was computed (None before any)."""
+        if not self.scores:
+            return None
+        newest = max(s.computed_at for s in self.scores.values())
+        return max(0.0, (now if now is not None else time.time()) - newest / 1000)
+
+    async def changed(self, after_version: int, timeout: float) -> bool:
+        """Wait until ``version`` > ``after_version`` (True) or ``timeout`` s (False)."""
+        if self.version > after_version:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            return self.version > after_version
+        finally:
+            if fut in self._waiters:  # timed out or cancelled: do not pile up
+                self._waiters.remove(fut)
+        return True
