@@ -22,3 +22,12 @@ class ApiSettings(BaseModel):
         100_000, ge=1, description="endpoints kept at most (more are counted and ignored)")
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="largest request body, bytes (413 above)")
+    async_max_body_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024,
+        description="largest body of POST /v1/predict/async, bytes (413 above)")
+    max_jobs: int = Field(
+        100, ge=1, le=100_000, description="async jobs kept at most (finished ones expire)")
+    job_ttl_s: float = Field(
+        3600.0, gt=0, description="a finished async job's results are kept this long")
+    job_max_seconds: float = Field(
+        600.0, gt=0, description="an async job running longer than this fails")
