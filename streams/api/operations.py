@@ -71,9 +71,13 @@ class BodyError(web.HTTPException):
         super().__init__(text=json.dumps(payload), content_type="application/json")
 
 
-async def parse_body(request: web.Request, model: type[M]) -> M:
-    """The JSON body of ``request`` as ``model``; raises :class:`BodyError` (413/422)."""
-    limit = request.app._client_max_size
+async def parse_body(request: web.Request, model: type[M], *, limit: int | None = None) -> M:
+    """The JSON body of ``request`` as ``model``; raises :class:`BodyError` (413/422).
+    ``limit``: this route's largest body in bytes (default: the application's)."""
+    if limit is None:
+        limit = request.app._client_max_size
+    elif limit != request._client_max_size:
+        request = request.clone(client_max_size=limit)
     if request.content_length is not None and request.content_length > limit:
         raise BodyError(413, f"body of {request.content_length} bytes is over the limit "
                              f"of {limit} bytes")

@@ -1,0 +1,216 @@
+"""Request and answer models of the prediction API (validation and the OpenAPI document).
+
+A question names one endpoint (``endpoint_id``) or every endpoint of an ``api`` (in
+``region`` if given), and horizons in model steps or instants (epoch ms or ISO 8601; a
+time without zone is UTC); neither means every forecast point.
+
+>>> PredictItem.model_validate({"endpoint_id": "e1", "times": ["2026-12-03T10:00:00Z"]}).times
+[1796292000000]
+>>> PredictItem.model_validate({"api": "orders", "horizons": [1, 6]}).region is None
+True
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+
+from streams.api.operations import BodyError
+
+MAX_POINTS = 64  # horizons or times in one question
+MAX_BATCH_ITEMS = 10_000
+MAX_ASYNC_ITEMS = 1_000_000
+
+
+def _epoch_ms(value: Any) -> Any:
+    """An instant as epoch ms: ints pass, ISO 8601 strings are read (UTC without zone)."""
+    if isinstance(value, str):
+        try:
+            t = datetime.fromisoformat(value)
+        except ValueError:
+            raise ValueError("an instant is epoch ms or an ISO 8601 time") from None
+        return round((t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp() * 1000)
+    return value
+
+
+Instant = Annotated[int, BeforeValidator(_epoch_ms), WithJsonSchema(
+    {"anyOf": [{"type": "integer", "description": "epoch ms"},
+               {"type": "string", "format": "date-time"}]})]
+
+
+class PredictItem(BaseModel):
+    """One question: which endpoints, which horizons or instants."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    endpoint_id: str | None = Field(None, min_length=1, max_length=256,
+                                    description="one endpoint (or give api)")
+    api: str | None = Field(None, min_length=1, max_length=256, validate_default=True,
+                            description="every endpoint of this api (with region: of it there)")
+    region: str | None = Field(None, min_length=1, max_length=256)
+    horizons: list[int] | None = Field(
+        None, min_length=1, max_length=MAX_POINTS,
+        description="steps ahead (0 = now); between forecast points: interpolated")
+    times: list[Instant] | None = Field(
+        None, min_length=1, max_length=MAX_POINTS, validate_default=True,
+        description="instants, epoch ms or ISO 8601 (UTC without zone); interpolated")
+
+    @field_validator("api")
+    @classmethod
+    def _one_target(cls, api: str | None, info: ValidationInfo) -> str | None:
+        endpoint = info.data.get("endpoint_id")
+        if (endpoint is None) == (api is None):
+            raise ValueError("give endpoint_id or api (with region), exactly one of them")
+        return api
+
+    @field_validator("horizons")
+    @classmethod
+    def _horizons(cls, horizons: list[int] | None) -> list[int] | None:
+        if horizons is not None and any(h < 0 for h in horizons):
+            raise ValueError("horizons are steps ahead, 0 or more")
+        return horizons
+
+    @field_validator("times")
+    @classmethod
+    def _times(cls, times: list[int] | None, info: ValidationInfo) -> list[int] | None:
+        if times is not None and info.data.get("horizons") is not None:
+            raise ValueError("give horizons or times, not both")
+        return times
+
+
+def _bounded(data: Any, limit: int) -> Any:
+    """413 naming ``items`` before validating more items than one call may carry."""
+    if isinstance(data, dict) and isinstance(data.get("items"), list) \
+            and len(data["items"]) > limit:
+        raise BodyError(413, f"items: {len(data['items'])} items, at most {limit} in one call",
+                        "items")
+    return data
+
+
+class BatchRequest(BaseModel):
+    """Up to 10,000 questions answered in one call, each on its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[PredictItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size(cls, data: Any) -> Any:
+        return _bounded(data, MAX_BATCH_ITEMS)
+
+
+class AsyncRequest(BaseModel):
+    """Up to 1,000,000 questions answered in the background."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[PredictItem] = Field(min_length=1, max_length=MAX_ASYNC_ITEMS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size(cls, data: Any) -> Any:
+        return _bounded(data, MAX_ASYNC_ITEMS)
+
+
+class ForecastValue(BaseModel):
+    """The forecast at one horizon or instant, with utilization of the capacity."""
+
+    horizon: float = Field(description="steps ahead (fractional when interpolated)")
+    at: int = Field(description="epoch ms")
+    mean: float
+    lower: float = Field(description="lower edge of the 90 % band")
+    upper: float = Field(description="upper edge of the 90 % band")
+    utilization: float | None = Field(description="mean / capacity (None without capacity)")
+    utilization_upper: float | None = Field(description="upper / capacity")
+
+
+class EndpointForecast(BaseModel):
+    """One endpoint's answer: identity, freshness, capacity, the asked points."""
+
+    endpoint_id: str
+    api: str
+    region: str
+    computed_at: int
+    valid_until: int
+    age_s: float = Field(description="seconds since the score was computed")
+    stale: bool = Field(description="true once valid_until has passed")
+    model: str
+    step_seconds: int
+    score: float
+    capacity_rps: float
+    capacity_source: str = Field(description="CONFIGURED, LEARNED or DEFAULT (a guess)")
+    current_rps: float
+    points: list[ForecastValue]
+
+
+class PredictResponse(BaseModel):
+    """The forecasts of the endpoints the question named."""
+
+    predictions: list[EndpointForecast]
+
+
+class ItemResult(BaseModel):
+    """The answer to item ``index``: its predictions, or an error naming the field."""
+
+    index: int
+    predictions: list[EndpointForecast] | None = None
+    error: str | None = None
+    field: str | None = None
+
+
+class BatchResponse(BaseModel):
+    """One result per item, in order; ``errors`` counts the items that failed."""
+
+    results: list[ItemResult]
+    errors: int
+
+
+class JobResponse(BaseModel):
+    """An async job: its state and, once succeeded, a page of its results."""
+
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    items: int
+    done: int = Field(description="items answered so far")
+    errors: int = Field(description="items answered with an error")
+    error: str | None = Field(None, description="why the job failed")
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    expires_at: int | None = Field(None, description="results are dropped after this")
+    offset: int = 0
+    next_offset: int | None = Field(None, description="offset of the next page, if any")
+    results: list[ItemResult] = Field(default_factory=list)
+
+
+class ModelKind(BaseModel):
+    """Endpoints whose latest score comes from one kind of model."""
+
+    model: str
+    endpoints: int
+    stale: int
+    newest_computed_at: int
+
+
+class ModelInfo(BaseModel):
+    """What the forecasts come from and how fresh they are."""
+
+    endpoints: int
+    stale_endpoints: int
+    newest_score_age_s: float | None
+    oldest_score_age_s: float | None
+    kinds: list[ModelKind]
+    global_models: dict[str, dict[str, Any]] = Field(
+        description="family -> latest GlobalModel (version, round, created_at, ...)")
