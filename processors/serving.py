@@ -1,7 +1,6 @@
 """Answering forecast questions from a LoadScore: values in, values out.
 
-A score's curve is ``current_rps`` at ``computed_at`` (horizon 0: what was observed) and
-its forecast points (horizon ``h`` at ``at``, mean with a 90 % band). A question names
+A score's curve is ``current_rps`` at horizon 0 (what was observed) and its forecast points (horizon ``h`` at ``at``, mean with a 90 % band). A question names
 horizons in model steps, or instants (epoch ms); a horizon or instant between two points
 is interpolated linearly (mean and both band edges), one outside the curve is an error
 that says the range, never a guess. Predicted utilization is the value over the capacity
@@ -52,12 +51,16 @@ def utilization(value: float, capacity_rps: float) -> float | None:
 
 
 def curve(score: LoadScore) -> list[tuple[float, int, float, float, float]]:
-    """(horizon, at, mean, lower, upper) from horizon 0 (``current_rps`` at
-    ``computed_at``) through the forecast, sorted by horizon."""
+    """(horizon, at, mean, lower, upper) from horizon 0 (``current_rps``) through the
+    forecast, sorted by horizon. Horizon 0 lies one step before horizon 1 on the
+    forecast's own time axis (``computed_at`` without points): a replayed trace's points
+    carry the trace's times while ``computed_at`` is the wall clock of the scoring."""
+    ahead = sorted((p for p in score.forecast if p.horizon > 0), key=lambda p: p.horizon)
+    at0 = ahead[0].at - ahead[0].horizon * score.step_seconds * 1000 if ahead \
+        else score.computed_at
     now = score.current_rps
-    out = [(0.0, score.computed_at, now, now, now)]
-    out.extend((float(p.horizon), p.at, p.mean, p.lower, p.upper)
-               for p in sorted(score.forecast, key=lambda p: p.horizon) if p.horizon > 0)
+    out = [(0.0, at0, now, now, now)]
+    out.extend((float(p.horizon), p.at, p.mean, p.lower, p.upper) for p in ahead)
     return out
 
 
