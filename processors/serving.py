@@ -1,6 +1,7 @@
 """Answering forecast questions from a LoadScore: values in, values out.
 
-A score's curve is ``current_rps`` at horizon 0 (what was observed) and its forecast points (horizon ``h`` at ``at``, mean with a 90 % band). A question names
+A score's curve is ``current_rps`` at horizon 0 (what was observed) and its forecast
+points (horizon ``h`` at ``at``, mean with a 90 % band). A question names
 horizons in model steps, or instants (epoch ms); a horizon or instant between two points
 is interpolated linearly (mean and both band edges), one outside the curve is an error
 that says the range, never a guess. Predicted utilization is the value over the capacity
@@ -86,7 +87,8 @@ def lookup(score: LoadScore, *, horizons: Sequence[float] | None = None,
         if not picked:
             raise ServingError("horizons", "the score has no forecast points yet")
     else:
-        axis, asked, name = (0, horizons, "horizons") if horizons is not None else (1, times, "times")
+        axis, asked, name = (0, horizons, "horizons") if horizons is not None \
+            else (1, times, "times")
         keys = [float(p[axis]) for p in c]
         picked = []
         for x in asked or ():

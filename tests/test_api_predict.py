@@ -45,7 +45,8 @@ def forecast_score(endpoint_id: str, computed_ms: int, means: list[float], *,
         "endpoint_id": endpoint_id, "api": api, "region": region,
         "computed_at": computed_ms, "valid_until": computed_ms + int(valid_for_s * 1000),
         "score": 0.5, "capacity_rps": capacity, "capacity_source": "CONFIGURED",
-        "current_rps": means[0] / 2, "predicted_utilization": max(means) / capacity if capacity else 0.0,
+        "current_rps": means[0] / 2,
+        "predicted_utilization": max(means) / capacity if capacity else 0.0,
         "latency_p99_ms": 5.0, "error_rate": 0.0, "anomaly_score": 0.0,
         "step_seconds": STEP_MS // 1000, "model": model, "reasons": [],
         "forecast": [{"horizon": h + 1, "at": computed_ms + (h + 1) * STEP_MS, "mean": m,
@@ -103,7 +104,7 @@ async def test_worker_scores_are_served_with_their_values(
         worker = start_worker(kafka, new_app_id(), tmp_path / "w.log")
         await asyncio.to_thread(wait_for_checkpoints, kafka, codec, ends, 60, worker)
         published = await asyncio.to_thread(scores, kafka, codec)
-        latest = {}
+        latest: dict[str, dict[str, Any]] = {}
         for s in published:  # the newest score per endpoint is what the API must serve
             if s["computed_at"] >= latest.get(s["endpoint_id"], {"computed_at": -1})[
                     "computed_at"]:

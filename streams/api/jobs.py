@@ -127,7 +127,7 @@ class JobStore:
                                            f"({job.done} of {job.total} items answered)")
                     await asyncio.sleep(0)  # let the server answer between chunks
                 job.state = "succeeded"
-            except Exception as e:  # noqa: BLE001 - any failure fails the job, says why
+            except Exception as e:  # any failure fails the job and says why
                 job.state = "failed"
                 job.error = str(e) or type(e).__name__
                 job.results = []

@@ -18,6 +18,7 @@ document itself are described by hand.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -58,7 +59,7 @@ def _operation_id(op: Operation) -> str:
     return op.method.lower() + "_" + re.sub(r"\W+", "_", op.path).strip("_")
 
 
-def _operation(op: Operation, refs: dict[tuple[type[BaseModel], str], dict[str, Any]]
+def _operation(op: Operation, refs: Mapping[Any, dict[str, Any]]
                ) -> dict[str, Any]:
     success: dict[str, Any] = {"description": "success"}
     if op.response is not None:

@@ -1,12 +1,14 @@
 """The prediction API: forecasts per endpoint, one, in batches, or as background jobs.
 
-| route | answers |
-|---|---|
-| ``POST /v1/predict`` | one question (:class:`PredictItem`): 200, 404 for an unknown endpoint or api, 422 naming the field |
-| ``POST /v1/predict/batch`` | 1-10,000 questions, one result each (an unknown endpoint is that item's error); more items: 413 naming ``items`` |
-| ``POST /v1/predict/async`` | 1-1,000,000 questions: 202 + ``Location: /v1/jobs/{id}``; ``Idempotency-Key`` returns the same job |
-| ``GET /v1/jobs/{id}`` | the job's state; once succeeded, results by page (``offset``, ``limit``) |
-| ``GET /v1/model/info`` | model kinds of the scores, global-model versions, freshness |
+- ``POST /v1/predict``: one question (:class:`PredictItem`); 404 for an unknown endpoint
+  or api, 422 naming the field;
+- ``POST /v1/predict/batch``: 1-10,000 questions, one result each (an unknown endpoint is
+  that item's error); more items: 413 naming ``items``;
+- ``POST /v1/predict/async``: 1-1,000,000 questions, 202 + ``Location: /v1/jobs/{id}``;
+  the same ``Idempotency-Key`` returns the same job;
+- ``GET /v1/jobs/{id}``: the job's state; once succeeded, results by page (``offset``,
+  ``limit``);
+- ``GET /v1/model/info``: model kinds of the scores, global-model versions, freshness.
 
 Every answer comes from the latest score of each endpoint (:mod:`streams.api.state`) by
 :func:`processors.serving.answer`: a stale score is answered and marked ``stale``.
