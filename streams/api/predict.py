@@ -59,11 +59,13 @@ def answer_item(state: ForecastState, item: PredictItem, now_ms: int) -> dict[st
         if not scores:
             where = f" in region {item.region!r}" if item.region is not None else ""
             return {"error": f"no endpoint of api {item.api!r}{where}", "field": "api"}
-    try:
-        return {"predictions": [answer(s, horizons=item.horizons, times=item.times,
-                                       now_ms=now_ms) for s in scores]}
-    except ServingError as e:
-        return {"error": e.message, "field": e.field}
+    out = []
+    for s in scores:
+        try:
+            out.append(answer(s, horizons=item.horizons, times=item.times, now_ms=now_ms))
+        except ServingError as e:  # one endpoint that cannot answer fails the question
+            return {"error": f"{s.endpoint_id}: {e.message}", "field": e.field}
+    return {"predictions": out}
 
 
 async def predict(request: web.Request) -> web.Response:
