@@ -65,66 +65,88 @@ def curve(score: LoadScore) -> list[tuple[float, int, float, float, float]]:
     return out
 
 
-def _point(c: list[tuple[float, int, float, float, float]], i: int, keys: list[float],
-           x: float, key: int) -> tuple[float, float, float, float, float]:
-    """The curve at ``x`` on axis ``key`` (0 horizon, 1 at), interpolating at index i."""
-    hi = c[i]
-    if keys[i] == x or i == 0:
-        return hi[0], float(hi[1]), hi[2], hi[3], hi[4]
-    lo = c[i - 1]
-    f = (x - keys[i - 1]) / (keys[i] - keys[i - 1])
-    return tuple(a + f * (b - a) for a, b in zip(lo, hi, strict=True))  # type: ignore[return-value]
+Row = tuple[float, float, float, float, float]  # horizon, at, mean, lower, upper
+
+
+class Curve:
+    """A score made ready to answer many questions: built once per score (the API keeps
+    one per endpoint), its exact points shared by every answer (never mutate them)."""
+
+    __slots__ = ("_exact", "_forecast", "_head", "_keys", "_rows", "score")
+
+    def __init__(self, score: LoadScore) -> None:
+        self.score = score
+        self._rows: list[Row] = [(h, float(at), m, lo, up) for h, at, m, lo, up in curve(score)]
+        self._keys = ([r[0] for r in self._rows], [r[1] for r in self._rows])
+        self._exact: tuple[dict[float, Point], dict[float, Point]] = (
+            {r[0]: self._value(r) for r in self._rows}, {})
+        self._exact[1].update((r[1], self._exact[0][r[0]]) for r in self._rows)
+        self._forecast = [self._exact[0][r[0]] for r in self._rows[1:]]
+        self._head = {
+            "endpoint_id": score.endpoint_id, "api": score.api, "region": score.region,
+            "computed_at": score.computed_at, "valid_until": score.valid_until,
+            "age_s": 0.0, "stale": False, "model": score.model,
+            "step_seconds": score.step_seconds, "score": score.score,
+            "capacity_rps": score.capacity_rps, "capacity_source": score.capacity_source,
+            "current_rps": score.current_rps,
+        }
+
+    def _value(self, r: Row) -> Point:
+        cap = self.score.capacity_rps
+        h, at, m, lo, up = r
+        return {"horizon": h, "at": round(at), "mean": m, "lower": lo, "upper": up,
+                "utilization": m / cap if cap > 0 else None,
+                "utilization_upper": up / cap if cap > 0 else None}
+
+    def _at(self, axis: int, x: float, name: str, asked: float) -> Point:
+        exact = self._exact[axis].get(x)
+        if exact is not None:
+            return exact
+        keys = self._keys[axis]
+        if not keys[0] <= x <= keys[-1]:
+            lo_s, hi_s, unit = ((f"{keys[0]:g}", f"{keys[-1]:g}", "steps") if axis == 0
+                                else (str(int(keys[0])), str(int(keys[-1])), "ms"))
+            raise ServingError(name, f"{asked} is outside the forecast ({lo_s} to {hi_s} {unit})")
+        i = bisect_left(keys, x)
+        lo, hi = self._rows[i - 1], self._rows[i]
+        f = (x - keys[i - 1]) / (keys[i] - keys[i - 1])
+        row = tuple(a + f * (b - a) for a, b in zip(lo, hi, strict=True))
+        return self._value(row)  # type: ignore[arg-type]
+
+    def points(self, *, horizons: Sequence[float] | None = None,
+               times: Sequence[int] | None = None) -> list[Point]:
+        """The curve at ``horizons`` (steps) or ``times`` (epoch ms), each with
+        utilization; every forecast point when neither is given. Raises
+        :class:`ServingError`."""
+        if horizons is not None:
+            exact = self._exact[0]  # ints find their float keys: equal values, equal hashes
+            found = [exact.get(h) for h in horizons]
+            if None not in found:
+                return found  # type: ignore[return-value]
+            return [self._at(0, float(h), "horizons", h) for h in horizons]
+        if times is not None:
+            return [self._at(1, float(t), "times", t) for t in times]
+        if not self._forecast:
+            raise ServingError("horizons", "the score has no forecast points yet")
+        return self._forecast
+
+    def answer(self, *, horizons: Sequence[float] | None = None,
+               times: Sequence[int] | None = None, now_ms: int) -> dict[str, Any]:
+        """Everything the endpoint answers: identity, freshness, capacity, the points."""
+        out = dict(self._head)
+        out["age_s"] = max(0.0, (now_ms - self.score.computed_at) / 1000)
+        out["stale"] = now_ms > self.score.valid_until
+        out["points"] = self.points(horizons=horizons, times=times)
+        return out
 
 
 def lookup(score: LoadScore, *, horizons: Sequence[float] | None = None,
            times: Sequence[int] | None = None) -> list[Point]:
-    """The curve at ``horizons`` (steps) or ``times`` (epoch ms), each with utilization;
-    every forecast point when neither is given. Raises :class:`ServingError`."""
-    c = curve(score)
-    cap = score.capacity_rps
-    if horizons is None and times is None:
-        picked = [(h, float(at), m, lo, up) for h, at, m, lo, up in c[1:]]
-        if not picked:
-            raise ServingError("horizons", "the score has no forecast points yet")
-    else:
-        axis, asked, name = (0, horizons, "horizons") if horizons is not None \
-            else (1, times, "times")
-        keys = [float(p[axis]) for p in c]
-        picked = []
-        for x in asked or ():
-            xf = float(x)
-            if not keys[0] <= xf <= keys[-1]:
-                unit = "steps" if axis == 0 else "ms"
-                lo_s = f"{keys[0]:g}" if axis == 0 else str(int(keys[0]))
-                hi_s = f"{keys[-1]:g}" if axis == 0 else str(int(keys[-1]))
-                raise ServingError(name, f"{x} is outside the forecast ({lo_s} to {hi_s} {unit})")
-            picked.append(_point(c, bisect_left(keys, xf), keys, xf, axis))
-    out = []
-    for h, at, m, lo, up in picked:
-        out.append({
-            "horizon": h, "at": round(at), "mean": m, "lower": lo, "upper": up,
-            "utilization": m / cap if cap > 0 else None,
-            "utilization_upper": up / cap if cap > 0 else None,
-        })
-    return out
+    """:meth:`Curve.points` of ``score``."""
+    return Curve(score).points(horizons=horizons, times=times)
 
 
 def answer(score: LoadScore, *, horizons: Sequence[float] | None = None,
            times: Sequence[int] | None = None, now_ms: int) -> dict[str, Any]:
-    """Everything one endpoint answers: identity, freshness, capacity and the points."""
-    return {
-        "endpoint_id": score.endpoint_id,
-        "api": score.api,
-        "region": score.region,
-        "computed_at": score.computed_at,
-        "valid_until": score.valid_until,
-        "age_s": max(0.0, (now_ms - score.computed_at) / 1000),
-        "stale": now_ms > score.valid_until,
-        "model": score.model,
-        "step_seconds": score.step_seconds,
-        "score": score.score,
-        "capacity_rps": score.capacity_rps,
-        "capacity_source": score.capacity_source,
-        "current_rps": score.current_rps,
-        "points": lookup(score, horizons=horizons, times=times),
-    }
+    """:meth:`Curve.answer` of ``score`` (build a :class:`Curve` to answer many)."""
+    return Curve(score).answer(horizons=horizons, times=times, now_ms=now_ms)

@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
+
 CHUNK = 2_000  # items answered between two yields to the event loop
 RUNNING = 2  # jobs answered at once
 
@@ -120,7 +122,7 @@ class JobStore:
                         res = answer(job.items[i], now_ms)
                         res["index"] = i
                         job.errors += res.get("error") is not None
-                        job.results.append(json.dumps(res).encode())
+                        job.results.append(orjson.dumps(res))
                     job.done = len(job.results)
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"ran over {self.max_seconds:g} s "
