@@ -16,7 +16,10 @@ Every answer comes from the latest score of each endpoint (:mod:`streams.api.sta
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -111,27 +114,49 @@ async def predict(request: web.Request) -> web.Response:
     return _json(res)
 
 
+@contextlib.contextmanager
+def cyclic_gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch is answered and encoded.
+
+    A batch allocates a few containers per item that live until its answer is encoded;
+    meanwhile the collector would run every 700 allocations and, in full collections, walk
+    the whole state (every score and curve: millions of objects). That was 60 % of a
+    10,000-item batch's time. The answers hold no cycles (reference counting frees them),
+    and the pause lasts one bounded batch (at most 10,000 items, or one job chunk)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
 async def predict_batch(request: web.Request) -> web.Response:
     """``POST /v1/predict/batch``: per-item results; the call fails only as a whole body."""
     body = await parse_body(request, BatchRequest)
     curves = request.app[CURVES]
     now = _now_ms()
-    results: list[dict[str, Any]] = []
     errors = 0
     answered = 0
-    for i, item in enumerate(body.items):
-        if answered >= MAX_ANSWERS:
-            res: dict[str, Any] = {"error": f"over {MAX_ANSWERS} endpoint answers in one "
-                                            "call; use /v1/predict/async", "field": "items"}
-        else:
-            res = answer_item(curves, item, now)
-        res["index"] = i
-        if "error" in res:
-            errors += 1
-        else:
-            answered += len(res["predictions"])
-        results.append(res)
-    return _json({"results": results, "errors": errors})
+    with cyclic_gc_paused():
+        results: list[dict[str, Any]] = []
+        for i, item in enumerate(body.items):
+            if answered >= MAX_ANSWERS:
+                res: dict[str, Any] = {"error": f"over {MAX_ANSWERS} endpoint answers in "
+                                                "one call; use /v1/predict/async",
+                                       "field": "items"}
+            else:
+                res = answer_item(curves, item, now)
+            res["index"] = i
+            if "error" in res:
+                errors += 1
+            else:
+                answered += len(res["predictions"])
+            results.append(res)
+        encoded = orjson.dumps({"results": results, "errors": errors})
+        del results
+    return web.Response(body=encoded, content_type="application/json")
 
 
 async def predict_async(request: web.Request) -> web.Response:

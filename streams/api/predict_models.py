@@ -59,11 +59,11 @@ class PredictItem(BaseModel):
     api: str | None = Field(None, min_length=1, max_length=256, validate_default=True,
                             description="every endpoint of this api (with region: of it there)")
     region: str | None = Field(None, min_length=1, max_length=256)
-    horizons: list[int] | None = Field(
+    horizons: list[Annotated[int, Field(ge=0)]] | None = Field(
         None, min_length=1, max_length=MAX_POINTS,
         description="steps ahead (0 = now); between forecast points: interpolated")
     times: list[Instant] | None = Field(
-        None, min_length=1, max_length=MAX_POINTS, validate_default=True,
+        None, min_length=1, max_length=MAX_POINTS,
         description="instants, epoch ms or ISO 8601 (UTC without zone); interpolated")
 
     @field_validator("api")
@@ -73,13 +73,6 @@ class PredictItem(BaseModel):
         if (endpoint is None) == (api is None):
             raise ValueError("give endpoint_id or api (with region), exactly one of them")
         return api
-
-    @field_validator("horizons")
-    @classmethod
-    def _horizons(cls, horizons: list[int] | None) -> list[int] | None:
-        if horizons is not None and any(h < 0 for h in horizons):
-            raise ValueError("horizons are steps ahead, 0 or more")
-        return horizons
 
     @field_validator("times")
     @classmethod
