@@ -192,7 +192,7 @@ async def test_predict_answers_bands_stale_and_errors(served: tuple[str, ApiServ
             ({"endpoint_id": "nope"}, "endpoint_id", 404),
             ({"api": "nope", "region": "eu"}, "api", 404),
             ({"endpoint_id": "e1", "horizons": [4]}, "horizons", 422),
-            ({"endpoint_id": "e1", "horizons": [-1]}, "horizons", 422),
+            ({"endpoint_id": "e1", "horizons": [-1]}, "horizons.0", 422),
             ({"endpoint_id": "e1", "times": ["yesterday"]}, "times.0", 422),
             ({"endpoint_id": "e1", "horizons": [1], "times": [1]}, "times", 422),
             ({"region": "eu"}, "api", 422),
