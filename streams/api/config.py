@@ -29,5 +29,9 @@ class ApiSettings(BaseModel):
         100, ge=1, le=100_000, description="async jobs kept at most (finished ones expire)")
     job_ttl_s: float = Field(
         3600.0, gt=0, description="a finished async job's results are kept this long")
+    job_max_result_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024,
+        description="encoded job results kept at most, all jobs together (a job that would "
+                    "go over fails)")
     job_max_seconds: float = Field(
         600.0, gt=0, description="an async job running longer than this fails")

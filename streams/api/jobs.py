@@ -51,6 +51,7 @@ class Job:
     results: list[bytes] = field(default_factory=list)
     task: asyncio.Task[None] | None = None
     total: int = 0
+    result_bytes: int = 0
 
     def finished(self) -> bool:
         return self.state in ("succeeded", "failed")
@@ -64,11 +65,13 @@ class JobStore:
     """The jobs of one API process, bounded in number and time."""
 
     def __init__(self, *, max_jobs: int, ttl_s: float, max_seconds: float,
-                 chunk: int = CHUNK) -> None:
+                 max_result_bytes: int = 1 << 30, chunk: int = CHUNK) -> None:
         self.max_jobs = max_jobs
         self.ttl_s = ttl_s
         self.max_seconds = max_seconds
         self.chunk = chunk
+        self.max_result_bytes = max_result_bytes
+        self.kept_bytes = 0  # encoded results of every kept job
         self.jobs: dict[str, Job] = {}
         self.by_key: dict[str, str] = {}
         self._slots = asyncio.Semaphore(RUNNING)
@@ -80,6 +83,8 @@ class JobStore:
 
     def _drop(self, job: Job) -> None:
         self.jobs.pop(job.id, None)
+        self.kept_bytes -= job.result_bytes
+        job.result_bytes = 0
         if job.key is not None and self.by_key.get(job.key) == job.id:
             del self.by_key[job.key]
 
@@ -118,12 +123,22 @@ class JobStore:
             try:
                 for start in range(0, job.total, self.chunk):
                     now_ms = round(time.time() * 1000)
+                    size = 0
                     for i in range(start, min(start + self.chunk, job.total)):
                         res = answer(job.items[i], now_ms)
                         res["index"] = i
                         job.errors += res.get("error") is not None
-                        job.results.append(orjson.dumps(res))
+                        encoded = orjson.dumps(res)
+                        size += len(encoded)
+                        job.results.append(encoded)
                     job.done = len(job.results)
+                    job.result_bytes += size
+                    self.kept_bytes += size
+                    if self.kept_bytes > self.max_result_bytes:
+                        raise MemoryError(
+                            f"results over {self.max_result_bytes} bytes (all kept jobs) "
+                            f"after {job.done} of {job.total} items; ask fewer items or "
+                            "horizons, or fetch and let older jobs expire")
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"ran over {self.max_seconds:g} s "
                                            f"({job.done} of {job.total} items answered)")
@@ -133,6 +148,8 @@ class JobStore:
                 job.state = "failed"
                 job.error = str(e) or type(e).__name__
                 job.results = []
+                self.kept_bytes -= job.result_bytes
+                job.result_bytes = 0
             finally:
                 job.items = ()  # the questions are answered or abandoned: free them
                 job.finished_at = time.time()

@@ -16,6 +16,7 @@ Every answer comes from the latest score of each endpoint (:mod:`streams.api.sta
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import time
@@ -44,12 +45,15 @@ from streams.api.predict_models import (
     ModelInfo,
     PredictItem,
     PredictResponse,
+    Question,
+    compact,
 )
 from streams.api.state import ForecastState
 
 JOBS: web.AppKey[JobStore] = web.AppKey("jobs", JobStore)
 MAX_ANSWERS = 200_000  # endpoint answers in one synchronous call (api questions fan out)
 MAX_PAGE = 100_000  # job results in one page
+VALIDATE_CHUNK = 10_000  # async items validated between two yields to the event loop
 IDEMPOTENCY_KEY = "Idempotency-Key"
 
 
@@ -88,7 +92,7 @@ class Curves:
 CURVES: web.AppKey[Curves] = web.AppKey("curves", Curves)
 
 
-def answer_item(curves: Curves, item: PredictItem, now_ms: int) -> dict[str, Any]:
+def answer_item(curves: Curves, item: PredictItem | Question, now_ms: int) -> dict[str, Any]:
     """One item's result: ``{"predictions": [...]}`` or ``{"error", "field"}``."""
     if item.endpoint_id is not None:
         c = curves.endpoint(item.endpoint_id)
@@ -177,12 +181,20 @@ async def predict_async(request: web.Request) -> web.Response:
         job = kept  # the same job, without reading the body again
     else:
         body = await parse_body(request, AsyncRequest, limit=settings.async_max_body_bytes)
-        curves = request.app[CURVES]
-        try:
-            job, _ = jobs.submit(body.items, lambda it, now: answer_item(curves, it, now), key)
-        except JobsFull as e:
-            return web.json_response({"error": str(e)}, status=429,
-                                     headers={"Retry-After": "5"})
+        items: list[Any] = body.items
+        for start in range(0, len(items), VALIDATE_CHUNK):  # the loop answers in between
+            for i in range(start, min(start + VALIDATE_CHUNK, len(items))):
+                items[i] = compact(items[i], f"items.{i}")
+            await asyncio.sleep(0)
+        if key is not None and (kept := jobs.get(jobs.by_key.get(key, ""))) is not None:
+            job = kept  # the same key came in while this body was checked
+        else:
+            curves = request.app[CURVES]
+            try:
+                job, _ = jobs.submit(items, lambda it, now: answer_item(curves, it, now), key)
+            except JobsFull as e:
+                return web.json_response({"error": str(e)}, status=429,
+                                         headers={"Retry-After": "5"})
     return web.Response(
         body=jobs.page(job, 0, 0), status=202, content_type="application/json",
         headers={"Location": f"/v1/jobs/{job.id}"})
@@ -249,7 +261,8 @@ def add_routes(app: web.Application) -> None:
     """Add the prediction routes and the job store to ``app``."""
     s = app[SETTINGS]
     app[CURVES] = Curves(app[STATE])
-    app[JOBS] = JobStore(max_jobs=s.max_jobs, ttl_s=s.job_ttl_s, max_seconds=s.job_max_seconds)
+    app[JOBS] = JobStore(max_jobs=s.max_jobs, ttl_s=s.job_ttl_s, max_seconds=s.job_max_seconds,
+                         max_result_bytes=s.job_max_result_bytes)
     app.on_cleanup.append(_close_jobs)
     add_operations(app, [
         Operation("POST", "/v1/predict", predict,

@@ -13,13 +13,15 @@ True
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
+    SkipValidation,
+    ValidationError,
     ValidationInfo,
     WithJsonSchema,
     field_validator,
@@ -82,6 +84,31 @@ class PredictItem(BaseModel):
         return times
 
 
+class Question(NamedTuple):
+    """A validated question, small: a million of them are a job's input (a tuple of
+    strings and ints, which the cyclic garbage collector stops tracking)."""
+
+    endpoint_id: str | None
+    api: str | None
+    region: str | None
+    horizons: tuple[int, ...] | None
+    times: tuple[int, ...] | None
+
+
+def compact(raw: Any, where: str) -> Question:
+    """``raw`` validated as a :class:`PredictItem`, as a :class:`Question`; a bad one
+    raises :class:`BodyError` 422 naming ``where`` and the field."""
+    try:
+        it = PredictItem.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join([where, *(str(p) for p in first["loc"])])
+        raise BodyError(422, f"{field}: {first['msg']}", field) from None
+    return Question(it.endpoint_id, it.api, it.region,
+                    None if it.horizons is None else tuple(it.horizons),
+                    None if it.times is None else tuple(it.times))
+
+
 def _bounded(data: Any, limit: int) -> Any:
     """413 naming ``items`` before validating more items than one call may carry."""
     if isinstance(data, dict) and isinstance(data.get("items"), list) \
@@ -105,11 +132,12 @@ class BatchRequest(BaseModel):
 
 
 class AsyncRequest(BaseModel):
-    """Up to 1,000,000 questions answered in the background."""
+    """Up to 1,000,000 questions answered in the background. The envelope is checked
+    here; the items one by one by the route (:func:`compact`), a chunk at a time."""
 
     model_config = ConfigDict(extra="forbid")
 
-    items: list[PredictItem] = Field(min_length=1, max_length=MAX_ASYNC_ITEMS)
+    items: list[SkipValidation[PredictItem]] = Field(min_length=1, max_length=MAX_ASYNC_ITEMS)
 
     @model_validator(mode="before")
     @classmethod
