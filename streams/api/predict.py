@@ -132,7 +132,8 @@ def cyclic_gc_paused() -> Iterator[None]:
     meanwhile the collector would run every 700 allocations and, in full collections, walk
     the whole state (every score and curve: millions of objects). That was 60 % of a
     10,000-item batch's time. The answers hold no cycles (reference counting frees them),
-    and the pause lasts one bounded batch (at most 10,000 items) with no await in it."""
+    and the pause lasts one bounded step with no await in it (a batch of at most 10,000
+    items, or the JSON decoding of an async body)."""
     was = gc.isenabled()
     gc.disable()
     try:
@@ -180,7 +181,10 @@ async def predict_async(request: web.Request) -> web.Response:
     if key is not None and (kept := jobs.get(jobs.by_key.get(key, ""))) is not None:
         job = kept  # the same job, without reading the body again
     else:
-        body = await parse_body(request, AsyncRequest, limit=settings.async_max_body_bytes)
+        raw = await read_body(request, limit=settings.async_max_body_bytes)
+        with cyclic_gc_paused():  # a million dicts decoded: no collections meanwhile
+            body = validate_body(raw, AsyncRequest)
+        del raw
         items: list[Any] = body.items
         for start in range(0, len(items), VALIDATE_CHUNK):  # the loop answers in between
             for i in range(start, min(start + VALIDATE_CHUNK, len(items))):
