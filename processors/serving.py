@@ -78,7 +78,7 @@ class Curve:
         self.score = score
         self._rows: list[Row] = [(h, float(at), m, lo, up) for h, at, m, lo, up in curve(score)]
         self._keys = ([r[0] for r in self._rows], [r[1] for r in self._rows])
-        self._exact: tuple[dict[float, Point], dict[float, Point]] = (
+        self._exact: tuple[dict[float, Any], dict[float, Any]] = (
             {r[0]: self._value(r) for r in self._rows}, {})
         self._exact[1].update((r[1], self._exact[0][r[0]]) for r in self._rows)
         self._forecast = [self._exact[0][r[0]] for r in self._rows[1:]]
@@ -91,14 +91,19 @@ class Curve:
             "current_rps": score.current_rps,
         }
 
-    def _value(self, r: Row) -> Point:
+    def _value(self, r: Row) -> Any:
+        """The point of row ``r`` as answered (a subclass may answer it pre-encoded)."""
+        return self.point(r)
+
+    def point(self, r: Row) -> Point:
+        """The point of row ``r``: the row's values and utilization."""
         cap = self.score.capacity_rps
         h, at, m, lo, up = r
         return {"horizon": h, "at": round(at), "mean": m, "lower": lo, "upper": up,
                 "utilization": m / cap if cap > 0 else None,
                 "utilization_upper": up / cap if cap > 0 else None}
 
-    def _at(self, axis: int, x: float, name: str, asked: float) -> Point:
+    def _at(self, axis: int, x: float, name: str, asked: float) -> Any:
         exact = self._exact[axis].get(x)
         if exact is not None:
             return exact
@@ -114,7 +119,7 @@ class Curve:
         return self._value(row)  # type: ignore[arg-type]
 
     def points(self, *, horizons: Sequence[float] | None = None,
-               times: Sequence[int] | None = None) -> list[Point]:
+               times: Sequence[int] | None = None) -> list[Any]:
         """The curve at ``horizons`` (steps) or ``times`` (epoch ms), each with
         utilization; every forecast point when neither is given. Raises
         :class:`ServingError`."""
@@ -122,7 +127,7 @@ class Curve:
             exact = self._exact[0]  # ints find their float keys: equal values, equal hashes
             found = [exact.get(h) for h in horizons]
             if None not in found:
-                return found  # type: ignore[return-value]
+                return found
             return [self._at(0, float(h), "horizons", h) for h in horizons]
         if times is not None:
             return [self._at(1, float(t), "times", t) for t in times]
@@ -142,7 +147,7 @@ class Curve:
 
 def lookup(score: LoadScore, *, horizons: Sequence[float] | None = None,
            times: Sequence[int] | None = None) -> list[Point]:
-    """:meth:`Curve.points` of ``score``."""
+    """:meth:`Curve.points` of ``score`` (dicts)."""
     return Curve(score).points(horizons=horizons, times=times)
 
 
