@@ -165,7 +165,7 @@ async def test_worker_scores_are_served_with_their_values(
 
 @pytest.mark.asyncio
 async def test_predict_answers_bands_stale_and_errors(served: tuple[str, ApiService]) -> None:
-    url, _ = served
+    url, svc = served
     async with aiohttp.ClientSession() as http:
         st, body, _ = await post(http, f"{url}/v1/predict",
                                  {"endpoint_id": "e1", "horizons": [0, 2, 3]})
@@ -220,8 +220,13 @@ async def test_predict_answers_bands_stale_and_errors(served: tuple[str, ApiServ
         st, body, _ = await post(http, f"{url}/v1/predict/batch",
                                  {"items": [{"endpoint_id": "x" * 200}] * 6_000})
         assert st == 413, body
+        svc.state.apply([("GlobalModel", {  # as the feed hands it over from global-model
+            "family": "default", "version": 7, "round": 3, "created_at": 1, "params": [],
+            "aggregation": "fedavg", "participants": ["a"], "num_samples": 10})])
         async with http.get(f"{url}/v1/model/info") as r:
             info = await r.json()
+        assert info["global_models"]["default"]["version"] == 7
+        assert "params" not in info["global_models"]["default"]
         assert info["endpoints"] == 4 and info["stale_endpoints"] == 1
         assert {k["model"]: k["endpoints"] for k in info["kinds"]} == {"default": 3, "global": 1}
         assert info["oldest_score_age_s"] >= 600
