@@ -22,3 +22,24 @@ class ApiSettings(BaseModel):
         100_000, ge=1, description="endpoints kept at most (more are counted and ignored)")
     max_body_bytes: int = Field(
         8 * 1024 * 1024, ge=1024, description="largest request body, bytes (413 above)")
+    keda_enabled: bool = Field(
+        True, description="serve KEDA's External Scaler gRPC protocol (streams/api/scaler.py)")
+    keda_port: int | None = Field(
+        None, ge=0, le=65535,
+        description="gRPC port of the KEDA scaler (0 = a free one; default: port + 1, or a "
+                    "free one when port is 0)")
+    keda_max_rpcs: int = Field(
+        256, ge=1, le=100_000,
+        description="KEDA scaler calls and open StreamIsActive streams at once (more are "
+                    "refused: RESOURCE_EXHAUSTED)")
+
+    def resolved_keda_port(self) -> int:
+        """The gRPC port to bind: ``keda_port``, else the HTTP port + 1 (8091 by default),
+        else (HTTP port 0) a free one.
+
+        >>> ApiSettings().resolved_keda_port(), ApiSettings(port=0).resolved_keda_port()
+        (8091, 0)
+        """
+        if self.keda_port is not None:
+            return self.keda_port
+        return 0 if self.port in (0, 65535) else self.port + 1
