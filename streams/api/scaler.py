@@ -71,8 +71,8 @@ class ForecastScaler(pb_grpc.ExternalScalerServicer):
         try:
             return parse_metadata(dict(ref.scalerMetadata))
         except MetadataError as e:
-            raise ScalerError(grpc.StatusCode.INVALID_ARGUMENT,
-                              f"ScaledObject {ref.namespace}/{ref.name}: {e}") from None
+            who = f"ScaledObject {ref.namespace}/{ref.name}: " if ref.name else ""
+            raise ScalerError(grpc.StatusCode.INVALID_ARGUMENT, f"{who}{e}") from None
 
     def demand(self, query: ScalerQuery) -> Demand:
         """Forecast demand of the query now, or NOT_FOUND without scores."""
