@@ -217,3 +217,38 @@ def test_generated_code_matches_the_vendored_proto(tmp_path: Path) -> None:
     # the service is KEDA's, whatever path the proto is compiled from
     assert pb.DESCRIPTOR.services_by_name["ExternalScaler"].full_name == (
         "externalscaler.ExternalScaler")
+
+
+@pytest.mark.asyncio
+async def test_a_taken_keda_port_is_an_error_not_a_shared_port() -> None:
+    from streams.api.scaler import start_scaler
+    from streams.api.state import ForecastState
+
+    state = ForecastState()
+    first, port = await start_scaler(state, "127.0.0.1", 0, max_concurrent_rpcs=4)
+    try:
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port}"):
+            await start_scaler(state, "127.0.0.1", port, max_concurrent_rpcs=4)
+    finally:
+        await first.stop(None)
+
+
+@pytest.mark.slow
+def test_loadcast_api_serves_the_scaler_on_keda_port_and_no_keda_turns_it_off(
+    kafka: KafkaSettings, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from loadcast.cli import app
+
+    monkeypatch.setenv("LOADCAST_KAFKA__TOPIC_PREFIX", kafka.topic_prefix)
+    base = ["api", "-b", kafka.bootstrap_servers, "--port", "0", "--duration", "0.3"]
+    on = CliRunner().invoke(app, [*base, "--keda-port", "0"])
+    assert on.exit_code == 0, on.output
+    assert "keda external scaler (gRPC) on 127.0.0.1:" in on.output
+    off = CliRunner().invoke(app, [*base, "--no-keda"])
+    assert off.exit_code == 0, off.output
+    assert "api on http://127.0.0.1:" in off.output and "keda" not in off.output
+    same = CliRunner().invoke(app, ["api", "-b", kafka.bootstrap_servers, "--port", "18170",
+                                    "--keda-port", "18170", "--duration", "0.3"])
+    assert same.exit_code == 2 and "keda_port" in same.output, same.output

@@ -22,6 +22,7 @@ from streams.signals import stop_on_signals
 if TYPE_CHECKING:
     import threading
 
+    from streams.api.config import ApiSettings
     from streams.api.service import ApiService
 
 
@@ -65,6 +66,7 @@ def _api(get_settings: SettingsFn) -> Callable[..., None]:
             s.api.keda_port = keda_port
         if keda is not None:
             s.api.keda_enabled = keda
+        s.api = _checked(s.api)
         ensure_kafka(s.kafka)
         svc = ApiService(s.api, s.kafka)
         with stop_on_signals(duration) as stop:
@@ -72,6 +74,16 @@ def _api(get_settings: SettingsFn) -> Callable[..., None]:
                 asyncio.run(_serve(svc, stop))
             except OSError as e:
                 raise fail(str(e), 1) from None
+
+    def _checked(api: ApiSettings) -> ApiSettings:
+        """The settings validated again after the options changed them (exit 2 naming
+        the problem)."""
+        from pydantic import ValidationError
+
+        try:
+            return type(api).model_validate(api.model_dump())
+        except ValidationError as e:
+            raise fail(f"api: {e.errors()[0]['msg']}", 2) from None
 
     async def _serve(svc: ApiService, stop: threading.Event) -> None:
         await svc.start()

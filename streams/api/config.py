@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ApiSettings(BaseModel):
@@ -32,6 +32,12 @@ class ApiSettings(BaseModel):
         256, ge=1, le=100_000,
         description="KEDA scaler calls and open StreamIsActive streams at once (more are "
                     "refused: RESOURCE_EXHAUSTED)")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> ApiSettings:
+        if self.keda_enabled and self.port != 0 and self.resolved_keda_port() == self.port:
+            raise ValueError(f"keda_port: {self.port} is the HTTP port too (api.port)")
+        return self
 
     def resolved_keda_port(self) -> int:
         """The gRPC port to bind: ``keda_port``, else the HTTP port + 1 (8091 by default),

@@ -168,7 +168,10 @@ async def start_scaler(state: ForecastState, host: str, port: int, *,
                        max_concurrent_rpcs: int, poll_s: float = STREAM_POLL_S,
                        ) -> tuple[aio.Server, int]:
     """Start the gRPC server of the scaler on the running loop; (server, bound port)."""
-    server = aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs)
+    # no SO_REUSEPORT (grpc's default): a second process on a taken port must fail, not
+    # silently share the port with the first
+    server = aio.server(maximum_concurrent_rpcs=max_concurrent_rpcs,
+                        options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_ExternalScalerServicer_to_server(ForecastScaler(state, poll_s=poll_s), server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")
