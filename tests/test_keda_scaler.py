@@ -173,6 +173,8 @@ async def test_scaler_serves_forecast_demand_and_flips_activity(
     code, details = await status_of(rig.stub.GetMetrics(pb.GetMetricsRequest(
         scaledObjectRef=ref(**{**meta, "api": "nope"})), timeout=timeout))
     assert code == grpc.StatusCode.NOT_FOUND and "'nope'" in details
+    code, _ = await status_of(rig.stub.StreamMetricSpec(ref(**meta), timeout=5).read())
+    assert code == grpc.StatusCode.UNIMPLEMENTED  # KEDA then polls GetMetricSpec
     bad_stream = rig.stub.StreamIsActive(ref(**{**meta, "leadseconds": "60"}), timeout=5)
     code, details = await status_of(bad_stream.read())
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'leadseconds'" in details

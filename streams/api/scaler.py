@@ -10,7 +10,9 @@ threads or locks. The arithmetic (metadata, demand at the lead time) is
 - ``GetMetrics``: the forecast demand at now + ``leadSeconds``;
 - ``IsActive``: demand > ``activationThreshold`` (default 0);
 - ``StreamIsActive``: the activity now, then each flip (checked on every state change and at
-  least every second, as time moves the lead point), until the client cancels.
+  least every second, as time moves the lead point), until the client cancels;
+- ``StreamMetricSpec`` (optional in the protocol): UNIMPLEMENTED, on which KEDA polls
+  ``GetMetricSpec``, whose target never changes for given metadata.
 
 Errors are gRPC statuses: bad or missing metadata -> ``INVALID_ARGUMENT`` naming the key;
 no score for the api (in the region) -> ``NOT_FOUND``. NOT_FOUND, not "0 and inactive": on
@@ -148,6 +150,16 @@ class ForecastScaler(pb_grpc.ExternalScalerServicer):
         return pb.GetMetricSpecResponse(metricSpecs=[pb.MetricSpec(
             metricName=q.metric_name, targetSizeFloat=q.target_per_replica,
             targetSize=max(1, round(q.target_per_replica)))])
+
+    async def StreamMetricSpec(
+        self, request: pb.ScaledObjectRef, context: aio.ServicerContext[object, object],
+    ) -> AsyncIterator[pb.GetMetricSpecResponse]:
+        """Not served: the target is fixed by the metadata, so KEDA's documented fallback on
+        UNIMPLEMENTED (polling ``GetMetricSpec``) is exact."""
+        await self._fail("StreamMetricSpec", ScalerError(
+            grpc.StatusCode.UNIMPLEMENTED, "the target is fixed by the metadata: "
+            "use GetMetricSpec"), context)
+        yield pb.GetMetricSpecResponse()  # pragma: no cover (makes this a stream handler)
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: aio.ServicerContext[object, object],
