@@ -106,33 +106,48 @@ class RecordFeed:
         }
         self._consumer = self.runtime.consumer(None, **conf)
 
-    def _start_at(self, topic: str, now: float) -> int:
-        lookback = self.kinds[topic].lookback_s
-        return OFFSET_BEGINNING if lookback is None else int((now - lookback) * 1000)
-
     def _assign(self) -> None:
         md = self._consumer.list_topics(timeout=10)
-        now = time.time()
-        parts = [
-            TopicPartition(t, p, self._start_at(t, now))
-            for t in self.topics
-            if t in md.topics
-            for p in md.topics[t].partitions
-        ]
         missing = [t for t in self.topics if t not in md.topics]
         if missing:
             log.warning("topics missing, not consuming them: %s", ", ".join(missing))
+        now = time.time()
+        start: list[TopicPartition] = []
+        timed: list[TopicPartition] = []
+        ends: dict[tuple[str, int], int] = {}
+        for t in self.topics:
+            if t not in md.topics:
+                continue
+            lookback = self.kinds[t].lookback_s
+            for p in md.topics[t].partitions:
+                if lookback is None:
+                    start.append(TopicPartition(t, p, OFFSET_BEGINNING))
+                    continue
+                # The end as of now, asked before the time lookup: a record produced
+                # after this is read. (The logical OFFSET_END would be resolved later,
+                # in the background, and could skip a record produced meanwhile.)
+                ends[(t, p)] = self._end_of(t, p)
+                timed.append(TopicPartition(t, p, int((now - lookback) * 1000)))
         try:
-            located = self._consumer.offsets_for_times(parts, timeout=10)
-            # -1: no record that recent in this partition; start at its end then.
+            located = self._consumer.offsets_for_times(timed, timeout=10) if timed else []
             for tp in located:
-                if tp.offset < 0:
-                    tp.offset = OFFSET_END
+                if tp.offset < 0:  # no record that recent: start at the end
+                    tp.offset = ends[(tp.topic, tp.partition)]
         except KafkaException as e:  # brokers without timestamp lookups: read everything
-            log.warning("offsets_for_times failed (%s): reading scores from the start", e)
-            located = [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts]
-        self._consumer.assign(located)
+            log.warning("offsets_for_times failed (%s): reading %s from the start", e,
+                        self.client_id)
+            located = [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in timed]
+        self._consumer.assign(start + located)
         self.assigned.set()
+
+    def _end_of(self, topic: str, partition: int) -> int:
+        try:
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10, cached=False)
+        except KafkaException as e:
+            log.warning("end of %s[%d] unknown (%s): reading from the end", topic, partition, e)
+            return OFFSET_END
+        return int(high)
 
     def start(self) -> None:
         self._assign()
