@@ -44,7 +44,7 @@ from sinks.convert import (
 from sinks.db import ClickHouseUnavailable, close_quietly
 from sinks.ddl import TABLE_BY_NAME, TABLE_BY_TOPIC, migrate
 from sinks.settings import SinkSettings
-from streams.kafka.deadletter import DeadLetter, DeadLetterWriter
+from streams.kafka.deadletter import DeadLetter, DeadLetterWriter, LogThrottle
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -93,6 +93,7 @@ class ClickHouseWriter:
         self.topics = topics  # full name -> catalog name
         self.dead_letters = dead_letters
         self.dead_letter_topic = dead_letters.topic
+        self._log = LogThrottle()
         self._sinks_dead_letter = "dead-letter" in settings.topics
         self._client_factory = client_factory
         self.fast = FastPath(codec, limits) if settings.decode_in_clickhouse else None
@@ -216,7 +217,10 @@ class ClickHouseWriter:
                 (str(topic), partition, offset, index, *row)
             )
         metrics.SINK_DEAD.labels(reason).inc()
-        log.warning("dead-lettered %s[%s]@%s: %s", topic, partition, offset, detail)
+        n = self._log.due()
+        if n:
+            log.warning("dead-lettered %s[%s]@%s: %s (%d since the last line)", topic,
+                        partition, offset, detail[:300], n)
 
     # ------------------------------------------------------------------ ClickHouse
 

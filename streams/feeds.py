@@ -32,6 +32,7 @@ from confluent_kafka import (
 
 from schemas.codec import Codec, CodecError
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
+from streams.kafka.deadletter import LogThrottle
 from streams.kafka.producer import RecordProducer
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
@@ -90,6 +91,7 @@ class RecordFeed:
         self.kinds = {self.runtime.topic(short): kind for short, kind in topics.items()}
         self.topics = list(self.kinds)
         self.max_batch = max_batch
+        self._log = LogThrottle()
         self.skipped = 0
         self.received = 0
         self.crashes = 0  # times the thread died and was restarted
@@ -208,7 +210,10 @@ class RecordFeed:
               reason: str, detail: str) -> None:
         self.skipped += 1
         self.on_skipped(reason)
-        log.warning("skipping record on %s: %s: %s", topic, reason, detail[:300])
+        n = self._log.due()
+        if n:
+            log.warning("skipping record on %s: %s: %s (%d skipped since the last line)",
+                        topic, reason, detail[:300], n)
         if self.dead_letters is not None:
             self.dead_letters.send(
                 key, value, reason=reason, detail=detail, source_topic=topic,

@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable
 
+import pytest
 from confluent_kafka import Producer
 
 from schemas.codec import Codec
@@ -56,3 +57,24 @@ def test_a_record_produced_right_after_assignment_is_read(kafka: KafkaSettings,
     finally:
         for f in feeds:
             f.stop()
+
+
+def test_a_flood_of_garbage_is_counted_not_logged_line_by_line(
+        kafka: KafkaSettings, codec: Codec, caplog: pytest.LogCaptureFixture) -> None:
+    p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 0})
+    topic = topic_name(kafka, "load-scores")
+    feed = RecordFeed(kafka, codec, lambda batch: None, client_id="feed-flood",
+                      topics={"load-scores": FeedTopic(frozenset({"LoadScore"}), 60)})
+    try:
+        feed.start()
+        for i in range(200):
+            p.produce(topic, b"\x07garbage" + bytes([i]), b"k")
+        assert p.flush(10) == 0
+        deadline = time.monotonic() + 20
+        while feed.skipped < 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        feed.stop()
+    assert feed.skipped == 200
+    lines = [r for r in caplog.records if "skipping record" in r.getMessage()]
+    assert 1 <= len(lines) <= 25, len(lines)  # about one a second, with a count
