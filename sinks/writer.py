@@ -23,14 +23,28 @@ from typing import TYPE_CHECKING
 from confluent_kafka import Message
 
 from schemas.codec import Codec, CodecError, Record
-from schemas.validation import Limits, reference_ms, score_problem, telemetry_problem
+from schemas.validation import (
+    Limits,
+    reencode,
+    reference_ms,
+    score_problem,
+    telemetry_problem,
+    window_problem,
+)
 from sinks import metrics
 from sinks.avro_ingest import FastPath, IngestTable
-from sinks.convert import TOPIC_SCHEMAS, ConversionError, Row, dead_letter_row, rows_for
+from sinks.convert import (
+    TOPIC_SCHEMAS,
+    ConversionError,
+    Row,
+    dead_letter_row,
+    rows_for,
+    telemetry_row,
+)
 from sinks.db import ClickHouseUnavailable, close_quietly
 from sinks.ddl import TABLE_BY_NAME, TABLE_BY_TOPIC, migrate
 from sinks.settings import SinkSettings
-from streams.kafka.deadletter import DeadLetter, DeadLetterWriter
+from streams.kafka.deadletter import DeadLetter, DeadLetterWriter, LogThrottle
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -79,6 +93,7 @@ class ClickHouseWriter:
         self.topics = topics  # full name -> catalog name
         self.dead_letters = dead_letters
         self.dead_letter_topic = dead_letters.topic
+        self._log = LogThrottle()
         self._sinks_dead_letter = "dead-letter" in settings.topics
         self._client_factory = client_factory
         self.fast = FastPath(codec, limits) if settings.decode_in_clickhouse else None
@@ -127,6 +142,9 @@ class ClickHouseWriter:
             if name not in TOPIC_SCHEMAS[short]:
                 expected = " or ".join(TOPIC_SCHEMAS[short])
                 raise CodecError("wrong_schema", f"{name} on {short}, expected {expected}")
+            if name == "loadcast.TelemetryBatch":
+                self._batch_windows(msg, self.codec.decode(value, validate=False))
+                return
             record = self.codec.decode(value)
             problem = self._problem(msg, short, record)
             if problem is not None:
@@ -143,6 +161,27 @@ class ClickHouseWriter:
         for i, r in enumerate(rows):
             table.append((topic, partition, offset, i, *r))
 
+    def _batch_windows(self, msg: Message, record: Record) -> None:
+        """Store a batch's good windows and dead-letter each bad one on its own (re-encoded,
+        as the worker does), so that one bad window loses none of the others."""
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        assert topic is not None and partition is not None and offset is not None
+        ref = reference_ms(timestamp(msg))
+        windows = record["windows"]
+        table = self.batch.rows.setdefault(TABLE_BY_TOPIC["telemetry"].name, [])
+        for i, w in enumerate(windows):
+            problem = window_problem(self.codec, w, ref, self.limits)
+            if problem is None:
+                try:
+                    table.append((topic, partition, offset, i, *telemetry_row(w)))
+                    continue
+                except (ConversionError, KeyError, TypeError, ValueError) as e:
+                    problem = ("unconvertible", f"{type(e).__name__}: {e}")
+            value = msg.value() if len(windows) == 1 else reencode(self.codec, w)
+            self._dead_letter(msg, problem[0], f"window {i}: {problem[0]}: {problem[1]}",
+                              key=str(w.get("endpoint_id", "")).encode(), value=value,
+                              index=i)
+
     def _problem(self, msg: Message, short: str, record: Record) -> tuple[str, str] | None:
         """schemas.validation's verdict (the worker's too) on a decoded value."""
         if short == "telemetry":
@@ -157,9 +196,15 @@ class ClickHouseWriter:
             return score_problem(record, reference_ms(timestamp(msg)), self.limits)
         return None
 
-    def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+    def _dead_letter(self, msg: Message, reason: str, detail: str, *,
+                     key: bytes | None = None, value: bytes | None = None,
+                     index: int = 0) -> None:
+        """Dead-letter ``msg`` (or, for one window of a batch, ``key``/``value`` of that
+        window, ``index`` its place in the batch)."""
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        d = self.dead_letters.letter(msg.key(), msg.value(), reason=reason, detail=detail,
+        d = self.dead_letters.letter(key if key is not None else msg.key(),
+                                     value if value is not None else msg.value(),
+                                     reason=reason, detail=detail,
                                      source_topic=str(topic), partition=partition,
                                      offset=offset)
         self.batch.dead.append(d)
@@ -169,10 +214,13 @@ class ClickHouseWriter:
                 list(d.headers),
             )
             self.batch.rows.setdefault("dead_letter", []).append(
-                (str(topic), partition, offset, 0, *row)
+                (str(topic), partition, offset, index, *row)
             )
         metrics.SINK_DEAD.labels(reason).inc()
-        log.warning("dead-lettered %s[%s]@%s: %s", topic, partition, offset, detail)
+        n = self._log.due()
+        if n:
+            log.warning("dead-lettered %s[%s]@%s: %s (%d since the last line)", topic,
+                        partition, offset, detail[:300], n)
 
     # ------------------------------------------------------------------ ClickHouse
 

@@ -44,7 +44,7 @@ METRICS_PORT = {"worker": ("processor", "metrics_port"), "agent": ("agent", "met
                 "planner": ("mirror", "planner_metrics_port"),
                 "executor": ("mirror", "executor_metrics_port"),
                 "sidecar": ("sidecar", "admin_port"), "api": ("api", "port")}
-ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator"}
+ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator", "api"}
 MIRROR_ROLES = {"planner", "executor", "bundle"}
 THIRD_PARTY_METRICS = {  # kafka-exporter (danielqsj/kafka-exporter), Prometheus itself
     "kafka_consumergroup_lag": {"consumergroup", "topic", "partition"},
@@ -360,6 +360,8 @@ def test_compose_settings_render_and_point_at_compose_services(
         port, path = health_url(check)
         if role == "sidecar":
             assert (port, path) == (s.sidecar.admin_port, "/health")
+        elif role == "api":
+            assert (port, path) == (s.api.port, "/health") and s.api.listen_host == "0.0.0.0"
         elif role == "sink" and path == "/health":
             assert port == s.sink.admin_port and s.sink.admin_enabled
         else:
@@ -689,7 +691,7 @@ def test_k8s_manifests_use_real_commands_settings_and_references(
                 assert named.get(get["port"], get["port"]) == port, (name, probe)
                 assert get["path"] == ("/health" if role in ("sidecar", "api") else "/metrics")
         assert s.processor.metrics_port and s.agent.metrics_port
-    assert roles == ROLES - {"topics"} | {"planner", "api"}
+    assert roles == ROLES - {"topics"} | {"planner"}
     # every pod reads the same settings; only the planner also gets the signing key
     key = secrets["loadcast-signing-key"]["stringData"]
     assert set(key) == {"LOADCAST_MIRROR__SIGNING_KEY"}
