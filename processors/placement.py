@@ -98,7 +98,8 @@ def _check(demand: Array, capacity: Array, cost: Array) -> Array:
         raise ValueError("capacities must be finite and >= 0")
     if np.any(cost == -np.inf):
         raise ValueError("cost must not be -inf")
-    return np.where(np.isnan(cost), np.inf, cost)
+    nan = np.isnan(cost)
+    return np.where(nan, np.inf, cost) if nan.any() else cost
 
 
 def _check_totals(demand: Array, capacity: Array, allowed: npt.NDArray[np.bool_]) -> None:
@@ -134,8 +135,8 @@ def solve_placement(demand: Array, capacity: Array, cost: Array, *, split: bool 
     load = demand @ share
     with np.errstate(divide="ignore", invalid="ignore"):
         util = np.where(capacity > 0, load / capacity, 0.0)
-    placed = np.where(share > 0, cost, 0.0)
-    total = float(np.sum(demand[:, None] * share * placed))
+    rows, cols = np.nonzero(share)  # only placed pairs: forbidden ones hold inf
+    total = float(np.sum(demand[rows] * share[rows, cols] * cost[rows, cols]))
     return Placement(method, target, share, total, load, util, optimal,
                      time.perf_counter() - started)
 
@@ -154,8 +155,10 @@ def _unit(d: float, capacity: Array, cost: Array,
     share = np.zeros((n, m))
     if slots.sum() <= max(MAX_SLOT_COLUMNS, n) or slots.max() <= 1:
         columns = np.repeat(np.arange(m), slots)
+        # one slot everywhere: the matrix as it is (no copy)
+        matrix = cost if np.all(slots == 1) else cost[:, columns]
         try:
-            rows, cols = linear_sum_assignment(cost[:, columns])
+            rows, cols = linear_sum_assignment(matrix)
         except ValueError:
             raise PlacementInfeasible(
                 "no assignment of every source to an allowed target within the "
