@@ -112,6 +112,11 @@ def _check_totals(demand: Array, capacity: Array, allowed: npt.NDArray[np.bool_]
         raise PlacementInfeasible(f"source {i} has no allowed target", float(demand[i]), int(i))
 
 
+def equal_demands(demand: Array) -> bool:
+    """True when every source has the same (positive) demand: the assignment mode."""
+    return bool(demand[0] > 0 and np.allclose(demand, demand[0], rtol=TOLERANCE, atol=0.0))
+
+
 def solve_placement(demand: Array, capacity: Array, cost: Array, *, split: bool = False,
                     time_limit_s: float = 10.0) -> Placement:
     """The least-cost placement of ``demand`` (N) on ``capacity`` (M) at ``cost`` (N x M,
@@ -125,7 +130,7 @@ def solve_placement(demand: Array, capacity: Array, cost: Array, *, split: bool 
     _check_totals(demand, capacity, allowed)
     if split:
         method, share, optimal = "transport", _transport(demand, capacity, cost, allowed), True
-    elif np.allclose(demand, demand[0], rtol=TOLERANCE, atol=0.0) and demand[0] > 0:
+    elif equal_demands(demand):
         method, optimal = "assignment", True
         share = _unit(float(demand[0]), capacity, cost, allowed)
     else:

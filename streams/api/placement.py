@@ -25,7 +25,7 @@ import numpy as np
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from processors.placement import Placement, PlacementInfeasible, solve_placement
+from processors.placement import Placement, PlacementInfeasible, equal_demands, solve_placement
 from schemas.records import ForecastPoint, LoadScore
 from streams.api.app import SETTINGS, STATE
 from streams.api.config import ApiSettings
@@ -224,7 +224,7 @@ async def optimize_placement(request: web.Request) -> web.Response:
     sources = [source_demand(state, s, i, now_ms) for i, s in enumerate(body.sources)]
     targets = [target_capacity(state, t, j) for j, t in enumerate(body.targets)]
     demand = np.array([d for _, d, _ in sources])
-    unequal = not np.allclose(demand, demand[0]) and not body.split
+    unequal = not body.split and not equal_demands(demand)
     if unequal and len(sources) * len(targets) > settings.placement_milp_max_pairs:
         raise BodyError(413, f"cost: indivisible sources of unequal demand are a MILP, "
                              f"limited to {settings.placement_milp_max_pairs} pairs "
