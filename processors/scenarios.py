@@ -18,8 +18,12 @@ the regional demand as the mirror planner sees it (:class:`processors.mirroring.
 on the grid of the smallest step), with its overload windows — and the commands a
 :class:`processors.mirroring.MirrorPlanner` with the deployment's planner settings would
 issue now for that input. The planner is the real one, started fresh on the scenario's
-scores (no mirror is known to be running) and given a throwaway signing key; the
-commands are returned unsigned: they are a forecast, never sent.
+scores and given a throwaway signing key; mirrors reported running (``running``: accepted,
+starting or ready on mirror-status) are restored into it as active with the bundle's
+``min_instances`` (mirror-status does not say how many), so it does not command them
+again but may scale them up. A retirement needs low demand for a cool-down, which one
+evaluation cannot see: scenarios never retire. The commands are returned unsigned: they
+are a forecast, never sent.
 
 >>> from schemas.records import ForecastPoint, LoadScore
 >>> s = LoadScore("orders-eu-1", "orders", "eu", 0, 60_000, 0.5, 100.0, "CONFIGURED", 40.0,
@@ -197,18 +201,41 @@ def record_of(s: LoadScore) -> dict[str, Any]:
     return dataclasses.asdict(s)
 
 
-def planner_commands(scores: Iterable[LoadScore], config: PlannerConfig,
-                     now_ms: int) -> list[dict[str, Any]]:
-    """What a fresh :class:`MirrorPlanner` with ``config`` would command now, unsigned."""
+@dataclass(frozen=True)
+class RunningMirror:
+    """A mirror reported running (its latest mirror-status) since ``since_ms``."""
+
+    api: str
+    region: str
+    since_ms: int
+
+
+def _restore(planner: MirrorPlanner, running: Iterable[RunningMirror]) -> None:
+    cmds = []
+    for m in running:
+        spec = planner.config.bundles.get(m.api)
+        cmds.append({"api": m.api, "region": m.region, "sequence": m.since_ms,
+                     "action": "ACTIVATE", "issued_at": m.since_ms,
+                     "desired_instances": spec.min_instances if spec else 1,
+                     "bundle_digest": spec.digest if spec else "",
+                     "command_id": f"running/{m.api}/{m.region}"})
+    planner.restore(cmds)
+
+
+def planner_commands(scores: Iterable[LoadScore], config: PlannerConfig, now_ms: int,
+                     running: Iterable[RunningMirror] = ()) -> list[dict[str, Any]]:
+    """What a fresh :class:`MirrorPlanner` with ``config``, told of the ``running``
+    mirrors, would command now, unsigned."""
     planner = MirrorPlanner(config, Signer("scenario", generate_keypair()[0]))
+    _restore(planner, running)
     for s in scores:
         planner.observe_score(record_of(s), now_ms=now_ms)
     return [{k: v for k, v in c.items() if k not in UNSIGNED}
             for c in planner.evaluate(now_ms)]
 
 
-def evaluate(scores: Sequence[LoadScore], config: PlannerConfig,
-             now_ms: int) -> ScenarioResult:
+def evaluate(scores: Sequence[LoadScore], config: PlannerConfig, now_ms: int,
+             running: Iterable[RunningMirror] = ()) -> ScenarioResult:
     """Utilization per endpoint and per (api, region), overloads, planner commands."""
     table = DemandTable(central_region="", central_capacity_rps=None)  # every region
     for s in scores:
@@ -218,4 +245,4 @@ def evaluate(scores: Sequence[LoadScore], config: PlannerConfig,
     return ScenarioResult(
         endpoints=[endpoint_view(s, now_ms) for s in scores],
         regions=[region_view(d) for d in regions],
-        commands=planner_commands(scores, config, now_ms))
+        commands=planner_commands(scores, config, now_ms, running))

@@ -19,7 +19,7 @@ from processors.mirroring import BundleSpec, MirrorPlanner, PlannerConfig
 from processors.signing import Signer, generate_keypair
 from schemas.codec import Codec
 from streams.api import placement, scenarios
-from streams.api.app import create_app
+from streams.api.app import STATE, create_app
 from streams.api.config import ApiSettings
 from streams.api.service import ApiService
 from streams.api.state import ForecastState
@@ -271,3 +271,26 @@ async def test_placement_end_to_end(kafka: KafkaSettings, codec: Codec) -> None:
         assert out["total_cost"] == pytest.approx(60 * 2 + 95 + 100)
     finally:
         await svc.stop()
+
+
+@pytest.mark.asyncio
+async def test_scenario_knows_running_mirrors(client: TestClient[Any, Any]) -> None:
+    """A mirror reported READY is not commanded again; the others still are."""
+    body = {"baseline": False, "changes": [{"kind": "demand_factor", "factor": 3}]}
+    status, out = await post(client, scenarios.PATH, body)
+    assert status == 200, out
+    assert {(c["action"], c["region"]) for c in out["scenario"]["commands"]} == \
+        {("ACTIVATE", "eu"), ("ACTIVATE", "us")}
+    assert client.app is not None
+    state = client.app[STATE]
+    now = int(time.time() * 1000)
+    state.apply([("MirrorStatus", {
+        "executor_id": "x", "region": "eu", "api": "orders", "command_id": "c1",
+        "sequence": 1, "state": "READY", "at": now - 1000, "instance_url": None,
+        "bundle_digest": None, "reason": "", "capacity_rps": 50.0})])
+    status, out = await post(client, scenarios.PATH, body)
+    assert status == 200, out
+    # eu: already running with min_instances (1): a scale-up, not a new activation
+    assert [(c["action"], c["region"], c["reason"].split(" ")[0])
+            for c in out["scenario"]["commands"]] == \
+        [("ACTIVATE", "eu", "peak"), ("ACTIVATE", "us", "predicted")]

@@ -7,9 +7,10 @@ capacity), ``add_mirror`` (a mirror of ``capacity_rps`` in a region). The answer
 the scenario and (unless ``baseline`` is false) for the forecasts as they are: per
 endpoint and per (api, region) the predicted utilization per horizon, the overload
 windows (upper band over capacity), and the unsigned commands the mirror planner would
-issue now. The planner uses the deployment's planner settings (``[mirror]``, set with
-:func:`set_planner`); ``bundles`` in the body adds or replaces the bundle of an api for
-this scenario only (what if ``orders`` had a mirror bundle?).
+issue now, told of the mirrors that mirror-status reports running. The planner uses the
+deployment's planner settings (``[mirror]``, set with :func:`set_planner`); ``bundles``
+in the body adds or replaces the bundle of an api for this scenario only (what if
+``orders`` had a mirror bundle?).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from processors import scenarios as sc
 from processors.mirroring import BundleSpec, PlannerConfig
 from streams.api.app import SETTINGS, STATE
 from streams.api.operations import BodyError, Operation, add_operations, parse_body
+from streams.api.state import ForecastState
 
 PATH = "/v1/scenarios"
 PLANNER = web.AppKey("planner", PlannerConfig)
@@ -137,13 +139,22 @@ def _view(r: sc.ScenarioResult) -> dict[str, Any]:
     return {"endpoints": r.endpoints, "regions": r.regions, "commands": r.commands}
 
 
+RUNNING_STATES = frozenset({"ACCEPTED", "STARTING", "READY"})
+
+
+def running_mirrors(state: ForecastState) -> list[sc.RunningMirror]:
+    """Mirrors whose latest status says they are up or coming up."""
+    return [sc.RunningMirror(v.api, v.region, min(v.since.values(), default=v.at))
+            for v in state.mirrors.values() if v.state in RUNNING_STATES]
+
+
 def run(scores: list[Any], changes: list[sc.Change], planner: PlannerConfig, now_ms: int,
-        baseline: bool) -> dict[str, Any]:
+        baseline: bool, running: list[sc.RunningMirror]) -> dict[str, Any]:
     """Apply and evaluate (off the event loop); ScenarioError for a change that fails."""
     out: dict[str, Any] = {"now": now_ms, "scenario": _view(
-        sc.evaluate(sc.apply_changes(scores, changes), planner, now_ms))}
+        sc.evaluate(sc.apply_changes(scores, changes), planner, now_ms, running))}
     if baseline:
-        out["baseline"] = _view(sc.evaluate(scores, planner, now_ms))
+        out["baseline"] = _view(sc.evaluate(scores, planner, now_ms, running))
     return out
 
 
@@ -154,14 +165,16 @@ async def scenarios(request: web.Request) -> web.Response:
     if len(body.changes) > settings.scenario_max_changes:
         raise BodyError(413, f"changes: {len(body.changes)} over the limit of "
                              f"{settings.scenario_max_changes}", "changes")
-    scores = request.app[STATE].find(api=body.api)
+    state = request.app[STATE]
+    scores = state.find(api=body.api)
     if len(scores) > settings.scenario_max_endpoints:
         raise BodyError(413, f"api: {len(scores)} endpoints over the limit of "
                              f"{settings.scenario_max_endpoints} (name an api)", "api")
     planner = planner_for(request.app[PLANNER], body.bundles)
     try:
         out = await asyncio.to_thread(run, scores, [_change(c) for c in body.changes],
-                                      planner, int(time.time() * 1000), body.baseline)
+                                      planner, int(time.time() * 1000), body.baseline,
+                                      running_mirrors(state))
     except sc.ScenarioError as e:
         where = f"changes.{e.index}"
         return web.json_response({"error": f"{where}: {e}", "field": where}, status=422)
