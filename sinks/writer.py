@@ -162,51 +162,34 @@ class ClickHouseWriter:
             table.append((topic, partition, offset, i, *r))
 
     def _batch_windows(self, msg: Message, record: Record) -> None:
-        """Store a batch's good windows and dead-letter each bad one on its own (re-encoded,
-        as the worker does), so that one bad window loses none of the others."""
+        """Good windows stored, each bad one dead-lettered alone (as the worker does)."""
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        assert topic is not None and partition is not None and offset is not None
-        ref = reference_ms(timestamp(msg))
-        windows = record["windows"]
-        table = self.batch.rows.setdefault(TABLE_BY_TOPIC["telemetry"].name, [])
-        for i, w in enumerate(windows):
-            problem = window_problem(self.codec, w, ref, self.limits)
-            if problem is None:
-                try:
-                    table.append((topic, partition, offset, i, *telemetry_row(w)))
-                    continue
-                except (ConversionError, KeyError, TypeError, ValueError) as e:
-                    problem = ("unconvertible", f"{type(e).__name__}: {e}")
-            value = msg.value() if len(windows) == 1 else reencode(self.codec, w)
-            self._dead_letter(msg, problem[0], f"window {i}: {problem[0]}: {problem[1]}",
-                              key=str(w.get("endpoint_id", "")).encode(), value=value,
-                              index=i)
+        good, bad = split_batch(self.codec, record["windows"], reference_ms(timestamp(msg)),
+                                self.limits)
+        self.batch.rows.setdefault(TABLE_BY_TOPIC["telemetry"].name, []).extend(
+            (topic, partition, offset, i, *row) for i, row in good)
+        for i, w, (reason, detail) in bad:
+            value = msg.value() if len(record["windows"]) == 1 else reencode(self.codec, w)
+            self._dead_letter(msg, reason, f"window {i}: {reason}: {detail}", index=i,
+                              key=str(w.get("endpoint_id", "")).encode(), value=value)
 
     def _problem(self, msg: Message, short: str, record: Record) -> tuple[str, str] | None:
-        """schemas.validation's verdict (the worker's too) on a decoded value."""
+        """schemas.validation's verdict (the worker's too) on a decoded value (a single
+        window: batches go through :meth:`_batch_windows`)."""
         if short == "telemetry":
-            ref = reference_ms(timestamp(msg))
-            windows = record.get("windows", [record])
-            for i, w in enumerate(windows):
-                problem = telemetry_problem(w, ref, self.limits)
-                if problem is not None:
-                    where = f"window {i}: " if "windows" in record else ""
-                    return problem[0], where + problem[1]
-        elif short == "load-scores":
+            return telemetry_problem(record, reference_ms(timestamp(msg)), self.limits)
+        if short == "load-scores":
             return score_problem(record, reference_ms(timestamp(msg)), self.limits)
         return None
 
-    def _dead_letter(self, msg: Message, reason: str, detail: str, *,
-                     key: bytes | None = None, value: bytes | None = None,
-                     index: int = 0) -> None:
-        """Dead-letter ``msg`` (or, for one window of a batch, ``key``/``value`` of that
-        window, ``index`` its place in the batch)."""
+    def _dead_letter(self, msg: Message, reason: str, detail: str, *, key: bytes | None = None,
+                     value: bytes | None = None, index: int = 0) -> None:
+        """Dead-letter ``msg`` (or one window of a batch: its ``key``, ``value``, ``index``)."""
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        d = self.dead_letters.letter(key if key is not None else msg.key(),
-                                     value if value is not None else msg.value(),
-                                     reason=reason, detail=detail,
-                                     source_topic=str(topic), partition=partition,
-                                     offset=offset)
+        d = self.dead_letters.letter(
+            msg.key() if key is None else key, msg.value() if value is None else value,
+            reason=reason, detail=detail, source_topic=str(topic), partition=partition,
+            offset=offset)
         self.batch.dead.append(d)
         if not self._sinks_dead_letter:
             row = dead_letter_row(
@@ -379,6 +362,24 @@ def _count_expired(b: Batch, days: int, fast: FastPath | None,
         sum(n for n, _ in found.values()), days, detail,
     )
     return {table: n for table, (n, _) in found.items()}
+
+
+def split_batch(codec: Codec, windows: list[Record], ref_ms: int, limits: Limits
+                ) -> tuple[list[tuple[int, Row]], list[tuple[int, Record, tuple[str, str]]]]:
+    """A batch's windows as (index, telemetry row) for the good ones and (index, window,
+    (reason, detail)) for the bad ones, judged by ``schemas.validation.window_problem``."""
+    good: list[tuple[int, Row]] = []
+    bad: list[tuple[int, Record, tuple[str, str]]] = []
+    for i, w in enumerate(windows):
+        problem = window_problem(codec, w, ref_ms, limits)
+        if problem is None:
+            try:
+                good.append((i, telemetry_row(w)))
+                continue
+            except (ConversionError, KeyError, TypeError, ValueError) as e:
+                problem = ("unconvertible", f"{type(e).__name__}: {e}")
+        bad.append((i, w, problem))
+    return good, bad
 
 
 def timestamp(msg: Message) -> int | None:

@@ -55,6 +55,7 @@ def _api(get_settings: SettingsFn) -> Callable[..., None]:
         ] = None,
     ) -> None:
         """Serve the forecasts from load-scores over HTTP (any number of replicas)."""
+        from streams.api.scenarios import set_planner
         from streams.api.service import ApiService
 
         s = get_settings(bootstrap)
@@ -69,6 +70,7 @@ def _api(get_settings: SettingsFn) -> Callable[..., None]:
         s.api = _checked(s.api)
         ensure_kafka(s.kafka)
         svc = ApiService(s.api, s.kafka)
+        set_planner(svc.app, s.mirror.planner_config())  # scenarios: the deployment's planner
         with stop_on_signals(duration) as stop:
             try:
                 asyncio.run(_serve(svc, stop))

@@ -33,6 +33,22 @@ class ApiSettings(BaseModel):
         description="KEDA scaler calls and open StreamIsActive streams at once (more are "
                     "refused: RESOURCE_EXHAUSTED)")
 
+    placement_max_sources: int = Field(
+        1000, ge=1, le=100_000, description="sources in one placement request (413 above)")
+    placement_max_targets: int = Field(
+        1000, ge=1, le=100_000, description="targets in one placement request (413 above)")
+    placement_max_pairs: int = Field(
+        1_000_000, ge=1, description="sources x targets in one placement request (413 above)")
+    placement_milp_max_pairs: int = Field(
+        10_000, ge=1, description="sources x targets when demands are indivisible and "
+        "unequal (a MILP; 413 above)")
+    placement_time_limit_s: float = Field(
+        10.0, gt=0, le=300, description="time limit of one MILP placement solve")
+    scenario_max_changes: int = Field(
+        100, ge=1, le=10_000, description="changes in one scenario (413 above)")
+    scenario_max_endpoints: int = Field(
+        2000, ge=1, description="endpoints one scenario evaluates (413 above: name an api)")
+
     @model_validator(mode="after")
     def _ports_differ(self) -> ApiSettings:
         if self.keda_enabled and self.port != 0 and self.resolved_keda_port() == self.port:
