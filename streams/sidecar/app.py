@@ -95,7 +95,8 @@ class Sidecar:
                 headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
         self.plane: DataPlane = plane_type(PlaneContext(
-            self.id, s, self.upstreams, self.router, self._observe, self.director))
+            self.id, s, self.upstreams, self.router, self._observe, self.director,
+            pressure=self.pressure, capacity=self.capacity))
         self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin_port = 0
@@ -192,6 +193,16 @@ class Sidecar:
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
             self._set_capacity(api, t)
         return changes
+
+    def pressure(self, api: str) -> tuple[float, float]:
+        """Forecast demand over the API's known capacity: (next step, peak over the
+        horizon); 0 without fresh scores or a configured/learned capacity."""
+        t = now_ms()
+        return self.table.overload(api, t, "next"), self.table.overload(api, t, "peak")
+
+    def capacity(self, api: str) -> float | None:
+        """The API's CONFIGURED or confidently LEARNED capacity (rps), else None."""
+        return self.table.total_capacity(api, now_ms())
 
     def _set_capacity(self, api: str, t: int) -> None:
         self.router.set_capacity(self.router.routes[api], self.table.total_capacity(api, t))

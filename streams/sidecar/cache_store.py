@@ -37,6 +37,7 @@ class StoredResponse:
     fresh: Freshness
     request_headers: tuple[tuple[str, str], ...] = ()  # the Vary-selecting ones
     encoded: dict[str, bytes] = field(default_factory=dict)  # compressed copies by coding
+    key: str = ""  # where it is stored (set by the store)
 
     @property
     def size(self) -> int:
@@ -65,6 +66,7 @@ class CacheStore:
         self._lru: OrderedDict[tuple[str, tuple[str, ...]], StoredResponse] = OrderedDict()
         self._sizes: dict[tuple[str, tuple[str, ...]], int] = {}
         self._vary: dict[str, tuple[str, ...]] = {}  # key -> Vary names of its variants
+        self._by_key: dict[str, set[tuple[str, tuple[str, ...]]]] = {}
 
     def __len__(self) -> int:
         return len(self._lru)
@@ -91,6 +93,10 @@ class CacheStore:
         fk = self._full_key(key, req_headers)
         return None if fk is None else self._lru.get(fk)
 
+    def variants(self, key: str) -> list[StoredResponse]:
+        """Every stored variant of ``key`` (recency untouched)."""
+        return [self._lru[fk] for fk in self._by_key.get(key, ()) if fk in self._lru]
+
     def put(self, key: str, req_headers: Mapping[str, str], e: StoredResponse) -> bool:
         """Store ``e`` for ``key`` and these request headers; False when it is too big."""
         names = vary_names(dict(e.headers)) or ()
@@ -98,12 +104,14 @@ class CacheStore:
             return False
         if self._vary.get(key, names) != names:  # Vary changed: drop the old variants
             self.drop(key)
-        self._vary[key] = names
         fk = (key, (*names, "\0", *vary_key(names, req_headers)))
         e.request_headers = tuple((n, req_headers.get(n) or "") for n in names
                                   if req_headers.get(n) is not None)
         self._remove(fk)
+        self._vary[key] = names
+        e.key = key
         self._lru[fk] = e
+        self._by_key.setdefault(key, set()).add(fk)
         self._sizes[fk] = n = e.size
         self.bytes += n
         self._evict()
@@ -120,20 +128,26 @@ class CacheStore:
 
     def drop(self, key: str) -> None:
         """Forget every variant of ``key``."""
-        for fk in [k for k in self._lru if k[0] == key]:
+        for fk in list(self._by_key.get(key, ())):
             self._remove(fk)
         self._vary.pop(key, None)
 
     def _remove(self, fk: tuple[str, tuple[str, ...]]) -> None:
         if self._lru.pop(fk, None) is not None:
             self.bytes -= self._sizes.pop(fk)
+            self._unindex(fk)
+
+    def _unindex(self, fk: tuple[str, tuple[str, ...]]) -> None:
+        fks = self._by_key.get(fk[0])
+        if fks is not None:
+            fks.discard(fk)
+            if not fks:
+                del self._by_key[fk[0]]
+                self._vary.pop(fk[0], None)
 
     def _evict(self) -> None:
         while self.bytes > self.max_bytes and self._lru:
             fk, _ = self._lru.popitem(last=False)
             self.bytes -= self._sizes.pop(fk)
             self.evictions += 1
-        if len(self._vary) > 4 * max(64, len(self._lru)):
-            # keys whose variants were all evicted: forget their Vary names in bulk
-            live = {k[0] for k in self._lru}
-            self._vary = {k: v for k, v in self._vary.items() if k in live}
+            self._unindex(fk)

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -33,9 +33,14 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from streams.sidecar import metrics as m
+from streams.sidecar.compression import compress, compressor
 from streams.sidecar.director import REGION_HEADER, MirrorDirector, valid_region
+from streams.sidecar.edge_cache import Fetched
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
+
+if TYPE_CHECKING:
+    from streams.sidecar.edge import Edge
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +59,6 @@ _DROP_REQ = HOP_BY_HOP | {"content-length"}
 _DROP_RESP = HOP_BY_HOP | {"content-length"}
 MAX_BUFFERED_BODY = 1 << 20  # request bodies up to 1 MiB are kept for retries
 MAX_READ_WHOLE = 256 << 10  # responses up to 256 KiB are read in one go
-COMPRESSIBLE = ("text/", "application/json", "application/xml", "application/javascript")
 
 
 @dataclass
@@ -87,10 +91,10 @@ class Proxy:
         pool_size: int = 256,
         max_attempts: int = 3,
         retry_after_s: int = 1,
-        compress_responses: bool = False,
         observe: Observer | None = None,
         director: MirrorDirector | None = None,
         region: str = "central",
+        edge: Callable[[Proxy], Edge] | None = None,
     ) -> None:
         self.router = router
         self.sidecar_id = sidecar_id
@@ -100,7 +104,6 @@ class Proxy:
         self.pool_size = pool_size
         self.max_attempts = max_attempts
         self.retry_after = str(retry_after_s)
-        self.compress = compress_responses
         self.observe = observe
         self.director = director  # edge mirrors by request region (X-Loadcast-Region)
         self.region = region
@@ -111,6 +114,10 @@ class Proxy:
         self._m: dict[tuple[str, str, str], Any] = {}
         self._urls: dict[tuple[str, str], URL] = {}
         self._lat = {api: m.LATENCY.labels(sidecar_id, api) for api in router.routes}
+        # cache, compression, rate limits, warming (None: all off, the plain path)
+        built = edge(self) if edge is not None else None
+        self.edge: Edge | None = built if built is not None and built.active else None
+        self.capture_limit = built.settings.cache.max_object_bytes if built else 0
 
     def server(self) -> web.Server:
         """The low-level aiohttp server (no router or middlewares: every path is ours).
@@ -121,8 +128,12 @@ class Proxy:
         if self.session is None:
             self.session = upstream_session(self.pool_size, self.connect_timeout_s,
                                             self.request_timeout_s)
+        if self.edge is not None:
+            await self.edge.start()
 
     async def close(self) -> None:
+        if self.edge is not None:
+            await self.edge.close()
         if self.session is not None:
             await self.session.close()
             self.session = None
@@ -181,6 +192,30 @@ class Proxy:
         if isinstance(opts, str):
             return self._reject(route, 400, "bad_request", opts)
         dynamic, prio = opts
+        edge = self.edge
+        if edge is not None:
+            limited = edge.limit(route, request)
+            if limited is not None:
+                return limited
+            if edge.cacheable(route, request):
+                return await edge.serve(request, route, target)
+        return await self._route(request, route, target, dynamic, prio, None, False)
+
+    async def fetch(self, route: Route, target: str, headers: list[tuple[str, str]],
+                    request: web.BaseRequest | None) -> Fetched | web.StreamResponse | None:
+        """The cache's way to the origin: route and forward, the answer read whole when it
+        is small enough to store (else relayed to ``request``, or dropped without one)."""
+        dynamic, prio = (self.dynamic_routing, DEFAULT_PRIORITY)
+        if request is not None:
+            opts = request_options(request.headers, self.dynamic_routing)
+            if not isinstance(opts, str):
+                dynamic, prio = opts
+        return await self._route(request, route, target, dynamic, prio, headers, True)
+
+    async def _route(self, request: web.BaseRequest | None, route: Route, target: str,
+                     dynamic: bool, prio: int, fwd_headers: list[tuple[str, str]] | None,
+                     capture: bool) -> Any:
+        h: Mapping[str, str] = request.headers if request is not None else {}
         now = time.monotonic()
         ep = None
         region = self.region
@@ -207,23 +242,29 @@ class Proxy:
             return self._reject(route, 503, "no_endpoint",
                                 f"no endpoint of API {route.api} can take the request",
                                 str(wait))
-        return await self._forward(request, route, ep, dynamic, now, target)
+        return await self._forward(request, route, ep, dynamic, now, target, fwd_headers,
+                                   capture)
 
-    async def _forward(self, request: web.BaseRequest, route: Route, ep: Endpoint, dynamic: bool,
-                       t0: float, path: str) -> web.StreamResponse:
-        method = request.method
+    async def _forward(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
+                       dynamic: bool, t0: float, path: str,
+                       fwd_headers: list[tuple[str, str]] | None = None,
+                       capture: bool = False) -> Any:
+        method = request.method if request is not None else "GET"
         idempotent = method in IDEMPOTENT
         body: Any = None
         replayable = True
-        if request.body_exists:
+        if request is not None and request.body_exists:
             n = request.content_length
             if n is not None and n <= MAX_BUFFERED_BODY:
                 body = await request.read()
             else:
                 body = request.content  # streamed: cannot be sent twice
                 replayable = False
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQ]
-        peer = request.remote
+        if fwd_headers is None:
+            assert request is not None
+            fwd_headers = list(request.headers.items())
+        headers = [(k, v) for k, v in fwd_headers if k.lower() not in _DROP_REQ]
+        peer = request.remote if request is not None else None
         if peer:
             headers.append(("X-Forwarded-For", peer))
         tried: list[Endpoint] = []
@@ -258,7 +299,7 @@ class Proxy:
             else:
                 try:
                     return await self._respond(request, route, ep, resp, start, attempts,
-                                               dynamic)
+                                               dynamic, capture)
                 finally:
                     ep.in_flight -= 1
             # a connection failure: count it, maybe eject, maybe try the next endpoint
@@ -294,9 +335,9 @@ class Proxy:
             self.observe(Outcome(route, ep, status, latency_ms, attempts, dynamic,
                                  connect_failure))
 
-    async def _respond(self, request: web.BaseRequest, route: Route, ep: Endpoint,
+    async def _respond(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        resp: aiohttp.ClientResponse, start: float, attempts: int,
-                       dynamic: bool) -> web.StreamResponse:
+                       dynamic: bool, capture: bool = False) -> Any:
         now = time.monotonic()
         rtt_ms = (now - start) * 1000
         status = resp.status
@@ -310,9 +351,15 @@ class Proxy:
         out_headers = CIMultiDict(
             (k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESP
         )
-        zip_it = self.compress and compressible(request, resp)
+        n = resp.content_length
         try:
-            return await relay(request, resp, out_headers, zip_it)
+            if capture and (status == 304 or (n is not None and n <= self.capture_limit)):
+                return Fetched(status, resp.reason, out_headers, await resp.read())
+            if request is None:
+                return None  # a background refresh of something too big to store
+            coding = None if self.edge is None else self.edge.coding(request, status,
+                                                                     out_headers, n)
+            return await relay(request, resp, out_headers, coding)
         except ConnectionResetError as e:  # the client went away mid-response
             log.debug("client left during the response from %s: %s", ep.id, e)
             raise
@@ -391,32 +438,28 @@ def origin_target(method: str, raw: str, authorities: Set[tuple[str, str, int | 
     return None, 400, f"request target must be a path starting with '/', got {raw[:200]!r}"
 
 
-def compressible(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> bool:
-    """Gzip this response for this client (text-like, >= 1 KiB, not yet encoded)?"""
-    if "Content-Encoding" in resp.headers or request.method == "HEAD":
-        return False
-    if "gzip" not in request.headers.get("Accept-Encoding", ""):
-        return False
-    if resp.content_length is not None and resp.content_length < 1024:
-        return False
-    return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
-
-
 async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse,
-                headers: CIMultiDict[str], zip_it: bool) -> web.StreamResponse:
-    """Send ``resp`` back to the client: small bodies whole, others streamed."""
+                headers: CIMultiDict[str], coding: str | None) -> web.StreamResponse:
+    """Send ``resp`` back to the client: small bodies whole, others streamed; compressed
+    with ``coding`` when given."""
     n = resp.content_length
-    if n is not None and n <= MAX_READ_WHOLE and not zip_it:
+    if n is not None and n <= MAX_READ_WHOLE:
         data = await resp.read()
+        if coding is not None:
+            data = compress(data, coding)
+            headers["Content-Encoding"] = coding
         return web.Response(status=resp.status, reason=resp.reason, body=data, headers=headers)
+    z = compressor(coding) if coding is not None else None
+    if coding is not None:
+        headers["Content-Encoding"] = coding
     out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-    if zip_it:
-        out.enable_compression(web.ContentCoding.gzip)
-    elif n is not None:
+    if z is None and n is not None:
         out.content_length = n
     await out.prepare(request)
     async for chunk in resp.content.iter_any():
-        await out.write(chunk)
+        await out.write(z.compress(chunk) if z is not None else chunk)
+    if z is not None:
+        await out.write(z.flush())
     await out.write_eof()
     return out
 
