@@ -60,6 +60,18 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
     return out
 
 
+def header(headers: Mapping[str, str], name: str) -> str | None:
+    """``headers[name]`` matched case-insensitively (plain dicts included)."""
+    v = headers.get(name)
+    if v is not None:
+        return v
+    n = name.lower()
+    for k, v in headers.items():
+        if k.lower() == n:
+            return v
+    return None
+
+
 def _seconds(v: str | None) -> float | None:
     if v is None or not v.isdigit():
         return None
@@ -111,9 +123,10 @@ def explicit_lifetime(headers: Mapping[str, str], cc: Mapping[str, str | None]) 
     for name in ("s-maxage", "max-age"):
         if name in cc:
             return _seconds(cc[name]) or 0.0
-    if "Expires" in headers or "expires" in headers:
-        expires = _http_date(headers.get("Expires") or headers.get("expires"))
-        date = _http_date(headers.get("Date") or headers.get("date"))
+    exp = header(headers, "Expires")
+    if exp is not None:
+        expires = _http_date(exp)
+        date = _http_date(header(headers, "Date"))
         if expires is None:
             return 0.0  # an invalid Expires means "already expired"
         if date is None:
@@ -124,13 +137,13 @@ def explicit_lifetime(headers: Mapping[str, str], cc: Mapping[str, str | None]) 
 
 def freshness(headers: Mapping[str, str]) -> Freshness:
     """The :class:`Freshness` of a response with ``headers`` (lifetime 0 without one)."""
-    cc = parse_cache_control(headers.get("Cache-Control"))
+    cc = parse_cache_control(header(headers, "Cache-Control"))
     life = explicit_lifetime(headers, cc) or 0.0
     no_stale = any(d in cc for d in ("must-revalidate", "proxy-revalidate", "s-maxage",
                                      "no-cache"))
     swr = 0.0 if no_stale else _seconds(cc.get("stale-while-revalidate")) or 0.0
     sie = 0.0 if no_stale else _seconds(cc.get("stale-if-error")) or 0.0
-    age = _seconds((headers.get("Age") or "").strip()) or 0.0
+    age = _seconds((header(headers, "Age") or "").strip()) or 0.0
     return Freshness(life, swr, sie, age)
 
 
@@ -145,10 +158,10 @@ def request_bypass(method: str, headers: Mapping[str, str]) -> str | None:
     """
     if method not in CACHEABLE_METHODS:
         return "method"
-    cc = headers.get("Cache-Control")
+    cc = header(headers, "Cache-Control")
     if cc and "no-store" in parse_cache_control(cc):
         return "no-store"
-    if "Range" in headers or "range" in headers:
+    if header(headers, "Range") is not None:
         return "range"  # partial content is not cached here
     return None
 
@@ -156,16 +169,16 @@ def request_bypass(method: str, headers: Mapping[str, str]) -> str | None:
 def must_revalidate_request(headers: Mapping[str, str]) -> bool:
     """The client asks for an answer validated with the origin (``no-cache``,
     ``max-age=0``, or ``Pragma: no-cache`` without ``Cache-Control``)."""
-    cc_v = headers.get("Cache-Control")
+    cc_v = header(headers, "Cache-Control")
     if cc_v is None:
-        return (headers.get("Pragma") or "").strip().lower() == "no-cache"
+        return (header(headers, "Pragma") or "").strip().lower() == "no-cache"
     cc = parse_cache_control(cc_v)
     return "no-cache" in cc or cc.get("max-age") == "0"
 
 
 def has_credentials(headers: Mapping[str, str], extra: Iterable[str] = ()) -> bool:
     """The request carries credentials (``Authorization``, ``Cookie``, ...)."""
-    return any(h in headers for h in (*CREDENTIAL_HEADERS, *extra))
+    return any(header(headers, h) is not None for h in (*CREDENTIAL_HEADERS, *extra))
 
 
 def why_not_storable(method: str, status: int, resp_headers: Mapping[str, str],
@@ -176,8 +189,8 @@ def why_not_storable(method: str, status: int, resp_headers: Mapping[str, str],
         return "method"
     if status not in CACHEABLE_STATUSES:
         return "status"
-    req_cc = parse_cache_control(req_headers.get("Cache-Control"))
-    cc = parse_cache_control(resp_headers.get("Cache-Control"))
+    req_cc = parse_cache_control(header(req_headers, "Cache-Control"))
+    cc = parse_cache_control(header(resp_headers, "Cache-Control"))
     if "no-store" in cc or "no-store" in req_cc:
         return "no-store"
     if "private" in cc:
@@ -186,7 +199,7 @@ def why_not_storable(method: str, status: int, resp_headers: Mapping[str, str],
         return "no-cache"  # always revalidate: not worth storing here
     if credentials and "public" not in cc:
         return "credentials"
-    if "Set-Cookie" in resp_headers or "set-cookie" in resp_headers:
+    if header(resp_headers, "Set-Cookie") is not None:
         return "set-cookie"
     if vary_names(resp_headers) is None:
         return "vary-star"
@@ -204,7 +217,7 @@ def vary_names(headers: Mapping[str, str]) -> tuple[str, ...] | None:
     >>> vary_names({"Vary": "Accept-Encoding, accept-language"})
     ('accept-encoding', 'accept-language')
     """
-    v = headers.get("Vary") or headers.get("vary") or ""
+    v = header(headers, "Vary") or ""
     names = {n.strip().lower() for n in v.split(",") if n.strip()}
     if "*" in names:
         return None
@@ -213,14 +226,14 @@ def vary_names(headers: Mapping[str, str]) -> tuple[str, ...] | None:
 
 def vary_key(names: tuple[str, ...], req_headers: Mapping[str, str]) -> tuple[str, ...]:
     """The selecting values of a request for ``names`` (whitespace normalized)."""
-    return tuple(" ".join((req_headers.get(n) or "").split()) for n in names)
+    return tuple(" ".join((header(req_headers, n) or "").split()) for n in names)
 
 
 def validators(headers: Mapping[str, str]) -> dict[str, str]:
     """``ETag`` / ``Last-Modified`` of a stored response."""
     out = {}
     for name in ("ETag", "Last-Modified"):
-        v = headers.get(name) or headers.get(name.lower())
+        v = header(headers, name)
         if v:
             out[name] = v
     return out
@@ -244,8 +257,8 @@ def conditional_headers(stored: Mapping[str, str]) -> dict[str, str]:
 def client_not_modified(req_headers: Mapping[str, str], stored: Mapping[str, str]) -> bool:
     """The client's own ``If-None-Match`` matches the stored ``ETag`` (weak comparison),
     so a 304 answers it."""
-    inm = req_headers.get("If-None-Match")
-    etag = stored.get("ETag") or stored.get("etag")
+    inm = header(req_headers, "If-None-Match")
+    etag = header(stored, "ETag")
     if not inm or not etag:
         return False
     if inm.strip() == "*":
