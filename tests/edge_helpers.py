@@ -9,12 +9,14 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 
 from streams.sidecar.app import Sidecar
 from streams.sidecar.config import SidecarSettings
+from streams.sidecar.edge import Edge
+from streams.sidecar.proxy_plane import ProxyPlane
 from streams.sidecar.testing import start_site
 
 
@@ -90,3 +92,10 @@ async def edge_sidecar(**settings: Any) -> AsyncIterator[tuple[Sidecar, Origin]]
     finally:
         await sc.stop()
         await origin.stop()
+
+
+def edge_of(sc: Sidecar) -> Edge:
+    """The built-in proxy's edge (cache, compression, limits) of a running sidecar."""
+    edge = cast(ProxyPlane, sc.plane).proxy.edge
+    assert edge is not None
+    return edge
