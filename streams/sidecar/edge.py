@@ -163,7 +163,9 @@ class Edge:
         budget = self.budgets[api]
         for key in self.cache.popular[api].top(w.top_k):
             for e in store.variants(key):
-                if due(e.fresh.ttl(now - e.stored_at), w.lead_s) and budget.take(now) \
+                age = e.fresh.initial_age_s + now - e.stored_at
+                if due(e.fresh.ttl(now - e.stored_at), w.lead_s, age, e.fresh.lifetime_s) \
+                        and budget.take(now) \
                         and self.cache.refresh_behind(route, key, e, "warm"):
                     self.warmed += 1
 

@@ -55,13 +55,15 @@ def gate_open(pressure: float, threshold: float) -> bool:
     return pressure > 0 and pressure >= threshold
 
 
-def due(ttl_s: float, lead_s: float) -> bool:
-    """Refresh a stored key whose freshness runs out within ``lead_s`` (or already did).
+def due(ttl_s: float, lead_s: float, age_s: float, lifetime_s: float) -> bool:
+    """Refresh a stored key whose freshness runs out within ``lead_s`` (or already did),
+    unless it was refreshed in the last half of its lifetime (refreshing it again would
+    only spend origin requests: as late as possible before the spike is best).
 
-    >>> due(5.0, 10.0), due(30.0, 10.0)
-    (True, False)
+    >>> due(5.0, 10.0, 55.0, 60.0), due(30.0, 10.0, 30.0, 60.0), due(8.0, 30.0, 2.0, 10.0)
+    (True, False, False)
     """
-    return ttl_s <= lead_s
+    return ttl_s <= lead_s and age_s >= lifetime_s / 2
 
 
 @dataclass
