@@ -286,7 +286,7 @@ def hit_throughput(seconds: float, rounds: int) -> dict[str, Any]:
 
 
 def run(quick: bool) -> dict[str, Any]:
-    tr = Trace(base_s=4.0, spike_s=1.0, tail_s=0.5, max_age_s=2, swr_s=1, lead_s=1.0,
+    tr = Trace(base_s=3.0, spike_s=1.0, tail_s=0.5, max_age_s=2, swr_s=1, lead_s=1.0,
                keys=200, top_k=60) if quick else Trace()
     res: dict[str, Any] = {"quick": quick, "trace": asdict(tr), "configs": {}}
     for config in ("no-cache", "swr", "swr+warming"):
@@ -294,7 +294,7 @@ def run(quick: bool) -> dict[str, Any]:
     swr = res["configs"]["swr"]["origin_in_spike"]
     warm = res["configs"]["swr+warming"]["origin_in_spike"]
     res["ratios"] = {"spike_origin_cut_vs_swr": 1 - warm / swr if swr else 0.0}
-    res["hits"] = hit_throughput(2.0 if quick else 8.0, 1 if quick else 3)
+    res["hits"] = hit_throughput(1.0 if quick else 8.0, 1 if quick else 3)
     res["ratios"]["proxy_vs_haproxy_hit_rps"] = res["hits"]["ratio"]
     return res
 
