@@ -33,6 +33,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from multidict import CIMultiDict, CIMultiDictProxy
+
+_CI = (CIMultiDict, CIMultiDictProxy)
+
 CACHEABLE_METHODS = frozenset({"GET"})
 # statuses RFC 9110 calls heuristically cacheable (we still require an explicit lifetime)
 CACHEABLE_STATUSES = frozenset({200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 501})
@@ -63,8 +67,8 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
 def header(headers: Mapping[str, str], name: str) -> str | None:
     """``headers[name]`` matched case-insensitively (plain dicts included)."""
     v = headers.get(name)
-    if v is not None:
-        return v
+    if v is not None or isinstance(headers, _CI):
+        return v  # case-insensitive already: no need to look further
     n = name.lower()
     for k, v in headers.items():
         if k.lower() == n:

@@ -80,6 +80,7 @@ class Edge:
                                credential_headers=(rl.client_header,), finish=self.finish,
                                clock=clock)
         self.warming = settings.warming.enabled and settings.cache.enabled
+        self.cache.track_popular = self.warming
         self.budgets = {api: Budget(settings.warming.budget_per_min) for api in routes}
         self.warm_active: dict[str, bool] = {}
         self.warmed = 0

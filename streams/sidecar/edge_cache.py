@@ -83,6 +83,7 @@ class EdgeCache:
         self.credential_headers = tuple(h.lower() for h in credential_headers if h)
         self.finish = finish
         self.clock = clock
+        self.track_popular = False  # request counts per key (for warming)
         self.stores: dict[str, CacheStore] = {}
         self.popular: dict[str, KeyFrequency] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
@@ -116,7 +117,8 @@ class EdgeCache:
         api = route.api
         store = self.store(api)
         h = request.headers
-        self.popular[api].seen(target, self.clock())
+        if self.track_popular:
+            self.popular[api].seen(target, self.clock())
         revalidate = must_revalidate_request(h)
         e = store.get(target, h)
         now = self.clock()
