@@ -38,6 +38,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from dataclasses import asdict, dataclass
@@ -118,7 +119,7 @@ class TraceOrigin:
         self._runner: web.AppRunner | None = None
 
     async def handle(self, request: web.Request) -> web.Response:
-        self.hits.append(time.monotonic())
+        self.hits.append(time.time())
         await asyncio.sleep(self.tr.origin_ms / 1000)
         etag = f'"{request.path}"'
         headers = {"Cache-Control": f"max-age={self.tr.max_age_s}, "
@@ -146,52 +147,65 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(len(xs) * q))]
 
 
+def _settings(tr: Trace, config: str, upstream: str, port: int, admin: int) -> dict[str, Any]:
+    return {
+        "upstreams": [{"id": "o", "url": upstream, "api": "bench"}], "listen_port": port,
+        "admin_port": admin, "cache": {"enabled": config != "no-cache"},
+        "warming": {"enabled": config == "swr+warming", "top_k": tr.top_k,
+                    "lead_s": tr.lead_s, "budget_per_min": tr.budget_per_min,
+                    "interval_s": 0.25, "threshold": 0.8}}
+
+
 async def replay(tr: Trace, config: str) -> dict[str, Any]:
-    """Replay the trace through the built-in proxy in ``config``; what it cost the origin
-    and what the clients saw."""
+    """Replay the trace through the built-in proxy (its own process) in ``config``; what it
+    cost the origin and what the clients saw."""
     origin = TraceOrigin(tr)
     await origin.start()
-    settings = SidecarSettings(
-        upstreams=[Upstream(id="o", url=origin.url, api="bench")], listen_port=0,
-        admin_port=0, cache=EdgeCacheSettings(enabled=config != "no-cache"),
-        warming={"enabled": config == "swr+warming", "top_k": tr.top_k,
-                 "lead_s": tr.lead_s, "budget_per_min": tr.budget_per_min,
-                 "interval_s": 0.25, "threshold": 0.8})
-    sc = Sidecar(settings, None, sidecar_id=f"bench-edge-{config}")
-    await sc.start()
-    t0 = time.monotonic()
-    spike0, spike1 = t0 + tr.base_s, t0 + tr.base_s + tr.spike_s
-    edge = sc.plane.proxy.edge if isinstance(sc.plane, ProxyPlane) else None
-    if edge is not None:
-        def scripted(api: str) -> tuple[float, float]:  # (next step, peak over horizon)
-            now = time.monotonic()
-            if spike0 - tr.lead_s <= now < spike0:
-                return 0.5, 1.2
-            return (1.2, 1.2) if spike0 <= now < spike1 else (0.3, 0.3)
-        edge.pressure = scripted
+    port, admin = free_port(), free_port()
+    script = Path(tempfile.mkdtemp(prefix="edge-bench-")) / "spike"
+    child = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--serve-proxy",
+         json.dumps(_settings(tr, config, origin.url, port, admin)), "--spike", str(script)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)})
     seen: list[tuple[float, float, str, int]] = []
     try:
+        await asyncio.to_thread(_ready, f"http://127.0.0.1:{admin}/health")
+        t0 = time.time() + 0.2  # the trace starts; the child learns when the spike comes
+        script.write_text(f"{t0 + tr.base_s},{tr.spike_s},{tr.lead_s}")
         async with aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=512)) as cs:
             async def one(key: int) -> None:
-                sent = time.monotonic()
-                async with cs.get(f"http://127.0.0.1:{sc.port}/k/{key}") as r:
+                sent = time.time()
+                async with cs.get(f"http://127.0.0.1:{port}/k/{key}") as r:
                     await r.read()
-                    seen.append((sent, (time.monotonic() - sent) * 1000,
+                    seen.append((sent, (time.time() - sent) * 1000,
                                  r.headers.get("X-Cache", "-"), r.status))
 
             tasks = []
             for t, key in tr.arrivals():
-                delay = t0 + t - time.monotonic()
+                delay = t0 + t - time.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one(key)))
             await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)
+        warmed = _metric(admin, 'loadcast_sidecar_cache_origin_requests_total{api="bench",'
+                                'kind="warm"')
     finally:
-        await sc.stop()
+        stop_process(child, 10)
         await origin.stop()
-    return _summary(seen, origin.hits, spike0, spike1,
-                    edge.warmed if edge is not None else 0)
+    spike0 = t0 + tr.base_s
+    script.unlink(missing_ok=True)
+    script.parent.rmdir()
+    return _summary(seen, origin.hits, spike0, spike0 + tr.spike_s, int(warmed))
+
+
+def _metric(admin: int, prefix: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(prefix):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
 
 
 def _summary(seen: list[tuple[float, float, str, int]], hits: list[float], spike0: float,
@@ -212,13 +226,35 @@ def _summary(seen: list[tuple[float, float, str, int]], hits: list[float], spike
 # --------------------------------------------------------------------------- hits
 
 
-def serve_proxy(port: int, upstream: str) -> None:
-    """Child mode: the built-in proxy with its cache on, until SIGTERM."""
-    settings = SidecarSettings(upstreams=[Upstream(id="a", url=upstream, api="bench")],
-                               listen_port=port, admin_port=0, cache={"enabled": True})
+def _scripted(path: Path) -> Any:
+    """The scripted forecast: once ``path`` holds ``start_epoch,seconds,lead``, the spike
+    is seen ``lead`` seconds ahead (peak over the horizon above capacity, the next step not
+    yet), then is there; (next step, peak) as demand over capacity."""
+    spike: list[float] = []
+
+    def pressure(api: str) -> tuple[float, float]:
+        if not spike:
+            try:
+                spike.extend(float(x) for x in path.read_text().split(","))
+            except (OSError, ValueError):
+                return 0.3, 0.3
+        s0, dur, lead = spike
+        now = time.time()
+        if s0 - lead <= now < s0:
+            return 0.5, 1.2
+        return (1.2, 1.2) if s0 <= now < s0 + dur else (0.3, 0.3)
+    return pressure
+
+
+def serve_proxy(settings: dict[str, Any], spike: str | None) -> None:
+    """Child mode: the built-in proxy with ``settings`` until SIGTERM; with ``spike`` (a
+    file path) its forecast is scripted (:func:`_scripted`)."""
+    sc_settings = SidecarSettings(**settings)
 
     async def run() -> None:
-        sc = Sidecar(settings, None, sidecar_id="bench-edge-hits")
+        sc = Sidecar(sc_settings, None, sidecar_id="bench-edge")
+        if spike is not None and isinstance(sc.plane, ProxyPlane) and sc.plane.proxy.edge:
+            sc.plane.proxy.edge.pressure = _scripted(Path(spike))
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await sc.start()
@@ -252,9 +288,11 @@ def hit_throughput(seconds: float, rounds: int) -> dict[str, Any]:
     with BackendProcess({"a": 0}) as b:
         url = b.urls["a"]
         pport, hport = free_port(), free_port()
+        settings = {"upstreams": [{"id": "a", "url": url, "api": "bench"}],
+                    "listen_port": pport, "admin_port": 0, "cache": {"enabled": True}}
         child = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve-proxy", str(pport),
-             "--upstream", url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [sys.executable, str(Path(__file__).resolve()), "--serve-proxy",
+             json.dumps(settings)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         h: HAProxyProcess | None = None
         try:
@@ -290,13 +328,22 @@ def run(quick: bool) -> dict[str, Any]:
                keys=200, top_k=60) if quick else Trace()
     res: dict[str, Any] = {"quick": quick, "trace": asdict(tr), "configs": {}}
     for config in ("no-cache", "swr", "swr+warming"):
-        res["configs"][config] = asyncio.run(replay(tr, config))
+        res["configs"][config] = _run(replay(tr, config))
     swr = res["configs"]["swr"]["origin_in_spike"]
     warm = res["configs"]["swr+warming"]["origin_in_spike"]
     res["ratios"] = {"spike_origin_cut_vs_swr": 1 - warm / swr if swr else 0.0}
     res["hits"] = hit_throughput(1.0 if quick else 8.0, 1 if quick else 3)
     res["ratios"]["proxy_vs_haproxy_hit_rps"] = res["hits"]["ratio"]
     return res
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+
+        return uvloop.run(coro)
+    except ImportError:
+        return asyncio.run(coro)
 
 
 def show(res: dict[str, Any]) -> None:
@@ -331,11 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a short run (what the test runs)")
     p.add_argument("--out", type=Path, default=OUT, help="where the JSON goes")
-    p.add_argument("--serve-proxy", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--upstream", help=argparse.SUPPRESS)
+    p.add_argument("--serve-proxy", help=argparse.SUPPRESS)  # child: settings JSON
+    p.add_argument("--spike", help=argparse.SUPPRESS)  # child: scripted forecast
     a = p.parse_args(argv)
     if a.serve_proxy is not None:
-        serve_proxy(a.serve_proxy, a.upstream)
+        serve_proxy(json.loads(a.serve_proxy), a.spike)
         return 0
     res = run(a.quick)
     show(res)
