@@ -170,7 +170,7 @@ async def replay(tr: Trace, config: str) -> dict[str, Any]:
         env={**os.environ, "PYTHONPATH": str(REPO)})
     seen: list[tuple[float, float, str, int]] = []
     try:
-        await asyncio.to_thread(_ready, f"http://127.0.0.1:{admin}/health")
+        await asyncio.to_thread(_ready, f"http://127.0.0.1:{admin}/health", child)
         t0 = time.time() + 0.2  # the trace starts; the child learns when the spike comes
         script.write_text(f"{t0 + tr.base_s},{tr.spike_s},{tr.lead_s}")
         async with aiohttp.ClientSession(
@@ -269,9 +269,13 @@ def serve_proxy(settings: dict[str, Any], spike: str | None) -> None:
         asyncio.run(run())
 
 
-def _ready(url: str, timeout_s: float = 20.0) -> None:
+def _ready(url: str, child: subprocess.Popen[bytes] | None = None,
+           timeout_s: float = 30.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
+        if child is not None and child.poll() is not None:
+            err = child.stderr.read().decode() if child.stderr else ""
+            raise RuntimeError(f"the proxy exited: {err[-1500:]}")
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
@@ -296,7 +300,7 @@ def hit_throughput(seconds: float, rounds: int) -> dict[str, Any]:
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         h: HAProxyProcess | None = None
         try:
-            _ready(f"http://127.0.0.1:{pport}/cached")
+            _ready(f"http://127.0.0.1:{pport}/cached", child)
             if haproxy_binary() is not None:
                 h = HAProxyProcess("")
                 sock = h.dir / "admin.sock"

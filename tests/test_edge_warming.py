@@ -10,6 +10,7 @@ import time
 import aiohttp
 import pytest
 
+from streams.sidecar.edge import table_pressure
 from streams.sidecar.testing import score_record
 from tests.edge_helpers import Origin, edge_of, edge_sidecar
 
@@ -80,9 +81,9 @@ async def test_gate_follows_the_sidecars_forecast_and_needs_a_known_capacity() -
         rec = score_record("o1", 0.3, api="orders", predicted_utilization=0.9,
                            capacity_rps=100.0)
         sc.apply_batch([("LoadScore", rec)])
-        _, peak = sc.pressure("orders")
+        _, peak = table_pressure(sc.table)("orders")
         assert peak == pytest.approx(0.9)
         edge.refresh()
         rec = {**rec, "capacity_source": "DEFAULT"}  # a guessed capacity: gate stays shut
         sc.apply_batch([("LoadScore", rec)])
-        assert sc.pressure("orders") == (0.0, 0.0)
+        assert table_pressure(sc.table)("orders") == (0.0, 0.0)

@@ -32,6 +32,7 @@ from streams.sidecar.admin import admin_app, health_view, weights_view
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.dataplane import DataPlane, PlaneContext
 from streams.sidecar.director import MirrorDirector
+from streams.sidecar.edge import table_capacity, table_pressure
 from streams.sidecar.kafka_parts import SidecarKafka
 from streams.sidecar.planes import DATA_PLANES
 from streams.sidecar.proxy import Outcome, serve
@@ -96,7 +97,7 @@ class Sidecar:
             )
         self.plane: DataPlane = plane_type(PlaneContext(
             self.id, s, self.upstreams, self.router, self._observe, self.director,
-            pressure=self.pressure, capacity=self.capacity))
+            pressure=table_pressure(self.table), capacity=table_capacity(self.table)))
         self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin_port = 0
@@ -193,16 +194,6 @@ class Sidecar:
         for api in {r["api"] for r in scores if r.get("api") in self.router.routes}:
             self._set_capacity(api, t)
         return changes
-
-    def pressure(self, api: str) -> tuple[float, float]:
-        """Forecast demand over the API's known capacity: (next step, peak over the
-        horizon); 0 without fresh scores or a configured/learned capacity."""
-        t = now_ms()
-        return self.table.overload(api, t, "next"), self.table.overload(api, t, "peak")
-
-    def capacity(self, api: str) -> float | None:
-        """The API's CONFIGURED or confidently LEARNED capacity (rps), else None."""
-        return self.table.total_capacity(api, now_ms())
 
     def _set_capacity(self, api: str, t: int) -> None:
         self.router.set_capacity(self.router.routes[api], self.table.total_capacity(api, t))

@@ -36,12 +36,27 @@ from streams.sidecar.ratelimit import (
 )
 from streams.sidecar.router import Route
 from streams.sidecar.warming import Budget, due, gate_open
+from streams.sidecar.weights import WeightTable
 
 log = logging.getLogger(__name__)
 
 # (api) -> (forecast demand / known capacity: next step, peak over the horizon); 0 unknown
 Pressure = Callable[[str], tuple[float, float]]
 Capacity = Callable[[str], float | None]  # the API's CONFIGURED/LEARNED capacity, or None
+
+
+def table_pressure(table: WeightTable) -> Pressure:
+    """Forecast demand over the API's known capacity from the sidecar's weight table: (next
+    step, peak over the horizon); 0 without fresh scores or a configured/learned capacity."""
+    def pressure(api: str) -> tuple[float, float]:
+        t = int(time.time() * 1000)
+        return table.overload(api, t, "next"), table.overload(api, t, "peak")
+    return pressure
+
+
+def table_capacity(table: WeightTable) -> Capacity:
+    """The API's CONFIGURED or confidently LEARNED capacity (rps), else None."""
+    return lambda api: table.total_capacity(api, int(time.time() * 1000))
 
 
 def _no_pressure(api: str) -> tuple[float, float]:
