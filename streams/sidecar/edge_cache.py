@@ -88,7 +88,7 @@ class EdgeCache:
         self.popular: dict[str, KeyFrequency] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._counters: dict[tuple[str, str], m.Counter] = {}
+        self._counters: dict[tuple[int, str, str], m.Counter] = {}
 
     def caches(self, api: str) -> bool:
         """Is ``api`` cached at all?"""
@@ -102,11 +102,12 @@ class EdgeCache:
             self.popular[api] = KeyFrequency()
         return s
 
-    def count(self, api: str, result: str) -> None:
-        c = self._counters.get((api, result))
+    def count(self, api: str, result: str, metric: m.Counter = m.CACHE_LOOKUPS) -> None:
+        """Add one to ``metric`` (labels sidecar, api, ``result``); children kept (hot path)."""
+        key = (id(metric), api, result)
+        c = self._counters.get(key)
         if c is None:
-            c = self._counters[(api, result)] = m.CACHE_LOOKUPS.labels(self.sidecar_id, api,
-                                                                        result)
+            c = self._counters[key] = metric.labels(self.sidecar_id, api, result)
         c.inc()
 
     # ------------------------------------------------------------------ serving
@@ -160,7 +161,7 @@ class EdgeCache:
             if cond:
                 headers += list(cond.items())
                 kind = "revalidate"
-        m.CACHE_ORIGIN.labels(self.sidecar_id, api, kind).inc()
+        self.count(api, kind, m.CACHE_ORIGIN)
         got = await self.origin(route, target, headers, request)
         now = self.clock()
         if isinstance(got, Fetched):
@@ -195,7 +196,7 @@ class EdgeCache:
             "GET", got.status, got.headers, req_headers,
             credentials=has_credentials(req_headers, self.credential_headers))
         if why is not None:
-            m.CACHE_NOT_STORED.labels(self.sidecar_id, api, why).inc()
+            self.count(api, why, m.CACHE_NOT_STORED)
             return None
         store = self.store(api)
         e = StoredResponse(got.status, tuple(got.headers.items()), got.body, now,
@@ -265,7 +266,7 @@ class EdgeCache:
 
     async def _refresh(self, route: Route, target: str, e: StoredResponse, kind: str) -> None:
         headers = [*e.request_headers, *conditional_headers(e.header_map()).items()]
-        m.CACHE_ORIGIN.labels(self.sidecar_id, route.api, kind).inc()
+        self.count(route.api, kind, m.CACHE_ORIGIN)
         got = await self.origin(route, target, headers, None)
         now = self.clock()
         if not isinstance(got, Fetched):
