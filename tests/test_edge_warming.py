@@ -83,7 +83,15 @@ async def test_gate_follows_the_sidecars_forecast_and_needs_a_known_capacity() -
         sc.apply_batch([("LoadScore", rec)])
         _, peak = table_pressure(sc.table)("orders")
         assert peak == pytest.approx(0.9)
+        # the upper band: a mean forecast well within capacity, its upper band not
+        rec = {**rec, "predicted_utilization": 0.4, "current_rps": 30.0, "forecast": [
+            {"horizon": 1, "mean": 35.0, "lower": 20.0, "upper": 50.0},
+            {"horizon": 5, "mean": 40.0, "lower": 20.0, "upper": 95.0}]}
+        sc.apply_batch([("LoadScore", rec)])
+        nxt, peak = table_pressure(sc.table)("orders")
+        assert nxt == pytest.approx(0.35) and peak == pytest.approx(0.95)
         edge.refresh()
+        assert edge.warm_active["orders"]  # the spike is ahead by the upper band
         rec = {**rec, "capacity_source": "DEFAULT"}  # a guessed capacity: gate stays shut
         sc.apply_batch([("LoadScore", rec)])
         assert table_pressure(sc.table)("orders") == (0.0, 0.0)

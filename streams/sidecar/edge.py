@@ -47,10 +47,11 @@ Capacity = Callable[[str], float | None]  # the API's CONFIGURED/LEARNED capacit
 
 def table_pressure(table: WeightTable) -> Pressure:
     """Forecast demand over the API's known capacity from the sidecar's weight table: (next
-    step, peak over the horizon); 0 without fresh scores or a configured/learned capacity."""
+    step, peak of the forecast's upper band over the horizon); 0 without fresh scores or a
+    configured/learned capacity."""
     def pressure(api: str) -> tuple[float, float]:
         t = int(time.time() * 1000)
-        return table.overload(api, t, "next"), table.overload(api, t, "peak")
+        return table.overload(api, t, "next"), table.overload(api, t, "upper")
     return pressure
 
 
