@@ -20,6 +20,7 @@ from streams.api import metrics as m
 from streams.api.app import create_app
 from streams.api.config import ApiSettings
 from streams.api.state import ForecastState
+from streams.api.ui import add_routes as add_ui_routes
 from streams.feeds import Batch, FeedTopic, RecordFeed
 from streams.kafka.producer import RecordProducer
 from streams.kafka.registry import codec_for
@@ -44,6 +45,7 @@ class ApiService:
         self.feed: RecordFeed | None = None
         self.dead_letter: RecordProducer | None = None
         self.app = create_app(self.state, settings, feed_alive=self.feed_alive)
+        add_ui_routes(self.app)  # the live control room, /ui
         self.port = 0
         self._runner: web.AppRunner | None = None
         self._supervisor: asyncio.Task[None] | None = None
