@@ -40,8 +40,9 @@
     return e;
   }
   const sub = (text) => el("span", { class: "sub" }, text);
+  // the value sits in one span, so that on a phone it stays right of its column's name
   const cell = (label, attrs, ...children) =>
-    el("td", { "data-label": label, ...attrs }, ...children);
+    el("td", { "data-label": label, ...attrs }, el("span", { class: "v" }, ...children));
 
   // ---- connection
   function connect() {
@@ -131,7 +132,7 @@
       const stale = serverNow() > r.valid_until;
       const f = r.forecast;
       const flags = [];
-      if (stale) flags.push(el("span", { class: "flag flag-stale" }, "⏸ stale"));
+      if (stale) flags.push(el("span", { class: "flag flag-stale" }, "◌ stale"));
       if (r.anomalous) flags.push(el("span", { class: "flag flag-anomaly" }, "▲ anomaly"));
       if (r.current_rps > r.capacity_rps) flags.push(el("span", { class: "flag flag-over" }, "✖ over capacity"));
       if (!flags.length) flags.push("ok");
@@ -145,7 +146,7 @@
           f ? sub(`90 %: ${num(f.lower)}–${num(f.upper)} req/s, at ${time(f.at)}`) : null),
         cell("Capacity", { class: "num", "data-field": "capacity_rps", "data-value": r.capacity_rps },
           rps(r.capacity_rps), sub(r.capacity_source.toLowerCase())),
-        cell("Utilisation", { class: "num", "data-field": "utilization" }, pct(r.utilization)),
+        cell("Predicted utilisation", { class: "num", "data-field": "utilization" }, pct(r.utilization)),
         cell("Score", { class: "num", "data-field": "score", "data-value": r.score }, r.score.toFixed(2)),
         cell("p99 / errors", { class: "num" }, `${num(r.latency_p99_ms)} ms`, sub(`${pct(r.error_rate)} errors`)),
         cell("Flags", { "data-field": "flags" }, ...flags));
@@ -167,14 +168,15 @@
     const val = (u, v) => (v == null ? "—" : rps(v));
     return {
       width, height: 220,
+      legend: { live: false },  // names only: a compact legend that fits a phone
       scales: { x: { time: true } },
       axes: [{}, { label: "req/s", size: 56 }],
       series: [
         {},
         { label: "actual", stroke: "#1f5fbf", width: 2, value: val },
         { label: `forecast made ${h} step(s) before`, stroke: "#7a4fbf", dash: [6, 4], width: 1.5, spanGaps: true, value: val },
-        { label: "band low", stroke: "rgba(122,79,191,0.35)", width: 0.5, spanGaps: true, value: val },
-        { label: "band high", stroke: "rgba(122,79,191,0.35)", width: 0.5, spanGaps: true, value: val },
+        { label: "90 % band, low", stroke: "rgba(122,79,191,0.35)", width: 0.5, spanGaps: true, value: val },
+        { label: "high", stroke: "rgba(122,79,191,0.35)", width: 0.5, spanGaps: true, value: val },
         { label: "capacity", stroke: "#c0262d", dash: [2, 3], width: 2, value: val },
         { label: "latest forecast", stroke: "#444", dash: [1, 3], width: 1.5, spanGaps: true, value: val },
         { label: "anomaly", stroke: "#c0262d", fill: "#c0262d", width: 0, paths: () => null,
