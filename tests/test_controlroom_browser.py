@@ -146,7 +146,7 @@ def severe(log: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def text(browser: Any, selector: str) -> str | None:
     """The visible text of the first element matching ``selector`` (None if none), read
     in one script: the page re-renders its tables every second."""
-    return browser.execute_script(  # type: ignore[no-any-return]
+    return browser.execute_script(
         "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
         selector)
 
