@@ -12,7 +12,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -20,6 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -27,6 +31,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from confluent_kafka import Producer
 
+from benchmarks.support.processes import kafka_env, stop_process
+from benchmarks.support.records import window
 from schemas.codec import Codec
 from streams.api.config import ApiSettings
 from streams.api.service import ApiService
@@ -149,6 +155,14 @@ def text(browser: Any, selector: str) -> str | None:
     return browser.execute_script(
         "const e = document.querySelector(arguments[0]); return e ? e.innerText : null;",
         selector)
+
+
+def chart_last_t(browser: Any, endpoint: str) -> int:
+    """The time (epoch ms) of the newest actual point the page's chart of ``endpoint``
+    holds (0 without one)."""
+    return int(browser.execute_script(
+        "const c = document.querySelector(`div.chart[data-endpoint=\"${arguments[0]}\"]`);"
+        "return c && c.dataset.lastT ? Number(c.dataset.lastT) : 0;", endpoint))
 
 
 def overview_rows(browser: Any) -> list[tuple[str, dict[str, str]]]:
@@ -292,3 +306,101 @@ def _restart(browser: Any, port: int, kafka: KafkaSettings, codec: Codec) -> Non
     errors = [e for e in severe(browser.get_log("browser"))
               if "/ui/events" not in e.get("message", "")]
     assert not errors, errors
+
+
+class TelemetryFeed:
+    """One-second telemetry windows of ``rates`` (endpoint -> requests/s) up to the last
+    whole second, as an edge agent publishes them: first ``backlog_s`` seconds of
+    history, then live from a thread until :meth:`stop`."""
+
+    def __init__(self, kafka: KafkaSettings, codec: Codec, rates: dict[str, float],
+                 backlog_s: int = 20) -> None:
+        self.kafka, self.codec, self.rates = kafka, codec, rates
+        self.producer = Producer({"bootstrap.servers": kafka.bootstrap_servers,
+                                  "linger.ms": 5})
+        self.next_s = int(time.time()) - backlog_s
+        self._stop = threading.Event()
+        self._publish()
+        self._thread = threading.Thread(target=self._run, name="ui-telemetry", daemon=True)
+        self._thread.start()
+
+    def _publish(self) -> None:
+        topic = topic_name(self.kafka, "telemetry")
+        while self.next_s < int(time.time()):
+            for endpoint, rate in self.rates.items():
+                w = window(endpoint, 0, self.next_s * 1000, n=round(rate), agent_id="ui")
+                w.update(window_end=w["window_start"] + 1000, interval_ms=1000)
+                self.producer.produce(topic, self.codec.encode("EndpointTelemetry", w),
+                                      endpoint.encode())
+            self.next_s += 1
+        assert self.producer.flush(10) == 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self._publish()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+
+def test_control_room_follows_a_real_worker(kafka: KafkaSettings, codec: Codec,
+                                            tmp_path: Path) -> None:
+    """A real ``loadcast worker`` turns telemetry into scores: the page lists its
+    endpoints with the API's numbers, its charts follow the new scores within 5 s, and
+    when the worker stops, the stale-score banner names them."""
+    capacity = {"w-1": 40.0, "w-2": 100.0}
+    env = kafka_env(kafka, LOADCAST_PROCESSOR__APP_ID=f"ui-{uuid.uuid4().hex[:6]}",
+                    LOADCAST_PROCESSOR__STEP_SECONDS="1", LOADCAST_PROCESSOR__HORIZON="5",
+                    LOADCAST_PROCESSOR__SEASON_SECONDS="60",
+                    LOADCAST_PROCESSOR__LATENESS_SECONDS="0",
+                    LOADCAST_PROCESSOR__MIN_CHANGE="0",
+                    LOADCAST_PROCESSOR__SCORE_VALIDITY_SECONDS="4",
+                    LOADCAST_PROCESSOR__CAPACITY_RPS=json.dumps(capacity))
+    log = tmp_path / "worker.log"
+    with log.open("ab") as f:
+        worker = subprocess.Popen([sys.executable, "-m", "loadcast", "worker"], env=env,
+                                  stdout=f, stderr=subprocess.STDOUT)
+    feed = None
+    try:
+        feed = TelemetryFeed(kafka, codec, {"w-1": 30.0, "w-2": 10.0})
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with api_in_thread(port, kafka, codec) as svc, chromium(1280, 800) as browser:
+            wait(lambda: worker.poll() is None and
+                 {"w-1", "w-2"} <= {e for e, s in list(svc.state.scores.items())
+                                    if not s.is_stale()}, 60,
+                 f"fresh scores of the worker (see {log})")
+            browser.get(f"{url}/ui")
+            wait(lambda: len(overview_rows(browser)) == 2, 10, "two overview rows")
+            # live: the chart of w-1 shows the API's newest score within 5 s
+            for _ in range(2):
+                newest = svc.state.scores["w-1"].computed_at
+                wait(partial(lambda n: chart_last_t(browser, "w-1") >= n, newest), 5,
+                     "the chart taking the worker's score")
+                wait(partial(lambda n: svc.state.scores["w-1"].computed_at > n, newest), 5,
+                     "a newer score from the worker")
+            # the worker stops: once the numbers settle, the page shows the API's, and
+            # the banner names both endpoints when their scores expire
+            feed.stop()
+            stop_process(worker, 30, sig=signal.SIGTERM, kill_wait_s=10, close_pipes=False)
+            banner = wait(lambda: text(browser, '#banners [data-kind="stale"]'), 10,
+                          "the stale-score banner")
+            assert "2 of 2" in banner and "w-1" in banner and "w-2" in banner
+            with urllib.request.urlopen(f"{url}/ui/state.json", timeout=5) as r:
+                view = json.load(r)
+            rows = overview_rows(browser)
+            assert [e for e, _ in rows] == [r["endpoint_id"] for r in view["overview"]]
+            for r, (_, cells) in zip(view["overview"], rows, strict=True):
+                assert r["capacity_rps"] == capacity[r["endpoint_id"]]
+                assert r["capacity_source"] == "CONFIGURED"
+                assert cells["current_rps"] == f"{fmt_num(r['current_rps'])} req/s"
+                assert cells["capacity_rps"].startswith(f"{fmt_num(r['capacity_rps'])} req/s")
+                assert cells["forecast"].startswith(f"{fmt_num(r['forecast']['mean'])} req/s")
+                assert "stale" in cells["flags"]
+            browser.save_screenshot(str(OUT / "controlroom-worker-stopped.png"))
+            assert not severe(browser.get_log("browser"))
+    finally:
+        if feed is not None:
+            feed.stop()
+        stop_process(worker, 30, sig=signal.SIGTERM, kill_wait_s=10, close_pipes=False)
