@@ -61,7 +61,14 @@ async def test_page_assets_and_bad_query() -> None:
                 assert (await r.json())["field"] == "endpoint"
             async with http.get(f"{base}/ui/state.json") as r:
                 view = await r.json()
-        assert view["overview"] == [] and view["banners"][0]["kind"] == "empty"
+            assert view["overview"] == [] and view["banners"][0]["kind"] == "empty"
+            # a score carrying a NaN still makes a view: JSON's null in its place
+            svc.state.apply([_score("e1", int(time.time() * 1000), current=float("nan"))])
+            async with http.get(f"{base}/ui/state.json?horizon=2") as r:
+                assert r.status == 200
+                view = await r.json()
+        row = view["overview"][0]
+        assert row["current_rps"] is None and row["forecast"]["horizon"] == 2
     finally:
         await svc.stop()
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -154,12 +155,26 @@ def _view_bytes(app: web.Application, query: ViewQuery) -> tuple[tuple[Any, ...]
     key = (state.version, flags, query)
     body = live.views.get(key)
     if body is None:
-        body = json.dumps(build_view(state, alive, query, now_ms, flags[1]),
-                          separators=(",", ":"), allow_nan=False).encode()
+        view = build_view(state, alive, query, now_ms, flags[1])
+        try:
+            body = json.dumps(view, separators=(",", ":"), allow_nan=False).encode()
+        except ValueError:  # a NaN or infinity in a record: JSON has no such number
+            body = json.dumps(_finite(view), separators=(",", ":")).encode()
         if len(live.views) >= 2 * MAX_STREAMS:
             live.views.clear()  # a new state: the old views are of no use
         live.views[key] = body
     return key, body
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 async def page(request: web.Request) -> web.FileResponse:

@@ -18,6 +18,7 @@
 
   // ---- formatting: numbers always with units, times in the viewer's zone
   const num = (v) => {
+    if (v == null) return "—";  // a NaN or infinity on the wire arrives as null
     const a = Math.abs(v);
     return a >= 100 ? v.toFixed(0) : a >= 10 ? v.toFixed(1) : v.toFixed(2);
   };
@@ -26,7 +27,7 @@
     hour: "2-digit", minute: "2-digit", second: "2-digit" }));
   const dur = (s) => (s == null ? "—" : s < 1 ? "now" : s < 120 ? `${s.toFixed(0)} s`
     : s < 7200 ? `${(s / 60).toFixed(1)} min` : `${(s / 3600).toFixed(1)} h`);
-  const pct = (v) => `${(v * 100).toFixed(1)} %`;
+  const pct = (v) => (v == null ? "—" : `${(v * 100).toFixed(1)} %`);
   const serverNow = () => Date.now() + offset;
 
   function el(tag, attrs, ...children) {
@@ -147,7 +148,7 @@
         cell("Capacity", { class: "num", "data-field": "capacity_rps", "data-value": r.capacity_rps },
           rps(r.capacity_rps), sub(r.capacity_source.toLowerCase())),
         cell("Predicted utilisation", { class: "num", "data-field": "utilization" }, pct(r.utilization)),
-        cell("Score", { class: "num", "data-field": "score", "data-value": r.score }, r.score.toFixed(2)),
+        cell("Score", { class: "num", "data-field": "score", "data-value": r.score }, r.score == null ? "—" : r.score.toFixed(2)),
         cell("p99 / errors", { class: "num" }, `${num(r.latency_p99_ms)} ms`, sub(`${pct(r.error_rate)} errors`)),
         cell("Flags", { "data-field": "flags" }, ...flags));
       tr.addEventListener("click", () => chartEndpoint(r.endpoint_id));
