@@ -14,6 +14,7 @@ import pytest
 
 from schemas.records import LoadScore
 from streams.api import ui
+from streams.api.app import FEED_ALIVE
 from streams.api.config import ApiSettings
 from streams.api.service import ApiService
 from streams.sidecar.testing import score_record
@@ -128,3 +129,28 @@ def test_overview_sorts_by_time_to_exhaustion() -> None:
     assert [r["endpoint_id"] for r in rows] == ["c", "b", "a"]
     assert [r["exhaustion_s"] for r in rows] == [0.0, 3.0, None]
     assert rows[2]["band_exhaustion_s"] == 3.0  # the band's upper bound 110 > 100 at h=3
+
+
+@pytest.mark.asyncio
+async def test_quiet_stream_beats_and_says_when_the_feed_is_down(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ui, "HEARTBEAT_S", 0.3)
+    svc = ApiService(ApiSettings(port=0), None)
+    alive = [True]
+    svc.app[FEED_ALIVE] = lambda: alive[0]
+    await svc.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            resp = await http.get(f"http://127.0.0.1:{svc.port}/ui/events")
+            await _events(resp, 1, 5)
+            async with asyncio.timeout(5):
+                while (await resp.content.readline()).strip() != b"event: beat":
+                    pass
+            alive[0] = False  # no state change: the stream notices within CHECK_S
+            [view] = await _events(resp, 1, 5)
+            resp.close()
+        assert view["feed_alive"] is False
+        assert [b["kind"] for b in view["banners"]] == ["feed", "empty"]
+        assert "Kafka feed down" in view["banners"][0]["text"]
+    finally:
+        await svc.stop()
