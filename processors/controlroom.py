@@ -160,26 +160,46 @@ def _nearest(made: list[tuple[int, float, float, float]], ats: list[int], t: int
     return best if best is not None and abs(best[0] - t) <= tolerance_ms else None
 
 
-def demand_crossed(history: Iterable[Sequence[LoadScore]], api: str, after_ms: int
-                   ) -> int | None:
-    """When an endpoint of ``api`` first had its actual rate above capacity, at or
-    after ``after_ms`` (the mirror's command), from the histories; None if not seen."""
-    seen = [s.computed_at for hist in history for s in hist
-            if s.api == api and s.computed_at >= after_ms and s.current_rps > s.capacity_rps]
-    return min(seen, default=None)
+def demand_crossed(history: Iterable[Sequence[LoadScore]], api: str, region: str,
+                   after_ms: int) -> int | None:
+    """When the actual demand of ``api`` in ``region`` (the sum of its endpoints' latest
+    rates) first exceeded their summed capacity, at or after ``after_ms`` (the mirror's
+    command), replaying the histories in time order; None if not seen. The planner
+    judges the same sum, against a configured central capacity when it has one, which
+    the API does not know.
+
+    >>> from schemas.records import LoadScore
+    >>> def s(e, t, cur):
+    ...     return LoadScore(e, "orders", "eu", t, t + 5000, 0.5, 10.0, "CONFIGURED", cur,
+    ...                      0.5, 12.0, 0.0, 0.0, 1, ())
+    >>> demand_crossed([[s("a", 0, 9), s("a", 2000, 12)], [s("b", 1000, 9)]],
+    ...                "orders", "eu", 0)  # 9 + 9 < 20 at 1 s; 12 + 9 > 20 at 2 s
+    2000
+    """
+    scores = sorted((s for hist in history for s in hist
+                     if s.api == api and s.region == region),
+                    key=lambda s: s.computed_at)
+    current: dict[str, tuple[float, float]] = {}  # endpoint -> (rate, capacity)
+    for s in scores:
+        current[s.endpoint_id] = (s.current_rps, s.capacity_rps)
+        if s.computed_at >= after_ms and sum(c for c, _ in current.values()) > \
+                sum(cap for _, cap in current.values()):
+            return s.computed_at
+    return None
 
 
 def mirror_rows(mirrors: Iterable[Mapping[str, Any]],
                 history: Mapping[str, Sequence[LoadScore]]) -> list[dict[str, Any]]:
     """Mirrors per region: state, when commanded (first status of the command), when
-    ready, when demand crossed capacity and the lead time (crossed − ready; positive:
-    ready early). ``mirrors`` are MirrorView-like dicts (region, api, state, at, since)."""
+    ready, when the region's demand crossed its capacity and the lead time (crossed −
+    ready; positive: ready early). ``mirrors`` are MirrorView-like dicts (region, api,
+    state, at, command_id, since)."""
     rows = []
     for m in mirrors:
         since: Mapping[str, int] = m.get("since") or {}
         commanded = min(since.values(), default=m["at"])
         ready = since.get("READY")
-        crossed = demand_crossed(history.values(), m["api"], commanded)
+        crossed = demand_crossed(history.values(), m["api"], m["region"], commanded)
         rows.append({
             "region": m["region"], "api": m["api"], "state": m["state"],
             "activity": _activity(m["state"]), "command_id": m["command_id"],

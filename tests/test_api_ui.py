@@ -154,3 +154,23 @@ async def test_quiet_stream_beats_and_says_when_the_feed_is_down(
         assert "Kafka feed down" in view["banners"][0]["text"]
     finally:
         await svc.stop()
+
+
+def test_mirror_lead_time_is_crossing_minus_ready() -> None:
+    from processors.controlroom import mirror_rows
+
+    def score(endpoint: str, at: int, current: float) -> LoadScore:
+        rec = _score(endpoint, at, current)[1]
+        return LoadScore.from_record({**rec, "api": "orders", "region": "eu"})
+
+    history = {"a": [score("a", 1000, 60.0), score("a", 9000, 120.0)],
+               "b": [score("b", 2000, 90.0)]}
+    mirror = {"region": "eu", "api": "orders", "state": "READY", "at": 5000,
+              "command_id": "c1", "since": {"ACCEPTED": 1500, "STARTING": 2000,
+                                            "READY": 5000}}
+    [row] = mirror_rows([mirror], history)
+    # commanded at 1.5 s, ready at 5 s; 120 + 90 > 200 first at 9 s: ready 4 s early
+    assert (row["commanded_at"], row["ready_at"], row["crossed_at"]) == (1500, 5000, 9000)
+    assert row["lead_s"] == 4.0 and row["activity"] == "ready"
+    [late] = mirror_rows([{**mirror, "since": {"ACCEPTED": 1500, "READY": 9500}}], history)
+    assert late["lead_s"] == -0.5

@@ -120,7 +120,8 @@
     const mean = left(r.exhaustion_s);
     const band = left(r.band_exhaustion_s);
     if (mean == null) {
-      return ["not within forecast", sub(band == null ? "band: not either" : `band: in ${dur(band)}`)];
+      return ["not within forecast", sub(band == null ? "band: not either"
+        : band < 1 ? "band: now" : `band: in ${dur(band)}`)];
     }
     return [mean < 1 ? "now" : `in ${dur(mean)}`, sub(`at ${time(serverNow() + mean * 1000)}`)];
   }
