@@ -37,6 +37,7 @@ the capacity line; then the latest score's whole forecast ahead.
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -54,7 +55,7 @@ def exhaustion_ms(score: LoadScore, *, band: bool = False) -> int | None:
         return None
     if score.current_rps > cap:
         return 0
-    for p in sorted(score.forecast, key=lambda p: p.at):
+    for p in score.forecast:  # in horizon order, as the worker writes them
         if (p.upper if band else p.mean) > cap:
             return max(0, p.at - score.computed_at)
     return None
@@ -80,35 +81,39 @@ def _anomalous(score: LoadScore, anomaly: Mapping[str, Any] | None) -> bool:
 def overview(scores: Iterable[LoadScore], anomalies: Mapping[str, Mapping[str, Any]],
              now_ms: int, *, horizon: int | None = None, limit: int = 200
              ) -> list[dict[str, Any]]:
-    """One row per endpoint (at most ``limit``), the soonest to run out first."""
-    rows: list[dict[str, Any]] = []
-    for s in scores:
-        anomaly = anomalies.get(s.endpoint_id)
-        mean_ms, band_ms = exhaustion_ms(s), exhaustion_ms(s, band=True)
-        rows.append({
-            "endpoint_id": s.endpoint_id, "api": s.api, "region": s.region,
-            "computed_at": s.computed_at, "valid_until": s.valid_until,
-            "stale": now_ms > s.valid_until,
-            "current_rps": s.current_rps, "capacity_rps": s.capacity_rps,
-            "capacity_source": s.capacity_source, "score": s.score,
-            "utilization": s.predicted_utilization,
-            "forecast": horizon_point(s, horizon),
-            # counted from now, not from computed_at: what the operator has left
-            "exhaustion_s": None if mean_ms is None
-            else max(0.0, (s.computed_at + mean_ms - now_ms) / 1000),
-            "band_exhaustion_s": None if band_ms is None
-            else max(0.0, (s.computed_at + band_ms - now_ms) / 1000),
-            "anomaly_score": s.anomaly_score, "anomalous": _anomalous(s, anomaly),
-            "anomaly_at": anomaly.get("detected_at") if anomaly else None,
-            "latency_p99_ms": s.latency_p99_ms, "error_rate": s.error_rate,
-            "model": s.model, "reasons": list(s.reasons),
-        })
+    """One row per endpoint (at most ``limit``), the soonest to run out first. Only the
+    rows kept are built (the ranking is a heap over all endpoints)."""
+    def left_s(s: LoadScore, ms: int | None) -> float | None:
+        # counted from now, not from computed_at: what the operator has left
+        return None if ms is None else max(0.0, (s.computed_at + ms - now_ms) / 1000)
+
     inf = math.inf
-    rows.sort(key=lambda r: (
-        inf if r["exhaustion_s"] is None else float(r["exhaustion_s"]),
-        inf if r["band_exhaustion_s"] is None else float(r["band_exhaustion_s"]),
-        -float(r["utilization"]), str(r["endpoint_id"])))
-    return rows[:limit]
+    ranked = []
+    for s in scores:
+        mean_s, band_s = left_s(s, exhaustion_ms(s)), left_s(s, exhaustion_ms(s, band=True))
+        ranked.append(((inf if mean_s is None else mean_s, inf if band_s is None else band_s,
+                        -s.predicted_utilization, s.endpoint_id), s, mean_s, band_s))
+    top = heapq.nsmallest(limit, ranked, key=lambda r: r[0])
+    return [_row(s, anomalies.get(s.endpoint_id), now_ms, horizon, mean_s, band_s)
+            for _, s, mean_s, band_s in top]
+
+
+def _row(s: LoadScore, anomaly: Mapping[str, Any] | None, now_ms: int, horizon: int | None,
+         mean_s: float | None, band_s: float | None) -> dict[str, Any]:
+    return {
+        "endpoint_id": s.endpoint_id, "api": s.api, "region": s.region,
+        "computed_at": s.computed_at, "valid_until": s.valid_until,
+        "stale": now_ms > s.valid_until,
+        "current_rps": s.current_rps, "capacity_rps": s.capacity_rps,
+        "capacity_source": s.capacity_source, "score": s.score,
+        "utilization": s.predicted_utilization,
+        "forecast": horizon_point(s, horizon),
+        "exhaustion_s": mean_s, "band_exhaustion_s": band_s,
+        "anomaly_score": s.anomaly_score, "anomalous": _anomalous(s, anomaly),
+        "anomaly_at": anomaly.get("detected_at") if anomaly else None,
+        "latency_p99_ms": s.latency_p99_ms, "error_rate": s.error_rate,
+        "model": s.model, "reasons": list(s.reasons),
+    }
 
 
 def chart(history: Sequence[LoadScore], horizon: int | None = None, *,

@@ -174,3 +174,16 @@ def test_mirror_lead_time_is_crossing_minus_ready() -> None:
     assert row["lead_s"] == 4.0 and row["activity"] == "ready"
     [late] = mirror_rows([{**mirror, "since": {"ACCEPTED": 1500, "READY": 9500}}], history)
     assert late["lead_s"] == -0.5
+
+
+def test_costly_views_are_spaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    svc = ApiService(ApiSettings(port=0), None)
+    query = ui.ViewQuery()
+    key1, body1 = ui._view_bytes(svc.app, query)
+    live = svc.app[ui.LIVE]
+    live.build_s = 1.0  # as if that build had taken a second
+    svc.state.apply([_score("e1", int(time.time() * 1000))])
+    assert ui._view_bytes(svc.app, query) == (key1, body1)  # within 10 s: the old view
+    live.built_at -= ui.BUILD_SPACING
+    key2, body2 = ui._view_bytes(svc.app, query)
+    assert key2[0] == svc.state.version and b'"e1"' in body2

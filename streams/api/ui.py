@@ -9,7 +9,8 @@ the next view), and a ``beat`` event every ``HEARTBEAT_S`` so a dead client (and
 the page, a dead server) is noticed. Each view is complete, so a browser that reconnects
 (the API restarted) needs nothing else. At most ``MAX_STREAMS`` streams at once (503
 above); a view is built once per state and shared by the streams that ask for the same
-one. The numbers come from :mod:`processors.controlroom`.
+one, and building takes at most about ``1 / BUILD_SPACING`` of the time. The numbers
+come from :mod:`processors.controlroom`.
 
 >>> from streams.api.config import ApiSettings
 >>> from streams.api.state import ForecastState
@@ -46,8 +47,21 @@ HEARTBEAT_S = 10.0
 OVERVIEW_ROWS = 200  # endpoints listed (the soonest to run out)
 CHARTS = 4  # endpoints charted: the soonest to run out, plus the one asked for
 CHART_POINTS = 240
+# Views are built on the event loop that also answers the API: after a build of B
+# seconds the next waits BUILD_SPACING * B (at 100,000 endpoints a build is about a
+# second), so views take at most about a tenth of the loop.
+BUILD_SPACING = 10.0
 MAX_HORIZON = 10_000
 MAX_ENDPOINT_ID = 256
+
+
+@dataclass(frozen=True)
+class ViewQuery:
+    """What a page asks for: the forecast horizon (steps; None = the farthest) and the
+    endpoint it wants charted besides the most urgent ones."""
+
+    horizon: int | None = None
+    endpoint: str | None = None
 
 
 @dataclass
@@ -58,19 +72,13 @@ class LiveStreams:
     open: int = 0
     served: int = 0
     views: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
+    latest: dict[ViewQuery, tuple[tuple[Any, ...], bytes]] = field(default_factory=dict)
+    built_at: float = 0.0  # monotonic time the last view was built
+    build_s: float = 0.0  # how long that took
     closing: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 LIVE: web.AppKey[LiveStreams] = web.AppKey("ui_live", LiveStreams)
-
-
-@dataclass(frozen=True)
-class ViewQuery:
-    """What a page asks for: the forecast horizon (steps; None = the farthest) and the
-    endpoint it wants charted besides the most urgent ones."""
-
-    horizon: int | None = None
-    endpoint: str | None = None
 
 
 def parse_query(request: web.Request) -> ViewQuery:
@@ -154,15 +162,24 @@ def _view_bytes(app: web.Application, query: ViewQuery) -> tuple[tuple[Any, ...]
     flags = _flags(state, alive, now_ms)
     key = (state.version, flags, query)
     body = live.views.get(key)
-    if body is None:
-        view = build_view(state, alive, query, now_ms, flags[1])
-        try:
-            body = json.dumps(view, separators=(",", ":"), allow_nan=False).encode()
-        except ValueError:  # a NaN or infinity in a record: JSON has no such number
-            body = json.dumps(_finite(view), separators=(",", ":")).encode()
-        if len(live.views) >= 2 * MAX_STREAMS:
-            live.views.clear()  # a new state: the old views are of no use
-        live.views[key] = body
+    if body is not None:
+        return key, body
+    previous = live.latest.get(query)
+    if previous is not None and \
+            time.monotonic() - live.built_at < BUILD_SPACING * live.build_s:
+        return previous  # too soon after a costly build: the new state waits its turn
+    started = time.perf_counter()
+    view = build_view(state, alive, query, now_ms, flags[1])
+    try:
+        body = json.dumps(view, separators=(",", ":"), allow_nan=False).encode()
+    except ValueError:  # a NaN or infinity in a record: JSON has no such number
+        body = json.dumps(_finite(view), separators=(",", ":")).encode()
+    live.build_s, live.built_at = time.perf_counter() - started, time.monotonic()
+    if len(live.views) >= 2 * MAX_STREAMS:
+        live.views.clear()  # a new state: the old views are of no use
+        live.latest.clear()
+    live.views[key] = body
+    live.latest[query] = (key, body)
     return key, body
 
 

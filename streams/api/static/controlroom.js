@@ -110,8 +110,8 @@
     const stale = view.overview.filter((r) => serverNow() > r.valid_until);
     if (!kinds.has("stale") && stale.length) {
       box.append(el("div", { class: "banner-stale", "data-kind": "stale" },
-        `⚠ Stale scores: ${stale.length} endpoint(s) past valid_until ` +
-        `(${stale.slice(0, 10).map((r) => r.endpoint_id).join(", ")})`));
+        `⚠ Stale scores: ${stale.length} of ${view.endpoints_total} endpoint(s) past ` +
+        `valid_until (${stale.slice(0, 10).map((r) => r.endpoint_id).join(", ")})`));
     }
   }
 
