@@ -73,6 +73,7 @@ class LiveStreams:
     served: int = 0
     views: dict[tuple[Any, ...], bytes] = field(default_factory=dict)
     latest: dict[ViewQuery, tuple[tuple[Any, ...], bytes]] = field(default_factory=dict)
+    flags: tuple[Any, tuple[Any, ...]] = (None, ())  # (when, _flags) of the last check
     built_at: float = 0.0  # monotonic time the last view was built
     build_s: float = 0.0  # how long that took
     closing: asyncio.Event = field(default_factory=asyncio.Event)
@@ -104,9 +105,15 @@ def _bad(message: str, field_name: str) -> web.HTTPUnprocessableEntity:
         content_type="application/json")
 
 
-def _flags(state: ForecastState, feed_alive: bool, now_ms: int) -> tuple[Any, ...]:
-    """What changes the page without a state change: staleness and the feed."""
-    return (feed_alive, tuple(cr.stale_endpoints(state.scores.values(), now_ms)))
+def _flags(live: LiveStreams, state: ForecastState, feed_alive: bool,
+           now_ms: int) -> tuple[Any, ...]:
+    """What changes the page without a state change: staleness and the feed. Worked out
+    once per state and ``CHECK_S`` for all the streams (a pass over every endpoint)."""
+    at = (state.version, feed_alive, int(now_ms / (CHECK_S * 1000)))
+    if live.flags[0] != at:
+        live.flags = (at, (feed_alive, tuple(cr.stale_endpoints(state.scores.values(),
+                                                                 now_ms))))
+    return live.flags[1]
 
 
 def banners(state: ForecastState, feed_alive: bool, stale: tuple[str, ...],
@@ -159,7 +166,7 @@ def _view_bytes(app: web.Application, query: ViewQuery) -> tuple[tuple[Any, ...]
     state, live = app[STATE], app[LIVE]
     now_ms = int(time.time() * 1000)
     alive = app[FEED_ALIVE]()
-    flags = _flags(state, alive, now_ms)
+    flags = _flags(live, state, alive, now_ms)
     key = (state.version, flags, query)
     body = live.views.get(key)
     if body is not None:
