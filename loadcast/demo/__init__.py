@@ -212,7 +212,8 @@ def _start_api(parts: _Parts) -> str:
     assert parts.children is not None
     port = free_port()
     parts.ports.append(port)
-    parts.children.start("api", ["api", "--port", str(port)])
+    # the page only: no KEDA scaler (its port would be another one to find free)
+    parts.children.start("api", ["api", "--port", str(port), "--no-keda"])
     return f"http://127.0.0.1:{port}"
 
 
