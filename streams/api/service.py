@@ -18,7 +18,7 @@ from aiohttp import web
 
 from schemas.codec import Codec
 from streams.api import metrics as m
-from streams.api import placement, scenarios
+from streams.api import placement, scenarios, ui
 from streams.api.app import create_app
 from streams.api.config import ApiSettings
 from streams.api.state import ForecastState
@@ -51,6 +51,7 @@ class ApiService:
         self.app = create_app(self.state, settings, feed_alive=self.feed_alive)
         placement.add_routes(self.app)  # POST /v1/optimize/placement
         scenarios.add_routes(self.app)  # POST /v1/scenarios
+        ui.add_routes(self.app)  # GET /ui, the live control room
         self.port = 0
         self.keda_port = 0  # bound gRPC port of the KEDA scaler (0 = not serving)
         self._keda: aio.Server | None = None
