@@ -1,0 +1,233 @@
+"""The task service: the book, the writer, the follower and the lease keeper together.
+
+:class:`TaskService` is what the HTTP handlers (:mod:`streams.tasks.app`) call. It runs on
+one event loop: submit and cancel write to Kafka and fold their own records at once (a
+client reads its own write), and everything read back from task-status is folded again
+(idempotent). The lease keeper retries running attempts whose worker stopped
+heartbeating; several API replicas may run it at once (a retry names its attempt, so two
+keepers' retries of one attempt are the same attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import Counter
+
+from processors.tasking import TaskView, idempotent_match, next_attempt, request_hash
+from schemas.codec import Codec
+from streams.kafka.runtime import KafkaRuntime
+from streams.tasks.book import TaskBook
+from streams.tasks.log import Batch, StatusFollower, TaskWriter, now_ms
+from streams.tasks.settings import TaskSettings
+
+log = logging.getLogger(__name__)
+
+SUBMITTED = Counter("loadcast_tasks_submitted_total", "Tasks accepted by the API", ["task_type"])
+RETRIED = Counter("loadcast_tasks_lease_expired_total",
+                  "Running attempts whose lease expired (retried or failed)", ["task_type"])
+REASSERTED = Counter("loadcast_tasks_status_reasserted_total",
+                     "Statuses written again after a stale record (compaction keeps the latest)")
+
+
+class IdempotencyConflict(ValueError):
+    """The Idempotency-Key was used for another body (HTTP 409)."""
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """A submitted task: its Task record and whether it is new (False: the same key and
+    body were submitted before and this is that task)."""
+
+    task: dict[str, Any]
+    view: TaskView
+    created: bool
+
+
+class TaskService:
+    """Submit, look up, cancel, and keep leases, over Kafka."""
+
+    def __init__(self, rt: KafkaRuntime, codec: Codec, settings: TaskSettings,
+                 client_id: str = "loadcast-tasks") -> None:
+        self.rt = rt
+        self.codec = codec
+        self.settings = settings
+        self.client_id = client_id
+        self.book = TaskBook(settings.forecast_window_seconds)
+        self.writer: TaskWriter | None = None
+        self.follower: StatusFollower | None = None
+        # Task records this process submitted and that are unfinished: the keeper retries
+        # from them without reading the tasks topic (other replicas' tasks: it reads it).
+        self.records: dict[str, dict[str, Any]] = {}
+        self.live = False  # caught up with task-status: re-asserting is safe from now on
+        self._keeper: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    async def start(self, catch_up_timeout: float = 60.0) -> None:
+        """Read task-status and task-results to their end, then follow them and keep
+        leases."""
+        loop = asyncio.get_running_loop()
+        self.writer = TaskWriter(self.rt, self.codec, self.client_id)
+        self.follower = StatusFollower(self.rt, self.codec, loop, self._deliver)
+        self.follower.start()
+        deadline = time.monotonic() + catch_up_timeout
+        while not self.follower.caught_up.is_set():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"task-status not read to its end in {catch_up_timeout}s")
+            await asyncio.sleep(0.02)
+        self.live = True
+        self._keeper = asyncio.create_task(self._keep_leases())
+
+    async def stop(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        if self.follower is not None:
+            await asyncio.to_thread(self.follower.close)
+        if self.writer is not None:
+            await asyncio.to_thread(self.writer.close)
+
+    def _deliver(self, batch: Batch) -> None:
+        now = time.monotonic()
+        for schema, record in batch:
+            if schema == "TaskResult":
+                self.book.apply_result(record)
+                continue
+            r = self.book.apply_status(record, now)
+            if r.accepted and r.state.finished:
+                self.records.pop(r.state.task_id, None)
+            if r.stale and self.live:
+                # A late record of a presumed-dead attempt is now the newest of its key:
+                # compaction would keep it. Write the task's real state after it.
+                REASSERTED.inc()
+                self._write_status(r.state.record() | {"at": now_ms(), "source": "api"})
+
+    # ------------------------------------------------------------------ operations
+
+    async def submit(self, body: dict[str, Any], idempotency_key: str | None) -> Submitted:
+        """Queue a validated request body (``task_type``, ``description``,
+        ``requirements``); :class:`IdempotencyConflict` when the key was used for another
+        body."""
+        digest = request_hash(body) if idempotency_key else None
+        if idempotency_key and digest:
+            try:
+                known = idempotent_match(self.book.idempotency(idempotency_key), digest)
+            except ValueError as e:
+                raise IdempotencyConflict(str(e)) from None
+            if known is not None and known in self.book.tasks:
+                return Submitted({"task_id": known, **body}, self.book.tasks[known], False)
+        t = now_ms()
+        task = {
+            "task_id": uuid.uuid4().hex, "task_type": body["task_type"],
+            "description": body["description"], "requirements": body["requirements_json"],
+            "attempt": 1, "max_attempts": self.settings.max_attempts,
+            "lease_ms": round(self.settings.lease_seconds * 1000), "submitted_at": t,
+            "enqueued_at": t, "idempotency_key": idempotency_key, "request_hash": digest,
+        }
+        queued = {k: task[k] for k in ("task_id", "task_type", "attempt", "max_attempts",
+                                       "submitted_at", "idempotency_key", "request_hash")}
+        queued |= {"state": "QUEUED", "at": t, "started_at": None, "worker": None,
+                   "reason": "", "source": "api"}
+        self.book.apply_status(queued, time.monotonic())  # the key is taken from now on
+        assert self.writer is not None
+        await asyncio.gather(self.writer.send("TaskStatus", queued),
+                             self.writer.send("Task", task))
+        if not self.book.tasks[task["task_id"]].finished:
+            self.records[task["task_id"]] = task
+        SUBMITTED.labels(task["task_type"]).inc()
+        return Submitted(task, self.book.tasks[task["task_id"]], True)
+
+    async def cancel(self, task_id: str) -> TaskView:
+        """Cancel an unfinished task (KeyError: unknown; the finished task is returned
+        unchanged)."""
+        task = self.book.tasks[task_id]
+        if task.finished:
+            return task
+        rec = task.record() | {"state": "CANCELLED", "at": now_ms(), "source": "api",
+                               "reason": "cancelled by the client"}
+        self.book.apply_status(rec, time.monotonic())
+        self.records.pop(task_id, None)
+        assert self.writer is not None
+        await self.writer.send("TaskStatus", rec)
+        return self.book.tasks[task_id]
+
+    # ------------------------------------------------------------------ leases
+
+    async def _keep_leases(self) -> None:
+        lease = self.settings.lease_seconds
+        period = self.settings.keeper_interval_seconds or lease / 4
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await self.expire_leases()
+            except Exception:  # the keeper must outlive a failed write
+                log.exception("lease keeper: retrying expired leases failed")
+
+    async def expire_leases(self) -> int:
+        """Retry (or fail, at ``max_attempts``) every running attempt whose lease expired;
+        returns how many."""
+        expired = self.book.expired(time.monotonic(), self.settings.lease_seconds)
+        sends: list[Awaitable[None]] = []
+        for task in expired:
+            RETRIED.labels(task.task_type).inc()
+            reason = (f"worker {task.worker} stopped heartbeating "
+                      f"(lease {self.settings.lease_seconds:g}s)")
+            record = task.record() | {"lease_ms": round(self.settings.lease_seconds * 1000)}
+            nxt, st = next_attempt(record, reason, now_ms(), "keeper")
+            self.book.apply_status(st, time.monotonic())
+            sends.append(self._write_status(st))
+            if nxt is not None:
+                sends.append(self._requeue(task, nxt))
+            log.info("task %s attempt %d: %s", task.task_id, task.attempt, reason)
+        await asyncio.gather(*sends)
+        return len(expired)
+
+    async def _requeue(self, task: TaskView, nxt: dict[str, Any]) -> None:
+        """The next attempt's Task record: description and requirements come from the
+        tasks topic (the status does not carry them), so the keeper reads its record."""
+        original = self.records.get(task.task_id)
+        if original is None:
+            original = await asyncio.to_thread(self._find_task, task.task_id)
+        if original is None:
+            log.error("task %s: its Task record is gone from the tasks topic; failing it",
+                      task.task_id)
+            rec = task.record() | {"state": "FAILED", "at": now_ms(), "source": "keeper",
+                                   "reason": "lease expired and the task record is gone"}
+            self.book.apply_status(rec, time.monotonic())
+            await self._write_status(rec)
+            return
+        assert self.writer is not None
+        await self.writer.send("Task", original | {k: nxt[k] for k in (
+            "attempt", "enqueued_at", "lease_ms")})
+
+    def _find_task(self, task_id: str) -> dict[str, Any] | None:
+        return find_task(self.rt, self.codec, task_id)
+
+    def _write_status(self, record: dict[str, Any]) -> asyncio.Future[None]:
+        assert self.writer is not None
+        return self.writer.send("TaskStatus", record)
+
+
+def find_task(rt: KafkaRuntime, codec: Codec, task_id: str,
+              timeout: float = 30.0) -> dict[str, Any] | None:
+    """The first Task record of ``task_id`` on the tasks topic (its key's partition only)."""
+    from streams.kafka.partitioning import partition_for
+
+    topic = rt.topic("tasks")
+    parts = len(rt.admin().list_topics(topic, timeout=10).topics[topic].partitions)
+    key = task_id.encode()
+    for m in rt.read_to_end(topic, timeout=timeout, partitions=[partition_for(key, parts)]):
+        value = m.value()
+        if m.key() == key and value is not None:
+            rec: dict[str, Any] = codec.decode(value, "Task")
+            return rec
+    return None
