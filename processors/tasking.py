@@ -238,7 +238,7 @@ def estimate_start(position: int, throughput_per_s: float | None, now_ms: int) -
     """
     if not throughput_per_s or throughput_per_s <= 0 or not math.isfinite(throughput_per_s):
         return Estimate(position, None)
-    return Estimate(position, now_ms + round(1000 * (position + 1) / throughput_per_s))
+    return Estimate(position, now_ms + round(1000 * position / throughput_per_s))
 
 
 def workers_needed(arrival_per_s: float, service_s: float, utilization: float = 0.8) -> int:
