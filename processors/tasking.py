@@ -38,7 +38,7 @@ TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 _RANK = {"QUEUED": 0, "RUNNING": 1, "SUCCEEDED": 2, "FAILED": 2, "CANCELLED": 2}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskView:
     """A task as the latest accepted status record says (plus what the fold kept)."""
 
@@ -82,8 +82,11 @@ def status(task_id: str, state: str, attempt: int, *, task_type: str = "echo",
 
 def view(record: Mapping[str, Any]) -> TaskView:
     """The :class:`TaskView` of one TaskStatus record."""
-    return TaskView(**{f: record.get(f, TaskView.__dataclass_fields__[f].default)
-                       for f in _FIELDS})
+    g = record.get
+    return TaskView(record["task_id"], record["task_type"], record["state"],
+                    record["attempt"], record["max_attempts"], record["at"],
+                    record["submitted_at"], g("started_at"), g("worker"), g("reason", ""),
+                    g("source", ""), g("idempotency_key"), g("request_hash"))
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,18 @@ def fold(current: TaskView | None, record: Mapping[str, Any]) -> FoldResult:
 
 def _keep_identity(current: TaskView, new: TaskView) -> TaskView:
     """``new``, keeping what only the submitting record is sure to carry."""
+    started = new.started_at if new.started_at is not None else (
+        current.started_at if new.attempt == current.attempt else None)
+    if (new.submitted_at or not current.submitted_at) and started == new.started_at and (
+            new.idempotency_key or not current.idempotency_key) and (
+            new.request_hash or not current.request_hash):
+        return new  # the usual case: nothing to keep (and no copy to make)
     return replace(
         new,
-        submitted_at=current.submitted_at or new.submitted_at,
-        idempotency_key=current.idempotency_key or new.idempotency_key,
-        request_hash=current.request_hash or new.request_hash,
-        started_at=new.started_at if new.started_at is not None else (
-            current.started_at if new.attempt == current.attempt else None),
+        submitted_at=new.submitted_at or current.submitted_at,
+        idempotency_key=new.idempotency_key or current.idempotency_key,
+        request_hash=new.request_hash or current.request_hash,
+        started_at=started,
     )
 
 

@@ -69,9 +69,11 @@ def _tasks(get_settings: SettingsFn) -> Callable[..., None]:
             finally:
                 await runner.cleanup()
 
+        import uvloop
+
         with stop_on_signals(duration) as stop:
             try:
-                asyncio.run(run(stop))
+                uvloop.run(run(stop))
             except (OSError, TimeoutError) as e:
                 raise fail(f"task API did not start: {e}", 1) from None
 
@@ -115,7 +117,7 @@ def _swarm_worker(get_settings: SettingsFn) -> Callable[..., None]:
         serve_metrics(sw.metrics_port)
         worker = SwarmWorker(KafkaRuntime(s.kafka), codec_for(s.kafka.schema_registry_url), sw,
                              fn, session_timeout_ms=session_timeout_ms)
-        console.print(f"swarm worker {worker.id} in group {group_id(sw)}: handler "
+        console.print(f"swarm worker {worker.id} in group {group_id(sw, s.kafka.topic_prefix)}: handler "
                       f"{sw.handler}, concurrency {sw.concurrency}")
         print("ready", flush=True)
         with stop_on_signals(duration) as stop:

@@ -19,7 +19,8 @@ class SwarmSettings(BaseModel):
         "share a consumer group, so type sets of different pools must not overlap")
     concurrency: int = Field(1, ge=1, le=1024, description="tasks run at once")
     worker_id: str | None = Field(None, description="default: swarm-<host>-<pid>")
-    group_prefix: str = Field("loadcast-swarm", min_length=1)
+    group_prefix: str = Field("swarm", min_length=1,
+                              description="consumer group: <topic_prefix><this>.<types>")
     max_inline_result_bytes: int = Field(
         256 * 1024, ge=1024, description="larger outputs go to result_dir, by reference")
     result_dir: str | None = Field(None, description="where large outputs are written")

@@ -18,7 +18,7 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -54,10 +54,11 @@ class Running:
     beat_at: float
 
 
-def group_id(settings: SwarmSettings) -> str:
-    """The consumer group of a worker pool: one per set of task types served."""
+def group_id(settings: SwarmSettings, topic_prefix: str = "loadcast.") -> str:
+    """The consumer group of a worker pool: one per set of task types served (and per
+    topic prefix: pools of two loadcast installations on one cluster stay apart)."""
     types = "+".join(sorted(set(settings.task_types))) or "all"
-    return f"{settings.group_prefix}.{types}"
+    return f"{topic_prefix}{settings.group_prefix}.{types}"
 
 
 class SwarmWorker:
@@ -79,8 +80,11 @@ class SwarmWorker:
         overrides: dict[str, Any] = {
             "enable.auto.commit": False, "session.timeout.ms": session_timeout_ms,
             "heartbeat.interval.ms": max(100, session_timeout_ms // 6),
-            "max.poll.interval.ms": 24 * 3600 * 1000}  # handlers may run long
-        self.consumer = rt.consumer(group_id(settings), **overrides)
+            "max.poll.interval.ms": 24 * 3600 * 1000,  # handlers may run long
+            # Brokers that answer a fetch only at its max wait (Tansu) would add that much
+            # to every task's start.
+            "fetch.wait.max.ms": 10}
+        self.consumer = rt.consumer(group_id(settings, rt.settings.topic_prefix), **overrides)
         self.consumer.subscribe([self.topic], on_revoke=self._revoked)
         self.producer = rt.record_producer(self.id, linger_ms=2.0)
         self.dead = rt.dead_letter(self.producer, client=self.id)
@@ -110,10 +114,12 @@ class SwarmWorker:
         """One round: take what fits, finish what is done, heartbeat, commit."""
         free = self.settings.concurrency - len(self.running)
         if free > 0:
-            for m in self.consumer.consume(free, 0.05):
+            # Idle: wait for tasks. Busy: only look, then wait for a handler to finish, so
+            # neither a new task nor a finished one waits for the other's timeout.
+            for m in self.consumer.consume(free, 0.0 if self.running else 0.05):
                 self._take(m)
-        else:
-            time.sleep(0.005)
+        if self.running:
+            wait([r.future for r in self.running.values()], 0.01, FIRST_COMPLETED)
         self._finish_done()
         self._heartbeat()
         self.producer.poll(0)

@@ -177,6 +177,9 @@ async def cancel(request: web.Request) -> web.Response:
     if task.finished:
         return _error(409, f"task already {task.state.lower()}", state=task.state.lower())
     after = await service.cancel(task.task_id)
+    if after.state != "CANCELLED":  # finished first (the log decided), or not seen in time
+        return _error(409, f"task {after.state.lower()}, not cancelled",
+                      state=after.state.lower())
     return web.json_response(task_json(after, service))
 
 

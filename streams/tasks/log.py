@@ -14,6 +14,7 @@ import contextlib
 import logging
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from streams.kafka.runtime import KafkaRuntime
 log = logging.getLogger(__name__)
 
 Batch = list[tuple[str, dict[str, Any]]]  # (schema name, record)
+WRITER_HEADER = "loadcast.writer"
 
 
 class TaskWriter:
@@ -39,26 +41,38 @@ class TaskWriter:
             "client.id": client_id, "enable.idempotence": True, "linger.ms": 2,
             "partitioner": "murmur2_random", "queue.buffering.max.messages": 200_000,
         })
+        self.nonce = uuid.uuid4().hex.encode()  # this writer, not a previous process
+        self._own = [(WRITER_HEADER, self.nonce)]
         self._stop = threading.Event()
+        # Acks of one poll go to the loop in one call: a wake-up of the loop per record
+        # was a tenth of the API's CPU per task.
+        self._acked: list[tuple[asyncio.Future[None], KafkaError | None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._poller = threading.Thread(target=self._poll, name="task-writer", daemon=True)
         self._poller.start()
 
     def _poll(self) -> None:
         while not self._stop.is_set():
             self._producer.poll(0.05)
+            if self._acked and self._loop is not None:
+                acked, self._acked = self._acked, []
+                self._loop.call_soon_threadsafe(_settle_all, acked)
 
-    def send(self, schema: str, record: dict[str, Any]) -> asyncio.Future[None]:
+    def send(self, schema: str, record: dict[str, Any],
+             own: bool = False) -> asyncio.Future[None]:
         """Encode and produce ``record`` keyed by its task id; the future is done when the
-        broker acknowledged it (``BufferError`` at once when the producer is full)."""
-        loop = asyncio.get_running_loop()
+        broker acknowledged it (``BufferError`` at once when the producer is full).
+        ``own``: marked with this writer's nonce (header ``loadcast.writer``), for a record
+        this process applied already and skips when it reads it back."""
+        loop = self._loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
         def delivered(err: KafkaError | None, msg: Message) -> None:
-            loop.call_soon_threadsafe(_settle, fut, err)
+            self._acked.append((fut, err))
 
         value = self.codec.encode(schema, record)
         self._producer.produce(self.topics[schema], value, record["task_id"].encode(),
-                               on_delivery=delivered)
+                               on_delivery=delivered, headers=self._own if own else None)
         return fut
 
     def close(self, timeout: float = 10.0) -> None:
@@ -67,13 +81,14 @@ class TaskWriter:
         self._poller.join(timeout)
 
 
-def _settle(fut: asyncio.Future[None], err: KafkaError | None) -> None:
-    if fut.done():
-        return
-    if err is None:
-        fut.set_result(None)
-    else:
-        fut.set_exception(RuntimeError(f"Kafka did not take the record: {err}"))
+def _settle_all(acked: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for fut, err in acked:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(RuntimeError(f"Kafka did not take the record: {err}"))
 
 
 class StatusFollower:
@@ -82,13 +97,16 @@ class StatusFollower:
     topics were read to the end they had at start."""
 
     def __init__(self, rt: KafkaRuntime, codec: Codec, loop: asyncio.AbstractEventLoop,
-                 deliver: Callable[[Batch], None]) -> None:
+                 deliver: Callable[[Batch], None], skip_writer: bytes | None = None) -> None:
         self.codec = codec
+        self.skip = (WRITER_HEADER, skip_writer) if skip_writer else None
         self.loop = loop
         self.deliver = deliver
+        # a short fetch wait: brokers that answer only at the max wait (Tansu) would add
+        # it to every status change the API sees
         self.readers = [
-            (rt.reader(rt.topic("task-status"), follow=True), "TaskStatus"),
-            (rt.reader(rt.topic("task-results"), follow=True), "TaskResult"),
+            (rt.reader(rt.topic(topic), follow=True, **{"fetch.wait.max.ms": 10}), schema)
+            for topic, schema in (("task-status", "TaskStatus"), ("task-results", "TaskResult"))
         ]
         self.caught_up = threading.Event()
         self.bad = 0
@@ -124,6 +142,10 @@ class StatusFollower:
             value = m.value()
             if value is None:
                 continue
+            if self.skip is not None:
+                headers = m.headers()
+                if headers and self.skip in headers:
+                    continue
             try:
                 out.append((schema, self.codec.decode(value, schema)))
             except CodecError as e:
