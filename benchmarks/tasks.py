@@ -197,6 +197,9 @@ async def latency(kafka: KafkaSettings, rate: float, seconds: float, work: Path)
         wait_ready(workers, log, 90)
         async with task_api(kafka, TaskSettings(), "bench-latency") as (base, service), \
                 aiohttp.ClientSession() as http:
+            warm, _ = await submit_many(base, [BODY] * 20)  # the group's first assignment
+            if not await wait_finished(service, warm, 60):
+                raise RuntimeError(f"warm-up tasks not done: {service.book.counts()}")
             sent: dict[str, float] = {}
             lat: list[float] = []
 

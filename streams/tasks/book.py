@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict, deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any
 
 from processors.tasking import (
@@ -20,6 +21,9 @@ from processors.tasking import (
     expired_leases,
     fold,
 )
+
+#: Queue positions are counted exactly this far into a queue (bounded cost per question).
+MAX_SCAN = 10_000
 
 
 @dataclass
@@ -45,6 +49,8 @@ class TaskBook:
         self.recorded: Counter[str] = Counter()  # how often a task's result was recorded
         self.stats: dict[str, TypeStats] = defaultdict(TypeStats)
         self.stale = 0  # status records ignored as stale
+        self.enqueued: dict[str, int] = {}  # queued task -> its enqueue number
+        self._seq = 0
 
     # ------------------------------------------------------------------ folding
 
@@ -65,10 +71,13 @@ class TaskBook:
         if after.state == "QUEUED":
             queue.pop(tid, None)  # a new attempt joins the end of the queue
             queue[tid] = None
+            self._seq += 1
+            self.enqueued[tid] = self._seq
             if before is None:
                 self._arrived(after.task_type, now)
         else:
             queue.pop(tid, None)
+            self.enqueued.pop(tid, None)
         if after.state == "RUNNING":
             self.heartbeats[tid] = now
         else:
@@ -123,12 +132,20 @@ class TaskBook:
         """Queue position and predicted start of a queued task (None when not queued)."""
         if task.state != "QUEUED":
             return None
-        position = 0
-        for tid in self.queued[task.task_type]:
-            if tid == task.task_id:
-                break
-            position += 1
+        queue = self.queued[task.task_type]
+        position = self._position(queue, task.task_id)
         return estimate_start(position, self.throughput(task.task_type, now), now_ms)
+
+    def _position(self, queue: dict[str, None], task_id: str) -> int:
+        """Tasks ahead of ``task_id``: exact within the first MAX_SCAN of the queue, beyond
+        that from enqueue numbers (an upper bound: tasks that left out of order count)."""
+        if next(reversed(queue)) == task_id:  # just submitted: the common question
+            return len(queue) - 1
+        for position, tid in enumerate(islice(queue, MAX_SCAN)):
+            if tid == task_id:
+                return position
+        head = self.enqueued[next(iter(queue))]
+        return MAX_SCAN + max(0, self.enqueued[task_id] - head - MAX_SCAN)
 
     def throughput(self, task_type: str, now: float) -> float | None:
         """Tasks of ``task_type`` finished per second over the window (None: none yet)."""
