@@ -5,7 +5,7 @@ On the embedded broker (Tansu), with real processes:
 
 - **submit throughput**: ``wrk`` (or a Python client) POSTs a small task to ``loadcast
   tasks`` in its own process, while two ``echo`` (no-op) swarm workers run the tasks and
-  the API follows every status and result they write. Accepted tasks per second, and per
+  the API follows every status and result they write (``--quick``: one worker). Accepted tasks per second, and per
   CPU-second of the API process (``tasks/s per API core``, target >= 2,000). Side by side
   in the same round: a bare aiohttp app answering the same POST with a fixed 202 (no
   validation, no Kafka): the ceiling of the HTTP server on this machine.
@@ -35,6 +35,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -157,20 +158,38 @@ def start_server(args: list[str], env: dict[str, str], port: int,
 # --------------------------------------------------------------------------- parts
 
 
-def throughput(kafka: KafkaSettings, rounds: int, seconds: float, connections: int,
+@dataclass
+class Part:
+    """One part's topics (a prefix of its own: no backlog of another part) and workers,
+    started before any part runs, so their start-ups overlap."""
+
+    kafka: KafkaSettings
+    workers: dict[str, subprocess.Popen[bytes]]
+    log: Path
+
+
+def part(broker: EmbeddedBroker, work: Path, name: str, n: int, **worker: Any) -> Part:
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, partitions=6,
+                          topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
+    ensure_topics(kafka)
+    log = work / f"{name}.log"
+    return Part(kafka, {f"{name}-{i}": start_swarm_worker(kafka, f"{name}-{i}", log, **worker)
+                        for i in range(n)}, log)
+
+
+def throughput(p: Part, rounds: int, seconds: float, connections: int,
                work: Path) -> dict[str, Any]:
     """Baseline and task API side by side, ``rounds`` times, with two echo workers."""
     lua = _lua(BODY, work / "post.lua")
     api_port, base_port = free_port(), free_port()
-    log = work / "workers.log"
-    workers = [start_swarm_worker(kafka, f"echo-{i}", log, concurrency=8) for i in range(2)]
+    kafka, workers = p.kafka, list(p.workers.values())
     api = start_server([sys.executable, "-m", "loadcast", "tasks", "--port", str(api_port)],
                        kafka_env(kafka), api_port)
     base = start_server([sys.executable, str(Path(__file__).resolve()), "--serve-baseline",
                          str(base_port)], dict(os.environ), base_port)
     rows: dict[str, list[dict[str, float]]] = {"baseline": [], "tasks": []}
     try:
-        wait_ready(workers, log, 90)
+        wait_ready(workers, p.log, 90)
         for r in range(rounds):
             for name, proc, port in (("baseline", base, base_port), ("tasks", api, api_port)):
                 rows[name].append(measured(proc, f"http://127.0.0.1:{port}/v1/tasks", seconds,
@@ -188,13 +207,12 @@ def throughput(kafka: KafkaSettings, rounds: int, seconds: float, connections: i
                                                               strict=True))}
 
 
-async def latency(kafka: KafkaSettings, rate: float, seconds: float, work: Path) -> dict[str, Any]:
+async def latency(p: Part, rate: float, seconds: float) -> dict[str, Any]:
     """Open-loop submits at ``rate``/s for ``seconds`` to an API in this process; submit ->
     result readable from the API, per task."""
-    log = work / "latency-workers.log"
-    workers = [start_swarm_worker(kafka, f"lat-{i}", log, concurrency=4) for i in range(2)]
+    kafka, workers = p.kafka, list(p.workers.values())
     try:
-        wait_ready(workers, log, 90)
+        wait_ready(workers, p.log, 90)
         async with task_api(kafka, TaskSettings(), "bench-latency") as (base, service), \
                 aiohttp.ClientSession() as http:
             warm, _ = await submit_many(base, [BODY] * 20)  # the group's first assignment
@@ -234,18 +252,16 @@ async def latency(kafka: KafkaSettings, rate: float, seconds: float, work: Path)
             "p99_ms": 1000 * lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None}
 
 
-async def failover(kafka: KafkaSettings, lease_s: float, work: Path) -> dict[str, Any]:
+async def failover(p: Part, lease_s: float, task_s: float) -> dict[str, Any]:
     """Kill -9 the sleep worker holding tasks; seconds to retried and to succeeded."""
-    log = work / f"failover-{uuid.uuid4().hex[:4]}.log"
-    workers = {f"sleep-{i}": start_swarm_worker(
-        kafka, f"sleep-{i}", log, handler="sleep", types=("sleep",), concurrency=2,
-        session_timeout_ms=3000) for i in range(2)}
+    kafka, workers = p.kafka, p.workers
     settings = TaskSettings(lease_seconds=lease_s)
     try:
-        wait_ready(list(workers.values()), log, 90)
+        wait_ready(list(workers.values()), p.log, 90)
         async with task_api(kafka, settings, "bench-failover") as (base, service):
             ids, _ = await submit_many(base, [
-                {"task_type": "sleep", "description": f"s{i}", "requirements": {"seconds": 2}}
+                {"task_type": "sleep", "description": f"s{i}",
+                 "requirements": {"seconds": task_s}}
                 for i in range(4)])
             book = service.book
             deadline = time.monotonic() + 30
@@ -308,16 +324,19 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, rate: float,
     if quick:
         rounds, seconds, rate = 1, 2.0, 50.0
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
-        def fresh() -> KafkaSettings:  # topics of its own per part: no backlog of another
-            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap, partitions=6,
-                                  topic_prefix=f"bench{uuid.uuid4().hex[:6]}.")
-            ensure_topics(kafka)
-            return kafka
-
         work = Path(tmp)
-        tp = throughput(fresh(), rounds, seconds, connections, work)
-        lat = asyncio.run(latency(fresh(), rate, 2 * seconds if quick else 10.0, work))
-        fo = asyncio.run(failover(fresh(), lease_s, work))
+        n = 1 if quick else 2  # quick: fewer processes starting at once on a small box
+        parts = [part(broker, work, "echo", n, concurrency=8),
+                 part(broker, work, "lat", n, concurrency=4),
+                 part(broker, work, "sleep", 2, handler="sleep", types=("sleep",),
+                      concurrency=2, session_timeout_ms=3000)]
+        try:
+            tp = throughput(parts[0], rounds, seconds, connections, work)
+            lat = asyncio.run(latency(parts[1], rate, seconds if quick else 10.0))
+            fo = asyncio.run(failover(parts[2], lease_s, 1.0 if quick else 2.0))
+        finally:
+            for p in parts:
+                stop_workers(list(p.workers.values()))
     return {"quick": quick, "rounds": rounds, "seconds": seconds, "connections": connections,
             "generator": "wrk" if shutil.which("wrk") else "python", "cpus": os.cpu_count(),
             "throughput": tp, "latency": lat, "failover": fo,

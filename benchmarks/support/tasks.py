@@ -4,6 +4,7 @@ this process (on a free port), submitting many tasks, waiting for them."""
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import sys
 import time
@@ -51,6 +52,10 @@ def wait_ready(procs: Sequence[subprocess.Popen[bytes]], log: Path, timeout: flo
 
 
 def stop_workers(procs: Sequence[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to all at once (each finishes what it runs), then wait for each."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
     for p in procs:
         stop_process(p, 15)
 
