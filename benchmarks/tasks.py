@@ -5,9 +5,9 @@ On the embedded broker (Tansu), with real processes:
 
 - **submit throughput**: ``wrk`` (or a Python client) POSTs a small task to ``loadcast
   tasks`` in its own process, while two ``echo`` (no-op) swarm workers run the tasks and
-  the API follows every status and result they write (``--quick``: one worker). Accepted tasks per second, and per
-  CPU-second of the API process (``tasks/s per API core``, target >= 2,000). Side by side
-  in the same round: a bare aiohttp app answering the same POST with a fixed 202 (no
+  the API follows every status and result they write (``--quick``: one worker). Accepted
+  tasks per second, and per CPU-second of the API process (``tasks/s per API core``,
+  target >= 2,000). Side by side in the same round: a bare aiohttp app answering the same POST with a fixed 202 (no
   validation, no Kafka): the ceiling of the HTTP server on this machine.
 - **end-to-end latency** under a steady load (open loop, a fixed rate): from the POST
   until the API can answer the result, p50/p99.

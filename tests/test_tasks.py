@@ -75,8 +75,8 @@ def swarm(broker: EmbeddedBroker, tmp_path_factory: pytest.TempPathFactory) -> I
 def results_per_task(kafka: KafkaSettings) -> Counter[str]:
     """How many TaskResult records each task has on task-results (attempts that ran)."""
     rt = KafkaRuntime(kafka)
-    return Counter(m.key().decode() for m in rt.read_to_end(rt.topic("task-results"), timeout=30)
-                   if m.key() is not None)
+    return Counter((m.key() or b"").decode()
+                   for m in rt.read_to_end(rt.topic("task-results"), timeout=30))
 
 
 @pytest.mark.asyncio

@@ -117,8 +117,9 @@ def _swarm_worker(get_settings: SettingsFn) -> Callable[..., None]:
         serve_metrics(sw.metrics_port)
         worker = SwarmWorker(KafkaRuntime(s.kafka), codec_for(s.kafka.schema_registry_url), sw,
                              fn, session_timeout_ms=session_timeout_ms)
-        console.print(f"swarm worker {worker.id} in group {group_id(sw, s.kafka.topic_prefix)}: handler "
-                      f"{sw.handler}, concurrency {sw.concurrency}")
+        group = group_id(sw, s.kafka.topic_prefix)
+        console.print(f"swarm worker {worker.id} in group {group}: handler {sw.handler}, "
+                      f"concurrency {sw.concurrency}")
         print("ready", flush=True)
         with stop_on_signals(duration) as stop:
             worker.run(stop)
