@@ -7,8 +7,9 @@ On the embedded broker (Tansu), with real processes:
   tasks`` in its own process, while two ``echo`` (no-op) swarm workers run the tasks and
   the API follows every status and result they write (``--quick``: one worker). Accepted
   tasks per second, and per CPU-second of the API process (``tasks/s per API core``,
-  target >= 2,000). Side by side in the same round: a bare aiohttp app answering the same POST with a fixed 202 (no
-  validation, no Kafka): the ceiling of the HTTP server on this machine.
+  target >= 2,000). Side by side in the same round: a bare aiohttp app answering the
+  same POST with a fixed 202 (no validation, no Kafka): the ceiling of the HTTP server
+  on this machine.
 - **end-to-end latency** under a steady load (open loop, a fixed rate): from the POST
   until the API can answer the result, p50/p99.
 - **failover**: tasks of 2 s on two ``sleep`` workers; the one holding tasks gets
