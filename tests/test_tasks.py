@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -32,6 +33,7 @@ from benchmarks.support.tasks import (
     wait_finished,
     wait_ready,
 )
+from schemas.codec import Codec
 from streams.kafka.broker import EmbeddedBroker
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
@@ -81,7 +83,8 @@ def results_per_task(kafka: KafkaSettings) -> Counter[str]:
 
 @pytest.mark.asyncio
 async def test_bad_bodies_idempotency_queue_and_cancel(kafka: KafkaSettings) -> None:
-    async with task_api(kafka, SETTINGS) as (base, service), aiohttp.ClientSession() as http:
+    settings = SETTINGS.model_copy(update={"telemetry_interval_seconds": 0.2})
+    async with task_api(kafka, settings) as (base, service), aiohttp.ClientSession() as http:
         url = f"{base}/v1/tasks"
         status, body = await json_of(http, "POST", url, json={"task_type": "translation"})
         assert status == 422 and body["field"] == "task_type"
@@ -124,6 +127,7 @@ async def test_bad_bodies_idempotency_queue_and_cancel(kafka: KafkaSettings) -> 
         status, body = await json_of(http, "GET", f"{url}/{ids[1]}")
         assert body["queue_position"] == 1  # the cancelled one left the queue
         assert (await json_of(http, "GET", f"{url}/nope"))[0] == 404
+        await demand_is_telemetry_and_forecasts_are_used(kafka, http, base)
 
     # A restarted API (a new process's state: nothing but the topics) knows the same,
     # the idempotency key included.
@@ -135,6 +139,42 @@ async def test_bad_bodies_idempotency_queue_and_cancel(kafka: KafkaSettings) -> 
                                        headers=key)
         assert (s4, replay["id"]) == (202, first["id"])
         assert len(again_svc.book.tasks) == len(service.book.tasks)
+
+
+async def demand_is_telemetry_and_forecasts_are_used(kafka: KafkaSettings,
+                                                      http: aiohttp.ClientSession,
+                                                      base: str) -> None:
+    """The 3 code_generation tasks accepted (not the replay, not the 409) are telemetry of
+    endpoint tasks/code_generation; a LoadScore of it is the forecast the answer uses."""
+    rt = KafkaRuntime(kafka)
+    codec = Codec.embedded()
+    deadline = time.monotonic() + 10
+    counted = 0
+    while counted < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.3)
+        windows = [codec.decode(m.value() or b"", "EndpointTelemetry")
+                   for m in rt.read_to_end(rt.topic("telemetry"), timeout=10)]
+        counted = sum(w["request_count"] for w in windows
+                      if w["endpoint_id"] == "tasks/code_generation")
+    assert counted == 3 and {w["api"] for w in windows} == {"tasks"}
+    now = int(time.time() * 1000)
+    score = {"endpoint_id": "tasks/code_generation", "api": "tasks", "region": "central",
+             "computed_at": now, "valid_until": now + 120_000, "score": 0.5,
+             "capacity_rps": 0.0, "current_rps": 1.0, "predicted_utilization": 0.0,
+             "latency_p99_ms": 0.0, "error_rate": 0.0, "step_seconds": 60,
+             "forecast": [{"horizon": h, "at": now + h * 60_000, "mean": 4.0 * h,
+                           "lower": 0.0, "upper": 9.0 * h} for h in (1, 2)]}
+    producer = rt.producer()
+    producer.produce(rt.topic("load-scores"), codec.encode("LoadScore", score),
+                     b"tasks/code_generation")
+    producer.flush(10)
+    row: dict[str, Any] = {}
+    while row.get("arrival_source") != "forecast" and time.monotonic() < deadline + 10:
+        await asyncio.sleep(0.05)
+        _, body = await json_of(http, "GET", f"{base}/v1/tasks/forecast?lead_seconds=120")
+        row = next(r for r in body["types"] if r["task_type"] == "code_generation")
+    assert row["arrival_source"] == "forecast" and row["arrival_per_s"] == 8.0
+    assert row["queued"] == 2  # the first and the last; the middle one was cancelled
 
 
 @pytest.mark.slow

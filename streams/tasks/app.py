@@ -185,8 +185,10 @@ async def cancel(request: web.Request) -> web.Response:
 
 async def forecast(request: web.Request) -> web.Response:
     """Workers needed per task type ``lead_seconds`` ahead (query parameter, default 60):
-    the arrival rate measured over the window times the measured service time (Little's
-    law), at the target utilization, plus what it takes to drain the queue by then."""
+    the arrival rate forecast for then by the processors from the task telemetry
+    (:mod:`streams.tasks.demand`; else the rate measured over the window) times the
+    measured service time (Little's law), at the target utilization, plus what it takes
+    to drain the queue by then."""
     service = request.app[SERVICE]
     try:
         lead = float(request.query.get("lead_seconds", "60"))
@@ -196,9 +198,15 @@ async def forecast(request: web.Request) -> web.Response:
         return _error(422, "lead_seconds: a number of seconds in [0, 86400]",
                       field="lead_seconds")
     book, now = service.book, time.monotonic()
+    at_ms = now_ms() + round(lead * 1000)
     rows = []
     for task_type in service.settings.task_types:
         rate = book.arrival_rate(task_type, now)
+        source, made = "measured", None
+        forecast_rate = service.demand.forecast_rate(task_type, at_ms)
+        if forecast_rate is not None:
+            rate, made = forecast_rate
+            source = "forecast"
         st = book.stats.get(task_type)
         service_s = st.service_s if st is not None else None
         queued = len(book.queued.get(task_type, {}))
@@ -207,6 +215,7 @@ async def forecast(request: web.Request) -> web.Response:
             drain = queued / lead if lead > 0 else 0.0  # the backlog, spread over the lead
             need = workers_needed(rate + drain, service_s, service.settings.target_utilization)
         rows.append({"task_type": task_type, "arrival_per_s": round(rate, 4),
+                     "arrival_source": source, "forecast_made_at": made,
                      "service_seconds": service_s, "queued": queued, "workers_needed": need})
     return web.json_response({"lead_seconds": lead, "types": rows})
 

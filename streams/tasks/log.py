@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, Message
+from confluent_kafka import OFFSET_END, KafkaError, Message
 
 from schemas.codec import Codec, CodecError
 from streams.kafka.reader import TopicReader
@@ -95,10 +95,12 @@ def _settle_all(acked: list[tuple[asyncio.Future[None], KafkaError | None]]) -> 
 class StatusFollower:
     """Reads task-status and task-results from their start and keeps following; calls
     ``deliver(batch)`` on ``loop`` for each decoded batch. ``caught_up`` is set once both
-    topics were read to the end they had at start."""
+    topics were read to the end they had at start. ``scores``: load-scores too, from their
+    end (only new forecasts matter, and that topic is large)."""
 
     def __init__(self, rt: KafkaRuntime, codec: Codec, loop: asyncio.AbstractEventLoop,
-                 deliver: Callable[[Batch], None], skip_writer: bytes | None = None) -> None:
+                 deliver: Callable[[Batch], None], skip_writer: bytes | None = None,
+                 scores: bool = False) -> None:
         self.codec = codec
         self.skip = (WRITER_HEADER, skip_writer) if skip_writer else None
         self.loop = loop
@@ -106,10 +108,12 @@ class StatusFollower:
         # a short fetch wait: brokers that answer only at the max wait (Tansu) would add
         # it to every status change the API sees
         short_wait: dict[str, Any] = {"fetch.wait.max.ms": 10}
+        topics = [("task-status", "TaskStatus", 0), ("task-results", "TaskResult", 0)]
+        if scores:  # forecasts of task arrivals (streams.tasks.demand)
+            topics.append(("load-scores", "LoadScore", OFFSET_END))
         self.readers = [
-            (rt.reader(rt.topic(topic), follow=True, **short_wait), schema)
-            for topic, schema in (("task-status", "TaskStatus"), ("task-results", "TaskResult"))
-        ]
+            (rt.reader(rt.topic(topic), start=start, follow=True, **short_wait), schema)
+            for topic, schema, start in topics]
         self.caught_up = threading.Event()
         self.bad = 0
         self._stop = threading.Event()

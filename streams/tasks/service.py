@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import Counter as Tally
 from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,9 @@ from prometheus_client import Counter
 from processors.tasking import TaskView, idempotent_match, next_attempt, request_hash
 from schemas.codec import Codec
 from streams.kafka.runtime import KafkaRuntime
+from streams.sdk import TelemetryProducer
 from streams.tasks.book import TaskBook
+from streams.tasks.demand import DemandTelemetry
 from streams.tasks.log import Batch, StatusFollower, TaskWriter, now_ms
 from streams.tasks.settings import TaskSettings
 
@@ -70,6 +73,9 @@ class TaskService:
         self._retrying: dict[str, int] = {}  # task -> attempt whose retry was written
         self.live = False  # caught up with task-status: re-asserting is safe from now on
         self._keeper: asyncio.Task[None] | None = None
+        self.demand = DemandTelemetry(settings.telemetry_region)
+        self._telemetry: TelemetryProducer | None = None
+        self._publisher: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ life cycle
 
@@ -78,8 +84,9 @@ class TaskService:
         leases."""
         loop = asyncio.get_running_loop()
         self.writer = TaskWriter(self.rt, self.codec, self.client_id)
+        publish = self.settings.telemetry_interval_seconds > 0
         self.follower = StatusFollower(self.rt, self.codec, loop, self._deliver,
-                                       skip_writer=self.writer.nonce)
+                                       skip_writer=self.writer.nonce, scores=publish)
         self.follower.start()
         deadline = time.monotonic() + catch_up_timeout
         while not self.follower.caught_up.is_set():
@@ -88,12 +95,19 @@ class TaskService:
             await asyncio.sleep(0.02)
         self.live = True
         self._keeper = asyncio.create_task(self._keep_leases())
+        if publish:
+            self._telemetry = TelemetryProducer(self.rt.settings, client_id=self.client_id,
+                                                codec=self.codec)
+            self._publisher = asyncio.create_task(self._publish_demand())
 
     async def stop(self) -> None:
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+        for task in (self._keeper, self._publisher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._telemetry is not None:
+            await asyncio.to_thread(self._telemetry.flush, 10.0)
         if self.follower is not None:
             await asyncio.to_thread(self.follower.close)
         if self.writer is not None:
@@ -104,6 +118,9 @@ class TaskService:
         for schema, record in batch:
             if schema == "TaskResult":
                 self.book.apply_result(record)
+                continue
+            if schema == "LoadScore":
+                self.demand.score(record)
                 continue
             r = self.book.apply_status(record, now)
             if r.accepted and r.state.finished:
@@ -147,6 +164,7 @@ class TaskService:
         assert self.writer is not None
         await asyncio.gather(self.writer.send("TaskStatus", queued, own=True),
                              self.writer.send("Task", task))
+        self.demand.arrived(task["task_type"])
         if not self.book.tasks[task["task_id"]].finished:
             self.records[task["task_id"]] = task
         SUBMITTED.labels(task["task_type"]).inc()
@@ -168,6 +186,19 @@ class TaskService:
         while not self.book.tasks[task_id].finished and time.monotonic() < deadline:
             await asyncio.sleep(0.005)
         return self.book.tasks[task_id]
+
+    # ------------------------------------------------------------------ demand
+
+    async def _publish_demand(self) -> None:
+        assert self._telemetry is not None
+        while True:
+            await asyncio.sleep(self.settings.telemetry_interval_seconds)
+            book = self.book
+            running = Tally(book.tasks[t].task_type for t in book.heartbeats)
+            service = {t: st.service_s for t, st in book.stats.items()}
+            for window in self.demand.windows(self.settings.task_types, service, running,
+                                              now_ms()):
+                self._telemetry.send(window)
 
     # ------------------------------------------------------------------ leases
 

@@ -29,6 +29,11 @@ class TaskSettings(BaseModel):
     port: int = Field(8480, ge=0, le=65535, description="port of `loadcast tasks` (0 = free)")
     forecast_window_seconds: float = Field(
         60.0, gt=0, le=86400, description="arrival rates and throughput are measured over this")
+    telemetry_interval_seconds: float = Field(
+        5.0, ge=0, le=3600,
+        description="publish task arrivals per type as telemetry this often (0 = off)")
+    telemetry_region: str = Field("central", min_length=1,
+                                  description="region of the task telemetry windows")
     target_utilization: float = Field(0.8, gt=0, le=1,
                                       description="forecast: how busy a worker may be")
 
