@@ -101,3 +101,16 @@ def test_book_queue_positions_follow_enqueue_order() -> None:
     order = [book.estimate(book.tasks[t], 5.0, 0) for t in ("b", "c", "a")]
     assert [e.queue_position for e in order if e is not None] == [0, 1, 2]
     assert book.arrival_rate("echo", 5.0) == 3 / 60
+
+
+def test_reasserted_running_is_no_heartbeat_and_forget() -> None:
+    book = TaskBook()
+    book.apply_status(status("t", "QUEUED", 1, idempotency_key="k", request_hash="h"), 0.0)
+    book.apply_status(status("t", "RUNNING", 1, worker="w1", source="w1"), 1.0)
+    book.apply_status(status("t", "RUNNING", 1, worker="w1", source="api"), 9.0)
+    assert [t.task_id for t in book.expired(9.5, lease_s=2.0)] == ["t"]
+    book.apply_status(status("t", "RUNNING", 1, worker="w1", source="w1"), 9.6)
+    assert book.expired(9.7, lease_s=2.0) == []
+    book.forget("t")
+    assert "t" not in book.tasks and book.idempotency("k") is None
+    assert book.expired(100.0, 2.0) == []

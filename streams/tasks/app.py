@@ -121,9 +121,9 @@ async def submit(request: web.Request) -> web.Response:
         done = await service.submit(fields, key)
     except IdempotencyConflict as e:
         return _error(409, str(e))
-    except BufferError:
-        return web.json_response({"error": "the task queue's producer is full; retry later"},
-                                 status=503, headers={"Retry-After": "1"})
+    except (BufferError, RuntimeError) as e:  # producer full, or Kafka refused the record
+        return web.json_response({"error": f"task not queued: {e or 'producer full'}; "
+                                  "retry later"}, status=503, headers={"Retry-After": "1"})
     answer = task_json(done.view, service) | {
         "description": req.description,
         "requirements": json.loads(fields["requirements_json"]),

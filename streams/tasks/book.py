@@ -79,7 +79,10 @@ class TaskBook:
             queue.pop(tid, None)
             self.enqueued.pop(tid, None)
         if after.state == "RUNNING":
-            self.heartbeats[tid] = now
+            # A running state the API wrote again (after a stale record) is no heartbeat:
+            # only the worker renews its lease.
+            if record.get("source") != "api" or tid not in self.heartbeats:
+                self.heartbeats[tid] = now
         else:
             self.heartbeats.pop(tid, None)
         if after.finished:
@@ -116,6 +119,17 @@ class TaskBook:
         self.results[task.task_id] = record
         self.recorded[task.task_id] += 1
         return True
+
+    def forget(self, task_id: str) -> None:
+        """Drop a task this process applied but could not write (Kafka refused it)."""
+        task = self.tasks.pop(task_id, None)
+        if task is None:
+            return
+        if task.idempotency_key and self.keys.get(task.idempotency_key, ("",))[0] == task_id:
+            del self.keys[task.idempotency_key]
+        self.queued[task.task_type].pop(task_id, None)
+        self.enqueued.pop(task_id, None)
+        self.heartbeats.pop(task_id, None)
 
     # ------------------------------------------------------------------ questions
 

@@ -162,8 +162,15 @@ class TaskService:
         # This process skips it when it reads it back.
         self.book.apply_status(queued, time.monotonic())
         assert self.writer is not None
-        await asyncio.gather(self.writer.send("TaskStatus", queued, own=True),
-                             self.writer.send("Task", task))
+        try:
+            await asyncio.gather(self.writer.send("TaskStatus", queued, own=True),
+                                 self.writer.send("Task", task))
+        except (BufferError, RuntimeError):
+            # Not in Kafka (or not known to be): not accepted (503), and forgotten here. A
+            # status that got there without its task stays queued for other replicas and
+            # after a restart, where a cancel ends it.
+            self.book.forget(task["task_id"])
+            raise
         self.demand.arrived(task["task_type"])
         if not self.book.tasks[task["task_id"]].finished:
             self.records[task["task_id"]] = task
