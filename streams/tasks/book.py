@@ -153,6 +153,8 @@ class TaskBook:
     def _position(self, queue: dict[str, None], task_id: str) -> int:
         """Tasks ahead of ``task_id``: exact within the first MAX_SCAN of the queue, beyond
         that from enqueue numbers (an upper bound: tasks that left out of order count)."""
+        if task_id not in queue:
+            return 0
         if next(reversed(queue)) == task_id:  # just submitted: the common question
             return len(queue) - 1
         for position, tid in enumerate(islice(queue, MAX_SCAN)):

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Batch = list[tuple[str, dict[str, Any]]]  # (schema name, record)
 WRITER_HEADER = "loadcast.writer"
+HAND_OVER_S = 0.003  # acks gathered this long before the loop is woken for them
 
 
 class TaskWriter:
@@ -53,9 +54,14 @@ class TaskWriter:
         self._poller.start()
 
     def _poll(self) -> None:
+        handed = 0.0
         while not self._stop.is_set():
-            self._producer.poll(0.05)
-            if self._acked and self._loop is not None:
+            # Acks arrive in many small batches (one per partition and produce request);
+            # each hand-over wakes the loop, so they are gathered for HAND_OVER_S first.
+            self._producer.poll(0.001 if self._acked else 0.05)
+            now = time.monotonic()
+            if self._acked and self._loop is not None and now - handed >= HAND_OVER_S:
+                handed = now
                 acked, self._acked = self._acked, []
                 self._loop.call_soon_threadsafe(_settle_all, acked)
 
