@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -50,6 +49,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from benchmarks.support.processes import REPO, kafka_env, stop_process
 from benchmarks.support.tasks import (
+    start_server,
     start_swarm_worker,
     stop_workers,
     submit_many,
@@ -137,23 +137,6 @@ def serve_baseline(port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/tasks", submit)
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
-
-
-def start_server(args: list[str], env: dict[str, str], port: int,
-                 timeout: float = 90.0) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{args} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), 0.5):
-                return proc
-        except OSError:
-            time.sleep(0.1)
-    stop_process(proc)
-    raise RuntimeError(f"{args} did not listen on {port} in {timeout:g}s")
 
 
 # --------------------------------------------------------------------------- parts

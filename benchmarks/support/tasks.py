@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -37,6 +38,24 @@ def start_swarm_worker(kafka: KafkaSettings, worker_id: str, log: Path, *,
     with log.open("ab") as f:
         return subprocess.Popen(args, env=kafka_env(kafka), stdout=f, stderr=subprocess.STDOUT,
                                 cwd=REPO, start_new_session=True)
+
+
+def start_server(args: list[str], env: dict[str, str], port: int,
+                 timeout: float = 90.0) -> subprocess.Popen[bytes]:
+    """A server process (output discarded); returned once it accepts connections."""
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{args} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), 0.5):
+                return proc
+        except OSError:
+            time.sleep(0.1)
+    stop_process(proc)
+    raise RuntimeError(f"{args} did not listen on {port} in {timeout:g}s")
 
 
 def wait_ready(procs: Sequence[subprocess.Popen[bytes]], log: Path, timeout: float) -> None:
@@ -125,5 +144,5 @@ async def json_of(http: aiohttp.ClientSession, method: str, url: str,
         return r.status, await r.json(content_type=None)
 
 
-__all__ = ["json_of", "start_swarm_worker", "stop_workers", "submit_many", "task_api",
-           "wait_finished", "wait_ready"]
+__all__ = ["json_of", "start_server", "start_swarm_worker", "stop_workers", "submit_many",
+           "task_api", "wait_finished", "wait_ready"]
