@@ -219,7 +219,8 @@ def mirror_rows(mirrors: Iterable[Mapping[str, Any]],
 
 def _activity(state: str) -> str:
     """The executor's state as the operator reads it."""
-    return {"ACCEPTED": "activating", "STARTING": "activating", "READY": "ready",
+    return {"COMMANDED": "commanded", "RETIRE_COMMANDED": "retiring (commanded)",
+            "ACCEPTED": "activating", "STARTING": "activating", "READY": "ready",
             "DRAINING": "retiring", "RETIRED": "retired", "REJECTED": "rejected",
             "FAILED": "failed"}.get(state, state.lower())
 

@@ -67,6 +67,7 @@ class ApiService:
             "load-scores": FeedTopic(frozenset({"LoadScore"}), s.score_lookback_s),
             "anomalies": FeedTopic(frozenset({"Anomaly"}), s.score_lookback_s),
             "mirror-status": FeedTopic(frozenset({"MirrorStatus"}), s.mirror_lookback_s),
+            "mirror-commands": FeedTopic(frozenset({"MirrorCommand"}), s.mirror_lookback_s),
             "global-model": FeedTopic(frozenset({"GlobalModel"}), None),  # compacted
         }
 
