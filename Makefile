@@ -20,11 +20,14 @@ lint: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
-# Debian packages the tests use: haproxy (sidecar data plane), wrk (proxy benchmark).
+# Debian packages the tests use: haproxy (sidecar data plane), wrk (proxy benchmark),
+# chromium and chromium-driver (the control room's browser test, headless).
 system-deps:
-	@command -v haproxy >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 || { \
+	@command -v haproxy >/dev/null 2>&1 && command -v wrk >/dev/null 2>&1 \
+	  && command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq haproxy wrk; }
+	  $$SUDO apt-get update -qq \
+	  && $$SUDO apt-get install -y -qq haproxy wrk chromium chromium-driver; }
 
 test: $(STAMP) system-deps lint
 	$(BIN)/python -m pytest

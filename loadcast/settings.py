@@ -10,7 +10,8 @@ The sections are defined next to the part they configure: ``kafka``
 (:mod:`streams.kafka.settings`), ``agent`` (here), ``processor``
 (:mod:`processors.apps.settings`), ``sidecar`` (:mod:`streams.sidecar.config`), ``sink``
 (:mod:`sinks.settings`), ``federated`` (:mod:`processors.apps.federated_settings`),
-``mirror`` (:mod:`processors.apps.mirror_settings`).
+``mirror`` (:mod:`processors.apps.mirror_settings`), ``tasks``
+(:mod:`streams.tasks.settings`), ``swarm`` (:mod:`streams.swarm.settings`).
 
 Example file::
 
@@ -47,6 +48,8 @@ from sinks.settings import SinkSettings
 from streams.api.config import ApiSettings
 from streams.kafka.settings import KafkaSettings
 from streams.sidecar.config import SidecarSettings
+from streams.swarm.settings import SwarmSettings
+from streams.tasks.settings import TaskSettings
 
 
 class AgentSettings(BaseModel):
@@ -95,6 +98,8 @@ class Settings(BaseSettings):
     federated: FederatedSettings = Field(default_factory=FederatedSettings)
     mirror: MirrorSettings = Field(default_factory=MirrorSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    tasks: TaskSettings = Field(default_factory=TaskSettings)
+    swarm: SwarmSettings = Field(default_factory=SwarmSettings)
 
     @classmethod
     def settings_customise_sources(

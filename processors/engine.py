@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Protocol
 
 from processors.endpoint import EndpointModel, Observation, ProcessorConfig
 from schemas.codec import Codec, CodecError, Record
-from schemas.validation import Limits, reference_ms, telemetry_problem
+from schemas.validation import Limits, reencode, reference_ms, window_problem
 
 log = logging.getLogger(__name__)
 
@@ -122,24 +122,6 @@ class _SnapshotUnpickler(pickle.Unpickler):
 def load_snapshot(state: bytes) -> Any:
     """The object pickled in a snapshot's ``state`` (an :class:`EndpointModel`)."""
     return _SnapshotUnpickler(io.BytesIO(state)).load()
-
-
-def window_problem(codec: Codec, window: Record, ref_ms: int,
-                   limits: Limits) -> tuple[str, str] | None:
-    """(reason, detail) of a telemetry window to dead-letter, or None: the one validation
-    (schemas.validation) the sink applies too."""
-    try:
-        codec.check("EndpointTelemetry", window)
-    except CodecError as e:
-        return "out_of_range", e.detail
-    return telemetry_problem(window, ref_ms, limits)
-
-
-def reencode(codec: Codec, window: Record) -> bytes:
-    """One window of a batch on its own (the batch's own bytes would carry the good
-    windows too: dead-letter just this one)."""
-    lax = Codec(codec.ids, validate_on_encode=False)
-    return lax.encode("EndpointTelemetry", window)
 
 
 Slot = tuple[int, str]  # (partition, endpoint_id)

@@ -34,13 +34,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.codec import Codec, CodecError, Record
+
 __all__ = [
     "DEFAULT_LIMITS",
     "Limits",
+    "reencode",
     "reference_ms",
     "score_problem",
     "telemetry_problem",
     "telemetry_sql",
+    "window_problem",
 ]
 
 
@@ -122,3 +126,22 @@ def telemetry_sql(prefix: str, ref_ms_sql: str, limits: Limits = DEFAULT_LIMITS)
     s, e = f"{prefix}window_start", f"{prefix}window_end"
     return (f"({s} >= {MIN_MS} AND {e} > {s} AND {e} - {s} <= {limits.max_window_ms} "
             f"AND {e} <= {ref_ms_sql} + {limits.skew_ms})")
+
+
+def window_problem(codec: Codec, window: Record, ref_ms: int,
+                   limits: Limits) -> tuple[str, str] | None:
+    """(reason, detail) of a telemetry window to dead-letter, or None: its ranges (the
+    schema's ``loadcast.min``/``max``) and :func:`telemetry_problem`; the worker and the
+    sink judge every window of a batch by this."""
+    try:
+        codec.check("EndpointTelemetry", window)
+    except CodecError as e:
+        return "out_of_range", e.detail
+    return telemetry_problem(window, ref_ms, limits)
+
+
+def reencode(codec: Codec, window: Record) -> bytes:
+    """One window of a batch on its own (the batch's own bytes would carry the good
+    windows too: dead-letter just this one)."""
+    lax = Codec(codec.ids, validate_on_encode=False)
+    return lax.encode("EndpointTelemetry", window)

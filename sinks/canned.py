@@ -42,6 +42,10 @@ Every query takes the same bound parameters (never pasted into SQL): ``since_ms`
   ``demand_rps`` and ``capacity_rps`` are the values at the crossing.
 - ``anomalies``: anomalies in the range, newest first.
 - ``dead-letter``: dead letters per source topic and reason, with the latest detail.
+- ``tasks``: per task type (task API): tasks, succeeded, failed, cancelled, unfinished,
+  retried tasks and retries, succeeded per second, wait (submit -> start of the attempt
+  that counts) and run time p50/p95. A task's outcome is the terminal status of its highest
+  attempt, first in log order, as the API decides it; statuses in the range only.
 """
 
 from __future__ import annotations
@@ -301,6 +305,39 @@ GROUP BY source_topic, reason
 ORDER BY records DESC, source_topic, reason
 """
 
+# One row per task: its type, attempts, and the state that counts (the terminal status of
+# its highest attempt, first in log order: the rule of processors.tasking.fold, which a
+# stale result of an older attempt does not change).
+TASKS = f"""
+WITH per_task AS (
+  SELECT task_id, any(task_type) AS task_type, max(attempt) AS attempts,
+    min(submitted_at) AS submitted,
+    argMinIf(tuple(state, started_at, at), tuple(-toInt64(attempt), _offset),
+             state IN ('SUCCEEDED', 'FAILED', 'CANCELLED')) AS final
+  FROM task_status FINAL
+  WHERE at >= {_T0} AND at < {_T1}
+  GROUP BY task_id
+)
+SELECT task_type, count() AS tasks,
+  countIf(final.1 = 'SUCCEEDED') AS succeeded, countIf(final.1 = 'FAILED') AS failed,
+  countIf(final.1 = 'CANCELLED') AS cancelled, countIf(final.1 = '') AS unfinished,
+  countIf(attempts > 1) AS retried, sum(attempts - 1) AS retries,
+  round(countIf(final.1 = 'SUCCEEDED') / greatest(1, dateDiff('millisecond',
+    minIf(final.3, final.1 = 'SUCCEEDED'), maxIf(final.3, final.1 = 'SUCCEEDED')) / 1000), 3)
+    AS succeeded_per_s,
+  round(quantileIf(0.5)(dateDiff('millisecond', submitted, final.2) / 1000,
+    final.1 = 'SUCCEEDED'), 3) AS wait_p50_s,
+  round(quantileIf(0.95)(dateDiff('millisecond', submitted, final.2) / 1000,
+    final.1 = 'SUCCEEDED'), 3) AS wait_p95_s,
+  round(quantileIf(0.5)(dateDiff('millisecond', final.2, final.3) / 1000,
+    final.1 = 'SUCCEEDED'), 3) AS run_p50_s,
+  round(quantileIf(0.95)(dateDiff('millisecond', final.2, final.3) / 1000,
+    final.1 = 'SUCCEEDED'), 3) AS run_p95_s
+FROM per_task
+GROUP BY task_type
+ORDER BY task_type
+"""
+
 CANNED: dict[str, CannedQuery] = {
     q.name: q
     for q in (
@@ -327,6 +364,8 @@ CANNED: dict[str, CannedQuery] = {
         CannedQuery("anomalies", "anomalies, newest first", ANOMALIES,
                     {"limit": ("UInt32", 1000)}),
         CannedQuery("dead-letter", "dead letters per source topic and reason", DEAD_LETTER),
+        CannedQuery("tasks", "task API per type: outcomes, retries, throughput, wait and run "
+                    "time percentiles", TASKS),
     )
 }
 
@@ -338,4 +377,5 @@ SOURCES: dict[str, tuple[str, str]] = {
     "mirror-lead-time": ("mirror_status", "at"),
     "anomalies": ("anomalies", "window_start"),
     "dead-letter": ("dead_letter", "at"),
+    "tasks": ("task_status", "at"),
 }

@@ -30,6 +30,9 @@ TOPIC_SCHEMAS: dict[str, tuple[str, ...]] = {
     "model-updates": ("loadcast.ModelUpdate",),
     "global-model": ("loadcast.GlobalModel",),
     "anomalies": ("loadcast.Anomaly",),
+    "tasks": ("loadcast.Task",),
+    "task-status": ("loadcast.TaskStatus",),
+    "task-results": ("loadcast.TaskResult",),
 }
 
 _U16 = (1 << 16) - 1
@@ -174,6 +177,34 @@ def _anomaly(r: Mapping[str, Any]) -> list[Row]:
     )]
 
 
+def _task(r: Mapping[str, Any]) -> list[Row]:
+    return [(
+        r["task_id"], r["task_type"], _uint(r["attempt"], _U32, "attempt"),
+        _uint(r["max_attempts"], _U32, "max_attempts"), _uint(r["lease_ms"], _U64, "lease_ms"),
+        _ms(r["submitted_at"], "submitted_at"), _ms(r["enqueued_at"], "enqueued_at"),
+        r["description"], r.get("requirements", "{}"),
+    )]
+
+
+def _task_status(r: Mapping[str, Any]) -> list[Row]:
+    started = r.get("started_at")
+    return [(
+        r["task_id"], r["task_type"], r["state"], _uint(r["attempt"], _U32, "attempt"),
+        _uint(r["max_attempts"], _U32, "max_attempts"), _ms(r["at"], "at"),
+        _ms(r["submitted_at"], "submitted_at"),
+        None if started is None else _ms(started, "started_at"), r.get("worker"),
+        r.get("reason", ""), r.get("source", ""),
+    )]
+
+
+def _task_result(r: Mapping[str, Any]) -> list[Row]:
+    return [(
+        r["task_id"], r["task_type"], _uint(r["attempt"], _U32, "attempt"), r["worker"],
+        _ms(r["at"], "at"), _ms(r["started_at"], "started_at"), r.get("output", ""),
+        r.get("output_ref"), _uint(r.get("output_bytes", 0), _U64, "output_bytes"),
+    )]
+
+
 CONVERTERS: dict[str, Callable[[Mapping[str, Any]], list[Row]]] = {
     "telemetry": _telemetry,
     "load-scores": _load_score,
@@ -183,6 +214,9 @@ CONVERTERS: dict[str, Callable[[Mapping[str, Any]], list[Row]]] = {
     "model-updates": _model_update,
     "global-model": _global_model,
     "anomalies": _anomaly,
+    "tasks": _task,
+    "task-status": _task_status,
+    "task-results": _task_result,
 }
 
 

@@ -161,6 +161,36 @@ TABLES: tuple[TableSpec, ...] = (
         ),
         "window_start", ("endpoint_id", "window_start"),
     ),
+    # The task API (streams.tasks) and its swarm: every attempt, every status change, every
+    # result (a task's visible state is the fold of its statuses: processors.tasking).
+    TableSpec(
+        "tasks", "tasks",
+        (
+            ("task_id", "String"), ("task_type", LC), ("attempt", "UInt32"),
+            ("max_attempts", "UInt32"), ("lease_ms", "UInt64"), ("submitted_at", DT),
+            ("enqueued_at", DT), ("description", "String"), ("requirements", "String"),
+        ),
+        "enqueued_at", ("task_type", "enqueued_at"),
+    ),
+    TableSpec(
+        "task_status", "task-status",
+        (
+            ("task_id", "String"), ("task_type", LC), ("state", LC), ("attempt", "UInt32"),
+            ("max_attempts", "UInt32"), ("at", DT), ("submitted_at", DT),
+            ("started_at", f"Nullable({DT})"), ("worker", "LowCardinality(Nullable(String))"),
+            ("reason", "String"), ("source", LC),
+        ),
+        "at", ("task_type", "at"),
+    ),
+    TableSpec(
+        "task_results", "task-results",
+        (
+            ("task_id", "String"), ("task_type", LC), ("attempt", "UInt32"), ("worker", LC),
+            ("at", DT), ("started_at", DT), ("output", "String"),
+            ("output_ref", "Nullable(String)"), ("output_bytes", "UInt64"),
+        ),
+        "at", ("task_type", "at"),
+    ),
     TableSpec(
         "dead_letter", "dead-letter",
         (
@@ -302,6 +332,9 @@ class Migration:
             return _rollup_statements(ttl_days)
         if self.version == 3:
             return _forecast_error_statements(ttl_days)
+        if self.version == 4:  # tables added after version 1 (IF NOT EXISTS: no-op if new)
+            return [create_table_sql(TABLE_BY_NAME[n], ttl_days)
+                    for n in ("tasks", "task_status", "task_results")]
         raise ValueError(f"no migration {self.version}")
 
 
@@ -309,6 +342,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "one table per topic"),
     Migration(2, "per-minute telemetry rollup, forecast points"),
     Migration(3, "forecast error rollup (refreshed)"),
+    Migration(4, "task API tables: tasks, task_status, task_results"),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

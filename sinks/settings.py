@@ -38,6 +38,7 @@ class SinkSettings(BaseModel):
         default_factory=lambda: [
             "telemetry", "load-scores", "mirror-commands", "mirror-status",
             "routing-decisions", "model-updates", "global-model", "anomalies", "dead-letter",
+            "tasks", "task-status", "task-results",
         ],
         min_length=1,
         description="short topic names the sink consumes",
@@ -82,7 +83,8 @@ class SinkSettings(BaseModel):
         # and a settings model should not need Kafka client imports).
         known = {
             "telemetry", "load-scores", "mirror-commands", "mirror-status", "routing-decisions",
-            "model-updates", "global-model", "anomalies", "dead-letter",
+            "model-updates", "global-model", "anomalies", "dead-letter", "tasks", "task-status",
+            "task-results",
         }
         bad = [t for t in v if t not in known]
         if bad:

@@ -23,14 +23,28 @@ from typing import TYPE_CHECKING
 from confluent_kafka import Message
 
 from schemas.codec import Codec, CodecError, Record
-from schemas.validation import Limits, reference_ms, score_problem, telemetry_problem
+from schemas.validation import (
+    Limits,
+    reencode,
+    reference_ms,
+    score_problem,
+    telemetry_problem,
+    window_problem,
+)
 from sinks import metrics
 from sinks.avro_ingest import FastPath, IngestTable
-from sinks.convert import TOPIC_SCHEMAS, ConversionError, Row, dead_letter_row, rows_for
+from sinks.convert import (
+    TOPIC_SCHEMAS,
+    ConversionError,
+    Row,
+    dead_letter_row,
+    rows_for,
+    telemetry_row,
+)
 from sinks.db import ClickHouseUnavailable, close_quietly
 from sinks.ddl import TABLE_BY_NAME, TABLE_BY_TOPIC, migrate
 from sinks.settings import SinkSettings
-from streams.kafka.deadletter import DeadLetter, DeadLetterWriter
+from streams.kafka.deadletter import DeadLetter, DeadLetterWriter, LogThrottle
 
 if TYPE_CHECKING:
     from clickhouse_connect.driver.client import Client
@@ -79,6 +93,7 @@ class ClickHouseWriter:
         self.topics = topics  # full name -> catalog name
         self.dead_letters = dead_letters
         self.dead_letter_topic = dead_letters.topic
+        self._log = LogThrottle()
         self._sinks_dead_letter = "dead-letter" in settings.topics
         self._client_factory = client_factory
         self.fast = FastPath(codec, limits) if settings.decode_in_clickhouse else None
@@ -127,6 +142,9 @@ class ClickHouseWriter:
             if name not in TOPIC_SCHEMAS[short]:
                 expected = " or ".join(TOPIC_SCHEMAS[short])
                 raise CodecError("wrong_schema", f"{name} on {short}, expected {expected}")
+            if name == "loadcast.TelemetryBatch":
+                self._batch_windows(msg, self.codec.decode(value, validate=False))
+                return
             record = self.codec.decode(value)
             problem = self._problem(msg, short, record)
             if problem is not None:
@@ -143,25 +161,35 @@ class ClickHouseWriter:
         for i, r in enumerate(rows):
             table.append((topic, partition, offset, i, *r))
 
+    def _batch_windows(self, msg: Message, record: Record) -> None:
+        """Good windows stored, each bad one dead-lettered alone (as the worker does)."""
+        topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
+        good, bad = split_batch(self.codec, record["windows"], reference_ms(timestamp(msg)),
+                                self.limits)
+        self.batch.rows.setdefault(TABLE_BY_TOPIC["telemetry"].name, []).extend(
+            (topic, partition, offset, i, *row) for i, row in good)
+        for i, w, (reason, detail) in bad:
+            value = msg.value() if len(record["windows"]) == 1 else reencode(self.codec, w)
+            self._dead_letter(msg, reason, f"window {i}: {reason}: {detail}", index=i,
+                              key=str(w.get("endpoint_id", "")).encode(), value=value)
+
     def _problem(self, msg: Message, short: str, record: Record) -> tuple[str, str] | None:
-        """schemas.validation's verdict (the worker's too) on a decoded value."""
+        """schemas.validation's verdict (the worker's too) on a decoded value (a single
+        window: batches go through :meth:`_batch_windows`)."""
         if short == "telemetry":
-            ref = reference_ms(timestamp(msg))
-            windows = record.get("windows", [record])
-            for i, w in enumerate(windows):
-                problem = telemetry_problem(w, ref, self.limits)
-                if problem is not None:
-                    where = f"window {i}: " if "windows" in record else ""
-                    return problem[0], where + problem[1]
-        elif short == "load-scores":
+            return telemetry_problem(record, reference_ms(timestamp(msg)), self.limits)
+        if short == "load-scores":
             return score_problem(record, reference_ms(timestamp(msg)), self.limits)
         return None
 
-    def _dead_letter(self, msg: Message, reason: str, detail: str) -> None:
+    def _dead_letter(self, msg: Message, reason: str, detail: str, *, key: bytes | None = None,
+                     value: bytes | None = None, index: int = 0) -> None:
+        """Dead-letter ``msg`` (or one window of a batch: its ``key``, ``value``, ``index``)."""
         topic, partition, offset = msg.topic(), msg.partition(), msg.offset()
-        d = self.dead_letters.letter(msg.key(), msg.value(), reason=reason, detail=detail,
-                                     source_topic=str(topic), partition=partition,
-                                     offset=offset)
+        d = self.dead_letters.letter(
+            msg.key() if key is None else key, msg.value() if value is None else value,
+            reason=reason, detail=detail, source_topic=str(topic), partition=partition,
+            offset=offset)
         self.batch.dead.append(d)
         if not self._sinks_dead_letter:
             row = dead_letter_row(
@@ -169,10 +197,13 @@ class ClickHouseWriter:
                 list(d.headers),
             )
             self.batch.rows.setdefault("dead_letter", []).append(
-                (str(topic), partition, offset, 0, *row)
+                (str(topic), partition, offset, index, *row)
             )
         metrics.SINK_DEAD.labels(reason).inc()
-        log.warning("dead-lettered %s[%s]@%s: %s", topic, partition, offset, detail)
+        n = self._log.due()
+        if n:
+            log.warning("dead-lettered %s[%s]@%s: %s (%d since the last line)", topic,
+                        partition, offset, detail[:300], n)
 
     # ------------------------------------------------------------------ ClickHouse
 
@@ -331,6 +362,24 @@ def _count_expired(b: Batch, days: int, fast: FastPath | None,
         sum(n for n, _ in found.values()), days, detail,
     )
     return {table: n for table, (n, _) in found.items()}
+
+
+def split_batch(codec: Codec, windows: list[Record], ref_ms: int, limits: Limits
+                ) -> tuple[list[tuple[int, Row]], list[tuple[int, Record, tuple[str, str]]]]:
+    """A batch's windows as (index, telemetry row) for the good ones and (index, window,
+    (reason, detail)) for the bad ones, judged by ``schemas.validation.window_problem``."""
+    good: list[tuple[int, Row]] = []
+    bad: list[tuple[int, Record, tuple[str, str]]] = []
+    for i, w in enumerate(windows):
+        problem = window_problem(codec, w, ref_ms, limits)
+        if problem is None:
+            try:
+                good.append((i, telemetry_row(w)))
+                continue
+            except (ConversionError, KeyError, TypeError, ValueError) as e:
+                problem = ("unconvertible", f"{type(e).__name__}: {e}")
+        bad.append((i, w, problem))
+    return good, bad
 
 
 def timestamp(msg: Message) -> int | None:

@@ -32,6 +32,7 @@ from confluent_kafka import (
 
 from schemas.codec import Codec, CodecError
 from schemas.validation import DEFAULT_LIMITS, Limits, reference_ms, score_problem
+from streams.kafka.deadletter import LogThrottle
 from streams.kafka.producer import RecordProducer
 from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
@@ -90,6 +91,7 @@ class RecordFeed:
         self.kinds = {self.runtime.topic(short): kind for short, kind in topics.items()}
         self.topics = list(self.kinds)
         self.max_batch = max_batch
+        self._log = LogThrottle()
         self.skipped = 0
         self.received = 0
         self.crashes = 0  # times the thread died and was restarted
@@ -106,33 +108,48 @@ class RecordFeed:
         }
         self._consumer = self.runtime.consumer(None, **conf)
 
-    def _start_at(self, topic: str, now: float) -> int:
-        lookback = self.kinds[topic].lookback_s
-        return OFFSET_BEGINNING if lookback is None else int((now - lookback) * 1000)
-
     def _assign(self) -> None:
         md = self._consumer.list_topics(timeout=10)
-        now = time.time()
-        parts = [
-            TopicPartition(t, p, self._start_at(t, now))
-            for t in self.topics
-            if t in md.topics
-            for p in md.topics[t].partitions
-        ]
         missing = [t for t in self.topics if t not in md.topics]
         if missing:
             log.warning("topics missing, not consuming them: %s", ", ".join(missing))
+        now = time.time()
+        start: list[TopicPartition] = []
+        timed: list[TopicPartition] = []
+        ends: dict[tuple[str, int], int] = {}
+        for t in self.topics:
+            if t not in md.topics:
+                continue
+            lookback = self.kinds[t].lookback_s
+            for p in md.topics[t].partitions:
+                if lookback is None:
+                    start.append(TopicPartition(t, p, OFFSET_BEGINNING))
+                    continue
+                # The end as of now, asked before the time lookup: a record produced
+                # after this is read. (The logical OFFSET_END would be resolved later,
+                # in the background, and could skip a record produced meanwhile.)
+                ends[(t, p)] = self._end_of(t, p)
+                timed.append(TopicPartition(t, p, int((now - lookback) * 1000)))
         try:
-            located = self._consumer.offsets_for_times(parts, timeout=10)
-            # -1: no record that recent in this partition; start at its end then.
+            located = self._consumer.offsets_for_times(timed, timeout=10) if timed else []
             for tp in located:
-                if tp.offset < 0:
-                    tp.offset = OFFSET_END
+                if tp.offset < 0:  # no record that recent: start at the end
+                    tp.offset = ends[(tp.topic, tp.partition)]
         except KafkaException as e:  # brokers without timestamp lookups: read everything
-            log.warning("offsets_for_times failed (%s): reading scores from the start", e)
-            located = [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in parts]
-        self._consumer.assign(located)
+            log.warning("offsets_for_times failed (%s): reading %s from the start", e,
+                        self.client_id)
+            located = [TopicPartition(tp.topic, tp.partition, OFFSET_BEGINNING) for tp in timed]
+        self._consumer.assign(start + located)
         self.assigned.set()
+
+    def _end_of(self, topic: str, partition: int) -> int:
+        try:
+            _, high = self._consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=10, cached=False)
+        except KafkaException as e:
+            log.warning("end of %s[%d] unknown (%s): reading from the end", topic, partition, e)
+            return OFFSET_END
+        return int(high)
 
     def start(self) -> None:
         self._assign()
@@ -193,7 +210,10 @@ class RecordFeed:
               reason: str, detail: str) -> None:
         self.skipped += 1
         self.on_skipped(reason)
-        log.warning("skipping record on %s: %s: %s", topic, reason, detail[:300])
+        n = self._log.due()
+        if n:
+            log.warning("skipping record on %s: %s: %s (%d skipped since the last line)",
+                        topic, reason, detail[:300], n)
         if self.dead_letters is not None:
             self.dead_letters.send(
                 key, value, reason=reason, detail=detail, source_topic=topic,

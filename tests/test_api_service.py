@@ -55,3 +55,23 @@ async def test_scores_reach_health_and_garbage_is_skipped(kafka: KafkaSettings,
         assert "loadcast_api_records_skipped_total{reason=" in text
     finally:
         await svc.stop()
+
+
+def test_a_planner_command_shows_a_mirror_before_its_executor_reports() -> None:
+    from processors.controlroom import mirror_rows
+    from streams.api.state import ForecastState
+
+    st = ForecastState()
+    cmd = {"command_id": "c1", "action": "ACTIVATE", "api": "orders", "region": "eu",
+           "issued_at": 1_000, "reason": "forecast over central capacity"}
+    st.apply([("MirrorCommand", cmd)])
+    (row,) = mirror_rows(({**m.__dict__} for m in st.mirrors.values()), {})
+    assert (row["state"], row["activity"], row["commanded_at"]) == ("COMMANDED", "commanded",
+                                                                    1_000)
+    status = {"executor_id": "x", "region": "eu", "api": "orders", "command_id": "c1",
+              "sequence": 1, "state": "READY", "at": 4_000, "instance_url": "http://m",
+              "reason": "", "capacity_rps": 50.0}
+    st.apply([("MirrorStatus", status)])
+    st.apply([("MirrorCommand", cmd)])  # read again (a replay): the executor's word stays
+    (row,) = mirror_rows(({**m.__dict__} for m in st.mirrors.values()), {})
+    assert (row["state"], row["commanded_at"], row["ready_at"]) == ("READY", 1_000, 4_000)

@@ -97,7 +97,7 @@ def test_bootstrap_is_accepted_by_every_command_that_talks_to_kafka() -> None:
                        "mirror keygen",
                        *(f"query {q}" for q in ("latency", "forecast-accuracy",
                                                 "routing-shares", "mirror-lead-time",
-                                                "anomalies", "dead-letter"))}
+                                                "anomalies", "dead-letter", "tasks"))}
     r = subprocess.run([sys.executable, "-m", "loadcast", "topics", "list", "-b",
                         "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -43,8 +43,8 @@ METRICS_PORT = {"worker": ("processor", "metrics_port"), "agent": ("agent", "met
                 "sink": ("sink", "metrics_port"), "coordinator": ("federated", "metrics_port"),
                 "planner": ("mirror", "planner_metrics_port"),
                 "executor": ("mirror", "executor_metrics_port"),
-                "sidecar": ("sidecar", "admin_port")}
-ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator"}
+                "sidecar": ("sidecar", "admin_port"), "api": ("api", "port")}
+ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator", "api"}
 MIRROR_ROLES = {"planner", "executor", "bundle"}
 THIRD_PARTY_METRICS = {  # kafka-exporter (danielqsj/kafka-exporter), Prometheus itself
     "kafka_consumergroup_lag": {"consumergroup", "topic", "partition"},
@@ -360,6 +360,8 @@ def test_compose_settings_render_and_point_at_compose_services(
         port, path = health_url(check)
         if role == "sidecar":
             assert (port, path) == (s.sidecar.admin_port, "/health")
+        elif role == "api":
+            assert (port, path) == (s.api.port, "/health") and s.api.listen_host == "0.0.0.0"
         elif role == "sink" and path == "/health":
             assert port == s.sink.admin_port and s.sink.admin_enabled
         else:
@@ -687,7 +689,7 @@ def test_k8s_manifests_use_real_commands_settings_and_references(
             if probe in c:
                 get = c[probe]["httpGet"]
                 assert named.get(get["port"], get["port"]) == port, (name, probe)
-                assert get["path"] == ("/health" if role == "sidecar" else "/metrics")
+                assert get["path"] == ("/health" if role in ("sidecar", "api") else "/metrics")
         assert s.processor.metrics_port and s.agent.metrics_port
     assert roles == ROLES - {"topics"} | {"planner"}
     # every pod reads the same settings; only the planner also gets the signing key
@@ -789,6 +791,34 @@ def test_k8s_sidecar_pod_runs_haproxy_the_sidecar_can_drive(
     targets = {p["targetPort"] for p in svc["spec"]["ports"]}
     assert targets <= set(names)
     assert {names[t] for t in targets} == {s.sidecar.listen_port, s.sidecar.admin_port}
+
+
+def test_k8s_forecast_scaledobject_example_reaches_the_api_scaler(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from processors.autoscaling import parse_metadata
+
+    (scaled,) = load_yaml_docs(K8S / "examples" / "orders-forecast-scaledobject.yaml")
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    (trigger,) = scaled["spec"]["triggers"]
+    assert trigger["type"] == "external"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA metadata values are strings"
+    q = parse_metadata(meta)  # what the scaler will accept (MetadataError otherwise)
+    assert q.band == "upper" and q.lead_seconds > 0 and q.target_per_replica > 0
+    # scalerAddress = the loadcast-api Service's grpc port, which reaches the scaler's port
+    host, port = meta["scalerAddress"].rsplit(":", 1)
+    svc = by_kind("Service")[host.split(".")[0]]
+    assert host.split(".")[1] == "loadcast"  # the kustomization's namespace
+    (grpc_port,) = [p for p in svc["spec"]["ports"] if p["port"] == int(port)]
+    dep = by_kind("Deployment")[svc["metadata"]["name"]]
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert parse_cli(c["args"])[0] == ["api"]
+    named = {p["name"]: p["containerPort"] for p in c["ports"]}
+    s = pod_settings(pod, c, tmp_path, monkeypatch)
+    assert s.api.keda_enabled and s.api.listen_host == "0.0.0.0"
+    assert named[grpc_port["targetPort"]] == s.api.resolved_keda_port()
 
 
 # --------------------------------------------------------------------------- README

@@ -295,6 +295,30 @@ def test_worker_and_sink_reject_the_same_records_with_the_same_reason(
     healthy(stack)
 
 
+def test_one_bad_window_of_a_batch_loses_none_of_the_others(stack: Stack,
+                                                          codec: Codec) -> None:
+    k, base = stack.kafka, base_ms()
+    ws = [window("mixed-1", i, base) for i in range(3)]
+    ws[1] = {**ws[1], "window_end": ws[1]["window_start"] - 60_000}  # ends before it starts
+    lax = Codec(Codec.embedded().ids, validate_on_encode=False)
+    batch = lax.encode("TelemetryBatch", {"agent_id": "a1", "region": "eu",
+                                          "created_at": base, "windows": ws})
+    (at,) = send(k, "telemetry", [(b"mixed-1", batch)])
+
+    def both() -> Any:
+        d = letters(stack, "telemetry", at)
+        return d.keys() >= {"worker", "sink"} and d
+
+    got = wait(both, 20, "the bad window's dead letters")
+    for m in got.values():  # the window alone, as a single EndpointTelemetry
+        assert headers(m)["loadcast.reason"] == "bad_window"
+        alone = codec.decode(m.value(), validate=False)
+        assert alone["window_start"] == ws[1]["window_start"] and "windows" not in alone
+    wait(lambda: stored(stack, "telemetry", "endpoint_id = 'mixed-1'") == 2, 15,
+         "the batch's two good windows")
+    healthy(stack)
+
+
 def test_sidecar_score_reader_that_dies_makes_health_503_and_is_restarted(
     tmp_path: Path, codec: Codec
 ) -> None:

@@ -14,6 +14,7 @@ One module per role, each with ``register(app, get_settings)``:
 - :mod:`~loadcast.cli.mirror`: ``bundle push|serve``, ``mirror keygen``, ``planner``,
   ``executor``
 - :mod:`~loadcast.cli.sink`: ``sink``, ``query``
+- :mod:`~loadcast.cli.tasks`: ``tasks`` (task API), ``swarm-worker``
 - :mod:`~loadcast.cli.demo`: ``demo``
 - :mod:`~loadcast.cli.show_settings`: ``settings`` (every setting, its variable and default)
 
@@ -41,6 +42,7 @@ from loadcast.cli import (
     show_settings,
     sidecar,
     sink,
+    tasks,
     worker,
 )
 from loadcast.cli.common import fail, settings, state
@@ -76,7 +78,7 @@ def root(
 
 
 # In the order of `loadcast --help`.
-for _role in (broker, agent, worker, sidecar, federated, mirror, sink, api, demo,
+for _role in (broker, agent, worker, sidecar, federated, mirror, sink, api, tasks, demo,
               show_settings):
     _role.register(app, settings)
 

@@ -69,7 +69,15 @@ def _sidecar_command(get_settings: SettingsFn) -> Callable[..., None]:
             float | None, typer.Option(help="Stop after this many seconds.", min=0)
         ] = None,
     ) -> None:
-        """Run a routing sidecar: consume load scores, re-weight traffic, proxy or drive HAProxy."""
+        """Run a routing sidecar: consume load scores, re-weight traffic, proxy or drive HAProxy.
+
+        Built-in proxy: response cache (sidecar.cache; RFC 9111, only what the
+        origin marks cacheable), compression (sidecar.compression; gzip, br, zstd),
+        per-client rate limits (sidecar.rate_limit) and forecast-gated cache
+        warming (sidecar.warming): all off by default. Rate limits act only with a
+        configured base_rps, or per_client_share of a CONFIGURED or LEARNED
+        capacity; never on a guessed one.
+        """
         from streams.sidecar.dataplane import DataPlaneError
 
         sc = build_sidecar(get_settings(bootstrap), no_kafka=no_kafka, overrides={

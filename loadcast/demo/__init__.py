@@ -14,6 +14,8 @@ client-side edge agents, which run here):
 
 - the embedded broker (Tansu), a forecasting worker, the ClickHouse sink on embedded chDB,
   the mirror planner, an executor for the edge region and the bundle server;
+- ``loadcast api`` on the predictive lane's topics: its live control room (``/ui``, the
+  address is printed at start) shows the scores, forecasts and mirrors while it runs;
 - four *policy lanes* side by side on identical simulated backends (same capacities,
   same slow-down window): ``predictive`` (scores from the worker, edge mirrors),
   ``predictive-persistence`` (the ablation: the same pipeline on topics of its own, with
@@ -46,7 +48,7 @@ from loadcast.settings import Settings
 from streams.edge.replay import read_trace
 from streams.edge.replay import trace_path as find_trace
 from streams.executor.supervise import kill_recorded
-from streams.kafka.broker import EmbeddedBroker
+from streams.kafka.broker import EmbeddedBroker, free_port
 from streams.kafka.settings import KafkaSettings
 
 DEFAULT_TRACE = "elb_request_count_8c0756.csv"
@@ -182,6 +184,7 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         parts.ports = topo.ports
         lane_env = lanes.start_pipelines(children, pipes, topo, sc, work, chdb,
                                          parts.exec_dirs)
+        console.print(f"[bold]live control room[/bold]: {_start_api(parts)}/ui")
         parts.watches = [ScoreWatch(p.kafka) for p in pipes.values()]
         t0 = _warm_up(children, pipes, topo, sc, shapes, parts.watches, stop, console)
         lanes.start_planners(children, pipes, lane_env)
@@ -201,6 +204,17 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         left = parts.stop(console)
         if facts is not None:
             facts["leftover_processes"] = left
+
+
+def _start_api(parts: _Parts) -> str:
+    """``loadcast api`` on the predictive pipeline, on a free port; its address. Not
+    waited for: it comes up while the workers warm up (a child that dies stops the demo)."""
+    assert parts.children is not None
+    port = free_port()
+    parts.ports.append(port)
+    # the page only: no KEDA scaler (its port would be another one to find free)
+    parts.children.start("api", ["api", "--port", str(port), "--no-keda"])
+    return f"http://127.0.0.1:{port}"
 
 
 def _warm_up(children: Children, pipes: dict[str, lanes.Pipe], topo: lanes.Topology,

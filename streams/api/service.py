@@ -1,5 +1,5 @@
-"""``loadcast api`` as a process part: the Kafka feed into a :class:`ForecastState` and
-the HTTP server over it.
+"""``loadcast api`` as a process part: the Kafka feed into a :class:`ForecastState`, the
+HTTP server over it, and the KEDA external scaler (gRPC, :mod:`streams.api.scaler`).
 
 >>> import asyncio                                                  # doctest: +SKIP
 >>> svc = ApiService(ApiSettings(port=0), kafka_settings)            # doctest: +SKIP
@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import threading
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from schemas.codec import Codec
 from streams.api import metrics as m
-from streams.api import openapi, predict
+from streams.api import openapi, placement, predict, scenarios, ui
 from streams.api.app import create_app
 from streams.api.config import ApiSettings
 from streams.api.state import ForecastState
@@ -25,6 +26,9 @@ from streams.feeds import Batch, FeedTopic, RecordFeed
 from streams.kafka.producer import RecordProducer
 from streams.kafka.registry import codec_for
 from streams.kafka.settings import KafkaSettings
+
+if TYPE_CHECKING:
+    from grpc import aio
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +49,14 @@ class ApiService:
         self.feed: RecordFeed | None = None
         self.dead_letter: RecordProducer | None = None
         self.app = create_app(self.state, settings, feed_alive=self.feed_alive)
-        predict.add_routes(self.app)
-        openapi.add_routes(self.app)
+        predict.add_routes(self.app)  # /v1/predict, /batch, /async, /v1/jobs, /v1/model/info
+        placement.add_routes(self.app)  # POST /v1/optimize/placement
+        scenarios.add_routes(self.app)  # POST /v1/scenarios
+        ui.add_routes(self.app)  # GET /ui, the live control room
+        openapi.add_routes(self.app)  # GET /openapi.json, of every route above
         self.port = 0
+        self.keda_port = 0  # bound gRPC port of the KEDA scaler (0 = not serving)
+        self._keda: aio.Server | None = None
         self._runner: web.AppRunner | None = None
         self._supervisor: asyncio.Task[None] | None = None
 
@@ -60,11 +69,12 @@ class ApiService:
             "load-scores": FeedTopic(frozenset({"LoadScore"}), s.score_lookback_s),
             "anomalies": FeedTopic(frozenset({"Anomaly"}), s.score_lookback_s),
             "mirror-status": FeedTopic(frozenset({"MirrorStatus"}), s.mirror_lookback_s),
+            "mirror-commands": FeedTopic(frozenset({"MirrorCommand"}), s.mirror_lookback_s),
             "global-model": FeedTopic(frozenset({"GlobalModel"}), None),  # compacted
         }
 
     async def start(self) -> None:
-        """Start the feed (when there is Kafka) and the HTTP server."""
+        """Start the feed (when there is Kafka), the HTTP server and the KEDA scaler."""
         loop = asyncio.get_running_loop()
         if self.kafka is not None:
             self.dead_letter = RecordProducer(self.kafka, self.client_id)
@@ -89,6 +99,18 @@ class ApiService:
         sockets = getattr(site._server, "sockets", None) or []
         self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.port
         log.info("api on %s:%d", self.settings.listen_host, self.port)
+        if self.settings.keda_enabled:
+            from streams.api.scaler import start_scaler  # grpc only when serving it
+
+            try:
+                self._keda, self.keda_port = await start_scaler(
+                    self.state, self.settings.listen_host, self.settings.resolved_keda_port(),
+                    max_concurrent_rpcs=self.settings.keda_max_rpcs)
+            except OSError:
+                await self.stop()  # the feed and the HTTP server started above
+                raise
+            log.info("keda external scaler (gRPC) on %s:%d", self.settings.listen_host,
+                     self.keda_port)
 
     async def _supervise(self) -> None:
         while True:
@@ -97,7 +119,11 @@ class ApiService:
                 self.feed.supervise()
 
     async def stop(self) -> None:
-        """Stop the server, the feed and the producer."""
+        """Stop the servers, the feed and the producer."""
+        if self._keda is not None:
+            await self._keda.stop(grace=1.0)  # open streams are cancelled after the grace
+            self._keda = None
+            self.keda_port = 0
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

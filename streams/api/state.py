@@ -71,6 +71,8 @@ class ForecastState:
             elif name == "MirrorStatus":
                 self._mirror(rec)
                 changed = True
+            elif name == "MirrorCommand":
+                changed |= self._command(rec)
             elif name == "GlobalModel":
                 changed |= self._model(rec)
         if changed:
@@ -109,6 +111,24 @@ class ForecastState:
             region=rec["region"], api=rec["api"], state=state, at=rec["at"],
             command_id=rec["command_id"], instance_url=rec.get("instance_url"),
             capacity_rps=rec.get("capacity_rps"), reason=rec.get("reason", ""), since=since)
+
+    def _command(self, rec: dict[str, Any]) -> bool:
+        """A planner's command, shown before an executor reports on it: ``COMMANDED``
+        (activate) or ``RETIRE_COMMANDED`` (retire, hibernate). Not verified here (the
+        executors verify signatures before acting); a later status of the same command
+        takes over and keeps when it was commanded."""
+        key = (rec["region"], rec["api"])
+        view = self.mirrors.get(key)
+        at = int(rec["issued_at"])
+        if view is not None and (view.command_id == rec["command_id"] or at < view.at):
+            return False  # the executor already spoke for it, or an older command
+        state = "COMMANDED" if str(rec["action"]) == "ACTIVATE" else "RETIRE_COMMANDED"
+        self.mirrors[key] = MirrorView(
+            region=rec["region"], api=rec["api"], state=state, at=at,
+            command_id=rec["command_id"], instance_url=None if view is None
+            else view.instance_url, capacity_rps=None, reason=rec.get("reason", ""),
+            since={state: at})
+        return True
 
     def _model(self, rec: dict[str, Any]) -> bool:
         family = rec["family"]

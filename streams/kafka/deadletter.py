@@ -112,6 +112,30 @@ def _reference(key: bytes | None, value: bytes, headers: Headers, reason: str,
     return DeadLetter(key, value[:prefix_bytes], out, reason)
 
 
+class LogThrottle:
+    """At most one log line a second for a flood of dead letters, with the count of those
+    not logged (every one is in dead-letter with its reason, and counted by reason).
+
+    >>> t = LogThrottle(every_s=60)
+    >>> [t.due() for _ in range(3)]
+    [1, 0, 0]
+    """
+
+    def __init__(self, every_s: float = 1.0) -> None:
+        self.every_s = every_s
+        self._at = -float("inf")
+        self._since = 0
+
+    def due(self) -> int:
+        """0 while quiet; else the number of dead letters this line speaks for."""
+        self._since += 1
+        now = time.monotonic()
+        if now - self._at < self.every_s:
+            return 0
+        n, self._at, self._since = self._since, now, 0
+        return n
+
+
 class DeadLetterWriter:
     """Produce dead letters with any producer that has ``produce(topic, value=, key=,
     headers=)`` (confluent-kafka's ``Producer`` or :class:`streams.kafka.producer.RecordProducer`,

@@ -39,6 +39,12 @@ CATALOG: tuple[TopicSpec, ...] = (
     TopicSpec("global-model", "GlobalModel", "model family", {"cleanup.policy": "compact"}),
     TopicSpec("anomalies", "Anomaly", "endpoint_id"),
     TopicSpec("dead-letter", "raw bytes; headers say why", "original key"),
+    # The task API (streams.tasks) and its swarm (streams.swarm): one record per attempt;
+    # the latest status of every task must survive forever (any API replica, or a restarted
+    # one, answers for every task from it); results are read once by the API and the sink.
+    TopicSpec("tasks", "Task", "task_id"),
+    TopicSpec("task-status", "TaskStatus", "task_id", {"cleanup.policy": "compact"}),
+    TopicSpec("task-results", "TaskResult", "task_id"),
     # Internal: processor model snapshots, co-partitioned with telemetry (same count, the
     # snapshot of an endpoint sits in the partition number of its telemetry).
     TopicSpec("processor-snapshots", "ModelSnapshot", "endpoint_id",

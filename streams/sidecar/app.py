@@ -32,6 +32,7 @@ from streams.sidecar.admin import admin_app, health_view, weights_view
 from streams.sidecar.config import SidecarSettings, Upstream, UpstreamConfigError
 from streams.sidecar.dataplane import DataPlane, PlaneContext
 from streams.sidecar.director import MirrorDirector
+from streams.sidecar.edge import table_capacity, table_pressure
 from streams.sidecar.kafka_parts import SidecarKafka
 from streams.sidecar.planes import DATA_PLANES
 from streams.sidecar.proxy import Outcome, serve
@@ -95,7 +96,8 @@ class Sidecar:
                 headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
         self.plane: DataPlane = plane_type(PlaneContext(
-            self.id, s, self.upstreams, self.router, self._observe, self.director))
+            self.id, s, self.upstreams, self.router, self._observe, self.director,
+            pressure=table_pressure(self.table), capacity=table_capacity(self.table)))
         self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin_port = 0

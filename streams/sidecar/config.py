@@ -21,6 +21,12 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
+from streams.sidecar.edge_config import (
+    CompressionSettings,
+    EdgeCacheSettings,
+    RateLimitSettings,
+    WarmingSettings,
+)
 from streams.sidecar.hosts import HostAllowlist
 
 PolicyName = Literal[
@@ -109,7 +115,11 @@ class SidecarSettings(BaseModel):
     eject_after_failures: int = Field(5, ge=1, description="consecutive failures to eject")
     eject_seconds: float = Field(5.0, gt=0, description="first ejection; doubles, capped 60 s")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503s")
-    compress_responses: bool = Field(False, description="gzip responses the client accepts")
+    compress_responses: bool = Field(False, description="same as compression.enabled")
+    cache: EdgeCacheSettings = Field(default_factory=EdgeCacheSettings)
+    compression: CompressionSettings = Field(default_factory=CompressionSettings)
+    rate_limit: RateLimitSettings = Field(default_factory=RateLimitSettings)
+    warming: WarmingSettings = Field(default_factory=WarmingSettings)
     shed_overload: float = Field(
         1.0, gt=0, description="shed when the offered rate exceeds this x the API's known "
         "capacity (configured or confidently learned; none known: never shed)"

@@ -51,6 +51,10 @@ class PlaneContext:
     router: Router
     observe: Callable[[Outcome], None]  # per-request outcomes (planes that see requests)
     director: MirrorDirector | None = None  # edge mirrors (planes with ``mirrors``)
+    # forecast demand / known capacity per API (next step, peak over the horizon), and the
+    # API's CONFIGURED/LEARNED capacity: what the edge's limits and warming follow
+    pressure: Callable[[str], tuple[float, float]] | None = None
+    capacity: Callable[[str], float | None] | None = None
 
 
 class DataPlane(Protocol):

@@ -32,6 +32,7 @@ from pathlib import Path
 from streams.sidecar.child import ChildProcess
 from streams.sidecar.config import Upstream
 from streams.sidecar.dataplane import DataPlaneError
+from streams.sidecar.edge_config import CompressionSettings, EdgeCacheSettings
 from streams.sidecar.proxy import API_HEADER, DYNAMIC_HEADER
 
 INITIAL_WEIGHT = 100
@@ -56,6 +57,8 @@ def render_config(
     eject_after_failures: int = 5,
     maxconn: int = 4096,
     check: bool = True,
+    cache: EdgeCacheSettings | None = None,
+    compression: CompressionSettings | None = None,
 ) -> str:
     """The haproxy.cfg text for ``upstreams`` (grouped by API; first API is the default).
 
@@ -80,8 +83,65 @@ def render_config(
     rt = max(1, round(request_timeout_s * 1000))
     lines = _global_and_defaults(socket_path, threads, maxconn, ct, rt)
     lines += _frontend(upstreams, list(apis), bind)
-    lines += _backends(apis, check, eject_after_failures)
+    lines += _backends(apis, check, eject_after_failures, _edge_lines(apis, cache, compression))
+    lines += _cache_sections(apis, cache)
     return "\n".join(lines) + "\n"
+
+
+# HAProxy matches compression types exactly: what a prefix like "text/" stands for
+_TYPE_PREFIXES = {"text/": ("text/html", "text/plain", "text/css", "text/javascript",
+                            "text/xml", "text/csv")}
+
+
+def _cache_name(api: str) -> str:
+    return f"lc_cache_{api}"
+
+
+def _edge_lines(apis: Mapping[str, list[Upstream]], cache: EdgeCacheSettings | None,
+                compression: CompressionSettings | None) -> dict[str, list[str]]:
+    """Per API, the backend lines of HAProxy's own cache and compression for the same rules
+    as the built-in proxy where HAProxy has them: its cache stores only GET 200s with an
+    explicit lifetime or a validator, never with Authorization, honours no-store/private,
+    and handles Vary on Accept-Encoding (``process-vary``); its compression (gzip only)
+    skips encoded responses and adds ``Vary: Accept-Encoding``. Not in HAProxy: stale-
+    while-revalidate, stale-if-error, single-flight, brotli/zstd, a minimum size."""
+    out: dict[str, list[str]] = {}
+    for api in apis:
+        lines: list[str] = []
+        cached = cache is not None and cache.enabled and (not cache.apis or api in cache.apis)
+        zipped = compression is not None and compression.enabled and \
+            "gzip" in compression.algorithms
+        if cached:
+            lines.append(f"    filter cache {_cache_name(api)}")
+        if zipped:
+            lines.append("    filter compression")
+        if cached:
+            lines += [f"    http-request cache-use {_cache_name(api)}",
+                      f"    http-response cache-store {_cache_name(api)}"]
+        if zipped and compression is not None:
+            types: list[str] = []
+            for t in compression.types:
+                types += _TYPE_PREFIXES.get(t, (t,) if not t.endswith("/") else ())
+            lines += ["    compression algo gzip", f"    compression type {' '.join(types)}"]
+        out[api] = lines
+    return out
+
+
+def _cache_sections(apis: Mapping[str, list[Upstream]],
+                    cache: EdgeCacheSettings | None) -> list[str]:
+    if cache is None or not cache.enabled:
+        return []
+    lines: list[str] = []
+    for api in apis:
+        if cache.apis and api not in cache.apis:
+            continue
+        lines += [f"cache {_cache_name(api)}",
+                  f"    total-max-size {max(1, min(4095, cache.max_bytes >> 20))}",
+                  f"    max-object-size {min(cache.max_object_bytes, cache.max_bytes // 2)}",
+                  "    max-age 86400",
+                  "    process-vary on",
+                  ""]
+    return lines
 
 
 def _global_and_defaults(socket_path: str | Path, threads: int, maxconn: int,
@@ -141,11 +201,12 @@ def _frontend(upstreams: Sequence[Upstream], apis: list[str], bind: str) -> list
 
 
 def _backends(apis: Mapping[str, list[Upstream]], check: bool,
-              eject_after_failures: int) -> list[str]:
+              eject_after_failures: int, edge: Mapping[str, list[str]]) -> list[str]:
     lines: list[str] = []
     for api, ups in apis.items():
         for suffix, balance in (("", "roundrobin"), ("_first", "first")):
             lines += [f"backend {backend_name(api)}{suffix}", f"    balance {balance}"]
+            lines += edge.get(api, [])
             for u in ups:
                 srv = f"    server {u.id} {u.host}:{u.port} weight {INITIAL_WEIGHT}"
                 if check and suffix:  # the twin follows the main backend's checks

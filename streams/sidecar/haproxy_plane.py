@@ -73,6 +73,7 @@ class HAProxyPlane:
                 threads=s.haproxy_threads, connect_timeout_s=s.connect_timeout_s,
                 request_timeout_s=s.request_timeout_s,
                 eject_after_failures=s.eject_after_failures,
+                cache=s.cache, compression=s.compression,
             ))
             await asyncio.to_thread(proc.start, sock)
             self.process = proc

@@ -75,3 +75,45 @@ MIRRORS_REFUSED = Counter(
     "READY mirror-status records whose host is not in mirror_hosts (ignored: never forwarded to)",
     ["sidecar"],
 )
+CACHE_LOOKUPS = Counter(
+    "loadcast_sidecar_cache_total",
+    "Response-cache answers: hit, miss, stale (served stale: while revalidating or on an "
+    "origin error), revalidated (304 from the origin), collapsed (waited for another "
+    "request's origin fetch), bypass (not cacheable request)",
+    ["sidecar", "api", "result"],
+)
+CACHE_NOT_STORED = Counter(
+    "loadcast_sidecar_cache_not_stored_total",
+    "Origin responses not stored, by reason (no-store, private, credentials, no-lifetime...)",
+    ["sidecar", "api", "reason"],
+)
+CACHE_EVICTIONS = Counter(
+    "loadcast_sidecar_cache_evictions_total", "Stored responses evicted (LRU, memory bound)",
+    ["sidecar", "api"],
+)
+CACHE_BYTES = Gauge(
+    "loadcast_sidecar_cache_bytes", "Bytes held by the response cache", ["sidecar", "api"]
+)
+CACHE_ORIGIN = Counter(
+    "loadcast_sidecar_cache_origin_requests_total",
+    "Origin requests made by the cache: fetch (a miss), revalidate, background (stale-while-"
+    "revalidate), warm (forecast-gated warming)",
+    ["sidecar", "api", "kind"],
+)
+COMPRESSED = Counter(
+    "loadcast_sidecar_compressed_total", "Responses compressed by the proxy, by coding",
+    ["sidecar", "coding"],
+)
+RATE_LIMITED = Counter(
+    "loadcast_sidecar_rate_limited_total", "Requests refused with 429 by the per-client limits",
+    ["sidecar", "api"],
+)
+RATE_FACTOR = Gauge(
+    "loadcast_sidecar_rate_limit_headroom",
+    "Forecast headroom the API's rate limits follow (1 = no forecast pressure)",
+    ["sidecar", "api"],
+)
+WARM_ACTIVE = Gauge(
+    "loadcast_sidecar_warming_active", "1 while the forecast gate keeps the API's cache warm",
+    ["sidecar", "api"],
+)

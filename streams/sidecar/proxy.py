@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Set
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -34,8 +34,13 @@ from yarl import URL
 
 from streams.sidecar import metrics as m
 from streams.sidecar.director import REGION_HEADER, MirrorDirector, valid_region
+from streams.sidecar.edge_cache import Fetched
 from streams.sidecar.policies import Endpoint
+from streams.sidecar.relay import relay, upstream_session
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
+
+if TYPE_CHECKING:
+    from streams.sidecar.edge import Edge
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +58,6 @@ HOP_BY_HOP = frozenset(
 _DROP_REQ = HOP_BY_HOP | {"content-length"}
 _DROP_RESP = HOP_BY_HOP | {"content-length"}
 MAX_BUFFERED_BODY = 1 << 20  # request bodies up to 1 MiB are kept for retries
-MAX_READ_WHOLE = 256 << 10  # responses up to 256 KiB are read in one go
-COMPRESSIBLE = ("text/", "application/json", "application/xml", "application/javascript")
 
 
 @dataclass
@@ -73,59 +76,31 @@ class Outcome:
 Observer = Callable[[Outcome], None]
 
 
-class Proxy:
-    """The proxy's aiohttp application and upstream session."""
+class Forwarder:
+    """Forwarding one request to one endpoint (and the next on a connection failure),
+    the answer relayed, or read whole for the cache. :class:`Proxy` decides where."""
 
-    def __init__(
-        self,
-        router: Router,
-        *,
-        sidecar_id: str,
-        dynamic_routing: bool = True,
-        connect_timeout_s: float = 1.0,
-        request_timeout_s: float = 30.0,
-        pool_size: int = 256,
-        max_attempts: int = 3,
-        retry_after_s: int = 1,
-        compress_responses: bool = False,
-        observe: Observer | None = None,
-        director: MirrorDirector | None = None,
-        region: str = "central",
-    ) -> None:
-        self.router = router
-        self.sidecar_id = sidecar_id
-        self.dynamic_routing = dynamic_routing
-        self.connect_timeout_s = connect_timeout_s
-        self.request_timeout_s = request_timeout_s
-        self.pool_size = pool_size
-        self.max_attempts = max_attempts
-        self.retry_after = str(retry_after_s)
-        self.compress = compress_responses
-        self.observe = observe
-        self.director = director  # edge mirrors by request region (X-Loadcast-Region)
-        self.region = region
-        self.session: aiohttp.ClientSession | None = None
-        self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
-        # absolute-form targets may name only these (scheme, host, port)
-        self._authorities = {_authority(u) for u in self._bases.values()}
-        self._m: dict[tuple[str, str, str], Any] = {}
-        self._urls: dict[tuple[str, str], URL] = {}
-        self._lat = {api: m.LATENCY.labels(sidecar_id, api) for api in router.routes}
+    router: Router
+    sidecar_id: str
+    max_attempts: int
+    retry_after: str
+    observe: Observer | None
+    session: aiohttp.ClientSession | None
+    edge: Edge | None
+    capture_limit: int
+    _bases: dict[str, URL]
+    _m: dict[tuple[str, str, str], Any]
+    _urls: dict[tuple[str, str], URL]
+    _lat: dict[str, Any]
 
-    def server(self) -> web.Server:
-        """The low-level aiohttp server (no router or middlewares: every path is ours).
-        Call :meth:`open` before serving and :meth:`close` after."""
-        return web.Server(self.handle)
-
-    async def open(self) -> None:
-        if self.session is None:
-            self.session = upstream_session(self.pool_size, self.connect_timeout_s,
-                                            self.request_timeout_s)
-
-    async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+    def _reject(self, route: Route | None, status: int, reason: str, message: str,
+                retry_after: str | None = None) -> web.Response:
+        api = route.api if route is not None else "-"
+        m.REJECTED.labels(self.sidecar_id, api, reason).inc()
+        headers = {"Retry-After": retry_after} if retry_after else None
+        return web.json_response(
+            {"error": reason, "message": message}, status=status, headers=headers
+        )
 
     def _url(self, ep: Endpoint, path: str) -> URL:
         # Parsing a URL per request is a measurable share of the proxy's CPU: keep the
@@ -154,76 +129,24 @@ class Proxy:
             c = self._m[key] = m.REQUESTS.labels(self.sidecar_id, api, endpoint, outcome)
         c.inc()
 
-    def _reject(self, route: Route | None, status: int, reason: str, message: str,
-                retry_after: str | None = None) -> web.Response:
-        api = route.api if route is not None else "-"
-        m.REJECTED.labels(self.sidecar_id, api, reason).inc()
-        headers = {"Retry-After": retry_after} if retry_after else None
-        return web.json_response(
-            {"error": reason, "message": message}, status=status, headers=headers
-        )
-
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        h = request.headers
-        target, status, why = origin_target(request.method, request.raw_path,
-                                           self._authorities)
-        if target is None:
-            return self._reject(None, status,
-                                "method_not_allowed" if status == 405 else "bad_target", why)
-        route = self.router.route_for(h.get(API_HEADER), target.partition("?")[0])
-        if route is None:
-            known = ", ".join(self.router.routes)
-            return self._reject(
-                None, 400, "bad_request",
-                f"unknown API {h.get(API_HEADER)!r} in {API_HEADER}; known: {known}",
-            )
-        opts = request_options(h, self.dynamic_routing)
-        if isinstance(opts, str):
-            return self._reject(route, 400, "bad_request", opts)
-        dynamic, prio = opts
-        now = time.monotonic()
-        ep = None
-        region = self.region
-        if self.director is not None:
-            reg_h = h.get(REGION_HEADER)
-            if reg_h is not None:
-                if not valid_region(reg_h):
-                    return self._reject(route, 400, "bad_request",
-                                        f"{REGION_HEADER} must be a region name (letters, "
-                                        f"digits, '_.:-', at most 100), got {reg_h[:120]!r}")
-                region = reg_h
-            if dynamic:  # the seeds' director: the region's mirror when central will not do
-                ep = self.director.choose(route, region, now, int(time.time()))
-        if ep is None and self.router.should_shed(route, prio, now):
-            return self._reject(route, 503, "shed",
-                                "offered load exceeds the API's capacity; low-priority "
-                                "request shed", self.retry_after)
-        if ep is None:
-            ep = self.router.choose(route, dynamic, now)
-        if ep is None and self.director is not None:
-            ep = self.director.fallback(route, region, now, int(time.time()))
-        if ep is None:
-            wait = max(1, round(self.router.readmit_in(route, now)))
-            return self._reject(route, 503, "no_endpoint",
-                                f"no endpoint of API {route.api} can take the request",
-                                str(wait))
-        return await self._forward(request, route, ep, dynamic, now, target)
-
-    async def _forward(self, request: web.BaseRequest, route: Route, ep: Endpoint, dynamic: bool,
-                       t0: float, path: str) -> web.StreamResponse:
-        method = request.method
+    async def _forward(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
+                       dynamic: bool, t0: float, path: str,
+                       fwd_headers: list[tuple[str, str]] | None = None,
+                       capture: bool = False) -> Any:
+        method = request.method if request is not None else "GET"
         idempotent = method in IDEMPOTENT
         body: Any = None
         replayable = True
-        if request.body_exists:
+        if request is not None and request.body_exists:
             n = request.content_length
             if n is not None and n <= MAX_BUFFERED_BODY:
                 body = await request.read()
             else:
                 body = request.content  # streamed: cannot be sent twice
                 replayable = False
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _DROP_REQ]
-        peer = request.remote
+        src = fwd_headers if fwd_headers is not None else request.headers.items()  # type: ignore[union-attr]
+        headers = [(k, v) for k, v in src if k.lower() not in _DROP_REQ]
+        peer = request.remote if request is not None else None
         if peer:
             headers.append(("X-Forwarded-For", peer))
         tried: list[Endpoint] = []
@@ -258,7 +181,7 @@ class Proxy:
             else:
                 try:
                     return await self._respond(request, route, ep, resp, start, attempts,
-                                               dynamic)
+                                               dynamic, capture)
                 finally:
                     ep.in_flight -= 1
             # a connection failure: count it, maybe eject, maybe try the next endpoint
@@ -294,9 +217,9 @@ class Proxy:
             self.observe(Outcome(route, ep, status, latency_ms, attempts, dynamic,
                                  connect_failure))
 
-    async def _respond(self, request: web.BaseRequest, route: Route, ep: Endpoint,
+    async def _respond(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        resp: aiohttp.ClientResponse, start: float, attempts: int,
-                       dynamic: bool) -> web.StreamResponse:
+                       dynamic: bool, capture: bool = False) -> Any:
         now = time.monotonic()
         rtt_ms = (now - start) * 1000
         status = resp.status
@@ -310,9 +233,15 @@ class Proxy:
         out_headers = CIMultiDict(
             (k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESP
         )
-        zip_it = self.compress and compressible(request, resp)
+        n = resp.content_length
         try:
-            return await relay(request, resp, out_headers, zip_it)
+            if capture and (status == 304 or (n is not None and n <= self.capture_limit)):
+                return Fetched(status, resp.reason, out_headers, await resp.read())
+            if request is None:
+                return None  # a background refresh of something too big to store
+            coding = None if self.edge is None else self.edge.coding(request, status,
+                                                                     out_headers, n)
+            return await relay(request, resp, out_headers, coding)
         except ConnectionResetError as e:  # the client went away mid-response
             log.debug("client left during the response from %s: %s", ep.id, e)
             raise
@@ -325,22 +254,137 @@ class Proxy:
             resp.release()
 
 
-def upstream_session(pool_size: int, connect_timeout_s: float,
-                     request_timeout_s: float) -> aiohttp.ClientSession:
-    """The pooled keep-alive client session to the upstreams."""
-    conn = aiohttp.TCPConnector(
-        limit=0, limit_per_host=pool_size, keepalive_timeout=30,
-        ttl_dns_cache=None, enable_cleanup_closed=False,
-    )
-    return aiohttp.ClientSession(
-        connector=conn,
-        auto_decompress=False,  # pass compression through untouched
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s,
-        ),
-    )
+class Proxy(Forwarder):
+    """The proxy's aiohttp application and upstream session."""
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        sidecar_id: str,
+        dynamic_routing: bool = True,
+        connect_timeout_s: float = 1.0,
+        request_timeout_s: float = 30.0,
+        pool_size: int = 256,
+        max_attempts: int = 3,
+        retry_after_s: int = 1,
+        observe: Observer | None = None,
+        director: MirrorDirector | None = None,
+        region: str = "central",
+        edge: Callable[[Proxy], Edge] | None = None,
+    ) -> None:
+        self.router = router
+        self.sidecar_id = sidecar_id
+        self.dynamic_routing = dynamic_routing
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.pool_size = pool_size
+        self.max_attempts = max_attempts
+        self.retry_after = str(retry_after_s)
+        self.observe = observe
+        self.director = director  # edge mirrors by request region (X-Loadcast-Region)
+        self.region = region
+        self.session: aiohttp.ClientSession | None = None
+        self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
+        # absolute-form targets may name only these (scheme, host, port)
+        self._authorities = {_authority(u) for u in self._bases.values()}
+        self._m: dict[tuple[str, str, str], Any] = {}
+        self._urls: dict[tuple[str, str], URL] = {}
+        self._lat = {api: m.LATENCY.labels(sidecar_id, api) for api in router.routes}
+        # cache, compression, rate limits, warming (None: all off, the plain path)
+        built = edge(self) if edge is not None else None
+        self.edge: Edge | None = built if built is not None and built.active else None
+        self.capture_limit = built.settings.cache.max_object_bytes if built else 0
+
+    def server(self) -> web.Server:
+        """The low-level aiohttp server (no router or middlewares: every path is ours).
+        Call :meth:`open` before serving and :meth:`close` after."""
+        return web.Server(self.handle)
+
+    async def open(self) -> None:
+        if self.session is None:
+            self.session = upstream_session(self.pool_size, self.connect_timeout_s,
+                                            self.request_timeout_s)
+        if self.edge is not None:
+            await self.edge.start()
+
+    async def close(self) -> None:
+        if self.edge is not None:
+            await self.edge.close()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        h = request.headers
+        target, status, why = origin_target(request.method, request.raw_path,
+                                           self._authorities)
+        if target is None:
+            return self._reject(None, status,
+                                "method_not_allowed" if status == 405 else "bad_target", why)
+        route = self.router.route_for(h.get(API_HEADER), target.partition("?")[0])
+        if route is None:
+            known = ", ".join(self.router.routes)
+            return self._reject(
+                None, 400, "bad_request",
+                f"unknown API {h.get(API_HEADER)!r} in {API_HEADER}; known: {known}",
+            )
+        opts = request_options(h, self.dynamic_routing)
+        if isinstance(opts, str):
+            return self._reject(route, 400, "bad_request", opts)
+        dynamic, prio = opts
+        edge = self.edge
+        if edge is not None:
+            limited = edge.limit(route, request)
+            if limited is not None:
+                return limited
+            if edge.cacheable(route, request):
+                return await edge.serve(request, route, target)
+        return await self._route(request, route, target, dynamic, prio, None, False)
+
+    async def fetch(self, route: Route, target: str, headers: list[tuple[str, str]],
+                    request: web.BaseRequest | None) -> Fetched | web.StreamResponse | None:
+        """The cache's way to the origin: route and forward, the answer read whole when it
+        is small enough to store (else relayed to ``request``, or dropped without one)."""
+        dynamic, prio = (self.dynamic_routing, DEFAULT_PRIORITY)
+        if request is not None:
+            opts = request_options(request.headers, self.dynamic_routing)
+            if not isinstance(opts, str):
+                dynamic, prio = opts
+        return await self._route(request, route, target, dynamic, prio, headers, True)
+
+    async def _route(self, request: web.BaseRequest | None, route: Route, target: str,
+                     dynamic: bool, prio: int, fwd_headers: list[tuple[str, str]] | None,
+                     capture: bool) -> Any:
+        h: Mapping[str, str] = request.headers if request is not None else {}
+        now = time.monotonic()
+        ep = None
+        region = self.region
+        if self.director is not None:
+            reg_h = h.get(REGION_HEADER)
+            if reg_h is not None:
+                if not valid_region(reg_h):
+                    return self._reject(route, 400, "bad_request",
+                                        f"{REGION_HEADER} must be a region name (letters, "
+                                        f"digits, '_.:-', at most 100), got {reg_h[:120]!r}")
+                region = reg_h
+            if dynamic:  # the seeds' director: the region's mirror when central will not do
+                ep = self.director.choose(route, region, now, int(time.time()))
+        if ep is None and self.router.should_shed(route, prio, now):
+            return self._reject(route, 503, "shed",
+                                "offered load exceeds the API's capacity; low-priority "
+                                "request shed", self.retry_after)
+        if ep is None:
+            ep = self.router.choose(route, dynamic, now)
+        if ep is None and self.director is not None:
+            ep = self.director.fallback(route, region, now, int(time.time()))
+        if ep is None:
+            wait = max(1, round(self.router.readmit_in(route, now)))
+            return self._reject(route, 503, "no_endpoint",
+                                f"no endpoint of API {route.api} can take the request",
+                                str(wait))
+        return await self._forward(request, route, ep, dynamic, now, target, fwd_headers,
+                                   capture)
 
 
 def request_options(h: Mapping[str, str], dynamic: bool) -> tuple[bool, int] | str:
@@ -389,36 +433,6 @@ def origin_target(method: str, raw: str, authorities: Set[tuple[str, str, int | 
         path = u.raw_path or "/"
         return (path + "?" + u.raw_query_string if u.raw_query_string else path), 200, ""
     return None, 400, f"request target must be a path starting with '/', got {raw[:200]!r}"
-
-
-def compressible(request: web.BaseRequest, resp: aiohttp.ClientResponse) -> bool:
-    """Gzip this response for this client (text-like, >= 1 KiB, not yet encoded)?"""
-    if "Content-Encoding" in resp.headers or request.method == "HEAD":
-        return False
-    if "gzip" not in request.headers.get("Accept-Encoding", ""):
-        return False
-    if resp.content_length is not None and resp.content_length < 1024:
-        return False
-    return resp.headers.get("Content-Type", "").startswith(COMPRESSIBLE)
-
-
-async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse,
-                headers: CIMultiDict[str], zip_it: bool) -> web.StreamResponse:
-    """Send ``resp`` back to the client: small bodies whole, others streamed."""
-    n = resp.content_length
-    if n is not None and n <= MAX_READ_WHOLE and not zip_it:
-        data = await resp.read()
-        return web.Response(status=resp.status, reason=resp.reason, body=data, headers=headers)
-    out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=headers)
-    if zip_it:
-        out.enable_compression(web.ContentCoding.gzip)
-    elif n is not None:
-        out.content_length = n
-    await out.prepare(request)
-    async for chunk in resp.content.iter_any():
-        await out.write(chunk)
-    await out.write_eof()
-    return out
 
 
 def _authority(u: URL) -> tuple[str, str, int | None]:

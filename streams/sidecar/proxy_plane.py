@@ -12,6 +12,7 @@ from typing import ClassVar
 from aiohttp import web
 
 from streams.sidecar.dataplane import PlaneContext, Telemetry
+from streams.sidecar.edge import Edge
 from streams.sidecar.proxy import Proxy, serve
 from streams.sidecar.weights import WeightChange
 
@@ -34,10 +35,11 @@ class ProxyPlane:
             pool_size=s.pool_size,
             max_attempts=s.max_attempts,
             retry_after_s=s.retry_after_s,
-            compress_responses=s.compress_responses,
             observe=ctx.observe,
             director=ctx.director,
             region=s.region,
+            edge=lambda proxy: Edge(s, ctx.sidecar_id, ctx.router.routes, proxy.fetch,
+                                    pressure=ctx.pressure, capacity=ctx.capacity),
         )
         self.port = 0
         self._runner: web.BaseRunner | None = None

@@ -135,6 +135,7 @@ class ScoreParts:
     next_demand_rps: float | None  # max(current rps, forecast of the next step)
     capacity_rps: float | None  # the record's capacity (None when absent or not > 0)
     capacity_source: str | None
+    upper_demand_rps: float | None = None  # max(current, the forecast's upper band peak)
 
 
 def _field(record: Mapping[str, Any], key: str, default: float = 0.0) -> float:
@@ -199,8 +200,9 @@ def split_score(record: Mapping[str, Any], policy: ScorePolicy | None = None,
         first = min(points, key=lambda p: _field(p, "horizon"), default=None)
         next_demand = max(current, _nonneg(_field(first, "mean"))) if first else demand
     source = record.get("capacity_source")
+    upper = max(current, u_risk * cap) if known_cap else None
     return ScoreParts(load, health, explicit, demand, next_demand, cap if known_cap else None,
-                      str(source) if source is not None else None)
+                      str(source) if source is not None else None, upper)
 
 
 def capacity_weights(

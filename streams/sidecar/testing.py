@@ -5,6 +5,7 @@ of their own (so they can be killed for real), each answering with its endpoint 
 
 Every response carries ``X-Endpoint: <id>``. Paths: ``/big?kb=N`` (N KiB of text),
 ``/gzip`` (a gzip-encoded body with ``Content-Encoding: gzip``), ``/slow?ms=N``,
+``/cached`` (``Cache-Control: public, max-age=3600`` and an ETag: what a cache may keep),
 ``/echo`` (echoes the request body); anything else answers ``<id>``.
 
 >>> with BackendProcess({"a": 0}) as b:            # doctest: +SKIP
@@ -44,6 +45,9 @@ def backend_app(endpoint_id: str) -> web.Application:
         if path == "/gzip":
             return web.Response(body=zipped, headers={**hdr, "Content-Encoding": "gzip"},
                                 content_type="text/plain")
+        if path == "/cached":
+            return web.Response(body=plain, content_type="text/plain", headers={
+                **hdr, "Cache-Control": "public, max-age=3600", "ETag": f'"{endpoint_id}"'})
         if path == "/slow":
             await asyncio.sleep(int(request.query.get("ms", "100")) / 1000)
         if path == "/echo":

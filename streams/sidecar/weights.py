@@ -290,8 +290,10 @@ class WeightTable:
         """Predicted demand of the whole API over its total capacity (0 without fresh
         scores). ``horizon="next"``: demand in the next model step (what shedding, which
         acts now, should go by); ``"peak"``: the peak over the forecast horizon (for what
-        needs lead time, e.g. mirrors). Endpoints without a fresh score add their
-        capacity (they may have room) and no demand; drained endpoints add nothing."""
+        needs lead time, e.g. mirrors); ``"upper"``: the peak of the forecast's upper band
+        (what the edge's cache warming and rate limits go by). Endpoints without a fresh
+        score add their capacity (they may have room) and no demand; drained endpoints add
+        nothing."""
         a = self._apis[api]
         fresh = {e: s for e, s in a.scores.items() if s.valid_until_ms >= now_ms}
         if not fresh or self.total_capacity(api, now_ms) is None:
@@ -393,7 +395,8 @@ def _overload(endpoints: list[str], fresh: Mapping[str, ScoreEntry],
         capacity += caps[e]
         if s is None:
             continue
-        d = None if p is None else p.next_demand_rps if horizon == "next" else p.demand_rps
+        d = None if p is None else p.next_demand_rps if horizon == "next" else \
+            p.upper_demand_rps if horizon == "upper" else p.demand_rps
         if d is None:  # no capacity in the record: its utilization of ours
             d = max(0.0, s.predicted_utilization) * caps[e]
         demand += d

@@ -1,0 +1,285 @@
+"""The built-in proxy's response cache: serving, single-flight, stale-while-revalidate,
+stale-if-error and revalidation, over the pure rules (:mod:`streams.sidecar.cache_policy`)
+and store (:mod:`streams.sidecar.cache_store`).
+
+Per request (a GET the policy does not bypass):
+
+- a fresh stored variant answers at once (``X-Cache: HIT``); a client's matching
+  ``If-None-Match`` gets a 304;
+- a variant within ``stale-while-revalidate`` answers at once (``STALE``) and one
+  background request revalidates it;
+- anything else goes to the origin through **one** flight per key: concurrent requests for
+  the same key wait for it and are then answered from the store (``HIT``); if what came
+  back was not storable they go to the origin themselves (RFC 9111 4: collapsing only
+  what may be shared). A stored variant with validators is revalidated
+  (``If-None-Match`` / ``If-Modified-Since``; a 304 refreshes it: ``REVALIDATED``);
+- when the origin fails (5xx, or no endpoint answered) and a stored variant is within
+  ``stale-if-error``, that answers (``STALE``).
+
+Forecast-gated warming (:meth:`EdgeCache.warm`) uses the same background refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from streams.sidecar import metrics as m
+from streams.sidecar.cache_policy import (
+    NOT_UPDATED_BY_304,
+    client_not_modified,
+    conditional_headers,
+    freshness,
+    has_credentials,
+    must_revalidate_request,
+    why_not_storable,
+)
+from streams.sidecar.cache_store import CacheStore, StoredResponse
+from streams.sidecar.edge_config import EdgeCacheSettings
+from streams.sidecar.router import Route
+from streams.sidecar.warming import KeyFrequency
+
+log = logging.getLogger(__name__)
+
+X_CACHE = "X-Cache"
+_NOT_FORWARDED = frozenset({"if-none-match", "if-modified-since", "connection", "keep-alive",
+                            "te", "trailer", "transfer-encoding", "upgrade", "content-length",
+                            "proxy-connection", "proxy-authorization"})
+
+
+@dataclass
+class Fetched:
+    """An origin response read whole (what the cache can store)."""
+
+    status: int
+    reason: str | None
+    headers: CIMultiDict[str]  # hop-by-hop and Content-Length already removed
+    body: bytes
+
+
+OriginResult = Fetched | web.StreamResponse | None
+# (route, target, request headers, the client's request or None for background) -> result
+Origin = Callable[[Route, str, list[tuple[str, str]], web.BaseRequest | None],
+                  Awaitable[OriginResult]]
+Finish = Callable[[web.BaseRequest, web.Response, StoredResponse | None], web.Response]
+
+
+class EdgeCache:
+    """Response caches of the proxied APIs (one bounded store per API)."""
+
+    def __init__(self, settings: EdgeCacheSettings, sidecar_id: str, origin: Origin, *,
+                 credential_headers: tuple[str, ...] = (), finish: Finish | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.sidecar_id = sidecar_id
+        self.origin = origin
+        self.credential_headers = tuple(h.lower() for h in credential_headers if h)
+        self.finish = finish
+        self.clock = clock
+        self.track_popular = False  # request counts per key (for warming)
+        self.stores: dict[str, CacheStore] = {}
+        self.popular: dict[str, KeyFrequency] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._counters: dict[tuple[int, str, str], m.Counter] = {}
+
+    def caches(self, api: str) -> bool:
+        """Is ``api`` cached at all?"""
+        return self.settings.enabled and (not self.settings.apis or api in self.settings.apis)
+
+    def store(self, api: str) -> CacheStore:
+        s = self.stores.get(api)
+        if s is None:
+            s = self.stores[api] = CacheStore(self.settings.max_bytes,
+                                              self.settings.max_object_bytes)
+            self.popular[api] = KeyFrequency()
+        return s
+
+    def count(self, api: str, result: str, metric: m.Counter = m.CACHE_LOOKUPS) -> None:
+        """Add one to ``metric`` (labels sidecar, api, ``result``); children kept (hot path)."""
+        key = (id(metric), api, result)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = metric.labels(self.sidecar_id, api, result)
+        c.inc()
+
+    # ------------------------------------------------------------------ serving
+
+    async def serve(self, request: web.BaseRequest, route: Route,
+                    target: str) -> web.StreamResponse:
+        """Answer a cacheable GET from the cache or through one origin flight."""
+        api = route.api
+        store = self.store(api)
+        h = request.headers
+        if self.track_popular:
+            self.popular[api].seen(target, self.clock())
+        revalidate = must_revalidate_request(h)
+        e = store.get(target, h)
+        now = self.clock()
+        if e is not None and not revalidate:
+            state = e.fresh.state(now - e.stored_at)
+            if state == "fresh":
+                self.count(api, "hit")
+                return self._from_store(request, e, "HIT", now)
+            if state == "swr":
+                self.count(api, "stale")
+                self.refresh_behind(route, target, e, "background")
+                return self._from_store(request, e, "STALE", now)
+        fk = (api, target)
+        waiting = self._inflight.get(fk)
+        if waiting is not None:
+            await asyncio.shield(waiting)
+            e = store.get(target, h)
+            now = self.clock()
+            if e is not None and e.fresh.state(now - e.stored_at) == "fresh":
+                self.count(api, "collapsed")
+                return self._from_store(request, e, "HIT", now)
+            return await self._fetch(request, route, target, e)  # not shareable: our own
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[fk] = fut
+        try:
+            return await self._fetch(request, route, target, e)
+        finally:
+            del self._inflight[fk]
+            fut.set_result(None)
+
+    async def _fetch(self, request: web.BaseRequest, route: Route, target: str,
+                     e: StoredResponse | None) -> web.StreamResponse:
+        api = route.api
+        h = request.headers
+        headers = [(k, v) for k, v in h.items() if k.lower() not in _NOT_FORWARDED]
+        kind = "fetch"
+        if e is not None:
+            cond = conditional_headers(e.header_map())
+            if cond:
+                headers += list(cond.items())
+                kind = "revalidate"
+        self.count(api, kind, m.CACHE_ORIGIN)
+        got = await self.origin(route, target, headers, request)
+        now = self.clock()
+        if isinstance(got, Fetched):
+            if got.status == 304 and e is not None:
+                self._revalidated(e, got, now)
+                self.count(api, "revalidated")
+                return self._from_store(request, e, "REVALIDATED", now)
+            if got.status >= 500 and e is not None and e.fresh.state(now - e.stored_at) != \
+                    "stale":
+                self.count(api, "stale")
+                return self._from_store(request, e, "STALE", now)
+            stored = self._keep(api, target, h, got, now)
+            self.count(api, "miss")
+            resp = web.Response(status=got.status, reason=got.reason, body=got.body,
+                                headers=got.headers)
+            if self.settings.x_cache_header:
+                resp.headers[X_CACHE] = "MISS"
+            return self.finish(request, resp, stored) if self.finish else resp
+        failed = got is None or (got.status >= 500 and not got.prepared)
+        if failed and e is not None and e.fresh.state(now - e.stored_at) != "stale":
+            self.count(api, "stale")  # stale-if-error (or still within swr)
+            return self._from_store(request, e, "STALE", now)
+        self.count(api, "miss")
+        if got is None:
+            return web.json_response({"error": "no_endpoint", "message": "origin failed"},
+                                     status=502)
+        return got
+
+    def _keep(self, api: str, target: str, req_headers: Mapping[str, str], got: Fetched,
+              now: float) -> StoredResponse | None:
+        why = why_not_storable(
+            "GET", got.status, got.headers, req_headers,
+            credentials=has_credentials(req_headers, self.credential_headers))
+        if why is not None:
+            self.count(api, why, m.CACHE_NOT_STORED)
+            return None
+        store = self.store(api)
+        e = StoredResponse(got.status, tuple(got.headers.items()), got.body, now,
+                           freshness(got.headers))
+        before = store.evictions
+        if not store.put(target, req_headers, e):
+            m.CACHE_NOT_STORED.labels(self.sidecar_id, api, "too-big").inc()
+            return None
+        if store.evictions > before:
+            m.CACHE_EVICTIONS.labels(self.sidecar_id, api).inc(store.evictions - before)
+        m.CACHE_BYTES.labels(self.sidecar_id, api).set(store.bytes)
+        return e
+
+    def charge(self, e: StoredResponse) -> None:
+        """Charge a stored response again after a compressed copy was added to it."""
+        for api, store in self.stores.items():
+            if any(v is e for v in store.variants(e.key)):
+                store.resize(e.key, dict(e.request_headers))
+                m.CACHE_BYTES.labels(self.sidecar_id, api).set(store.bytes)
+
+    @staticmethod
+    def _revalidated(e: StoredResponse, got: Fetched, now: float) -> None:
+        """A 304 refreshes the stored response's metadata (RFC 9111 4.3.4)."""
+        fresh = {k.lower() for k in got.headers if k.lower() not in NOT_UPDATED_BY_304}
+        merged = [(k, v) for k, v in e.headers if k.lower() not in fresh]
+        merged += [(k, v) for k, v in got.headers.items() if k.lower() in fresh]
+        e.headers = tuple(merged)
+        e.fresh = freshness(dict(merged))
+        e.stored_at = now
+
+    def _from_store(self, request: web.BaseRequest, e: StoredResponse, result: str,
+                    now: float) -> web.Response:
+        headers = CIMultiDict(e.headers)
+        headers["Age"] = str(int(e.fresh.initial_age_s + max(0.0, now - e.stored_at)))
+        if self.settings.x_cache_header:
+            headers[X_CACHE] = result
+        if e.status == 200 and client_not_modified(request.headers, headers):
+            for k in ("Content-Type", "Content-Encoding"):
+                headers.popall(k, None)
+            return web.Response(status=304, headers=headers)
+        resp = web.Response(status=e.status, body=e.body, headers=headers)
+        return self.finish(request, resp, e) if self.finish else resp
+
+    # ------------------------------------------------------------------ background
+
+    def refresh_behind(self, route: Route, target: str, e: StoredResponse, kind: str) -> bool:
+        """Revalidate ``e`` in the background unless a flight for it is under way."""
+        fk = (route.api, target)
+        if fk in self._inflight:
+            return False
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[fk] = fut
+
+        async def run() -> None:
+            try:
+                await self._refresh(route, target, e, kind)
+            except Exception:  # a background refresh must never take the proxy down
+                log.exception("background refresh of %s %s failed", route.api, target)
+            finally:
+                del self._inflight[fk]
+                fut.set_result(None)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _refresh(self, route: Route, target: str, e: StoredResponse, kind: str) -> None:
+        headers = [*e.request_headers, *conditional_headers(e.header_map()).items()]
+        self.count(route.api, kind, m.CACHE_ORIGIN)
+        got = await self.origin(route, target, headers, None)
+        now = self.clock()
+        if not isinstance(got, Fetched):
+            return
+        if got.status == 304:
+            self._revalidated(e, got, now)
+        elif got.status < 500:
+            self._keep(route.api, target, dict(e.request_headers), got, now)
+
+    async def close(self) -> None:
+        """Cancel background refreshes."""
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError):
+                await t

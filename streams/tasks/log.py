@@ -1,0 +1,179 @@
+"""The task API's Kafka side: writing tasks and statuses (acknowledged), and following
+task-status and task-results into the :class:`~streams.tasks.book.TaskBook`.
+
+Writes are awaited until the broker acknowledges them: ``202 Accepted`` means the task is
+in Kafka, not in a buffer of this process. The follower is a thread that reads both topics
+from their start (no consumer group: every replica reads everything) and hands decoded
+batches to the event loop, which alone changes the book.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import OFFSET_END, KafkaError, Message
+
+from schemas.codec import Codec, CodecError
+from streams.kafka.reader import TopicReader
+from streams.kafka.runtime import KafkaRuntime
+
+log = logging.getLogger(__name__)
+
+Batch = list[tuple[str, dict[str, Any]]]  # (schema name, record)
+WRITER_HEADER = "loadcast.writer"
+HAND_OVER_S = 0.003  # acks gathered this long before the loop is woken for them
+
+
+class TaskWriter:
+    """An idempotent producer whose sends are futures on the event loop."""
+
+    def __init__(self, rt: KafkaRuntime, codec: Codec, client_id: str) -> None:
+        # The API builds every record it writes from checked input: no range checks again.
+        self.codec = Codec(codec.ids, validate_on_encode=False)
+        self.topics = {name: rt.topic(short) for name, short in (
+            ("Task", "tasks"), ("TaskStatus", "task-status"), ("TaskResult", "task-results"))}
+        self._producer = rt.producer(**{
+            "client.id": client_id, "enable.idempotence": True, "linger.ms": 5,
+            "partitioner": "murmur2_random", "queue.buffering.max.messages": 200_000,
+        })
+        self.nonce = uuid.uuid4().hex.encode()  # this writer, not a previous process
+        self._own: list[tuple[str, str | bytes | None]] = [(WRITER_HEADER, self.nonce)]
+        self._stop = threading.Event()
+        # Acks of one poll go to the loop in one call: a wake-up of the loop per record
+        # was a tenth of the API's CPU per task.
+        self._acked: list[tuple[asyncio.Future[None], KafkaError | None]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._poller = threading.Thread(target=self._poll, name="task-writer", daemon=True)
+        self._poller.start()
+
+    def _poll(self) -> None:
+        handed = 0.0
+        while not self._stop.is_set():
+            # Acks arrive in many small batches (one per partition and produce request);
+            # each hand-over wakes the loop, so they are gathered for HAND_OVER_S first.
+            self._producer.poll(0.001 if self._acked else 0.05)
+            now = time.monotonic()
+            if self._acked and self._loop is not None and now - handed >= HAND_OVER_S:
+                handed = now
+                acked, self._acked = self._acked, []
+                self._loop.call_soon_threadsafe(_settle_all, acked)
+
+    def send(self, schema: str, record: dict[str, Any],
+             own: bool = False) -> asyncio.Future[None]:
+        """Encode and produce ``record`` keyed by its task id; the future is done when the
+        broker acknowledged it (``BufferError`` at once when the producer is full).
+        ``own``: marked with this writer's nonce (header ``loadcast.writer``), for a record
+        this process applied already and skips when it reads it back."""
+        loop = self._loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def delivered(err: KafkaError | None, msg: Message) -> None:
+            self._acked.append((fut, err))
+
+        value = self.codec.encode(schema, record)
+        self._producer.produce(self.topics[schema], value, record["task_id"].encode(),
+                               on_delivery=delivered, headers=self._own if own else None)
+        return fut
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._producer.flush(timeout)
+        self._stop.set()
+        self._poller.join(timeout)
+
+
+def _settle_all(acked: list[tuple[asyncio.Future[None], KafkaError | None]]) -> None:
+    for fut, err in acked:
+        if fut.done():
+            continue
+        if err is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(RuntimeError(f"Kafka did not take the record: {err}"))
+
+
+class StatusFollower:
+    """Reads task-status and task-results from their start and keeps following; calls
+    ``deliver(batch)`` on ``loop`` for each decoded batch. ``caught_up`` is set once both
+    topics were read to the end they had at start. ``scores``: load-scores too, from their
+    end (only new forecasts matter, and that topic is large)."""
+
+    def __init__(self, rt: KafkaRuntime, codec: Codec, loop: asyncio.AbstractEventLoop,
+                 deliver: Callable[[Batch], None], skip_writer: bytes | None = None,
+                 scores: bool = False) -> None:
+        self.codec = codec
+        self.skip = (WRITER_HEADER, skip_writer) if skip_writer else None
+        self.loop = loop
+        self.deliver = deliver
+        # a short fetch wait: brokers that answer only at the max wait (Tansu) would add
+        # it to every status change the API sees
+        short_wait: dict[str, Any] = {"fetch.wait.max.ms": 10}
+        topics = [("task-status", "TaskStatus", 0), ("task-results", "TaskResult", 0)]
+        if scores:  # forecasts of task arrivals (streams.tasks.demand)
+            topics.append(("load-scores", "LoadScore", OFFSET_END))
+        self.readers = [
+            (rt.reader(rt.topic(topic), start=start, follow=True, **short_wait), schema)
+            for topic, schema, start in topics]
+        self.caught_up = threading.Event()
+        self.bad = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="task-follower", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wait_caught_up(self, timeout: float) -> None:
+        """Block until the start-up read reached the end (TimeoutError after ``timeout``)."""
+        if not self.caught_up.wait(timeout):
+            raise TimeoutError(f"task-status was not read to its end in {timeout}s")
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                batch: Batch = []
+                for reader, schema in self.readers:
+                    batch.extend(self._decode(reader, schema))
+                if batch:
+                    self.loop.call_soon_threadsafe(self.deliver, batch)
+                if not self.caught_up.is_set() and all(r.at_end for r, _ in self.readers):
+                    # after the batch above: the loop applies it before it sees the flag
+                    self.loop.call_soon_threadsafe(self.caught_up.set)
+        except Exception:  # a dead follower must be loud: the API would answer stale
+            log.exception("task follower stopped")
+            raise
+
+    def _decode(self, reader: TopicReader, schema: str) -> Batch:
+        out: Batch = []
+        for m in reader.batch(0.02, 2000):
+            value = m.value()
+            if value is None:
+                continue
+            if self.skip is not None:
+                headers = m.headers()
+                if headers and self.skip in headers:
+                    continue
+            try:
+                out.append((schema, self.codec.decode(value, schema)))
+            except CodecError as e:
+                self.bad += 1
+                log.warning("%s[%s]@%s: undecodable record skipped: %s",
+                            reader.topic, m.partition(), m.offset(), e)
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5.0)
+        for reader, _ in self.readers:
+            with contextlib.suppress(Exception):
+                reader.close()
+
+
+def now_ms() -> int:
+    """Wall-clock epoch milliseconds (the time records carry)."""
+    return int(time.time() * 1000)
