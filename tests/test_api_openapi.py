@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import aiohttp
 import pytest
+from aiohttp import web
 from openapi_spec_validator import validate
 
 from streams.api.config import ApiSettings
@@ -24,8 +25,9 @@ async def test_openapi_document_validates_and_lists_every_route() -> None:
     validate(doc)  # raises on any schema violation (OpenAPI 3.1, JSON Schema 2020-12)
     assert doc["openapi"].startswith("3.1")
     listed = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
-    served = {(r.method, r.resource.canonical) for r in svc.app.router.routes()
-              if r.method != "HEAD" and r.resource is not None}
+    served = {(r.method, r.resource.canonical
+               + ("/{filename}" if isinstance(r.resource, web.StaticResource) else ""))
+              for r in svc.app.router.routes() if r.method != "HEAD" and r.resource is not None}
     assert listed == served
     assert {("POST", "/v1/predict"), ("POST", "/v1/predict/batch"),
             ("POST", "/v1/predict/async"), ("GET", "/v1/jobs/{id}"),

@@ -3,8 +3,8 @@
 Generated at request time from ``app[OPERATIONS]`` (every route module declares its
 routes as :class:`~streams.api.operations.Operation` values), so a route added anywhere
 appears here; pydantic's JSON Schemas (draft 2020-12, which OpenAPI 3.1 uses) go under
-``components/schemas`` and are referred to by ``$ref``. ``/health``, ``/metrics`` and the
-document itself are described by hand.
+``components/schemas`` and are referred to by ``$ref``. ``/health``, ``/metrics``, the
+document itself and static directories are described here.
 
 >>> from streams.api.app import create_app
 >>> from streams.api.config import ApiSettings
@@ -97,6 +97,16 @@ def document(app: web.Application) -> dict[str, Any]:
     paths: dict[str, dict[str, Any]] = {p: dict(v) for p, v in _BUILT_IN.items()}
     for op in ops:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation(op, refs)
+    for res in app.router.resources():  # directories served as they are (the page's files)
+        if isinstance(res, web.StaticResource):
+            paths[res.canonical + "/{filename}"] = {"get": {
+                "summary": f"Static files under {res.canonical}",
+                "operationId": "get_" + re.sub(r"\W+", "_", res.canonical).strip("_"),
+                "tags": ["static"],
+                "parameters": [{"name": "filename", "in": "path", "required": True,
+                                "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "the file"},
+                              "404": {"description": "no such file"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": TITLE, "version": "1",
