@@ -56,6 +56,7 @@ class ForecastState:
         self.models: dict[str, dict[str, Any]] = {}  # family -> GlobalModel without params
         self.version = 0
         self.updated_at: float | None = None  # wall time of the last change
+        self.newest_ms = 0  # computed_at of the newest score
         self.ignored_endpoints = 0  # scores of endpoints over max_endpoints
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -92,6 +93,7 @@ class ForecastState:
         if old is not None and score.computed_at <= old.computed_at:
             return False  # a replayed or late score never replaces a newer one
         self.scores[eid] = score
+        self.newest_ms = max(self.newest_ms, score.computed_at)
         hist = self.history.get(eid)
         if hist is None:
             hist = self.history[eid] = deque(maxlen=self.history_points)
@@ -154,7 +156,7 @@ class ForecastState:
         """Seconds since the newest score was computed (None before any)."""
         if not self.scores:
             return None
-        newest = max(s.computed_at for s in self.scores.values())
+        newest = self.newest_ms  # kept by _score: /health must not walk every endpoint
         return max(0.0, (now if now is not None else time.time()) - newest / 1000)
 
     async def changed(self, after_version: int, timeout: float) -> bool:
