@@ -3,7 +3,7 @@
 broker with LoadScore records shaped as the worker publishes them (forecast points per
 horizon with their band): the overview lists the endpoints in the order they run out
 with the numbers the API holds, a chart takes a new score within 5 s, a stale-score
-banner appears when scores stop, a mirror appears when an executor reports one, the page
+banner appears when scores stop, a mirror appears when the planner commands one, the page
 survives the API restarting, and the browser logs no error. Screenshots go to ``out/``.
 """
 
@@ -246,11 +246,23 @@ def _live_page(browser: Any, svc: ApiService, url: str,
     assert points == 16
     browser.save_screenshot(str(OUT / "controlroom-1280x800.png"))
 
-    # a mirror an executor reports appears with its state, commanded time in the
-    # viewer's zone
+    # a mirror the planner commands appears at once (a signed MirrorCommand as the
+    # planner publishes it), then with the state its executor reports; commanded time in
+    # the viewer's zone
+    from processors.signing import Signer, generate_keypair
+
     commanded = int(time.time() * 1000)
+    command = Signer("planner-1", generate_keypair()[0]).sign({
+        "command_id": "c1", "action": "ACTIVATE", "api": "orders", "region": "eu",
+        "bundle_digest": "sha256:" + "0" * 64, "desired_instances": 1, "sequence": 1,
+        "issued_at": commanded, "expires_at": commanded + 60_000,
+        "reason": "predicted 105 req/s > 100 req/s", "central_capacity_rps": 100.0,
+        "forecast": [], "key_id": "", "signature": b""})
+    produce("mirror-commands", "MirrorCommand", command, "eu")
+    wait(lambda: text(browser, 'tr[data-region="eu"][data-api="orders"][data-state="COMMANDED"]'),
+         10, "the commanded mirror's row")
     status = {"executor_id": "x1", "region": "eu", "api": "orders", "command_id": "c1",
-              "sequence": 1, "state": "STARTING", "at": commanded, "instance_url": None,
+              "sequence": 1, "state": "STARTING", "at": commanded + 300, "instance_url": None,
               "bundle_digest": None, "reason": "predicted 105 req/s > 100 req/s",
               "capacity_rps": None}
     produce("mirror-status", "MirrorStatus", status, "eu")
