@@ -43,6 +43,13 @@ class MirrorView:
     since: dict[str, int] = field(default_factory=dict)  # state -> first seen at (ms)
 
 
+def _order(score: LoadScore) -> tuple[int, int]:
+    """Which of two scores of an endpoint is newer: computed later, or computed in the same
+    millisecond (a worker catching up scores several steps at once) for a later step; a
+    tie is the same score read again, and the later in the log wins."""
+    return score.computed_at, score.forecast[0].at if score.forecast else 0
+
+
 class ForecastState:
     """Latest scores and friends, bounded in endpoints and history."""
 
@@ -90,8 +97,8 @@ class ForecastState:
         if old is None and len(self.scores) >= self.max_endpoints:
             self.ignored_endpoints += 1
             return False
-        if old is not None and score.computed_at <= old.computed_at:
-            return False  # a replayed or late score never replaces a newer one
+        if old is not None and _order(score) < _order(old):
+            return False  # a late score never replaces a newer one
         self.scores[eid] = score
         self.newest_ms = max(self.newest_ms, score.computed_at)
         hist = self.history.get(eid)
