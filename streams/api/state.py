@@ -173,7 +173,8 @@ class ForecastState:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                await fut
         except TimeoutError:
             return self.version > after_version
         finally:
