@@ -111,7 +111,7 @@ class TaskService:
         if self.follower is not None:
             await asyncio.to_thread(self.follower.close)
         if self.writer is not None:
-            await asyncio.to_thread(self.writer.close)
+            await self.writer.aclose()
 
     def _deliver(self, batch: Batch) -> None:
         now = time.monotonic()
@@ -163,8 +163,7 @@ class TaskService:
         self.book.apply_status(queued, time.monotonic())
         assert self.writer is not None
         try:
-            await asyncio.gather(self.writer.send("TaskStatus", queued, own=True),
-                                 self.writer.send("Task", task))
+            await self.writer.send_all([("TaskStatus", queued, True), ("Task", task, False)])
         except (BufferError, RuntimeError):
             # Not in Kafka (or not known to be): not accepted (503), and forgotten here. A
             # status that got there without its task stays queued for other replicas and
