@@ -185,14 +185,16 @@ def expired_leases(running: Iterable[tuple[str, float]], now: float,
 # --------------------------------------------------------------------------- idempotency
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def request_hash(body: Mapping[str, Any]) -> str:
     """A fingerprint of a request body, the same for the same JSON whatever its key order.
 
     >>> request_hash({"a": 1, "b": [2]}) == request_hash({"b": [2], "a": 1})
     True
     """
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(body).encode()).hexdigest()
 
 
 def idempotent_match(known: tuple[str, str] | None, body_hash: str) -> str | None:

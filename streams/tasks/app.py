@@ -33,6 +33,9 @@ from streams.tasks.settings import TaskSettings
 
 SERVICE: web.AppKey[TaskService] = web.AppKey("task_service", TaskService)
 MAX_KEY_CHARS = 255
+# requirements as compact JSON with sorted keys (one encoder: json.dumps with options
+# builds a new one per call)
+CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 class Requirements(BaseModel):
@@ -124,8 +127,7 @@ async def submit(request: web.Request) -> web.Response:
                       field="Idempotency-Key")
     requirements = req.requirements.model_dump(mode="json", exclude_none=True)
     fields = {"task_type": req.task_type, "description": req.description,
-              "requirements_json": json.dumps(requirements, sort_keys=True,
-                                              separators=(",", ":"))}
+              "requirements_json": CANONICAL.encode(requirements)}
     try:
         done = await service.submit(fields, key)
     except IdempotencyConflict as e:
