@@ -151,10 +151,14 @@ def _forecast_claims(sk: dict[str, Any], claims: list[dict[str, Any]],
         claims.append(c)
         ids.append(c["id"])
         parts.append(f"90 % band coverage {cov} ({c['verdict']})")
+        source = st.get("source", "sum of endpoint forecasts")
+        what = (f"the region's demand series {source}, which the planner and the mirror "
+                "director act on" if source != "sum of endpoint forecasts"
+                else "the sum of its endpoints' forecasts")
         statements.append({
             "group": g, "tone": _said(claims, ids), "claims": ids,
-            "text": f"{g} demand forecast {sk['horizon_s']} s ahead (the horizon the planner "
-                    f"and the mirror director act on), over {st['points']} s: "
+            "text": f"{g} demand forecast {sk['horizon_s']} s ahead ({what}; the horizon the "
+                    f"planner and the mirror director act on), over {st['points']} s: "
                     + "; ".join(parts)})
 
 

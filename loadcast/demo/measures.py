@@ -16,6 +16,7 @@ from typing import Any
 
 from loadcast.demo import scenario as scn
 from loadcast.demo.loadgen import client_endpoint
+from processors.mirroring import demand_series_id
 from sinks.service import query
 from sinks.settings import SinkSettings
 
@@ -128,12 +129,17 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     forecasts made ``h`` s ahead, in epoch seconds ``[t_from, t_to)``.
 
     A group's actual is its region's demand: the requests of all its endpoints, edge
-    mirrors included (what a mirror serves is still the region's demand). Its forecast,
-    in ``groups``: the sum of its regular endpoints' forecasts (mean and band); in
-    ``planner_sums``: what the planner adds up (``processors.mirroring.DemandTable``), that
-    plus each mirror's rate when the forecast was made, held flat (a mirror carries the
-    region's demand, diverted).
+    mirrors included (what a mirror serves is still the region's demand; not the region's
+    demand series, which counts the same requests again). Its forecast, in ``groups``: the
+    region's demand series' forecast when the region has one (the edge sidecar counts every
+    request of its region on ``{api}-demand-{region}``; the planner and the mirror director
+    act on that forecast alone, ``source`` says so), else the sum of its regular endpoints'
+    forecasts (mean and band). In ``planner_sums``, for a region without a demand series:
+    what the planner adds up then (``processors.mirroring.DemandTable``), that sum plus
+    each mirror's rate when the forecast was made, held flat.
     """
+    series_of = {g: demand_series_id(scn.API, g) for g in (scn.CENTRAL, scn.EDGE)}
+    actual = [r for r in actual if r["endpoint_id"] not in series_of.values()]
     region_of = {str(r["endpoint_id"]): str(r["region"]) for r in actual}
     by_ep: dict[str, dict[int, float]] = defaultdict(dict)
     group: dict[str, dict[int, float]] = {g: defaultdict(float) for g in (scn.CENTRAL, scn.EDGE)}
@@ -154,11 +160,17 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
         eps = [e for e in capacities if region_of.get(e, g if f"-{g}-" in e else "") == g]
         common = set.intersection(*(set(fc_ep[e]) for e in eps)) if eps else set()
         mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g]
+        series = fc_ep.get(series_of[g])
+        if series:  # what the planner acts on: the region's own demand forecast
+            out["groups"][g] = {"source": series_of[g], "endpoints": eps, "mirrors": mirrors,
+                                **skill(dict(group[g]), series, season, h)}
+            continue
         for key, ms in (("groups", []), ("planner_sums", mirrors)):
             summed = {t: tuple(sum(fc_ep[e][t][i] for e in eps) +
                                sum(by_ep[m].get(t - h, 0.0) for m in ms)
                                for i in range(3)) for t in common}
-            out[key][g] = {"endpoints": eps, "mirrors": ms,
+            out[key][g] = {"source": "sum of endpoint forecasts", "endpoints": eps,
+                           "mirrors": ms,
                            **skill(dict(group[g]), summed, season, h)}  # type: ignore[arg-type]
     for e in capacities:
         out["endpoints"][e] = skill(by_ep.get(e, {}), fc_ep.get(e, {}), season, h)
@@ -189,8 +201,10 @@ def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
                                "api": scn.API, "lookback_s": 60}})
     share = _mirror_share(facts)
     edge_demand: dict[int, float] = defaultdict(float)
+    series = demand_series_id(scn.API, scn.EDGE)  # counts the same requests again
     for r in actual:
-        if r["region"] == scn.EDGE and int(r["t_s"]) >= int(facts["t_live"]):
+        if r["region"] == scn.EDGE and int(r["t_s"]) >= int(facts["t_live"]) \
+                and r["endpoint_id"] != series:
             edge_demand[int(r["t_s"]) - int(facts["t_live"])] += float(r["n"])
     # The last second's telemetry may be cut short by the stop: left out.
     fskill = forecast_skill(actual, fc, facts["capacities"], season, HORIZON,

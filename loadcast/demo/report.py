@@ -60,7 +60,8 @@ def _tables(s: dict[str, Any]) -> dict[str, str]:
                        [[name, r["points"], r["mae"], r["mae_seasonal_naive"],
                          r["mae_persistence"], r["mase_vs_seasonal_naive"],
                          r["mase_vs_persistence"], r["coverage"]]
-                        for name, r in [*((f"{g} demand", v) for g, v in sk["groups"].items()),
+                        for name, r in [*((f"{g} demand ({v.get('source', 'sum')})", v)
+                                          for g, v in sk["groups"].items()),
                                         *((f"{g} demand, planner's sum (+ mirrors' "
                                            "current rate)", v)
                                           for g, v in sk["planner_sums"].items()
@@ -109,8 +110,11 @@ the central columns compare routing policies only.</p>
 <p class="note">Forecast skill {s['horizon']} s ahead against the two naive forecasts at
 the same horizon on the same seconds (MASE = the forecast's mean absolute error / the
 naive one's; below 1 = better). Per client group: the region's demand (its endpoints' and
-mirrors' requests) against the sum of its endpoints' forecasts, what the planner adds up;
-per endpoint: that endpoint's requests, which the routing itself shifts.</p>{t["skill"]}
+mirrors' requests) against what the planner acts on: the forecast of the region's demand
+series where the edge sidecar counts one (every request of the region, whichever endpoint
+or mirror serves it), else the sum of its endpoints' forecasts; per endpoint: that
+endpoint's requests, which the routing itself shifts (at the edge, a mirror takes the
+spikes away from them).</p>{t["skill"]}
 <p class="note">forecast-accuracy query (live range), horizons 1, 5, 15 s (its MASE scales by
 the one-step-back naive error, so at 5 and 15 s it is above 1 even for a good forecast):</p>
 {t["accuracy"]}
