@@ -128,25 +128,28 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     """Per client group (central, edge) and per endpoint: :func:`skill` of the live
     forecasts made ``h`` s ahead, in epoch seconds ``[t_from, t_to)``.
 
-    A group's actual is its region's demand: the requests of all its endpoints, edge
-    mirrors included (what a mirror serves is still the region's demand; not the region's
-    demand series, which counts the same requests again). Its forecast, in ``groups``: the
-    region's demand series' forecast when the region has one (the edge sidecar counts every
-    request of its region on ``{api}-demand-{region}``; the planner and the mirror director
-    act on that forecast alone, ``source`` says so), else the sum of its regular endpoints'
-    forecasts (mean and band). In ``planner_sums``, for a region without a demand series:
-    what the planner adds up then (``processors.mirroring.DemandTable``), that sum plus
-    each mirror's rate when the forecast was made, held flat.
+    ``groups``: the forecast the planner acts on, against the demand it forecasts. For a
+    region with a demand series (the edge sidecar counts every request of its region on
+    ``{api}-demand-{region}``, before choosing an endpoint or mirror; the planner and the
+    mirror director take that series' forecast as the region's demand) that is the
+    series' forecast against the series' own counts, the region's arrivals (``source``,
+    ``actual`` say so); ``vs_served`` scores the same forecast against the requests the
+    region's endpoints and mirrors answered (counted when answered, so late under load).
+    For a region without one: the sum of its regular endpoints' forecasts (mean and band)
+    against the requests of all its endpoints and mirrors. ``planner_sums``: the sum the
+    planner makes without a demand series (``processors.mirroring.DemandTable``), the
+    endpoints' forecasts plus each mirror's rate when the forecast was made, held flat;
+    ``planner_uses`` is False where a demand series replaced it.
     """
     series_of = {g: demand_series_id(scn.API, g) for g in (scn.CENTRAL, scn.EDGE)}
-    actual = [r for r in actual if r["endpoint_id"] not in series_of.values()]
     region_of = {str(r["endpoint_id"]): str(r["region"]) for r in actual}
     by_ep: dict[str, dict[int, float]] = defaultdict(dict)
     group: dict[str, dict[int, float]] = {g: defaultdict(float) for g in (scn.CENTRAL, scn.EDGE)}
     for r in actual:
         t = int(r["t_s"])
         by_ep[r["endpoint_id"]][t] = float(r["n"])
-        if r["region"] in group:
+        # the demand series counts the same requests again: not in the served sum
+        if r["region"] in group and r["endpoint_id"] not in series_of.values():
             group[r["region"]][t] += float(r["n"])
     fc_ep: dict[str, dict[int, tuple[float, float, float]]] = defaultdict(dict)
     for r in fc:
@@ -159,19 +162,22 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     for g in (scn.CENTRAL, scn.EDGE):
         eps = [e for e in capacities if region_of.get(e, g if f"-{g}-" in e else "") == g]
         common = set.intersection(*(set(fc_ep[e]) for e in eps)) if eps else set()
-        mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g]
+        mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g
+                   and e != series_of[g]]
         series = fc_ep.get(series_of[g])
-        if series:  # what the planner acts on: the region's own demand forecast
-            out["groups"][g] = {"source": series_of[g], "endpoints": eps, "mirrors": mirrors,
-                                **skill(dict(group[g]), series, season, h)}
-            continue
         for key, ms in (("groups", []), ("planner_sums", mirrors)):
             summed = {t: tuple(sum(fc_ep[e][t][i] for e in eps) +
                                sum(by_ep[m].get(t - h, 0.0) for m in ms)
                                for i in range(3)) for t in common}
-            out[key][g] = {"source": "sum of endpoint forecasts", "endpoints": eps,
-                           "mirrors": ms,
+            out[key][g] = {"source": "sum of endpoint forecasts", "actual": "served requests",
+                           "endpoints": eps, "mirrors": ms, "planner_uses": not series,
                            **skill(dict(group[g]), summed, season, h)}  # type: ignore[arg-type]
+        if series:  # what the planner acts on: the region's own demand forecast
+            out["groups"][g] = {
+                "source": series_of[g], "actual": "arrivals (the demand series' counts)",
+                "endpoints": eps, "mirrors": mirrors, "planner_uses": True,
+                **skill(by_ep.get(series_of[g], {}), series, season, h),
+                "vs_served": skill(dict(group[g]), series, season, h)}
     for e in capacities:
         out["endpoints"][e] = skill(by_ep.get(e, {}), fc_ep.get(e, {}), season, h)
     return out
