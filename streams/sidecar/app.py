@@ -23,7 +23,6 @@ from typing import Any
 
 from aiohttp import web
 
-from processors.mirroring import demand_series_id
 from schemas.codec import Codec
 from streams.edge.agent import TelemetryInputError
 from streams.kafka.registry import codec_for
@@ -96,12 +95,12 @@ class Sidecar:
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
                 headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
+        self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.plane: DataPlane = plane_type(PlaneContext(
             self.id, s, self.upstreams, self.router, self._observe, self.director,
             pressure=table_pressure(self.table), capacity=table_capacity(self.table),
-            arrival=self._arrival if s.demand_series and s.region != s.central_region
-            else None))
-        self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
+            arrival=self.bus.count_arrival if self.bus is not None and s.demand_series
+            and s.region != s.central_region else None))
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin_port = 0
         self.started_at = 0.0
@@ -268,17 +267,6 @@ class Sidecar:
                 m.SHED.labels(self.id, api).set(route.shed_share)
 
     # ----------------------------------------------------------------- telemetry
-
-    def _arrival(self, api: str, region: str) -> None:
-        """One request of ``region`` for ``api`` that needs an origin: counted on the
-        region's demand series (its own region's only: the agent's windows carry the
-        agent's region). The series counts arrivals: its latency is 0, its status 200."""
-        agent = self.bus.agent if self.bus is not None else None
-        if agent is not None and region == self.settings.region:
-            try:
-                agent.record(demand_series_id(api, region), 0.0, 200, api=api)
-            except TelemetryInputError as e:  # e.g. an id over the length limit
-                log.debug("demand telemetry rejected: %s", e)
 
     def _observe(self, o: Outcome) -> None:
         ep = o.endpoint
