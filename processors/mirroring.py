@@ -21,7 +21,7 @@ once a mirror took the rest (a series a mirror censors: the endpoints' forecaste
 alone is the region's demand; else the endpoints' and mirrors' curves are summed.
 **Central capacity** is ``central_capacity_rps[api]`` when configured, else the sum of the
 endpoints' ``capacity_rps``: the endpoints a region's telemetry names are the central ones
-serving it (the demand series and mirrors are not endpoints).
+serving it (the demand series' capacity is not counted).
 
 **Rules** per (api, region) outside the central region, for APIs with a bundle:
 
@@ -244,9 +244,9 @@ class DemandTable:
                     vals[col - 1] += _value((s.computed_at, s.current), fut, t, col)
             points.append((t, vals[0], min(vals[0], vals[1]), max(vals[0], vals[2])))
         current = sum(s.current for s in live)  # as last measured
-        mirror = f"{api}-mirror-{region}-"
-        capacity = self.capacity_override.get(api) or sum(
-            s.capacity for e, s in fresh.items() if not e.startswith(mirror))
+        # the demand series' capacity is not the region's (mirrors' is: what-if scenarios
+        # add capacity as a mirror)
+        capacity = self.capacity_override.get(api) or sum(s.capacity for s in fresh.values())
         return RegionalDemand(api, region, now_ms, current, capacity, step, points,
                               len(fresh))
 

@@ -269,7 +269,7 @@ def test_the_regions_demand_series_alone_is_its_demand_while_fresh() -> None:
     d = t.demand("orders", "eu", now)
     assert d is not None and d.current_rps == pytest.approx(35.0)
     assert [round(m) for _, m, _, _ in d.points[:3]] == [45, 55, 65]
-    assert d.capacity_rps == pytest.approx(20.0)  # the endpoint's: not the series', mirror's
+    assert d.capacity_rps == pytest.approx(70.0)  # endpoint and mirror, not the series' 999
     assert d.endpoints == 2
     # the endpoints' scores are renewed, the region's is not: back to their sum
     t.apply(score(now + 2500, lambda s: 5.0, endpoint="orders-eu-1", capacity=20.0))
