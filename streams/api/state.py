@@ -23,6 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.mirroring import demand_series_id
 from schemas.records import LoadScore
 
 Batch = Iterable[tuple[str, dict[str, Any]]]
@@ -150,13 +151,25 @@ class ForecastState:
     def find(self, endpoint_id: str | None = None, *, api: str | None = None,
              region: str | None = None) -> list[LoadScore]:
         """The latest score of ``endpoint_id``, or of every endpoint of ``api`` (in
-        ``region`` if given), sorted by endpoint."""
+        ``region`` if given), sorted by endpoint. A region's demand series
+        (:func:`processors.mirroring.demand_series_id`) is not an endpoint: found by its
+        id only (summed with the endpoints, it would count their requests twice).
+
+        >>> from schemas.records import LoadScore
+        >>> st = ForecastState()
+        >>> for e in ("orders-eu-1", "orders-demand-eu"):
+        ...     st.scores[e] = LoadScore(e, "orders", "eu", 0, 1, 0.5, 10.0, "CONFIGURED",
+        ...                              5.0, 0.5, 1.0, 0.0, 0.0, 1, ())
+        >>> [s.endpoint_id for s in st.find(api="orders")], len(st.find("orders-demand-eu"))
+        (['orders-eu-1'], 1)
+        """
         if endpoint_id is not None:
             s = self.scores.get(endpoint_id)
             return [s] if s is not None else []
         return sorted(
             (s for s in self.scores.values()
-             if (api is None or s.api == api) and (region is None or s.region == region)),
+             if (api is None or s.api == api) and (region is None or s.region == region)
+             and s.endpoint_id != demand_series_id(s.api, s.region)),
             key=lambda s: s.endpoint_id)
 
     def newest_age_s(self, now: float | None = None) -> float | None:

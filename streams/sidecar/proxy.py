@@ -272,6 +272,7 @@ class Proxy(Forwarder):
         director: MirrorDirector | None = None,
         region: str = "central",
         edge: Callable[[Proxy], Edge] | None = None,
+        arrival: Callable[[str, str], None] | None = None,
     ) -> None:
         self.router = router
         self.sidecar_id = sidecar_id
@@ -284,6 +285,7 @@ class Proxy(Forwarder):
         self.observe = observe
         self.director = director  # edge mirrors by request region (X-Loadcast-Region)
         self.region = region
+        self.arrival = arrival  # (api, region) of each request that needs an origin
         self.session: aiohttp.ClientSession | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
         # absolute-form targets may name only these (scheme, host, port)
@@ -370,6 +372,8 @@ class Proxy(Forwarder):
                 region = reg_h
             if dynamic:  # the seeds' director: the region's mirror when central will not do
                 ep = self.director.choose(route, region, now, int(time.time()))
+        if self.arrival is not None:  # demand, whatever serves it (or sheds it)
+            self.arrival(route.api, region)
         if ep is None and self.router.should_shed(route, prio, now):
             return self._reject(route, 503, "shed",
                                 "offered load exceeds the API's capacity; low-priority "
