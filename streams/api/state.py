@@ -61,6 +61,9 @@ class ForecastState:
         self.anomalies: dict[str, dict[str, Any]] = {}
         self.mirrors: dict[tuple[str, str], MirrorView] = {}
         self.models: dict[str, dict[str, Any]] = {}  # family -> GlobalModel without params
+        # endpoint -> what a reader derived from its latest score (the API's answer parts),
+        # dropped when a newer score comes, so a reader finds it in one lookup
+        self.prepared: dict[str, Any] = {}
         self.version = 0
         self.updated_at: float | None = None  # wall time of the last change
         self.newest_ms = 0  # computed_at of the newest score
@@ -100,6 +103,7 @@ class ForecastState:
         if old is not None and _order(score) < _order(old):
             return False  # a late score never replaces a newer one
         self.scores[eid] = score
+        self.prepared.pop(eid, None)
         self.newest_ms = max(self.newest_ms, score.computed_at)
         hist = self.history.get(eid)
         if hist is None:
