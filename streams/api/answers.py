@@ -150,7 +150,7 @@ def encode_batch(curves: Curves, items: Sequence[BatchItem | Question], now_ms: 
     ready = curves.ready
     indexes = _indexes(len(items))
     ages: dict[int, tuple[bytes, bytes]] = {}  # score time -> its age_s, stale false/true
-    parts: list[bytes] = []
+    parts: list[bytes] = [b'{"results":[']
     add, extend = parts.append, parts.extend
     errors = general = answered = 0  # general items so far, and their endpoint answers
     stop = MAX_ANSWERS  # before item `stop`, fewer than MAX_ANSWERS answers in all
@@ -159,13 +159,14 @@ def encode_batch(curves: Curves, items: Sequence[BatchItem | Question], now_ms: 
         if eid is not None and it.times is None and i < stop:
             r = ready.get(eid) or curves.endpoint(eid)
             if r is not None:
-                head = r.answers.get(it.horizons) or _ready_answer(r, it.horizons)
+                _, kept, computed_at, valid_until = r  # faster than 3 attribute reads
+                head = kept.get(it.horizons) or _ready_answer(r, it.horizons)
                 if head is not None:
-                    age = ages.get(r.computed_at)
+                    age = ages.get(computed_at)
                     if age is None:
-                        a = b'],"age_s":' + orjson.dumps(max(0.0, (now_ms - r.computed_at) / 1e3))
-                        age = ages[r.computed_at] = (a + b',"stale":false}', a + b',"stale":true}')
-                    extend((head, age[now_ms > r.valid_until], indexes[i]))
+                        a = b'],"age_s":' + orjson.dumps(max(0.0, (now_ms - computed_at) / 1e3))
+                        age = ages[computed_at] = (a + b',"stale":false}', a + b',"stale":true}')
+                    extend((head, age[now_ms > valid_until], indexes[i]))
                     continue
         if answered + i - general >= MAX_ANSWERS:  # general's and the items' answered above
             res: dict[str, Any] = {"error": f"over {MAX_ANSWERS} endpoint answers in one "
@@ -182,4 +183,5 @@ def encode_batch(curves: Curves, items: Sequence[BatchItem | Question], now_ms: 
         stop = MAX_ANSWERS - answered + general
         add(orjson.dumps(res) + b",")
     parts[-1] = parts[-1][:-1]  # no comma after the last result
-    return b"".join((b'{"results":[', *parts, b'],"errors":%d}' % errors)), errors
+    add(b'],"errors":%d}' % errors)
+    return b"".join(parts), errors
