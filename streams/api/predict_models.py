@@ -122,6 +122,8 @@ def _bounded(data: Any, limit: int) -> Any:
 class BatchRequest(BaseModel):
     """Up to 10,000 questions answered in one call, each on its own."""
 
+    # the documented body, and what a bad one is told (the route decodes with BatchBody
+    # first: see decode_batch); this docstring is the schema's description
     model_config = ConfigDict(extra="forbid")
 
     items: list[PredictItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
