@@ -22,7 +22,9 @@ from streams.api.predict_models import BatchItem, PredictItem, Question
 from streams.api.state import ForecastState
 
 MAX_ANSWERS = 200_000  # endpoint answers in one synchronous call (api questions fan out)
-MAX_KEPT_ANSWERS = 8  # horizon lists whose answers an endpoint keeps (until its next score)
+# bytes of answers an endpoint keeps until its next score (several horizon lists, or all
+# 15 points once): at most about what its curve takes, 0.4 GB for 100,000 endpoints
+MAX_KEPT_BYTES = 4096
 
 
 class EncodedCurve(Curve):
@@ -128,12 +130,13 @@ def _indexes(n: int) -> list[bytes]:
 
 def _ready_answer(r: Ready, horizons: tuple[int, ...] | None) -> bytes | None:
     """``r``'s :meth:`~EncodedCurve.predictions` for ``horizons``, kept for the next
-    items (up to :data:`MAX_KEPT_ANSWERS` lists); None when the curve cannot answer."""
+    items while the endpoint keeps at most :data:`MAX_KEPT_BYTES`; None when the curve
+    cannot answer."""
     try:
         head = r.curve.predictions(horizons)
     except ServingError:
         return None  # answer_item says why
-    if len(r.answers) < MAX_KEPT_ANSWERS:
+    if len(head) + sum(map(len, r.answers.values())) <= MAX_KEPT_BYTES:
         r.answers[horizons] = head
     return head
 
