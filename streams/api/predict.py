@@ -10,8 +10,9 @@
   ``limit``);
 - ``GET /v1/model/info``: model kinds of the scores, global-model versions, freshness.
 
-Every answer comes from the latest score of each endpoint (:mod:`streams.api.state`) by
-:func:`processors.serving.answer`: a stale score is answered and marked ``stale``.
+Every answer comes from the latest score of each endpoint (:mod:`streams.api.state`), as
+:func:`processors.serving.answer` gives it, encoded by :mod:`streams.api.answers` (a
+batch: from each endpoint's JSON parts); a stale score is answered and marked ``stale``.
 """
 
 from __future__ import annotations
