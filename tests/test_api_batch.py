@@ -206,7 +206,9 @@ def test_batch_answers_are_answer_items_encoded(monkeypatch: pytest.MonkeyPatch)
     assert 1 < len(kept) < 10 and sum(map(len, kept.values())) <= answers.MAX_KEPT_BYTES
     assert state.prepared["e1"].answers  # e1's answers are kept ...
     state.apply([("LoadScore", score("e1", NOW + 60_000, [11.0, 21.0, 41.0]))])
-    assert "e1" not in state.prepared  # ... until its next score
+    renewed = state.prepared["e1"]  # ... until its next score, made ready as it comes
+    assert renewed.curve.score is state.scores["e1"] and not renewed.answers
+    assert state.prepared["e3"].curve.score is state.scores["e3"]  # e3 left as it was
     items = decode_batch(raw)
     got, _ = encode_batch(curves, items, NOW + 61_000)
     assert got == reference(curves, _questions(items), NOW + 61_000)

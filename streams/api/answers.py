@@ -2,9 +2,10 @@
 
 :class:`Curves` keeps, per endpoint, a :class:`Ready`: the score's :class:`EncodedCurve`
 (its identity, capacity and points encoded as JSON once) and the JSON of the answers to
-the horizon lists asked of it so far. It lives in ``ForecastState.prepared``, which the
-state empties for an endpoint when a newer score comes, so one lookup finds an
-endpoint's answer parts. :func:`encode_batch` answers a batch item asking an endpoint's
+the horizon lists asked of it so far. It lives in ``ForecastState.prepared``, where the
+state makes it again from each newer score of an endpoint once asked about, so one
+lookup finds an endpoint's answer parts and a question after a new score does not pay
+for preparing them. :func:`encode_batch` answers a batch item asking an endpoint's
 horizons by joining bytes: the endpoint's answer to those horizons, its age and
 staleness (encoded once per batch and score time), the item's index.
 """
@@ -68,19 +69,25 @@ class Ready(NamedTuple):
     valid_until: int
 
 
+def make_ready(score: LoadScore) -> Ready:
+    """``score`` made ready to answer (no answers kept yet)."""
+    return Ready(EncodedCurve(score), {}, score.computed_at, score.valid_until)
+
+
 class Curves:
     """A :class:`Ready` per endpoint, made at its first question and kept in the state's
-    ``prepared`` until the endpoint's next score (bounded by the state's endpoints)."""
+    ``prepared`` (bounded by the state's endpoints); the state makes it again from each
+    newer score of the endpoint as it comes (``ForecastState.prepare``)."""
 
     def __init__(self, state: ForecastState) -> None:
         self.state = state
         self.ready: dict[str, Ready] = state.prepared
+        state.prepare = make_ready
 
     def _ready(self, score: LoadScore) -> Ready:
         r = self.ready.get(score.endpoint_id)
         if r is None or r.curve.score is not score:
-            r = self.ready[score.endpoint_id] = Ready(
-                EncodedCurve(score), {}, score.computed_at, score.valid_until)
+            r = self.ready[score.endpoint_id] = make_ready(score)
         return r
 
     def of(self, score: LoadScore) -> EncodedCurve:
