@@ -155,8 +155,8 @@ def encode_batch(curves: Curves, items: Sequence[BatchItem | Question], now_ms: 
     An item asking horizons (or every point) of a known endpoint is answered from the
     endpoint's :class:`Ready` parts: a few lookups, three byte strings added to the
     answer. Any other item (an api, times, an unknown endpoint, a horizon outside the
-    forecast) is answered by :func:`answer_item` and encoded by orjson. Results are value for value
-    (and byte for byte) what encoding :func:`answer_item`'s answers gives."""
+    forecast) is answered by :func:`answer_item` and encoded by orjson. Results are, value
+    for value (and byte for byte), what encoding :func:`answer_item`'s answers gives."""
     ready = curves.ready
     indexes = _indexes(len(items))
     ages: dict[int, tuple[bytes, bytes]] = {}  # score time -> its age_s, stale false/true
