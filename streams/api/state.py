@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +62,13 @@ class ForecastState:
         self.anomalies: dict[str, dict[str, Any]] = {}
         self.mirrors: dict[tuple[str, str], MirrorView] = {}
         self.models: dict[str, dict[str, Any]] = {}  # family -> GlobalModel without params
+        # endpoint -> what a reader derived from its latest score (the API's answer parts),
+        # found in one lookup. A newer score drops it; with `prepare` set, an endpoint
+        # that had it gets it again from the new score at the end of the batch (an
+        # endpoint asked about stays ready: its next question does not pay for it)
+        self.prepared: dict[str, Any] = {}
+        self.prepare: Callable[[LoadScore], Any] | None = None
+        self._renewed: set[str] = set()
         self.version = 0
         self.updated_at: float | None = None  # wall time of the last change
         self.newest_ms = 0  # computed_at of the newest score
@@ -91,6 +98,10 @@ class ForecastState:
                 if not w.done():
                     w.set_result(None)
             self._waiters.clear()
+        renewed, self._renewed = self._renewed, set()
+        if self.prepare is not None:
+            for eid in renewed:  # one at a time: an error leaves the rest simply absent
+                self.prepared[eid] = self.prepare(self.scores[eid])
 
     def _score(self, score: LoadScore) -> bool:
         eid = score.endpoint_id
@@ -101,6 +112,8 @@ class ForecastState:
         if old is not None and _order(score) < _order(old):
             return False  # a late score never replaces a newer one
         self.scores[eid] = score
+        if self.prepared.pop(eid, None) is not None:
+            self._renewed.add(eid)
         self.newest_ms = max(self.newest_ms, score.computed_at)
         hist = self.history.get(eid)
         if hist is None:
