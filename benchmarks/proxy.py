@@ -83,9 +83,10 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
-    """Run wrk on each URL in parallel (connections split between them); summed req/s,
-    the worst p50/p99 of the runs."""
+def wrk(urls: list[str], seconds: float, connections: int,
+        cpus: set[int] | None = None) -> dict[str, float]:
+    """Run wrk on each URL in parallel (connections split between them; on ``cpus`` when
+    given); summed req/s and requests, the worst p50/p99 of the runs."""
     procs = []
     per = max(1, connections // len(urls))
     for url in urls:
@@ -93,8 +94,10 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
             ["wrk", "-t1", f"-c{per}", f"-d{max(1, round(seconds))}s", "--latency",
              "--timeout", "5s", url],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         ))
     rps = 0.0
+    requests = 0
     ok_rps = 0.0
     p50: list[float] = []
     p99: list[float] = []
@@ -108,6 +111,7 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
         if m is None or mt is None:
             raise RuntimeError(f"wrk output not understood: {out[-500:]}")
         rps += float(m.group(1))
+        requests += int(mt.group(1))
         me = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
         bad = int(me.group(1)) if me else 0
         non2xx += bad
@@ -120,7 +124,8 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
         ms = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                        out)
         socket_errors += sum(int(x) for x in ms.groups()) if ms else 0
-    return {"rps": rps, "ok_rps": ok_rps, "p50_ms": max(p50, default=float("nan")),
+    return {"rps": rps, "ok_rps": ok_rps, "requests": requests,
+            "p50_ms": max(p50, default=float("nan")),
             "p99_ms": max(p99, default=float("nan")), "errors": errors + socket_errors,
             "non2xx": non2xx, "socket_errors": socket_errors}
 
@@ -144,14 +149,17 @@ async def _py_load(urls: list[str], seconds: float, connections: int) -> dict[st
         await asyncio.gather(*(worker(urls[i % len(urls)]) for i in range(connections)))
     lat.sort()
     return {"rps": len(lat) / seconds, "ok_rps": (len(lat) - errors) / seconds,
+            "requests": len(lat),
             "p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99)],
             "errors": errors, "non2xx": errors, "socket_errors": 0}
 
 
-def load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
-    """Closed-loop load for ``seconds`` with ``connections`` connections."""
+def load(urls: list[str], seconds: float, connections: int,
+         cpus: set[int] | None = None) -> dict[str, float]:
+    """Closed-loop load for ``seconds`` with ``connections`` connections (wrk on ``cpus``
+    when given)."""
     if shutil.which("wrk"):
-        return wrk(urls, seconds, connections)
+        return wrk(urls, seconds, connections, cpus)
     return asyncio.run(_py_load(urls, seconds, connections))
 
 

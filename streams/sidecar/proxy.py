@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from multidict import CIMultiDict
 from yarl import URL
 
 from streams.sidecar import metrics as m
 from streams.sidecar.director import REGION_HEADER, MirrorDirector, valid_region
 from streams.sidecar.edge_cache import Fetched
+from streams.sidecar.fastpath import SUPPORTED as FAST_SUPPORTED
+from streams.sidecar.fastpath import FastServer
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.relay import relay, upstream_session
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
@@ -297,9 +300,27 @@ class Proxy(Forwarder):
         self.capture_limit = built.settings.cache.max_object_bytes if built else 0
 
     def server(self) -> web.Server:
-        """The low-level aiohttp server (no router or middlewares: every path is ours).
-        Call :meth:`open` before serving and :meth:`close` after."""
+        """The low-level aiohttp server (no router or middlewares: every path is ours);
+        with the response cache on, fresh hits are answered as requests are parsed
+        (:mod:`streams.sidecar.fastpath`). Call :meth:`open` before serving and
+        :meth:`close` after."""
+        if self.edge is not None and self.edge.settings.cache.enabled and FAST_SUPPORTED:
+            return FastServer(self.handle, self.answer)
         return web.Server(self.handle)
+
+    def answer(self, msg: RawRequestMessage, peer: str | None) -> bytes | None:
+        """The fast path's question: a fresh hit's whole answer for this parsed GET, or
+        None (the ordinary path, :meth:`handle`, answers it)."""
+        path = msg.path
+        if self.edge is None or not path.startswith("/") or "#" in path:
+            return None
+        h = msg.headers
+        if DYNAMIC_HEADER in h or PRIORITY_HEADER in h:
+            return None  # their values are checked on the ordinary path
+        route = self.router.route_for(h.get(API_HEADER), path.partition("?")[0])
+        if route is None:
+            return None
+        return self.edge.fresh_hit(route, h, path)
 
     async def open(self) -> None:
         if self.session is None:
