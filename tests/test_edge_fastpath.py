@@ -139,3 +139,25 @@ async def test_what_the_fast_path_leaves_to_the_ordinary_path() -> None:
         async with cs.get(f"http://127.0.0.1:{sc.port}/f") as r:
             assert r.headers["X-Cache"] == "HIT"
         assert edge.cache.fast_hits.get("orders", 0) == before.get("orders", 0) + 1
+
+
+@pytest.mark.asyncio
+async def test_a_key_whose_answer_was_not_storable_is_relayed_for_a_while() -> None:
+    async with edge_sidecar(**CACHE) as (sc, o), aiohttp.ClientSession() as cs:
+        edge = edge_of(sc)
+        o.set("/p", headers={}, body=b"p")
+        for _ in range(2):
+            async with cs.get(f"http://127.0.0.1:{sc.port}/p") as r:
+                assert r.headers["X-Cache"] == "MISS" and await r.read() == b"p"
+        assert o.hits["/p"] == 2 and ("orders", "/p") in edge.cache.passing
+        o.set("/p", headers=FRESH, body=b"p")
+        async with cs.get(f"http://127.0.0.1:{sc.port}/p") as r:
+            assert r.headers["X-Cache"] == "MISS"  # still relayed: not stored yet
+        edge.cache.passing[("orders", "/p")] = (0.0, "no-lifetime")  # PASS_S is over
+        for want in ("MISS", "HIT"):
+            async with cs.get(f"http://127.0.0.1:{sc.port}/p") as r:
+                assert r.headers["X-Cache"] == want
+        assert o.hits["/p"] == 4 and ("orders", "/p") not in edge.cache.passing
+    assert REGISTRY.get_sample_value(
+        "loadcast_sidecar_cache_not_stored_total",
+        {"sidecar": sc.id, "api": "orders", "reason": "no-lifetime"}) == 3

@@ -153,7 +153,8 @@ class Edge:
     # ------------------------------------------------------------------ cache
 
     def cacheable(self, route: Route, request: web.BaseRequest) -> bool:
-        """Does this request take the cache path?"""
+        """Does this request take the cache path (unless its key passes: see
+        :meth:`EdgeCache.passes`)?"""
         if not self.cache.caches(route.api):
             return False
         why = request_bypass(request.method, request.headers)
@@ -222,6 +223,8 @@ class Edge:
         if not self.compressing:
             return None
         c = self.settings.compression
+        if length is not None and length < c.min_bytes:
+            return None  # the common small answer: no header looked at
         if not worth_compressing(request.method, status, headers.get("Content-Type"),
                                  headers.get("Content-Encoding"), length,
                                  min_bytes=c.min_bytes, types=c.types):

@@ -72,6 +72,8 @@ Finish = Callable[[web.BaseRequest, web.Response, StoredResponse | None], web.Re
 Head = Callable[[StoredResponse], bytes]  # a fresh hit's prebuilt head, b"": not that way
 # request headers that send a hit the ordinary way (revalidation asked, ranges, the
 # client's own validators, credentials): the fast path answers only the plain case
+PASS_S = 1.0  # how long a key whose answer was not storable skips the cache path
+MAX_PASSING = 10_000
 _NOT_FAST = ("cache-control", "pragma", "range", "if-none-match", "authorization", "cookie",
              "proxy-authorization")
 
@@ -109,6 +111,10 @@ class EdgeCache:
         self._tasks: set[asyncio.Task[None]] = set()
         self._counters: dict[tuple[int, str, str], m.Counter] = {}
         self.fast_hits: dict[str, int] = {}  # hits of the fast path not yet counted
+        # (api, target) -> until when its requests go straight to the origin: its last
+        # answer was not storable for any request (a cache may always forward; single
+        # flight collapses only what may be shared). Bounded; rechecked after PASS_S.
+        self.passing: dict[tuple[str, str], tuple[float, str]] = {}  # (until, why)
 
     def caches(self, api: str) -> bool:
         """Is ``api`` cached at all?"""
@@ -162,6 +168,20 @@ class EdgeCache:
         hits = self.fast_hits
         hits[api] = hits.get(api, 0) + 1
         return b"".join((head, b"Age: %d\r\n\r\n" % age, e.body))
+
+    def passes(self, api: str, target: str) -> bool:
+        """Should this request go straight to the origin (its key's last answer was not
+        storable, less than :data:`PASS_S` ago)? Counted as a miss, and not stored for
+        the reason the last answer was not."""
+        p = self.passing.get((api, target))
+        if p is None:
+            return False
+        if self.clock() >= p[0]:
+            del self.passing[(api, target)]
+            return False
+        self.count(api, "miss")
+        self.count(api, p[1], m.CACHE_NOT_STORED)
+        return True
 
     def flush_counts(self) -> None:
         """Add the fast path's hits to the lookup metric."""
@@ -254,6 +274,10 @@ class EdgeCache:
             credentials=has_credentials(req_headers, self.credential_headers))
         if why is not None:
             self.count(api, why, m.CACHE_NOT_STORED)
+            if why != "credentials":  # about the response, not this request
+                if len(self.passing) >= MAX_PASSING:
+                    self.passing.clear()
+                self.passing[(api, target)] = (now + PASS_S, why)
             return None
         store = self.store(api)
         e = StoredResponse(got.status, tuple(got.headers.items()), got.body, now,

@@ -35,7 +35,7 @@ from yarl import URL
 
 from streams.sidecar import metrics as m
 from streams.sidecar.director import REGION_HEADER, MirrorDirector, valid_region
-from streams.sidecar.edge_cache import Fetched
+from streams.sidecar.edge_cache import X_CACHE, Fetched
 from streams.sidecar.fastpath import SUPPORTED as FAST_SUPPORTED
 from streams.sidecar.fastpath import FastServer
 from streams.sidecar.policies import Endpoint
@@ -135,7 +135,7 @@ class Forwarder:
     async def _forward(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        dynamic: bool, t0: float, path: str,
                        fwd_headers: list[tuple[str, str]] | None = None,
-                       capture: bool = False) -> Any:
+                       capture: bool | str = False) -> Any:
         method = request.method if request is not None else "GET"
         idempotent = method in IDEMPOTENT
         body: Any = None
@@ -222,7 +222,7 @@ class Forwarder:
 
     async def _respond(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        resp: aiohttp.ClientResponse, start: float, attempts: int,
-                       dynamic: bool, capture: bool = False) -> Any:
+                       dynamic: bool, capture: bool | str = False) -> Any:
         now = time.monotonic()
         rtt_ms = (now - start) * 1000
         status = resp.status
@@ -238,10 +238,13 @@ class Forwarder:
         )
         n = resp.content_length
         try:
-            if capture and (status == 304 or (n is not None and n <= self.capture_limit)):
+            if capture is True and (status == 304 or (n is not None
+                                                      and n <= self.capture_limit)):
                 return Fetched(status, resp.reason, out_headers, await resp.read())
             if request is None:
                 return None  # a background refresh of something too big to store
+            if isinstance(capture, str):  # the cache passed it through: say what it was
+                out_headers[X_CACHE] = capture
             coding = None if self.edge is None else self.edge.coding(request, status,
                                                                      out_headers, n)
             return await relay(request, resp, out_headers, coding)
@@ -360,7 +363,11 @@ class Proxy(Forwarder):
             if limited is not None:
                 return limited
             if edge.cacheable(route, request):
-                return await edge.serve(request, route, target)
+                if not edge.cache.passes(route.api, target):
+                    return await edge.serve(request, route, target)
+                # its last answer was not storable: relayed, marked as the miss it is
+                mark = "MISS" if edge.settings.cache.x_cache_header else False
+                return await self._route(request, route, target, dynamic, prio, None, mark)
         return await self._route(request, route, target, dynamic, prio, None, False)
 
     async def fetch(self, route: Route, target: str, headers: list[tuple[str, str]],
@@ -376,7 +383,7 @@ class Proxy(Forwarder):
 
     async def _route(self, request: web.BaseRequest | None, route: Route, target: str,
                      dynamic: bool, prio: int, fwd_headers: list[tuple[str, str]] | None,
-                     capture: bool) -> Any:
+                     capture: bool | str) -> Any:
         h: Mapping[str, str] = request.headers if request is not None else {}
         now = time.monotonic()
         ep = None
