@@ -89,44 +89,20 @@ def revalidated(e: StoredResponse, got: Fetched, now: float) -> None:
     e.stored_at = now
 
 
-class EdgeCache:
-    """Response caches of the proxied APIs (one bounded store per API)."""
+class Shortcuts:
+    """The response cache's per-request shortcuts and counts: fresh hits whole for the
+    fast path, keys passed straight to the origin, metric children kept (hot path)."""
 
-    def __init__(self, settings: EdgeCacheSettings, sidecar_id: str, origin: Origin, *,
-                 credential_headers: tuple[str, ...] = (), finish: Finish | None = None,
-                 head: Head | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.settings = settings
-        self.sidecar_id = sidecar_id
-        self.origin = origin
-        self.credential_headers = tuple(h.lower() for h in credential_headers if h)
-        self.finish = finish
-        self.head = head
-        self.clock = clock
-        self._not_fast = (*_NOT_FAST, *self.credential_headers)
-        self.track_popular = False  # request counts per key (for warming)
-        self.stores: dict[str, CacheStore] = {}
-        self.popular: dict[str, KeyFrequency] = {}
-        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._counters: dict[tuple[int, str, str], m.Counter] = {}
-        self.fast_hits: dict[str, int] = {}  # hits of the fast path not yet counted
-        # (api, target) -> until when its requests go straight to the origin: its last
-        # answer was not storable for any request (a cache may always forward; single
-        # flight collapses only what may be shared). Bounded; rechecked after PASS_S.
-        self.passing: dict[tuple[str, str], tuple[float, str]] = {}  # (until, why)
-
-    def caches(self, api: str) -> bool:
-        """Is ``api`` cached at all?"""
-        return self.settings.enabled and (not self.settings.apis or api in self.settings.apis)
-
-    def store(self, api: str) -> CacheStore:
-        s = self.stores.get(api)
-        if s is None:
-            s = self.stores[api] = CacheStore(self.settings.max_bytes,
-                                              self.settings.max_object_bytes)
-            self.popular[api] = KeyFrequency()
-        return s
+    sidecar_id: str
+    stores: dict[str, CacheStore]
+    popular: dict[str, KeyFrequency]
+    head: Head | None
+    clock: Callable[[], float]
+    track_popular: bool
+    fast_hits: dict[str, int]
+    passing: dict[tuple[str, str], tuple[float, str]]
+    _not_fast: tuple[str, ...]
+    _counters: dict[tuple[int, str, str], m.Counter]
 
     def count(self, api: str, result: str, metric: m.Counter = m.CACHE_LOOKUPS,
               n: int = 1) -> None:
@@ -136,8 +112,6 @@ class EdgeCache:
         if c is None:
             c = self._counters[key] = metric.labels(self.sidecar_id, api, result)
         c.inc(n)
-
-    # ------------------------------------------------------------------ serving
 
     def fresh_hit(self, api: str, target: str, h: Mapping[str, str]) -> bytes | None:
         """The whole answer (``X-Cache: HIT``) when a fresh stored response of ``api``
@@ -188,6 +162,49 @@ class EdgeCache:
         hits, self.fast_hits = self.fast_hits, {}
         for api, n in hits.items():
             self.count(api, "hit", n=n)
+
+
+
+class EdgeCache(Shortcuts):
+    """Response caches of the proxied APIs (one bounded store per API)."""
+
+    def __init__(self, settings: EdgeCacheSettings, sidecar_id: str, origin: Origin, *,
+                 credential_headers: tuple[str, ...] = (), finish: Finish | None = None,
+                 head: Head | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.settings = settings
+        self.sidecar_id = sidecar_id
+        self.origin = origin
+        self.credential_headers = tuple(h.lower() for h in credential_headers if h)
+        self.finish = finish
+        self.head = head
+        self.clock = clock
+        self._not_fast = (*_NOT_FAST, *self.credential_headers)
+        self.track_popular = False  # request counts per key (for warming)
+        self.stores: dict[str, CacheStore] = {}
+        self.popular: dict[str, KeyFrequency] = {}
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._counters: dict[tuple[int, str, str], m.Counter] = {}
+        self.fast_hits: dict[str, int] = {}  # hits of the fast path not yet counted
+        # (api, target) -> until when its requests go straight to the origin: its last
+        # answer was not storable for any request (a cache may always forward; single
+        # flight collapses only what may be shared). Bounded; rechecked after PASS_S.
+        self.passing: dict[tuple[str, str], tuple[float, str]] = {}  # (until, why)
+
+    def caches(self, api: str) -> bool:
+        """Is ``api`` cached at all?"""
+        return self.settings.enabled and (not self.settings.apis or api in self.settings.apis)
+
+    def store(self, api: str) -> CacheStore:
+        s = self.stores.get(api)
+        if s is None:
+            s = self.stores[api] = CacheStore(self.settings.max_bytes,
+                                              self.settings.max_object_bytes)
+            self.popular[api] = KeyFrequency()
+        return s
+
+    # ------------------------------------------------------------------ serving
 
     async def serve(self, request: web.BaseRequest, route: Route,
                     target: str) -> web.StreamResponse:
