@@ -118,7 +118,8 @@ _NOT_IN_HEAD = frozenset({"age", "x-cache", "content-length", "transfer-encoding
 def response_head(status: int, headers: Iterable[tuple[str, str]], length: int,
                   x_cache: str | None) -> bytes | None:
     """The status line and header lines of a stored response as aiohttp would send them
-    (its ``Server`` when the origin sent none, ``X-Cache``, ``Content-Length``), all but
+    (its ``Content-Type`` and ``Server`` when the origin sent none, ``X-Cache``,
+    ``Content-Length``), all but
     ``Age`` and the blank line: what a fresh hit sends before ``Age``. None when aiohttp
     would add something that changes per answer (no ``Date`` from the origin: the current
     one) or a value cannot go on the wire as it is.
@@ -129,6 +130,8 @@ def response_head(status: int, headers: Iterable[tuple[str, str]], length: int,
     True
     >>> head.endswith(b"X-Cache: HIT\\r\\nContent-Length: 5\\r\\n"), b"Age" in head
     (True, False)
+    >>> b"Content-Type: application/octet-stream\\r\\n" in head  # none from the origin
+    True
     >>> response_head(200, [("Server", "x")], 5, None) is None  # no Date: aiohttp adds one
     True
     """
@@ -148,6 +151,8 @@ def response_head(status: int, headers: Iterable[tuple[str, str]], length: int,
         names.add(lk)
     if "date" not in names:
         return None
+    if "content-type" not in names and length:
+        lines.append("Content-Type: application/octet-stream")  # as aiohttp says then
     if "server" not in names:
         lines.append(f"Server: {SERVER_SOFTWARE}")
     if x_cache:
