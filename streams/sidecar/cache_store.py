@@ -87,7 +87,11 @@ class CacheStore:
 
     def get(self, key: str, req_headers: Mapping[str, str]) -> StoredResponse | None:
         """The variant of ``key`` stored for these request headers (marked recently used)."""
-        fk = self._full_key(key, req_headers)
+        names = self._vary.get(key)
+        if names is None:
+            return None
+        # inline for the common case of no Vary (every cache hit comes here)
+        fk = (key, _NO_VARY) if not names else self._full_key(key, req_headers)
         if fk is None:
             return None
         e = self._lru.get(fk)

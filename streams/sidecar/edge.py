@@ -102,7 +102,7 @@ class Edge:
         self.warm_active: dict[str, bool] = {}
         self.warmed = 0
         self._task: asyncio.Task[None] | None = None
-        self._fast_apis: set[str] = set()
+        self.fast_apis: set[str] = set()  # whose fresh hits may take the fast path
         self.refresh()
 
     @property
@@ -147,7 +147,7 @@ class Edge:
                 m.RATE_FACTOR.labels(self.sidecar_id, api).set(room)
             if self.warming:
                 self._warm(api, nxt, peak)
-        self._fast_apis = {api for api in self.routes if self.cache.caches(api)
+        self.fast_apis = {api for api in self.routes if self.cache.caches(api)
                            and not (self.limiting and self._base.get(api) is not None)}
 
     # ------------------------------------------------------------------ cache
@@ -171,7 +171,7 @@ class Edge:
     def fresh_hit(self, route: Route, h: Mapping[str, str], target: str) -> bytes | None:
         """A fresh hit's whole answer for the fast path (:mod:`streams.sidecar.fastpath`),
         or None: the ordinary path (:meth:`limit`, :meth:`cacheable`, :meth:`serve`)."""
-        if route.api not in self._fast_apis:
+        if route.api not in self.fast_apis:
             return None
         return self.cache.fresh_hit(route.api, target, h)
 

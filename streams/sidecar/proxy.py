@@ -321,9 +321,9 @@ class Proxy(Forwarder):
         if DYNAMIC_HEADER in h or PRIORITY_HEADER in h:
             return None  # their values are checked on the ordinary path
         route = self.router.route_for(h.get(API_HEADER), path.partition("?")[0])
-        if route is None:
+        if route is None or route.api not in self.edge.fast_apis:
             return None
-        return self.edge.fresh_hit(route, h, path)
+        return self.edge.cache.fresh_hit(route.api, path, h)
 
     async def open(self) -> None:
         if self.session is None:
