@@ -193,8 +193,11 @@ def why_not_storable(method: str, status: int, resp_headers: Mapping[str, str],
         return "method"
     if status not in CACHEABLE_STATUSES:
         return "status"
+    cc_v = header(resp_headers, "Cache-Control")
+    if cc_v is None and header(resp_headers, "Expires") is None:
+        return "no-lifetime"  # most uncacheable answers: nothing else to look at
     req_cc = parse_cache_control(header(req_headers, "Cache-Control"))
-    cc = parse_cache_control(header(resp_headers, "Cache-Control"))
+    cc = parse_cache_control(cc_v)
     if "no-store" in cc or "no-store" in req_cc:
         return "no-store"
     if "private" in cc:
