@@ -39,6 +39,7 @@ from streams.sidecar.cache_policy import (
     freshness,
     has_credentials,
     must_revalidate_request,
+    serves_credentials,
     why_not_storable,
 )
 from streams.sidecar.cache_store import CacheStore, StoredResponse
@@ -215,7 +216,8 @@ class EdgeCache(Shortcuts):
         if self.track_popular:
             self.popular[api].seen(target, self.clock())
         revalidate = must_revalidate_request(h)
-        e = store.get(target, h)
+        credentials = has_credentials(h, self.credential_headers)
+        e = self._usable(store.get(target, h), credentials)
         now = self.clock()
         if e is not None and not revalidate:
             state = e.fresh.state(now - e.stored_at)
@@ -230,7 +232,7 @@ class EdgeCache(Shortcuts):
         waiting = self._inflight.get(fk)
         if waiting is not None:
             await asyncio.shield(waiting)
-            e = store.get(target, h)
+            e = self._usable(store.get(target, h), credentials)
             now = self.clock()
             if e is not None and e.fresh.state(now - e.stored_at) == "fresh":
                 self.count(api, "collapsed")
@@ -243,6 +245,13 @@ class EdgeCache(Shortcuts):
         finally:
             del self._inflight[fk]
             fut.set_result(None)
+
+    @staticmethod
+    def _usable(e: StoredResponse | None, credentials: bool) -> StoredResponse | None:
+        """``e`` unless the request carries credentials and ``e`` may not answer it."""
+        if e is None or not credentials or serves_credentials(e.header_map()):
+            return e
+        return None
 
     async def _fetch(self, request: web.BaseRequest, route: Route, target: str,
                      e: StoredResponse | None) -> web.StreamResponse:
