@@ -547,6 +547,8 @@ def main(argv: list[str] | None = None) -> int:
         for plane, phases in res["real"]["order"].items():
             checks[f"real_{plane}_same_order_as_simulation_every_phase"] = all(
                 c["same"] for c in phases.values())
+            checks[f"real_{plane}_same_order_up_to_ties_every_phase"] = all(
+                c["same_with_ties"] for c in phases.values())
     for k, v in checks.items():
         console.print(f"  {k}: {'[green]yes[/green]' if v else '[red]NO[/red]'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

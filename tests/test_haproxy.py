@@ -59,7 +59,10 @@ async def test_scores_drive_haproxy_weights_and_shares(
     kafka: KafkaSettings, codec: Codec, backends: BackendProcess
 ) -> None:
     step = 2
-    sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy"), kafka, codec=codec,
+    # weighted round robin: shares follow the weights at this light load (the default,
+    # leastconn, spreads idle servers evenly: tests/test_haproxy.py::test_balance_*)
+    sc = Sidecar(sidecar_settings(backends.urls, data_plane="haproxy",
+                                  haproxy_balance="roundrobin"), kafka, codec=codec,
                  sidecar_id="sc-haproxy")
     async with running(sc):
         plane = sc.plane
@@ -101,6 +104,45 @@ async def test_scores_drive_haproxy_weights_and_shares(
         w = codec.decode(m.value() or b"")
         counted[w["endpoint_id"]] += w["request_count"]
     assert set(counted) == {"a", "b", "c"} and sum(counted.values()) >= 1000, counted
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("balance", "slow_share"), [("auto", (0.0, 0.15)),
+                                                     ("roundrobin", (0.28, 0.39))])
+async def test_balance_leastconn_sends_less_to_a_slow_backend(
+    kafka: KafkaSettings, codec: Codec, backends: BackendProcess, balance: str,
+    slow_share: tuple[float, float],
+) -> None:
+    """``predictive`` on HAProxy balances ``leastconn`` (weighted by the scores): a backend
+    that answers slowly holds its connections and gets few new requests before any score
+    says so. ``roundrobin`` gives it its share whatever its latency."""
+    from aiohttp import web
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.1)
+        return web.Response(body=b"s", headers={"X-Endpoint": "s"})
+
+    app = web.Application()
+    app.router.add_get("/{tail:.*}", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        urls = {"a": backends.urls["a"], "b": backends.urls["b"], "s": f"http://127.0.0.1:{port}"}
+        settings = sidecar_settings(urls, data_plane="haproxy", haproxy_balance=balance)
+        sc = Sidecar(settings, kafka, codec=codec, sidecar_id=f"sc-balance-{balance}")
+        async with running(sc):
+            assert isinstance(sc.plane, HAProxyPlane) and sc.plane.process is not None
+            want = "leastconn" if balance == "auto" else balance
+            assert f"backend be_orders\n    balance {want}" in \
+                sc.plane.process.config_path.read_text()
+            got, statuses = await drive(sc.port, 450, concurrency=16)
+        assert statuses == {200: 450}
+        lo, hi = slow_share
+        assert lo <= got["s"] / 450 <= hi, got
+    finally:
+        await runner.cleanup()
 
 
 @pytest.mark.asyncio

