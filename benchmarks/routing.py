@@ -430,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
                          "side with the simulation (about 10 minutes; needs haproxy)")
     ap.add_argument("--real-planes", default="proxy,haproxy",
                     help="data planes for --real (comma-separated: proxy, haproxy)")
+    ap.add_argument("--real-seed", type=int, default=0,
+                    help="seed of the --real arrivals (and of its simulation)")
     ap.add_argument("--plan-band", type=float, default=0.3,
                     help="pre-scaling: plan for the forecast's mean + this share of the way "
                          "to its upper band (default 0.3; 0 = the mean)")
@@ -543,7 +545,7 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import routing_real
 
         planes = tuple(x.strip() for x in args.real_planes.split(",") if x.strip())
-        res["real"] = routing_real.main_real(console, 0, planes)
+        res["real"] = routing_real.main_real(console, args.real_seed, planes)
         for plane, phases in res["real"]["order"].items():
             checks[f"real_{plane}_same_order_as_simulation_every_phase"] = all(
                 c["same"] for c in phases.values())
