@@ -48,7 +48,7 @@ METRICS_PORT = {"worker": ("processor", "metrics_port"), "agent": ("agent", "met
 ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator", "api", "tasks",
          "swarm-worker"}
 # readiness: the HTTP services' own health answer; every other process: its /metrics
-HEALTH_PATH = {"sidecar": "/health", "api": "/health", "tasks": "/healthz"}
+HEALTH_PATH = {"sidecar": "/health", "api": "/health", "tasks": "/health"}
 MIRROR_ROLES = {"planner", "executor", "bundle"}
 THIRD_PARTY_METRICS = {  # kafka-exporter (danielqsj/kafka-exporter), Prometheus itself
     "kafka_consumergroup_lag": {"consumergroup", "topic", "partition"},
@@ -367,7 +367,7 @@ def test_compose_settings_render_and_point_at_compose_services(
         elif role == "api":
             assert (port, path) == (s.api.port, "/health") and s.api.listen_host == "0.0.0.0"
         elif role == "tasks":
-            assert (port, path) == (s.tasks.port, "/healthz") and s.tasks.host == "0.0.0.0"
+            assert (port, path) == (s.tasks.port, "/health") and s.tasks.host == "0.0.0.0"
         elif role == "sink" and path == "/health":
             assert port == s.sink.admin_port and s.sink.admin_enabled
         else:

@@ -89,6 +89,9 @@ async def test_bad_bodies_idempotency_queue_and_cancel(kafka: KafkaSettings) -> 
     settings = SETTINGS.model_copy(update={"telemetry_interval_seconds": 0.2})
     async with task_api(kafka, settings) as (base, service), aiohttp.ClientSession() as http:
         url = f"{base}/v1/tasks"
+        for path in ("/health", "/healthz"):  # /health like the other services
+            status, body = await json_of(http, "GET", f"{base}{path}")
+            assert status == 200 and body["ok"] is True, (path, body)
         status, body = await json_of(http, "POST", url, json={"task_type": "translation"})
         assert status == 422 and body["field"] == "task_type"
         assert "code_generation, analysis, research, echo, sleep" in body["error"]

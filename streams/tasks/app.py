@@ -7,7 +7,7 @@
 ``GET /v1/tasks/{id}/results``  the result once succeeded (404 before, with the state)
 ``DELETE /v1/tasks/{id}``   cancel it unless finished (409 with its state if it is)
 ``GET /v1/tasks/forecast``  workers needed per task type at a lead time
-``GET /healthz``            200 once task-status is read to its end
+``GET /health``             200 once task-status is read to its end (also ``/healthz``)
 =========================  ==========================================================
 
 Bad bodies answer 422 naming the field; an unknown task type 422 listing the known ones;
@@ -247,7 +247,8 @@ def create_task_app(service: TaskService, settings: TaskSettings | None = None,
     app.router.add_get("/v1/tasks/{task_id}", get_task)
     app.router.add_get("/v1/tasks/{task_id}/results", get_results)
     app.router.add_delete("/v1/tasks/{task_id}", cancel)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/health", healthz)  # as loadcast api and the sidecar
+    app.router.add_get("/healthz", healthz)  # the name it had first
     if manage_service:
         async def start(_: web.Application) -> None:
             await service.start()
