@@ -92,6 +92,12 @@ class LoadGenerator:
             timed_out = True
         except aiohttp.ClientError:
             connect_failure = True
+        except asyncio.CancelledError:
+            # still unanswered when the run ended: an error (a timeout in the telemetry), so
+            # sent = ok + errors + dropped
+            st.errors += 1
+            self.record(policy, region, "", (time.monotonic() - t) * 1000.0, 0, False, True)
+            raise
         finally:
             st.in_flight -= 1
         ms = (time.monotonic() - t) * 1000.0
