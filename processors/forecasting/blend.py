@@ -22,7 +22,7 @@ _MAX = float(np.finfo(np.float64).max)  # what np.nan_to_num turns +inf into
 
 #: Candidate forecasts the selector chooses between, in column order.
 CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew_slow",
-              "long_season_naive", "multi_season_mean")
+              "long_season_naive", "multi_season_mean", "global_trees")
 #: How the final forecast is made from the candidates (see :class:`DirectForecaster`).
 SELECTS = ("mix", "best", "model", "blend")
 #: Learning rate and fixed share of the online blend (select="mix"); picked on the two
@@ -79,6 +79,29 @@ class CandidateBlend:
         # EW mean |error| / level of the blend, seasonal naive, persistence (the guard).
         self._gerr = np.zeros((H, 3))
         self._guard_a = 1.0 - 0.5 ** (1.0 / (guard_halflife or max(m // 2, 12)))
+
+    def _add_candidate_columns(self) -> None:
+        """Widen a snapshot made with fewer candidates (before ``global_trees``) to
+        :data:`CANDIDATES`: the new columns have no forecast, no error record and the
+        row's mean blend weight (a candidate without a forecast leaves the blend as it
+        is)."""
+        k = len(CANDIDATES) - self._mixw.shape[1]
+        if k <= 0:
+            return
+
+        def pad(a: np.ndarray, fill: float) -> np.ndarray:
+            extra = np.full((*a.shape[:-1], k), fill, dtype=a.dtype)
+            return np.concatenate([a, extra], axis=-1)
+
+        self._cerr = pad(self._cerr, np.nan)
+        self._cerr_num, self._cerr_w = pad(self._cerr_num, 0.0), pad(self._cerr_w, 0.0)
+        self._cerr_n = pad(self._cerr_n, 0)
+        w = np.concatenate([self._mixw, np.repeat(self._mixw.mean(axis=1, keepdims=True),
+                                                  k, axis=1)], axis=1)
+        self._mixw = w / w.sum(axis=1, keepdims=True)
+        pc = self.__dict__.get("_pC")
+        if pc is not None:
+            self.__dict__["_pC"] = pad(pc, np.nan)
 
     def selector_errors(self) -> tuple[np.ndarray, np.ndarray]:
         """Scale-free EW mean absolute error of each selector candidate (H x C, columns

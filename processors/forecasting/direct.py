@@ -54,8 +54,15 @@ import numpy as np
 
 from processors.forecasting.bands import BandedForecaster
 from processors.forecasting.blend import CANDIDATES, MIX_LR, MIX_SHARE, SELECTS, CandidateBlend
-from processors.forecasting.features import FCLIP, N_FEATURES, SeasonalFeatures
+from processors.forecasting.features import (
+    FCLIP,
+    K_GLOBAL,
+    N_FEATURES,
+    SeasonalFeatures,
+    tree_features,
+)
 from processors.forecasting.learners import LEARNERS, HorizonLearners
+from processors.forecasting.trees import TreeEnsemble
 
 __all__ = ["DirectForecaster", "RowObserver"]
 
@@ -89,6 +96,10 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
     #: All history offsets of a step's features in one array (see _gather_offsets);
     #: derived, so not pickled.
     _gather: np.ndarray | None = None
+    #: The shared global trees (see set_global_model); never pickled, only their version.
+    _global: TreeEnsemble | None = None
+    #: Version of the global trees in use, 0 = none (snapshots record it).
+    global_version: int = 0
 
     def __init__(
         self,
@@ -146,10 +157,35 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         self._miss = np.zeros((self.max_horizon, N_FEATURES), dtype=bool)
         self._sn_ok = np.zeros(self.max_horizon, dtype=bool)
 
+    def set_global_model(self, model: TreeEnsemble | None) -> None:
+        """Use ``model`` (global trees over :func:`tree_features` rows predicting the
+        scale-free seasonal-naive error, shared by many forecasters) as the blend's
+        ``global_trees`` candidate from the next forecast on; None: no such candidate.
+
+        The model is not pickled with the forecaster, only :attr:`global_version`: after
+        loading a snapshot, set the model of that version again to continue bit for bit.
+        """
+        if model is not None and model.n_features != N_FEATURES + 3:
+            raise ValueError(f"global model: expected {N_FEATURES + 3} features, "
+                             f"got {model.n_features}")
+        self._global = model
+        self.global_version = model.version if model is not None else 0
+
+    @property
+    def tree_periods(self) -> tuple[float, float]:
+        """Steps per day (season) and per week, as :func:`tree_features` takes them."""
+        week = self.long_season_seconds or 7 * 86400
+        return self.season_seconds / self.step_seconds, week / self.step_seconds
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_gather", None)  # derived: rebuilt on first use
+        state.pop("_global", None)  # shared: travels by version (set_global_model)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._add_candidate_columns()  # a snapshot made before the global candidate
 
     # -- BandedForecaster hooks -------------------------------------------------------
     def _max_gap_fill(self) -> int:
@@ -178,6 +214,14 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         C = self._pC[r]
         X, s = self._features(C)
         C[:, 0] = C[:, 1] + s * self._correction(X)  # the model: base + level * correction
+        g = self._global
+        if g is None:
+            C[:, K_GLOBAL] = np.nan
+        else:
+            z = g.predict(tree_features(X, self._hs, *self.tree_periods))
+            np.maximum(z, -FCLIP, out=z)
+            np.minimum(z, FCLIP, out=z)
+            C[:, K_GLOBAL] = C[:, 1] + s * z
         self._pX[r] = X
         # Learning reads the base from C; _pbase is kept so a rollback can load snapshots.
         self._pbase[r] = C[:, 1]

@@ -19,7 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     from processors.forecasting.base import StepClock
 
-__all__ = ["FCLIP", "N_FEATURES", "SeasonalFeatures"]
+__all__ = ["FCLIP", "K_GLOBAL", "N_FEATURES", "N_TREE_FEATURES", "SeasonalFeatures",
+           "tree_features"]
 
 _TWO_PI = 2.0 * math.pi
 _EW_ALPHAS = (0.5, 0.15, 0.05)  # level EW means offered as candidates
@@ -29,6 +30,12 @@ _N_DAYS = 7  # multi-season mean over at most this many seasons
 _TOD_K, _DOW_K = 3, 2  # Fourier orders
 #: Feature / target clip, in units of the level.
 FCLIP = 10.0
+
+# Candidate columns (see blend.CANDIDATES): the model 0, the base 1, persistence 2, the EW
+# means 3..5, then these.
+K_LONG_SEASON = 3 + len(_EW_ALPHAS)
+K_MULTI_SEASON = K_LONG_SEASON + 1
+K_GLOBAL = K_MULTI_SEASON + 1  # the global trees (processors.forecasting.global_trees)
 
 # Feature layout (columns of the per-horizon design matrix).
 C_BIAS = 0
@@ -40,6 +47,32 @@ _C_WD = _C_SD + len(_SD_ALPHAS)  # EW weekly difference, current weekly differen
 _C_TOD = _C_WD + 2
 _C_DOW = _C_TOD + 2 * _TOD_K
 N_FEATURES = _C_DOW + 2 * _DOW_K
+#: Columns of the global trees' rows (see tree_features).
+N_TREE_FEATURES = N_FEATURES + 3
+
+
+def tree_features(X: np.ndarray, horizons: np.ndarray, day_steps: float,
+                  week_steps: float) -> np.ndarray:
+    """The global trees' rows: the scale-free features ``X`` (k, F) and three more
+    columns: the horizon (1-based, ``horizons``), and the phase of the *target* step in
+    the day and in the week (0..1), read back from the features' first Fourier pair and
+    moved ``h`` steps on (trees split on one phase column far more easily than on
+    sines and cosines).  ``day_steps`` and ``week_steps`` are steps per day and week.
+
+    >>> X = np.zeros((2, N_FEATURES))
+    >>> X[:, _C_TOD + _TOD_K] = X[:, _C_DOW + _DOW_K] = 1.0  # phase 0: cos 1, sin 0
+    >>> tree_features(X, np.array([1, 2]), 4.0, 28.0)[:, N_FEATURES:].tolist()
+    [[1.0, 0.25, 0.03571428571428571], [2.0, 0.5, 0.07142857142857142]]
+    """
+    k = len(X)
+    out = np.empty((k, N_TREE_FEATURES))
+    out[:, :N_FEATURES] = X
+    out[:, N_FEATURES] = horizons
+    ang = np.arctan2(X[:, [_C_TOD, _C_DOW]], X[:, [_C_TOD + _TOD_K, _C_DOW + _DOW_K]])
+    ang *= 1.0 / _TWO_PI
+    ang += horizons[:, None] / np.array([day_steps, week_steps])
+    out[:, N_FEATURES + 1 :] = ang % 1.0
+    return out
 
 
 class SeasonalFeatures:
@@ -150,7 +183,8 @@ class SeasonalFeatures:
 
     def _features(self, C: np.ndarray) -> tuple[np.ndarray, float]:
         """Design matrix (H, F) and the level; fills the candidate forecasts (H, C) from
-        column 1 on (base, persistence, EW means, long-season naive, multi-season mean)."""
+        column 1 on (base, persistence, EW means, long-season naive, multi-season mean; not the
+        global trees)."""
         t, L, y = self._t, self._L, self._y
         H, wk = self.max_horizon, self.long_season
         s = self._scale()
@@ -167,12 +201,12 @@ class SeasonalFeatures:
         missing = np.isnan(days)
         cnt = self._n_days - missing.sum(axis=0)
         # np.nansum's own steps (NaN -> 0, then a float32 sum over the days).
-        C[:, -1] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
+        C[:, K_MULTI_SEASON] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
                             / np.maximum(cnt, 1), np.nan)  # multi-season mean
         last = self._last
         C[:, 2] = last  # persistence
         C[:, 3 : 3 + len(_EW_ALPHAS)] = self._ew
-        C[:, -2] = wkv  # long-season naive
+        C[:, K_LONG_SEASON] = wkv  # long-season naive
         # Columns that are the same for every horizon: one row, broadcast.
         row = np.empty(N_FEATURES)
         row[C_BIAS] = 1.0
@@ -193,7 +227,7 @@ class SeasonalFeatures:
         row[_C_DOW + _DOW_K : _C_DOW + 2 * _DOW_K] = cos[_TOD_K:]
         X = np.empty((H, N_FEATURES))
         X[:] = row
-        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (C[:, 2:] - C[:, 1:2]) * inv
+        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (C[:, 2:K_GLOBAL] - C[:, 1:2]) * inv
         if self._row_observer is not None:
             self._miss = ~np.isfinite(X)
             self._sn_ok = ~np.isnan(sn)
