@@ -59,7 +59,6 @@ from processors.forecasting.features import (
     K_GLOBAL,
     N_FEATURES,
     SeasonalFeatures,
-    tree_features,
 )
 from processors.forecasting.learners import LEARNERS, HorizonLearners
 from processors.forecasting.trees import TreeEnsemble
@@ -98,6 +97,8 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
     _gather: np.ndarray | None = None
     #: The shared global trees (see set_global_model); never pickled, only their version.
     _global: TreeEnsemble | None = None
+    #: The trees' rows of this step (see _tree_rows); derived, not pickled.
+    _tree_buf: np.ndarray | None = None
     #: Version of the global trees in use, 0 = none (snapshots record it).
     global_version: int = 0
 
@@ -181,6 +182,8 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         state = super().__getstate__()
         state.pop("_gather", None)  # derived: rebuilt on first use
         state.pop("_global", None)  # shared: travels by version (set_global_model)
+        state.pop("_tree_buf", None)  # derived: rebuilt on first use
+        state.pop("_tree_step", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -218,7 +221,7 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         if g is None:
             C[:, K_GLOBAL] = np.nan
         else:
-            z = g.predict(tree_features(X, self._hs, *self.tree_periods))
+            z = g.predict(self._tree_rows(X, *self.tree_periods))
             np.maximum(z, -FCLIP, out=z)
             np.minimum(z, FCLIP, out=z)
             C[:, K_GLOBAL] = C[:, 1] + s * z

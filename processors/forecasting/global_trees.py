@@ -24,7 +24,7 @@ import numpy as np
 from processors.forecasting.features import N_TREE_FEATURES, tree_features
 from processors.forecasting.trees import TreeEnsemble
 
-__all__ = ["TREE_PARAMS", "GlobalTreeTrainer"]
+__all__ = ["GLOBAL_TREES", "TREE_PARAMS", "GlobalTreeTrainer"]
 
 #: LightGBM parameters of the global trees (L1: the blend and MASE score absolute error;
 #: depth bounded so a walk is ``max_depth`` numpy steps; one thread, deterministic).
@@ -32,6 +32,13 @@ TREE_PARAMS: dict[str, Any] = {
     "objective": "l1", "learning_rate": 0.1, "num_leaves": 31, "max_depth": 6,
     "min_data_in_leaf": 50, "feature_fraction": 0.9, "num_threads": 1, "seed": 0,
     "deterministic": True, "force_row_wise": True, "verbose": -1,
+}
+
+#: Defaults of :meth:`GlobalTreeTrainer.for_forecaster`: refit daily (data time) on the
+#: newest 60,000 rows, 100 rounds, the trees fitted to the target's offset from the
+#: week-old value (feature 5: long-season naive minus the base; 0 without a week).
+GLOBAL_TREES: dict[str, Any] = {
+    "max_rows": 60_000, "refit_seconds": 86400.0, "rounds": 100, "offset_feature": 5,
 }
 
 
@@ -70,6 +77,12 @@ class GlobalTreeTrainer:
         self._n = 0  # rows held (<= max_rows)
         self._batches = 0
         self._next_fit: float | None = None
+
+    @classmethod
+    def for_forecaster(cls, forecaster: Any, **options: Any) -> GlobalTreeTrainer:
+        """A trainer for forecasters with ``forecaster``'s step, season and week, with
+        :data:`GLOBAL_TREES` defaults (``options`` override them)."""
+        return cls(*forecaster.tree_periods, **{**GLOBAL_TREES, **options})
 
     @property
     def rows_held(self) -> int:

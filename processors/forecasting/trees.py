@@ -26,7 +26,7 @@ class TreeEnsemble:
     ([1.0, 3.0], 7, 1)
     """
 
-    __slots__ = ("_child", "_feature", "_roots", "_threshold", "_value", "depth",
+    __slots__ = ("_child", "_feature", "_offsets", "_roots", "_threshold", "_value", "depth",
                  "n_features", "n_trees", "offset_feature", "version")
 
     def __init__(self, feature: np.ndarray, threshold: np.ndarray, child: np.ndarray,
@@ -37,17 +37,19 @@ class TreeEnsemble:
             raise ValueError("feature, threshold, value and child must describe the same nodes")
         if n and (child.min() < 0 or child.max() >= n or feature.max() >= n_features):
             raise ValueError("a child or feature index is out of range")
-        self._feature = np.ascontiguousarray(feature, dtype=np.intp)
-        self._threshold = np.ascontiguousarray(threshold, dtype=np.float64)
-        # Children interleaved: node k's left child at 2k, right at 2k + 1.
-        self._child = np.ascontiguousarray(child, dtype=np.intp).ravel()
-        self._value = np.ascontiguousarray(value, dtype=np.float64)
-        self._roots = np.ascontiguousarray(roots, dtype=np.intp)
+        # Node k is stored twice, at 2k and 2k + 1, and children as their doubled ids: a
+        # step is then ``node = child[node + right]`` with no multiply.
+        self._feature = np.repeat(np.asarray(feature, dtype=np.intp), 2)
+        self._threshold = np.repeat(np.asarray(threshold, dtype=np.float64), 2)
+        self._child = 2 * np.ascontiguousarray(child, dtype=np.intp).ravel()
+        self._value = np.repeat(np.asarray(value, dtype=np.float64), 2)
+        self._roots = 2 * np.ascontiguousarray(roots, dtype=np.intp)
         self.depth = int(depth)
         self.n_features = int(n_features)
         self.n_trees = len(self._roots)
         self.version = int(version)
         self.offset_feature = offset_feature
+        self._offsets: tuple[int, np.ndarray] | None = None
 
     @classmethod
     def from_nodes(cls, trees: list[Any], n_features: int, version: int,
@@ -100,6 +102,15 @@ class TreeEnsemble:
         return cls.from_nodes(trees, int(model["max_feature_idx"]) + 1, version,
                               offset_feature)
 
+    def _feature_offsets(self, rows: int) -> np.ndarray:
+        """``feature * rows`` per node (where a node's feature starts in ``X.T``), kept
+        for the last row count (a forecaster always predicts its ``max_horizon`` rows)."""
+        cached = self._offsets
+        if cached is None or cached[0] != rows:
+            cached = (rows, self._feature * rows)
+            self._offsets = cached
+        return cached[1]
+
     @property
     def nbytes(self) -> int:
         """Bytes of the node arrays (the ensemble's size, shared by its users)."""
@@ -111,13 +122,15 @@ class TreeEnsemble:
         R, F = X.shape
         if self.n_features != F:
             raise ValueError(f"X: expected {self.n_features} features, got {F}")
-        flat = np.ascontiguousarray(X, dtype=np.float64).ravel()
-        offset = np.arange(0, R * F, F)[:, None]
+        flat = np.ascontiguousarray(X.T, dtype=np.float64).ravel()  # X[r, f] at f*R + r
+        rows = np.arange(R)[:, None]
         node = np.broadcast_to(self._roots, (R, self.n_trees))
-        feature, threshold, child = self._feature, self._threshold, self._child
+        feature = self._feature_offsets(R)
+        threshold, child = self._threshold, self._child
         for _ in range(self.depth):
-            right = flat[offset + feature[node]] > threshold[node]
-            node = child[2 * node + right]
+            at = feature[node]
+            at += rows
+            node = child[node + (flat[at] > threshold[node])]
         out: np.ndarray = self._value[node].sum(axis=1)
         if self.offset_feature is not None:
             out += X[:, self.offset_feature]
