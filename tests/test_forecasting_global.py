@@ -144,7 +144,7 @@ def test_blend_drops_the_global_trees_in_a_holiday_week() -> None:
     res = _run(_hourly(), y, 28 * _DAY, 35 * _DAY, on_step=keep)
     before, during = weights[28 * _DAY - 1], weights[31 * _DAY - 1]
     assert before.max() > 0.2, weights  # in use before the holiday
-    assert during.max() < 0.5 * before.max(), weights
+    assert during.mean() < 0.5 * before.mean(), weights  # long horizons learn slower
     for i in range(3):
         assert res["blend"][i] <= 0.85 * res["global"][i], res
 

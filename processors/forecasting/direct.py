@@ -24,10 +24,12 @@ Innovations are clipped at a few robust standard deviations so a single spike ca
 wreck the weights.
 
 Final forecast (``select``).  ``"mix"``, the default: per horizon, a weighted mean of the
-candidates (the model, seasonal naive, persistence, the EW means, the long-season naive
-and the multi-season mean) whose weights are learned online by exponentiated gradient on
-the blend's scale-free absolute error (rate ``mix_lr / h``: horizon h learns from forecasts
-made h steps ago), with a small fixed share of uniform weight so a candidate that was poor
+candidates (the model, seasonal naive, persistence, the EW means, the long-season naive,
+the multi-season mean and, when a worker sets them, the global trees shared by its
+endpoints -- see :mod:`processors.forecasting.global_trees` and :meth:`set_global_model`)
+whose weights are learned online by exponentiated gradient on the blend's scale-free
+absolute error (rate ``mix_lr / h ** mix_power``: horizon h learns from forecasts made h
+steps ago), with a small fixed share of uniform weight so a candidate that was poor
 can come back.  A candidate without a forecast (no week of history yet) keeps its weight
 relative to the blend.  A guard forecasts seasonal naive or persistence instead while its
 recent error (EW, half-life half a season) is below ``guard_margin`` times the blend's.
@@ -53,7 +55,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from processors.forecasting.bands import BandedForecaster
-from processors.forecasting.blend import CANDIDATES, MIX_LR, MIX_SHARE, SELECTS, CandidateBlend
+from processors.forecasting.blend import (
+    CANDIDATES,
+    MIX_LR,
+    MIX_POWER,
+    MIX_SHARE,
+    SELECTS,
+    CandidateBlend,
+)
 from processors.forecasting.features import (
     FCLIP,
     K_GLOBAL,
@@ -117,6 +126,7 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         guard_margin: float = 0.9,
         mix_lr: float = MIX_LR,
         mix_share: float = MIX_SHARE,
+        mix_power: float = MIX_POWER,
         guard_halflife: int | None = None,
     ) -> None:
         super().__init__(step_seconds, season_seconds, max_horizon)
@@ -126,6 +136,8 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
             raise ValueError(f"select must be one of {', '.join(map(repr, SELECTS))}")
         if not (mix_lr >= 0 and math.isfinite(mix_lr)) or not 0 <= mix_share < 1:
             raise ValueError("mix_lr must be finite and >= 0, mix_share in [0, 1)")
+        if not 0 <= mix_power <= 2:
+            raise ValueError("mix_power must be in [0, 2]")
         H, F, C = self.max_horizon, N_FEATURES, len(CANDIDATES)
         self._init_history(step_seconds, long_season_seconds, max_history)
         self._init_learners(H, learner, forgetting, lr)
@@ -136,7 +148,7 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         self._pC = np.full((H, H, C), np.nan)
         self._pk = np.full(H, -(10**9), dtype=np.int64)
         self._init_selector(select, guard_margin, mix_lr, mix_share, error_halflife,
-                            guard_halflife, self.season)
+                            guard_halflife, self.season, mix_power)
         self._hs = np.arange(1, H + 1)
         self._rows_h = np.arange(H)
 

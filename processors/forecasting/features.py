@@ -19,8 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     from processors.forecasting.base import StepClock
 
-__all__ = ["FCLIP", "K_GLOBAL", "N_FEATURES", "N_TREE_FEATURES", "SeasonalFeatures",
-           "tree_features"]
+__all__ = ["FCLIP", "F_LONG_SEASON", "K_GLOBAL", "N_FEATURES", "N_TREE_FEATURES",
+           "SeasonalFeatures", "tree_features"]
 
 _TWO_PI = 2.0 * math.pi
 _EW_ALPHAS = (0.5, 0.15, 0.05)  # level EW means offered as candidates
@@ -42,6 +42,8 @@ C_BIAS = 0
 _C_CAND = 1  # persistence, 3 EW means, long-season naive, multi-season mean: 6 columns
 _N_CAND_FEATS = 2 + len(_EW_ALPHAS) + 1
 _C_LAGS = _C_CAND + _N_CAND_FEATS
+#: Feature column of the long-season naive (minus the base, scaled).
+F_LONG_SEASON = _C_CAND + K_LONG_SEASON - 2
 _C_SD = _C_LAGS + _N_LAGS
 _C_WD = _C_SD + len(_SD_ALPHAS)  # EW weekly difference, current weekly difference
 _C_TOD = _C_WD + 2
