@@ -25,8 +25,8 @@ day/week of the target, L1 objective, retrained at the start of every day on all
 target was already known; ``ridge_ref``, a direct ridge regression per horizon on the same
 features (without the week-old lag), refit every hour on all past rows.  Before an anchor
 has enough rows (a day, and at least 100) it forecasts seasonal naive.  They are computed
-for h = 1, 5, 15 only and have no bands.  LightGBM is a dev extra (``pip install -e
-'.[dev]'``); without it the row is skipped with a note.
+for h = 1, 5, 15 only and have no bands.  LightGBM is a main dependency (the default's global
+trees); on an install without it the anchor row is skipped with a note.
 
 Usage::
 

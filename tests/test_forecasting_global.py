@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from typing import Any
 
+import lightgbm as lgb
 import numpy as np
 import pytest
 
@@ -13,8 +14,6 @@ from processors.forecasting.direct import DirectForecaster
 from processors.forecasting.features import K_GLOBAL, N_TREE_FEATURES
 from processors.forecasting.global_trees import GlobalTreeTrainer
 from processors.forecasting.trees import TreeEnsemble
-
-lgb = pytest.importorskip("lightgbm")
 
 _DAY = 24  # hourly steps
 _H = 15

@@ -79,7 +79,6 @@ class GlobalTreeTrainer:
         self._n = 0  # rows held (<= max_rows)
         self._batches = 0
         self._next_fit: float | None = None
-        self._fitted_rows = 0  # pool size at the last fit
 
     @classmethod
     def for_forecaster(cls, forecaster: Any, **options: Any) -> GlobalTreeTrainer:
@@ -116,14 +115,11 @@ class GlobalTreeTrainer:
 
     def due(self, ts: float) -> bool:
         """Whether a refit is due at data time ``ts`` (epoch seconds): ``refit_seconds``
-        after the last one, or sooner while the pool is young: the first as soon as
-        ``min_rows`` rows are pooled, then whenever the pool has doubled (a few extra fits,
-        so early trees fitted on little data are not kept for a whole period)."""
+        after the last one (the first as soon as ``min_rows`` rows are pooled; refitting
+        sooner while the pool doubled was no better on NYC taxi)."""
         if self._n < self.min_rows:
             return False
-        if self._next_fit is None or ts >= self._next_fit:
-            return True
-        return self._n < self.max_rows and self._n >= 2 * self._fitted_rows
+        return self._next_fit is None or ts >= self._next_fit
 
     def refit(self, ts: float) -> TreeEnsemble | None:
         """Fit the trees on the pooled rows (oldest first) and export them with the next
@@ -140,5 +136,4 @@ class GlobalTreeTrainer:
         self.model = TreeEnsemble.from_lightgbm(booster.dump_model(), self.version,
                                                 offset_feature=self.offset_feature)
         self._next_fit = float(ts) + self.refit_seconds
-        self._fitted_rows = self._n
         return self.model
