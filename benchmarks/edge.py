@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import bisect
+import gc
 import json
 import os
 import random
@@ -54,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.proxy import load
+from benchmarks.support.cpu import measured, per_cpu_second, pin, split_cpus
 from benchmarks.support.processes import stop_process
 from streams.kafka.broker import free_port
 from streams.sidecar.app import Sidecar
@@ -258,6 +260,8 @@ def serve_proxy(settings: dict[str, Any], spike: str | None) -> None:
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         await sc.start()
+        gc.freeze()  # as ``loadcast sidecar`` does once started
+        gc.set_threshold(20_000, 50, 100)
         await stop.wait()
         await sc.stop()
 
@@ -286,58 +290,81 @@ def _ready(url: str, child: subprocess.Popen[bytes] | None = None,
             time.sleep(0.1)
 
 
+HIT_PLANES = ("proxy", "haproxy")
+
+
 def hit_throughput(seconds: float, rounds: int) -> dict[str, Any]:
-    """Requests/s of a stored hit: built-in proxy vs HAProxy, ``rounds`` times each."""
-    out: dict[str, Any] = {"proxy": [], "haproxy": [], "connections": 48}
+    """Requests/s of a stored hit: built-in proxy (one process) vs HAProxy (``nbthread 1``),
+    both pinned to the same CPU (wrk to the others), ``rounds`` interleaved runs each (order
+    rotated); beside req/s, requests per CPU-second of each server process."""
+    out: dict[str, Any] = {p: [] for p in HIT_PLANES}
+    server_cpus, load_cpus = split_cpus()
+    out.update(connections=48, server_cpus=sorted(server_cpus),
+               load_cpus=sorted(load_cpus or ()), haproxy_threads=1)
     with BackendProcess({"a": 0}) as b:
         url = b.urls["a"]
-        pport, hport = free_port(), free_port()
+        ports = {p: free_port() for p in HIT_PLANES}
         settings = {"upstreams": [{"id": "a", "url": url, "api": "bench"}],
-                    "listen_port": pport, "admin_port": 0, "cache": {"enabled": True}}
+                    "listen_port": ports["proxy"], "admin_port": 0, "cache": {"enabled": True}}
         child = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "--serve-proxy",
              json.dumps(settings)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         h: HAProxyProcess | None = None
         try:
-            _ready(f"http://127.0.0.1:{pport}/cached", child)
+            _ready(f"http://127.0.0.1:{ports['proxy']}/cached", child)
+            pids = {"proxy": child.pid}
             if haproxy_binary() is not None:
                 h = HAProxyProcess("")
                 sock = h.dir / "admin.sock"
                 h.config_path.write_text(render_config(
-                    [Upstream(id="a", url=url, api="bench")], bind=f"127.0.0.1:{hport}",
-                    socket_path=sock, cache=EdgeCacheSettings(enabled=True)))
+                    [Upstream(id="a", url=url, api="bench")], bind=f"127.0.0.1:{ports['haproxy']}",
+                    socket_path=sock, threads=1, cache=EdgeCacheSettings(enabled=True)))
                 h.start(sock)
-                _ready(f"http://127.0.0.1:{hport}/cached")
-            for _ in range(rounds):
-                out["proxy"].append(load([f"http://127.0.0.1:{pport}/cached"], seconds, 48))
-                if h is not None:
-                    out["haproxy"].append(
-                        load([f"http://127.0.0.1:{hport}/cached"], seconds, 48))
+                assert h.proc is not None
+                pids["haproxy"] = h.proc.pid
+                _ready(f"http://127.0.0.1:{ports['haproxy']}/cached")
+            for pid in pids.values():
+                pin(pid, server_cpus)
+            for r in range(rounds):
+                order = list(pids)[r % len(pids):] + list(pids)[:r % len(pids)]
+                for plane in order:
+                    with measured(pids[plane]) as cpu:
+                        res = load([f"http://127.0.0.1:{ports[plane]}/cached"], seconds, 48,
+                                   load_cpus)
+                    res["cpu_s"] = cpu.seconds
+                    res["per_cpu_s"] = per_cpu_second(res["requests"], cpu.seconds)
+                    out[plane].append(res)
         finally:
             stop_process(child, 10)
             if h is not None:
                 h.stop()
-    ratios = [p["rps"] / q["rps"] for p, q in zip(out["proxy"], out["haproxy"], strict=False)
-              if q["rps"] > 0]
-    out["ratio"] = statistics.median(ratios) if ratios else None
+    for key in ("rps", "per_cpu_s"):
+        ratios = [p[key] / q[key] for p, q in zip(out["proxy"], out["haproxy"], strict=False)
+                  if q[key] > 0]
+        out[f"ratio_{key}"] = statistics.median(ratios) if ratios else None
+        out[f"ratios_{key}"] = ratios
+    out["ratio"] = out["ratio_rps"]
     return out
 
 
 # --------------------------------------------------------------------------- run
 
 
-def run(quick: bool) -> dict[str, Any]:
+def run(quick: bool, only: str | None = None, rounds: int | None = None) -> dict[str, Any]:
     tr = Trace(base_s=3.0, spike_s=1.0, tail_s=0.5, max_age_s=2, swr_s=1, lead_s=1.0,
                keys=200, top_k=60) if quick else Trace()
-    res: dict[str, Any] = {"quick": quick, "trace": asdict(tr), "configs": {}}
-    for config in ("no-cache", "swr", "swr+warming"):
-        res["configs"][config] = _run(replay(tr, config))
-    swr = res["configs"]["swr"]["origin_in_spike"]
-    warm = res["configs"]["swr+warming"]["origin_in_spike"]
-    res["ratios"] = {"spike_origin_cut_vs_swr": 1 - warm / swr if swr else 0.0}
-    res["hits"] = hit_throughput(1.0 if quick else 8.0, 1 if quick else 3)
-    res["ratios"]["proxy_vs_haproxy_hit_rps"] = res["hits"]["ratio"]
+    res: dict[str, Any] = {"quick": quick, "trace": asdict(tr), "configs": {}, "ratios": {}}
+    if only in (None, "trace"):
+        for config in ("no-cache", "swr", "swr+warming"):
+            res["configs"][config] = _run(replay(tr, config))
+        swr = res["configs"]["swr"]["origin_in_spike"]
+        warm = res["configs"]["swr+warming"]["origin_in_spike"]
+        res["ratios"]["spike_origin_cut_vs_swr"] = 1 - warm / swr if swr else 0.0
+    if only in (None, "hits"):
+        res["hits"] = hit_throughput(1.0 if quick else 5.0, rounds or (2 if quick else 7))
+        res["ratios"]["proxy_vs_haproxy_hit_rps"] = res["hits"]["ratio"]
+        res["ratios"]["proxy_vs_haproxy_hit_per_cpu_s"] = res["hits"]["ratio_per_cpu_s"]
     return res
 
 
@@ -351,44 +378,58 @@ def _run(coro: Any) -> Any:
 
 
 def show(res: dict[str, Any]) -> None:
-    t = Table(title="replayed trace (Zipf keys, spike): built-in proxy")
-    for col in ("config", "requests", "origin req", "origin in spike", "hit ratio", "p50 ms",
-                "p99 ms", "spike p99 ms", "warmed"):
-        t.add_column(col, justify="right")
-    for name, c in res["configs"].items():
-        t.add_row(name, str(c["requests"]), str(c["origin_requests"]),
-                  str(c["origin_in_spike"]), f"{c['hit_ratio']:.3f}", f"{c['p50_ms']:.1f}",
-                  f"{c['p99_ms']:.1f}", f"{c['spike_p99_ms']:.1f}", str(c["warmed"]))
-    console.print(t)
-    h = res["hits"]
-    t2 = Table(title=f"cached hit, {h['connections']} connections (req/s per round)")
-    t2.add_column("data plane")
-    t2.add_column("req/s", justify="right")
-    t2.add_column("p99 ms", justify="right")
+    if res["configs"]:
+        t = Table(title="replayed trace (Zipf keys, spike): built-in proxy")
+        for col in ("config", "requests", "origin req", "origin in spike", "hit ratio",
+                    "p50 ms", "p99 ms", "spike p99 ms", "warmed"):
+            t.add_column(col, justify="right")
+        for name, c in res["configs"].items():
+            t.add_row(name, str(c["requests"]), str(c["origin_requests"]),
+                      str(c["origin_in_spike"]), f"{c['hit_ratio']:.3f}",
+                      f"{c['p50_ms']:.1f}", f"{c['p99_ms']:.1f}", f"{c['spike_p99_ms']:.1f}",
+                      str(c["warmed"]))
+        console.print(t)
+    r = res["ratios"]
+    if "spike_origin_cut_vs_swr" in r:
+        console.print(f"warming: origin requests during the spike cut by "
+                      f"{r['spike_origin_cut_vs_swr']:.0%} against SWR alone (target >= 30 %)")
+    h = res.get("hits")
+    if h is None:
+        return
+    t2 = Table(title=f"cached hit, {h['connections']} connections, servers pinned to CPU "
+                     f"{h['server_cpus']} (HAProxy nbthread {h['haproxy_threads']}), wrk on "
+                     f"{h['load_cpus'] or 'any'}; medians of {len(h['proxy'])} rounds")
+    for col in ("data plane", "req/s", "req/CPU-s", "p99 ms", "req/s per round"):
+        t2.add_column(col, justify="right")
     for plane in ("proxy", "haproxy"):
         rows = h[plane]
-        t2.add_row(plane, " / ".join(f"{r['rps']:.0f}" for r in rows) or "-",
-                   " / ".join(f"{r['p99_ms']:.1f}" for r in rows) or "-")
+        if not rows:
+            continue
+        t2.add_row(plane, f"{statistics.median(r['rps'] for r in rows):.0f}",
+                   f"{statistics.median(r['per_cpu_s'] for r in rows):.0f}",
+                   f"{statistics.median(r['p99_ms'] for r in rows):.1f}",
+                   " / ".join(f"{r['rps']:.0f}" for r in rows))
     console.print(t2)
-    r = res["ratios"]
-    console.print(f"warming: origin requests during the spike cut by "
-                  f"{r['spike_origin_cut_vs_swr']:.0%} against SWR alone (target >= 30 %)")
     ratio = r["proxy_vs_haproxy_hit_rps"]
+    per = h.get("ratio_per_cpu_s")
     console.print("cached hits proxy / haproxy: "
-                  + (f"{ratio:.2f}x (target >= 0.5x)" if ratio is not None else "no haproxy"))
+                  + (f"{ratio:.2f}x req/s (target >= 0.5x), {per:.2f}x req/CPU-s"
+                     if ratio is not None and per is not None else "no haproxy"))
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a short run (what the test runs)")
     p.add_argument("--out", type=Path, default=OUT, help="where the JSON goes")
+    p.add_argument("--only", choices=("trace", "hits"), help="run one of the two parts")
+    p.add_argument("--rounds", type=int, help="cached-hit rounds (default 7, --quick 2)")
     p.add_argument("--serve-proxy", help=argparse.SUPPRESS)  # child: settings JSON
     p.add_argument("--spike", help=argparse.SUPPRESS)  # child: scripted forecast
     a = p.parse_args(argv)
     if a.serve_proxy is not None:
         serve_proxy(json.loads(a.serve_proxy), a.spike)
         return 0
-    res = run(a.quick)
+    res = run(a.quick, a.only, a.rounds)
     show(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))

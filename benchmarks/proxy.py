@@ -60,6 +60,7 @@ from rich.table import Table
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.support.cpu import measured, per_cpu_second, pin, split_cpus
 from benchmarks.support.processes import sidecar_process
 from schemas.codec import Codec
 from streams.kafka.broker import EmbeddedBroker, free_port
@@ -83,9 +84,10 @@ def _ms(value: str, unit: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}[unit]
 
 
-def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
-    """Run wrk on each URL in parallel (connections split between them); summed req/s,
-    the worst p50/p99 of the runs."""
+def wrk(urls: list[str], seconds: float, connections: int,
+        cpus: set[int] | None = None) -> dict[str, float]:
+    """Run wrk on each URL in parallel (connections split between them; on ``cpus`` when
+    given); summed req/s and requests, the worst p50/p99 of the runs."""
     procs = []
     per = max(1, connections // len(urls))
     for url in urls:
@@ -93,8 +95,10 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
             ["wrk", "-t1", f"-c{per}", f"-d{max(1, round(seconds))}s", "--latency",
              "--timeout", "5s", url],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         ))
     rps = 0.0
+    requests = 0
     ok_rps = 0.0
     p50: list[float] = []
     p99: list[float] = []
@@ -108,6 +112,7 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
         if m is None or mt is None:
             raise RuntimeError(f"wrk output not understood: {out[-500:]}")
         rps += float(m.group(1))
+        requests += int(mt.group(1))
         me = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
         bad = int(me.group(1)) if me else 0
         non2xx += bad
@@ -120,7 +125,8 @@ def wrk(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
         ms = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
                        out)
         socket_errors += sum(int(x) for x in ms.groups()) if ms else 0
-    return {"rps": rps, "ok_rps": ok_rps, "p50_ms": max(p50, default=float("nan")),
+    return {"rps": rps, "ok_rps": ok_rps, "requests": requests,
+            "p50_ms": max(p50, default=float("nan")),
             "p99_ms": max(p99, default=float("nan")), "errors": errors + socket_errors,
             "non2xx": non2xx, "socket_errors": socket_errors}
 
@@ -144,14 +150,17 @@ async def _py_load(urls: list[str], seconds: float, connections: int) -> dict[st
         await asyncio.gather(*(worker(urls[i % len(urls)]) for i in range(connections)))
     lat.sort()
     return {"rps": len(lat) / seconds, "ok_rps": (len(lat) - errors) / seconds,
+            "requests": len(lat),
             "p50_ms": lat[len(lat) // 2], "p99_ms": lat[int(len(lat) * 0.99)],
             "errors": errors, "non2xx": errors, "socket_errors": 0}
 
 
-def load(urls: list[str], seconds: float, connections: int) -> dict[str, float]:
-    """Closed-loop load for ``seconds`` with ``connections`` connections."""
+def load(urls: list[str], seconds: float, connections: int,
+         cpus: set[int] | None = None) -> dict[str, float]:
+    """Closed-loop load for ``seconds`` with ``connections`` connections (wrk on ``cpus``
+    when given)."""
     if shutil.which("wrk"):
-        return wrk(urls, seconds, connections)
+        return wrk(urls, seconds, connections, cpus)
     return asyncio.run(_py_load(urls, seconds, connections))
 
 
@@ -370,8 +379,66 @@ def saturated(kafka: KafkaSettings, ups: list[Upstream], pub: ScorePublisher,
     return out
 
 
+CORE_PLANES = ("haproxy", "proxy", "proxy+edge")
+# cache, compression and rate limits on, none triggered by this load: /x is not
+# cacheable (no Cache-Control), wrk sends no Accept-Encoding, the rate is far above it
+EDGE_ENV = {"LOADCAST_SIDECAR__CACHE__ENABLED": "true",
+            "LOADCAST_SIDECAR__COMPRESSION__ENABLED": "true",
+            "LOADCAST_SIDECAR__RATE_LIMIT__ENABLED": "true",
+            "LOADCAST_SIDECAR__RATE_LIMIT__BASE_RPS": "1000000"}
+
+
+def same_core(kafka: KafkaSettings, ups: list[Upstream], slices: int, seconds: float,
+              connections: int) -> dict[str, Any]:
+    """The data planes on the same CPU budget: plain HAProxy with ``nbthread 1`` (the
+    sidecar's config), the built-in proxy, and the built-in proxy with cache, compression
+    and rate limits enabled but not triggered, each pinned to the same CPU (wrk to the
+    others), ``slices`` interleaved runs (order rotated); req/s and requests per
+    CPU-second of the server process, ratios per slice."""
+    server_cpus, load_cpus = split_cpus()
+    out: dict[str, Any] = {k: [] for k in CORE_PLANES}
+    ports = {k: free_port() for k in CORE_PLANES}
+    h = HAProxyProcess("")
+    sock = h.dir / "admin.sock"
+    h.config_path.write_text(render_config(ups, bind=f"127.0.0.1:{ports['haproxy']}",
+                                           socket_path=sock, threads=1))
+    with contextlib.ExitStack() as stack:
+        h.start(sock)
+        stack.callback(h.stop)
+        assert h.proc is not None
+        pids = {"haproxy": h.proc.pid}
+        for key, env in (("proxy", None), ("proxy+edge", EDGE_ENV)):
+            started: list[int] = []
+            stack.enter_context(sidecar_process(kafka, ups, "proxy", ports[key], env=env,
+                                                sidecar_id=f"bench-{key}", pids=started))
+            pids[key] = started[0]
+        for pid in pids.values():
+            pin(pid, server_cpus)
+        for i in range(slices):
+            for key in CORE_PLANES[i % 3:] + CORE_PLANES[:i % 3]:
+                with measured(pids[key]) as cpu:
+                    r = load([f"http://127.0.0.1:{ports[key]}/x"], seconds, connections,
+                             load_cpus)
+                r["cpu_s"] = cpu.seconds
+                r["per_cpu_s"] = per_cpu_second(r["requests"], cpu.seconds)
+                out[key].append(r)
+    res: dict[str, Any] = {"server_cpus": sorted(server_cpus), "haproxy_threads": 1,
+                           "load_cpus": sorted(load_cpus or ()), "slices": slices,
+                           "seconds": seconds, "connections": connections, "raw": out}
+    res["planes"] = {k: {m: statistics.median(r[m] for r in v)
+                         for m in ("rps", "per_cpu_s", "p99_ms")} | {
+                             "errors": sum(r["errors"] for r in v)} for k, v in out.items()}
+    for k in ("proxy", "proxy+edge"):
+        for m in ("rps", "per_cpu_s"):
+            per = [a[m] / b[m] for a, b in zip(out[k], out["haproxy"], strict=True) if b[m]]
+            res[f"{k}_vs_haproxy_{m}_per_slice"] = per
+            res[f"{k}_vs_haproxy_{m}"] = statistics.median(per) if per else 0.0
+    return res
+
+
 def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int,
-        sat_seconds: float = 3.0, sat_connections: int = 50) -> dict[str, Any]:
+        sat_seconds: float = 3.0, sat_connections: int = 50, only: str | None = None,
+        core_slices: int | None = None) -> dict[str, Any]:
     if haproxy_binary() is None:
         raise SystemExit("haproxy is not installed: make system-deps")
     results: dict[str, list[dict[str, float]]] = {
@@ -393,6 +460,13 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
             slow_ups = [Upstream(id=e, url=u, api=API) for e, u in zip(IDS, slow_urls,
                                                                       strict=True)]
             pub = ScorePublisher(kafka)
+            pub.publish({"a": 0.5, "b": 0.5, "c": 0.5})
+            n_core = core_slices or max(3, rounds * 2 + 1)
+            console.print(f"same CPU: {n_core} slices")
+            cores = same_core(kafka, ups, n_core, seconds, connections)
+            if only == "cores":
+                return {"quick": quick, "cores": cores, "cpus": os.cpu_count(),
+                        "generator": "wrk" if shutil.which("wrk") else "python"}
             for r in range(rounds):
                 console.print(f"round {r + 1}/{rounds}")
                 # rotate the order each round: no configuration always runs first or last
@@ -448,8 +522,10 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
     }
     ratios["sidecar_haproxy_vs_haproxy_ok_rps_saturated"] = \
         saturation["ok_rps_vs_haproxy"]["haproxy+sidecar"]
-    return {"saturation": saturation, "quick": quick, "rounds": rounds, "seconds": seconds,
-            "connections": connections,
+    ratios["proxy_edge_vs_haproxy_1t_rps_same_cpu"] = cores["proxy+edge_vs_haproxy_rps"]
+    ratios["proxy_edge_vs_haproxy_1t_per_cpu_s"] = cores["proxy+edge_vs_haproxy_per_cpu_s"]
+    return {"saturation": saturation, "cores": cores, "quick": quick, "rounds": rounds,
+            "seconds": seconds, "connections": connections,
             "generator": "wrk" if shutil.which("wrk") else "python", "cpus": os.cpu_count(),
             "throughput": med, "rounds_raw": results, "score_to_live": lat,
             "score_to_live_raw_ms": live, "ratios": ratios, "ratios_per_round": raw_ratios,
@@ -460,7 +536,32 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, samples: int
                         "haproxy_score_to_live_p99_ms": "<= 50"}}
 
 
+def show_cores(c: dict[str, Any]) -> None:
+    t = Table(title=f"same CPU: servers pinned to CPU {c['server_cpus']} (HAProxy nbthread "
+                    f"{c['haproxy_threads']}), wrk on {c['load_cpus'] or 'any'}, "
+                    f"{c['connections']} connections, {c['seconds']}s x {c['slices']} "
+                    "interleaved slices, medians")
+    for col in ("data plane", "req/s", "req/CPU-s", "p99 ms", "errors",
+                "req/s / haproxy", "req/CPU-s / haproxy"):
+        t.add_column(col, justify="right")
+    for k, v in c["planes"].items():
+        t.add_row(k, f"{v['rps']:.0f}", f"{v['per_cpu_s']:.0f}", f"{v['p99_ms']:.2f}",
+                  str(v["errors"]),
+                  f"{c[f'{k}_vs_haproxy_rps']:.2f}x" if k != "haproxy" else "1x",
+                  f"{c[f'{k}_vs_haproxy_per_cpu_s']:.2f}x" if k != "haproxy" else "1x")
+    console.print(t)
+    per = [round(x, 2) for x in c["proxy+edge_vs_haproxy_rps_per_slice"]]
+    console.print(f"same CPU: proxy+edge / haproxy(1 thread) = "
+                  f"{c['proxy+edge_vs_haproxy_rps']:.2f}x req/s (target >= 0.25; per slice "
+                  f"{per}), {c['proxy+edge_vs_haproxy_per_cpu_s']:.2f}x req/CPU-s; proxy / "
+                  f"haproxy = {c['proxy_vs_haproxy_rps']:.2f}x req/s, "
+                  f"{c['proxy_vs_haproxy_per_cpu_s']:.2f}x req/CPU-s")
+
+
 def show(res: dict[str, Any]) -> None:
+    if "throughput" not in res:
+        show_cores(res["cores"])
+        return
     t = Table(title=f"data planes, {res['connections']} connections, {res['seconds']}s x "
                     f"{res['rounds']} rounds ({res['generator']}), medians")
     for col in ("data plane", "req/s", "p50 ms", "p99 ms", "errors", "req/s / haproxy"):
@@ -503,6 +604,7 @@ def show(res: dict[str, Any]) -> None:
                   f"per slice {per}); "
                   f"non-2xx in all slices: "
                   + ", ".join(f"{k} {v['non2xx_total']}" for k, v in sat["planes"].items()))
+    show_cores(res["cores"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -515,12 +617,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sat-seconds", type=float, default=3.0,
                    help="wrk duration of the saturated-backends case")
     p.add_argument("--sat-connections", type=int, default=50)
+    p.add_argument("--only", choices=("cores",), help="only the same-CPU comparison")
+    p.add_argument("--core-slices", type=int, help="same-CPU slices (default 2 x rounds + 1)")
     p.add_argument("--out", type=Path, default=OUT)
     a = p.parse_args(argv)
     if a.quick:
         a.rounds, a.seconds, a.samples, a.sat_seconds = 1, 1.0, 5, 1.0
     res = run(a.quick, a.rounds, a.seconds, a.connections, a.samples, a.sat_seconds,
-              a.sat_connections)
+              a.sat_connections, a.only, a.core_slices)
     show(res)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=2))

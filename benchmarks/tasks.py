@@ -6,10 +6,13 @@ On the embedded broker (Tansu), with real processes:
 - **submit throughput**: ``wrk`` (or a Python client) POSTs a small task to ``loadcast
   tasks`` in its own process, while two ``echo`` (no-op) swarm workers run the tasks and
   the API follows every status and result they write (``--quick``: one worker). Accepted
-  tasks per second, and per CPU-second of the API process (``tasks/s per API core``,
-  target >= 2,000). Side by side in the same round: a bare aiohttp app answering the
-  same POST with a fixed 202 (no validation, no Kafka): the ceiling of the HTTP server
-  on this machine.
+  tasks per second of wall time, and per CPU-second of the API process (user + system
+  time of all its threads: ``tasks/s per API core``, target >= 2,000; the wall figure
+  is bounded by the broker's acknowledgements on a shared machine, the CPU figure is
+  what one core of the API serves). Side by side in the same round: a bare aiohttp app
+  answering the same POST with a fixed 202 (no validation, no Kafka): the ceiling of
+  the HTTP server on this machine. Then nothing lost: every accepted task is on the
+  ``tasks`` topic, with its status on ``task-status``.
 - **end-to-end latency** under a steady load (open loop, a fixed rate): from the POST
   until the API can answer the result, p50/p99.
 - **failover**: tasks of 2 s on two ``sleep`` workers; the one holding tasks gets
@@ -58,6 +61,7 @@ from benchmarks.support.tasks import (
     wait_ready,
 )
 from streams.kafka.broker import EmbeddedBroker, free_port
+from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import ensure_topics
 from streams.tasks.settings import TaskSettings
@@ -174,6 +178,7 @@ def throughput(p: Part, rounds: int, seconds: float, connections: int,
     rows: dict[str, list[dict[str, float]]] = {"baseline": [], "tasks": []}
     try:
         wait_ready(workers, p.log, 90)
+        idle = _idle_cpu(api, 2.0)
         for r in range(rounds):
             for name, proc, port in (("baseline", base, base_port), ("tasks", api, api_port)):
                 rows[name].append(measured(proc, f"http://127.0.0.1:{port}/v1/tasks", seconds,
@@ -185,10 +190,30 @@ def throughput(p: Part, rounds: int, seconds: float, connections: int,
         stop_process(api, 15)
         stop_process(base, 5)
     med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in rows.items()}
-    return {"rounds": rows, "median": med,
-            "tasks_vs_baseline_per_core": statistics.median(
-                t["per_core"] / b["per_core"] for t, b in zip(rows["tasks"], rows["baseline"],
-                                                              strict=True))}
+    ratios = [t["per_core"] / b["per_core"] for t, b in zip(rows["tasks"], rows["baseline"],
+                                                          strict=True)]
+    return {"rounds": rows, "median": med, "api_idle_cpu_percent": idle,
+            "tasks_vs_baseline_per_core": statistics.median(ratios),
+            "tasks_vs_baseline_range": [min(ratios), max(ratios)],
+            "kept": kept(kafka, sum(int(x["requests"] - x["errors"]) for x in rows["tasks"]))}
+
+
+def _idle_cpu(proc: subprocess.Popen[bytes], seconds: float) -> float:
+    """CPU use of ``proc`` without load, in percent of a core (its fixed cost)."""
+    p = psutil.Process(proc.pid)
+    c0 = sum(p.cpu_times()[:2])
+    time.sleep(seconds)
+    return 100 * (sum(p.cpu_times()[:2]) - c0) / seconds
+
+
+def kept(kafka: KafkaSettings, accepted: int) -> dict[str, int]:
+    """Task ids on the tasks and task-status topics, against the 202s counted (a request
+    in flight when the load stopped may be on the topics without being counted)."""
+    rt = KafkaRuntime(kafka)
+    ids = {short: {m.key() for m in rt.read_to_end(rt.topic(short), timeout=60)}
+           for short in ("tasks", "task-status")}
+    return {"accepted": accepted, "on_tasks": len(ids["tasks"]),
+            "with_status": len(ids["tasks"] & ids["task-status"])}
 
 
 async def latency(p: Part, rate: float, seconds: float) -> dict[str, Any]:
@@ -286,16 +311,23 @@ def show(res: dict[str, Any]) -> None:
     tp = res["throughput"]["median"]
     t = Table(title=f"submit throughput, {res['connections']} connections, {res['seconds']}s x "
                     f"{res['rounds']} rounds ({res['generator']}), medians")
-    for col in ("server", "accepted/s", "per core (/CPU-s)", "CPU-s", "errors"):
+    for col in ("server", "accepted/s (wall)", "per core (/CPU-s)", "CPU-s", "errors"):
         t.add_column(col, justify="right")
     for name, label in (("baseline", "bare aiohttp 202"), ("tasks", "loadcast tasks")):
         v = tp[name]
         t.add_row(label, f"{v['accepted_per_s']:.0f}", f"{v['per_core']:.0f}",
                   f"{v['cpu_s']:.2f}", f"{v['errors']:.0f}")
     console.print(t)
-    lat, fo = res["latency"], res["failover"]
-    console.print(f"tasks/s per API core: {tp['tasks']['per_core']:.0f} (target >= 2000); "
-                  f"= {res['throughput']['tasks_vs_baseline_per_core']:.2f}x the bare server")
+    lat, fo, th = res["latency"], res["failover"], res["throughput"]
+    lo, hi = th["tasks_vs_baseline_range"]
+    rounds = ", ".join(f"{r['per_core']:.0f}" for r in th["rounds"]["tasks"])
+    console.print(f"tasks/s per API core: {tp['tasks']['per_core']:.0f} (target >= 2000; "
+                  f"rounds {rounds}); = {th['tasks_vs_baseline_per_core']:.2f}x the bare "
+                  f"server ({lo:.2f}-{hi:.2f}); API idle: {th['api_idle_cpu_percent']:.1f}% "
+                  "of a core")
+    k = th["kept"]
+    console.print(f"accepted (202) {k['accepted']}: on the tasks topic {k['on_tasks']}, with "
+                  f"a status {k['with_status']} (none lost: {k['with_status'] >= k['accepted']})")
     console.print(f"end to end at {lat['rate_per_s']:g}/s: p50 {lat['p50_ms']:.0f} ms, "
                   f"p99 {lat['p99_ms']:.0f} ms ({lat['completed']}/{lat['tasks']} tasks)")
     console.print(f"worker killed -> its {fo['held']} task(s) retried in {fo['retried_s']:.2f} s "
@@ -330,7 +362,7 @@ def run(quick: bool, rounds: int, seconds: float, connections: int, rate: float,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--quick", action="store_true", help="one short round")
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--seconds", type=float, default=5.0)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--rate", type=float, default=200.0, help="tasks/s of the latency part")

@@ -12,9 +12,16 @@ in the past says nothing about what comes). Its curve is ``current_rps`` at
 and held after the last point; the region's demand is the sum of those curves on a grid of
 the smallest model step. A mirror's curve (``{api}-mirror-{region}-...``, as the traffic
 director names it) is its ``current_rps`` held flat: the demand it carries is the region's,
-diverted, which the regular endpoints' forecasts already predict. **Central capacity**
-is ``central_capacity_rps[api]`` when configured, else the sum of the endpoints'
-``capacity_rps``: the endpoints a region's telemetry names are the central ones serving it.
+diverted. **The region's demand series** (``{api}-demand-{region}``, see
+:func:`demand_series_id`): an edge sidecar counts every request of its region that needs
+an origin under that id, whichever endpoint or mirror serves it (or none), so its
+forecaster learns what the region asks for, not the share left to the central endpoints
+once a mirror took the rest (a series a mirror censors: the endpoints' forecasters learn
+"no spike" from the spikes the mirror carried). While that series has a fresh score it
+alone is the region's demand; else the endpoints' and mirrors' curves are summed.
+**Central capacity** is ``central_capacity_rps[api]`` when configured, else the sum of the
+endpoints' ``capacity_rps``: the endpoints a region's telemetry names are the central ones
+serving it (the demand series' capacity is not counted).
 
 **Rules** per (api, region) outside the central region, for APIs with a bundle:
 
@@ -159,6 +166,15 @@ def _value(anchor: tuple[int, float], pts: tuple[tuple[int, float, float, float]
     return prev_v
 
 
+def demand_series_id(api: str, region: str) -> str:
+    """The endpoint id under which a region's demand for ``api`` is counted and forecast.
+
+    >>> demand_series_id("orders", "eu")
+    'orders-demand-eu'
+    """
+    return f"{api}-demand-{region}"
+
+
 class DemandTable:
     """The latest score of every endpoint, summed per (api, region) on request."""
 
@@ -208,10 +224,13 @@ class DemandTable:
 
     def demand(self, api: str, region: str, now_ms: int) -> RegionalDemand | None:
         """The region's predicted demand now; None without a fresh, forward-looking score."""
-        live = [s for s in self._scores.get((api, region), {}).values()
-                if s.valid_until >= now_ms and s.points and s.points[-1][0] > now_ms]
-        if not live:
+        fresh = {e: s for e, s in self._scores.get((api, region), {}).items()
+                 if s.valid_until >= now_ms and s.points and s.points[-1][0] > now_ms}
+        if not fresh:
             return None
+        series = fresh.pop(demand_series_id(api, region), None)
+        # The region's own demand, while fresh, is all of it: nothing is added to it.
+        live = [series] if series is not None else list(fresh.values())
         step = min(s.step_ms for s in live)
         horizon = max(s.points[-1][0] for s in live)
         n = max(1, math.ceil((horizon - now_ms) / step))
@@ -225,8 +244,11 @@ class DemandTable:
                     vals[col - 1] += _value((s.computed_at, s.current), fut, t, col)
             points.append((t, vals[0], min(vals[0], vals[1]), max(vals[0], vals[2])))
         current = sum(s.current for s in live)  # as last measured
-        capacity = self.capacity_override.get(api) or sum(s.capacity for s in live)
-        return RegionalDemand(api, region, now_ms, current, capacity, step, points, len(live))
+        # the demand series' capacity is not the region's (mirrors' is: what-if scenarios
+        # add capacity as a mirror)
+        capacity = self.capacity_override.get(api) or sum(s.capacity for s in fresh.values())
+        return RegionalDemand(api, region, now_ms, current, capacity, step, points,
+                              len(fresh))
 
 
 @dataclass

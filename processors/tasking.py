@@ -31,16 +31,18 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 _RANK = {"QUEUED": 0, "RUNNING": 1, "SUCCEEDED": 2, "FAILED": 2, "CANCELLED": 2}
 
 
-@dataclass(frozen=True, slots=True)
-class TaskView:
-    """A task as the latest accepted status record says (plus what the fold kept)."""
+class TaskView(NamedTuple):
+    """A task as the latest accepted status record says (plus what the fold kept).
+
+    A named tuple, immutable: the API builds one per status record it reads, and a
+    tuple is made in a fifth of the time of a frozen dataclass."""
 
     task_id: str
     task_type: str
@@ -62,10 +64,7 @@ class TaskView:
 
     def record(self) -> dict[str, Any]:
         """The TaskStatus record of this state (to write it again, e.g. re-assert it)."""
-        return {f: getattr(self, f) for f in _FIELDS}
-
-
-_FIELDS = tuple(TaskView.__dataclass_fields__)
+        return self._asdict()
 
 
 def status(task_id: str, state: str, attempt: int, *, task_type: str = "echo",
@@ -89,8 +88,7 @@ def view(record: Mapping[str, Any]) -> TaskView:
                     g("source", ""), g("idempotency_key"), g("request_hash"))
 
 
-@dataclass(frozen=True)
-class FoldResult:
+class FoldResult(NamedTuple):
     """What one status record did: the task's state after it, whether it counted, and
     whether it was stale (behind the task: an older attempt, or after it finished)."""
 
@@ -134,8 +132,7 @@ def _keep_identity(current: TaskView, new: TaskView) -> TaskView:
             new.idempotency_key or not current.idempotency_key) and (
             new.request_hash or not current.request_hash):
         return new  # the usual case: nothing to keep (and no copy to make)
-    return replace(
-        new,
+    return new._replace(
         submitted_at=new.submitted_at or current.submitted_at,
         idempotency_key=new.idempotency_key or current.idempotency_key,
         request_hash=new.request_hash or current.request_hash,
@@ -188,14 +185,16 @@ def expired_leases(running: Iterable[tuple[str, float]], now: float,
 # --------------------------------------------------------------------------- idempotency
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
 def request_hash(body: Mapping[str, Any]) -> str:
     """A fingerprint of a request body, the same for the same JSON whatever its key order.
 
     >>> request_hash({"a": 1, "b": [2]}) == request_hash({"b": [2], "a": 1})
     True
     """
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL.encode(body).encode()).hexdigest()
 
 
 def idempotent_match(known: tuple[str, str] | None, body_hash: str) -> str | None:

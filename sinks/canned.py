@@ -26,8 +26,9 @@ Every query takes the same bound parameters (never pasted into SQL): ``since_ms`
   **Regional demand** is what the planner and the traffic director add up
   (``processors.mirroring.DemandTable``): the sum of ``current_rps`` of the latest
   LoadScore of every endpoint of the command's api *and region* (the endpoints a region's
-  telemetry names, the mirror's own included, so demand a ready mirror serves still counts),
-  each score counting from its ``computed_at`` until the endpoint's next score or its
+  telemetry names, the mirror's own included, so demand a ready mirror serves still counts;
+  not the region's demand series ``{api}-demand-{region}``, which counts the same requests
+  again), each score counting from its ``computed_at`` until the endpoint's next score or its
   ``valid_until``, whichever is first. It is evaluated at every score time; the crossing is
   the ``computed_at`` of the score that took it over capacity, i.e. when the control plane
   saw it (one telemetry interval plus the scoring delay after the requests, so the lead is
@@ -151,6 +152,8 @@ traffic AS (
   SELECT api, minute, endpoint_id, sum(requests) AS requests
   FROM telemetry_1m
   WHERE minute >= toStartOfMinute({_T0}) AND minute < {_T1} AND {_FILTERS}
+    -- a region's demand series counts requests its endpoints count too: not a share
+    AND endpoint_id != concat(api, '-demand-', region)
   GROUP BY api, minute, endpoint_id
 ),
 decisions AS (
@@ -225,6 +228,7 @@ scores AS (
             ROWS BETWEEN CURRENT ROW AND 1 FOLLOWING), valid_until))) AS gone_at
   FROM load_scores FINAL
   WHERE (api, region) IN (SELECT api, region FROM activations)
+    AND endpoint_id != concat(api, '-demand-', region)
     AND computed_at >= (SELECT min(look_from) FROM activations) - INTERVAL 1 HOUR
 ),
 -- Regional demand and summed capacity after every score (+) and expiry (-) event.

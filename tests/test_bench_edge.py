@@ -32,5 +32,8 @@ def test_edge_benchmark_quick(tmp_path: Path) -> None:
     assert c["no-cache"]["origin_requests"] == c["no-cache"]["requests"]
     assert c["swr"]["origin_requests"] < c["no-cache"]["origin_requests"] / 2
     assert c["swr"]["hit_ratio"] > 0.5 and c["swr+warming"]["warmed"] > 0
-    assert res["hits"]["proxy"][0]["rps"] > 0
+    hits = res["hits"]
+    assert hits["haproxy_threads"] == 1 and len(hits["proxy"]) == len(hits["haproxy"]) == 2
+    assert hits["proxy"][0]["rps"] > 0 and hits["proxy"][0]["per_cpu_s"] > 0
+    assert res["ratios"]["proxy_vs_haproxy_hit_per_cpu_s"] > 0
     assert "origin requests during the spike" in r.stdout

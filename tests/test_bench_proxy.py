@@ -41,3 +41,11 @@ def test_proxy_benchmark_quick(tmp_path: Path) -> None:
         assert v["ok_rps"] > 0 and "non2xx" in v, (plane, v)
     assert "haproxy+sidecar" in sat["ok_rps_vs_haproxy"]
     assert "2xx/s" in r.stdout and "saturated" in r.stdout
+    # the same-CPU comparison: HAProxy with one thread, the proxy plain and with the edge
+    # features on, each with its CPU time measured
+    cores = res["cores"]
+    assert set(cores["planes"]) == {"haproxy", "proxy", "proxy+edge"}
+    assert cores["haproxy_threads"] == 1 and cores["slices"] >= 3
+    for plane, v in cores["planes"].items():
+        assert v["rps"] > 0 and v["per_cpu_s"] > 0 and v["errors"] == 0, (plane, v)
+    assert "proxy+edge / haproxy(1 thread)" in r.stdout

@@ -162,6 +162,12 @@ def _check_claims(s: dict[str, Any]) -> None:
             assert c["ready_before"] == sum(1 for x in leads if x > 0)
             assert c["verdict"] == ("no data" if not leads else "won"
                                     if c["ready_before"] == len(leads) else "lost")
+    for g, st in s["forecast_skill"]["groups"].items():
+        if "vs_served" in st:  # a demand series' forecast: also shown against served requests
+            line = next(x["text"] for x in hl["statements"]
+                        if f"{g}:forecast-vs-persistence" in x["claims"])
+            assert st["source"] in line
+            assert f"MASE {st['vs_served']['mase_vs_seasonal_naive']} vs" in line, line
     for st in hl["statements"]:
         assert st["claims"] and all(i in claims for i in st["claims"]), st
         vs = [claims[i]["verdict"] for i in st["claims"]]

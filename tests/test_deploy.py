@@ -43,8 +43,12 @@ METRICS_PORT = {"worker": ("processor", "metrics_port"), "agent": ("agent", "met
                 "sink": ("sink", "metrics_port"), "coordinator": ("federated", "metrics_port"),
                 "planner": ("mirror", "planner_metrics_port"),
                 "executor": ("mirror", "executor_metrics_port"),
-                "sidecar": ("sidecar", "admin_port"), "api": ("api", "port")}
-ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator", "api"}
+                "sidecar": ("sidecar", "admin_port"), "api": ("api", "port"),
+                "tasks": ("tasks", "metrics_port"), "swarm-worker": ("swarm", "metrics_port")}
+ROLES = {"topics", "worker", "sink", "sidecar", "agent", "coordinator", "api", "tasks",
+         "swarm-worker"}
+# readiness: the HTTP services' own health answer; every other process: its /metrics
+HEALTH_PATH = {"sidecar": "/health", "api": "/health", "tasks": "/healthz"}
 MIRROR_ROLES = {"planner", "executor", "bundle"}
 THIRD_PARTY_METRICS = {  # kafka-exporter (danielqsj/kafka-exporter), Prometheus itself
     "kafka_consumergroup_lag": {"consumergroup", "topic", "partition"},
@@ -362,6 +366,8 @@ def test_compose_settings_render_and_point_at_compose_services(
             assert (port, path) == (s.sidecar.admin_port, "/health")
         elif role == "api":
             assert (port, path) == (s.api.port, "/health") and s.api.listen_host == "0.0.0.0"
+        elif role == "tasks":
+            assert (port, path) == (s.tasks.port, "/healthz") and s.tasks.host == "0.0.0.0"
         elif role == "sink" and path == "/health":
             assert port == s.sink.admin_port and s.sink.admin_enabled
         else:
@@ -688,8 +694,11 @@ def test_k8s_manifests_use_real_commands_settings_and_references(
         for probe in ("readinessProbe", "livenessProbe"):
             if probe in c:
                 get = c[probe]["httpGet"]
-                assert named.get(get["port"], get["port"]) == port, (name, probe)
-                assert get["path"] == ("/health" if role in ("sidecar", "api") else "/metrics")
+                if role == "tasks":  # its health is on the API's port, /metrics apart
+                    assert named.get(get["port"]) == s.tasks.port, (name, probe)
+                else:
+                    assert named.get(get["port"], get["port"]) == port, (name, probe)
+                assert get["path"] == HEALTH_PATH.get(role, "/metrics"), (name, probe)
         assert s.processor.metrics_port and s.agent.metrics_port
     assert roles == ROLES - {"topics"} | {"planner"}
     # every pod reads the same settings; only the planner also gets the signing key

@@ -186,6 +186,16 @@ async def test_requests_with_credentials_are_cached_only_when_public() -> None:
                               headers={"Authorization": "Bearer b"}) as r:
                 await r.read()
         assert o.hits["/pub"] == 1
+        # stored for an anonymous request, not public: never the answer to a credentialed
+        # one (RFC 9111 §3.5), which goes to the origin; the anonymous still hit
+        o.set("/page", headers={"Cache-Control": "max-age=60"}, body=b"anonymous view")
+        assert (await get(cs, sc.port, "/page"))[2]["X-Cache"] == "MISS"
+        assert (await get(cs, sc.port, "/page"))[2]["X-Cache"] == "HIT"
+        for cred in ({"Authorization": "Bearer a"}, {"Cookie": "sid=a"}, {"X-API-Key": "k1"}):
+            async with cs.get(f"http://127.0.0.1:{sc.port}/page", headers=cred) as r:
+                assert r.headers["X-Cache"] == "MISS", cred
+        assert o.hits["/page"] == 4
+        assert (await get(cs, sc.port, "/page"))[2]["X-Cache"] == "HIT"
 
 
 @pytest.mark.asyncio

@@ -129,6 +129,59 @@ async def test_sidecar_routes_region_to_mirror_from_the_topics(
             await sc.stop()
 
 
+@pytest.mark.asyncio
+async def test_an_edge_sidecar_counts_its_regions_demand_whoever_serves_it(
+    kafka: KafkaSettings, codec: Codec
+) -> None:
+    """Outside the central region the sidecar counts every request on the region's demand
+    series, whether the mirror or a central endpoint served it: the series the planner
+    forecasts is not censored by the mirror."""
+    with BackendProcess({"central-1": 0, "mirror-1": 0}) as b:
+        settings = SidecarSettings(
+            upstreams=[{"id": "central-1", "url": b.urls["central-1"], "api": "orders"}],
+            listen_port=0, admin_port=0, region="eu", mirror_lookahead_s=5.0,
+            telemetry_interval_s=0.5, mirror_hosts=["127.0.0.1"])
+        sc = Sidecar(settings, kafka, codec=codec)
+        await sc.start()
+        served: dict[str, int] = {}
+        try:
+            now = int(time.time() * 1000)
+            p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 0})
+            p.produce(topic_name(kafka, "load-scores"),
+                      codec.encode("LoadScore", {**score(now, 150.0, capacity=100.0),
+                                                 "score": 0.5, "predicted_utilization": 1.5,
+                                                 "latency_p99_ms": 5.0, "error_rate": 0.0,
+                                                 "valid_until": now + 60_000}), b"orders-eu-1")
+            p.produce(topic_name(kafka, "mirror-status"), codec.encode(
+                "MirrorStatus", status("READY", b.urls["mirror-1"], capacity=1000.0)), b"eu")
+            assert p.flush(10) == 0
+            async with aiohttp.ClientSession() as cs:
+                async def who() -> str:
+                    async with cs.get(f"http://127.0.0.1:{sc.port}/x") as r:
+                        assert r.status == 200
+                        return await r.text()
+
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:  # central until the mirror is known
+                    name = await who()
+                    served[name] = served.get(name, 0) + 1
+                    if name == "mirror-1" and served[name] >= 5:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await sc.stop()  # publishes the open windows
+        assert served.get("central-1") and served.get("mirror-1") == 5, served
+        counts: dict[str, int] = {}
+        for msg in read_topic(kafka.bootstrap_servers, topic_name(kafka, "telemetry")):
+            value = codec.decode(msg.value() or b"")
+            for w in value.get("windows", [value]):
+                if w["agent_id"].startswith(sc.id) or w["region"] == "eu":
+                    counts[w["endpoint_id"]] = counts.get(w["endpoint_id"], 0) \
+                        + w["request_count"]
+        assert counts.get("orders-demand-eu") == sum(served.values()), counts
+        assert counts.get("central-1") == served["central-1"], counts
+
+
 def test_planner_restores_its_commands_and_dead_letters_bad_input(
     kafka: KafkaSettings, codec: Codec
 ) -> None:

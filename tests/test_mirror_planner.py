@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 
 from processors.apps.mirror_settings import MirrorSettings
-from processors.mirroring import BundleSpec, DemandTable, MirrorPlanner, PlannerConfig
+from processors.mirroring import (
+    BundleSpec,
+    DemandTable,
+    MirrorPlanner,
+    PlannerConfig,
+    demand_series_id,
+)
 from processors.signing import Signer, Verifier, generate_keypair
 
 DIGEST = "sha256:" + "ab" * 32
@@ -243,3 +249,30 @@ def test_a_mirror_counts_what_it_carries_not_its_own_forecast() -> None:
     t.apply(idle)
     d = t.demand("orders", "eu", now + 100)
     assert d is not None and d.peak() == pytest.approx(60.0)
+
+
+def test_the_regions_demand_series_alone_is_its_demand_while_fresh() -> None:
+    """The region's demand series (what the sidecar saw the region ask for, whichever
+    endpoint or mirror served it) replaces the sum of endpoints and mirrors while it has a
+    fresh score: the endpoints' series are censored by the mirror, the region's is not.
+    Capacity stays the endpoints'; a stale demand series falls back to the sum."""
+    now = T0
+    t = DemandTable()
+    t.apply(score(now, lambda s: 5.0, endpoint="orders-eu-1", capacity=20.0))
+    mirror = score(now, lambda s: 0.0, endpoint="orders-mirror-eu-127.0.0.1-9100",
+                   capacity=50.0)
+    mirror["current_rps"] = 30.0
+    t.apply(mirror)
+    region = score(now, lambda s: 35.0 + 10.0 * s, endpoint=demand_series_id("orders", "eu"),
+                   capacity=999.0, valid_ms=3000)
+    t.apply(region)
+    d = t.demand("orders", "eu", now)
+    assert d is not None and d.current_rps == pytest.approx(35.0)
+    assert [round(m) for _, m, _, _ in d.points[:3]] == [45, 55, 65]
+    assert d.capacity_rps == pytest.approx(70.0)  # endpoint and mirror, not the series' 999
+    assert d.endpoints == 2
+    # the endpoints' scores are renewed, the region's is not: back to their sum
+    t.apply(score(now + 2500, lambda s: 5.0, endpoint="orders-eu-1", capacity=20.0))
+    later = now + 3500
+    d = t.demand("orders", "eu", later)
+    assert d is not None and d.current_rps == pytest.approx(5.0)

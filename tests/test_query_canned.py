@@ -101,6 +101,9 @@ def test_mirror_lead_time_regional_demand(client: Any) -> None:
         # One endpoint over its own capacity long before the region's sum is.
         score(E1, 20, 12.0), score(E2, 20, 3.0),  # 15
         score("orders-central-1", 50, 500.0, region="central"),  # another region: ignored
+        # the region's demand series counts the same requests again: left out
+        score("orders-demand-eu", 20, 15.0, capacity=1000.0),
+        score("orders-demand-eu", 101, 21.0, capacity=1000.0),
         score(E1, 60, 12.0), score(E2, 60, 6.0),  # 18
         score(E1, 100, 12.0),  # still 18
         score(E2, 101, 9.0),  # 21 > 20: the crossing
@@ -149,7 +152,9 @@ def test_routing_shares_and_stale_periods(client: Any) -> None:
                 "latency_max_ms": 4.0, "cpu_percent": 1.0, "memory_percent": 1.0,
                 "net_in_bytes": 0, "net_out_bytes": 0}
 
-    insert(client, "telemetry", [window("e1", 30), window("e2", 90)])
+    # the region's demand series counts e1's and e2's requests again: not a share
+    insert(client, "telemetry", [window("e1", 30), window("e2", 90),
+                                 window("orders-demand-eu", 120)])
     decision = {"sidecar_id": "s", "region": "eu", "api": "orders", "policy": "score"}
     insert(client, "routing-decisions", [
         {**decision, "at": T + 1000, "kind": "WEIGHTS", "stale": False,
@@ -163,6 +168,7 @@ def test_routing_shares_and_stale_periods(client: Any) -> None:
     ])
     r = run_canned(client, "routing-shares", {"since_ms": T - 60_000, "until_ms": T + 60_000})
     got = {row[2]: dict(zip(r.columns, row, strict=True)) for row in r.rows}
+    assert set(got) == {"e1", "e2"}
     assert got["e1"]["share"] == 0.25 and got["e2"]["share"] == 0.75
     assert got["e1"]["routed_share"] == 0.25 and got["e2"]["routed_share"] == 0.75
     assert got["e1"]["mean_weight"] == pytest.approx(0.3)
@@ -170,7 +176,7 @@ def test_routing_shares_and_stale_periods(client: Any) -> None:
     # --sql binds parameters; it cannot write.
     n = run_sql(client, "SELECT count() AS n FROM telemetry WHERE request_count > {k:UInt32}",
                 {"k": 50})
-    assert n.rows == [[1]]
+    assert n.rows == [[2]]  # e2 and the demand series
     with pytest.raises(QueryError, match=r"got DROP"):
         run_sql(client, "DROP TABLE telemetry")
-    assert client.query("SELECT count() FROM telemetry").result_rows == [(2,)]
+    assert client.query("SELECT count() FROM telemetry").result_rows == [(3,)]

@@ -103,6 +103,24 @@ def test_book_queue_positions_follow_enqueue_order() -> None:
     assert book.arrival_rate("echo", 5.0) == 3 / 60
 
 
+def test_book_queue_positions_exact_in_a_long_queue() -> None:
+    book = TaskBook()
+    for i in range(12_000):
+        book.apply_status(status(f"t{i}", "QUEUED", 1, task_type="echo" if i % 3 else "sleep"),
+                          0.0)
+    for i in range(0, 8_000, 2):  # every other one of the first 8,000 started
+        book.apply_status(status(f"t{i}", "RUNNING", 1, worker="w", task_type="echo" if i % 3
+                                 else "sleep"), 1.0)
+    # queued ahead of t11999 (echo): the echo tasks of the last 4,000, and of the first
+    # 8,000 the odd ones (those not started)
+    echo_ahead = sum(1 for i in range(11_999) if i % 3 and (i >= 8_000 or i % 2))
+    assert book.position(book.tasks["t11999"]) == echo_ahead
+    assert book.position(book.tasks["t1"]) == 0 and book.position(book.tasks["t0"]) == 0
+    assert len(book.queued["echo"]) == echo_ahead + 1
+    book.forget("t11999")
+    assert len(book.queued["echo"]) == echo_ahead
+
+
 def test_reasserted_running_is_no_heartbeat_and_forget() -> None:
     book = TaskBook()
     book.apply_status(status("t", "QUEUED", 1, idempotency_key="k", request_hash="h"), 0.0)

@@ -55,9 +55,10 @@ def kafka_env(kafka: KafkaSettings, **extra: str) -> dict[str, str]:
 def sidecar_process(kafka: KafkaSettings, upstreams: Sequence[Any], plane: str, port: int,
                     *, sidecar_id: str, env: Mapping[str, str] | None = None,
                     healthy_within_s: float = 30.0,
-                    poll_s: float = 0.1) -> Iterator[int]:
+                    poll_s: float = 0.1, pids: list[int] | None = None) -> Iterator[int]:
     """``loadcast sidecar --data-plane plane`` on ``port`` in a subprocess (``env``: more
-    settings); yields its admin port once its health endpoint answers 200."""
+    settings; its pid appended to ``pids``); yields its admin port once its health
+    endpoint answers 200."""
     admin = free_port()
     full = {**kafka_env(kafka),
             "LOADCAST_SIDECAR__UPSTREAMS": json.dumps([u.model_dump() for u in upstreams]),
@@ -69,6 +70,8 @@ def sidecar_process(kafka: KafkaSettings, upstreams: Sequence[Any], plane: str, 
          "--port", str(port), "--admin-port", str(admin)],
         env=full, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
         start_new_session=True)
+    if pids is not None:
+        pids.append(proc.pid)
     try:
         deadline = time.monotonic() + healthy_within_s
         while True:

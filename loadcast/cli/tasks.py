@@ -36,8 +36,9 @@ def _tasks(get_settings: SettingsFn) -> Callable[..., None]:
         host: Annotated[str | None, typer.Option(help="Bind address (tasks.host).")] = None,
         port: Annotated[int | None, typer.Option(
             help="Port (tasks.port; 0 = a free one).", min=0, max=65535)] = None,
-        metrics_port: Annotated[int, typer.Option(
-            help="Serve /metrics on this port (0 = off).", min=0, max=65535)] = 0,
+        metrics_port: Annotated[int | None, typer.Option(
+            help="Serve /metrics on this port (tasks.metrics_port; 0 = off).",
+            min=0, max=65535)] = None,
         duration: DurationOpt = None,
         log_level: LogLevelOpt = None,
     ) -> None:
@@ -52,7 +53,7 @@ def _tasks(get_settings: SettingsFn) -> Callable[..., None]:
         set_log_level(log_level)
         s = get_settings(bootstrap)
         ensure_kafka(s.kafka)
-        serve_metrics(metrics_port)
+        serve_metrics(s.tasks.metrics_port if metrics_port is None else metrics_port)
         rt = KafkaRuntime(s.kafka)
         service = TaskService(rt, codec_for(s.kafka.schema_registry_url), s.tasks)
         bind = host or s.tasks.host

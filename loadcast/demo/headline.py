@@ -151,10 +151,20 @@ def _forecast_claims(sk: dict[str, Any], claims: list[dict[str, Any]],
         claims.append(c)
         ids.append(c["id"])
         parts.append(f"90 % band coverage {cov} ({c['verdict']})")
+        served = st.get("vs_served")
+        if served:  # the same forecast against the answered requests: said, not hidden
+            parts.append(f"against the requests its endpoints and mirrors answered "
+                         f"(counted when answered) MASE {served['mase_vs_seasonal_naive']} "
+                         f"vs seasonal-naive, {served['mase_vs_persistence']} vs "
+                         f"persistence, coverage {served['coverage']}")
+        source = st.get("source", "sum of endpoint forecasts")
+        what = (f"the forecast of the region's demand series {source} against its counts, "
+                "the region's arrivals" if source != "sum of endpoint forecasts"
+                else "the sum of its endpoints' forecasts against their requests")
         statements.append({
             "group": g, "tone": _said(claims, ids), "claims": ids,
-            "text": f"{g} demand forecast {sk['horizon_s']} s ahead (the horizon the planner "
-                    f"and the mirror director act on), over {st['points']} s: "
+            "text": f"{g} demand forecast {sk['horizon_s']} s ahead, the horizon the planner "
+                    f"and the mirror director act on ({what}), over {st['points']} s: "
                     + "; ".join(parts)})
 
 
@@ -162,8 +172,8 @@ def _planner_claims(sk: dict[str, Any], claims: list[dict[str, Any]],
                     statements: list[dict[str, Any]]) -> None:
     """Per client group with mirrors: the planner's sum (forecast + mirrors' rate)."""
     for g, st in sk["planner_sums"].items():
-        if not st["mirrors"]:
-            continue  # no mirror: the planner's sum is the forecast above
+        if not st["mirrors"] or not st.get("planner_uses", True):
+            continue  # no mirror: the forecast above; a demand series: not what it uses
         ids = []
         for base in ("seasonal_naive", "persistence"):
             c = _skill_claim("planner-sum", "planner", g, base, st, sk["horizon_s"])

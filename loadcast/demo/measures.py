@@ -16,6 +16,7 @@ from typing import Any
 
 from loadcast.demo import scenario as scn
 from loadcast.demo.loadgen import client_endpoint
+from processors.mirroring import demand_series_id
 from sinks.service import query
 from sinks.settings import SinkSettings
 
@@ -127,20 +128,28 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     """Per client group (central, edge) and per endpoint: :func:`skill` of the live
     forecasts made ``h`` s ahead, in epoch seconds ``[t_from, t_to)``.
 
-    A group's actual is its region's demand: the requests of all its endpoints, edge
-    mirrors included (what a mirror serves is still the region's demand). Its forecast,
-    in ``groups``: the sum of its regular endpoints' forecasts (mean and band); in
-    ``planner_sums``: what the planner adds up (``processors.mirroring.DemandTable``), that
-    plus each mirror's rate when the forecast was made, held flat (a mirror carries the
-    region's demand, diverted).
+    ``groups``: the forecast the planner acts on, against the demand it forecasts. For a
+    region with a demand series (the edge sidecar counts every request of its region on
+    ``{api}-demand-{region}``, before choosing an endpoint or mirror; the planner and the
+    mirror director take that series' forecast as the region's demand) that is the
+    series' forecast against the series' own counts, the region's arrivals (``source``,
+    ``actual`` say so); ``vs_served`` scores the same forecast against the requests the
+    region's endpoints and mirrors answered (counted when answered, so late under load).
+    For a region without one: the sum of its regular endpoints' forecasts (mean and band)
+    against the requests of all its endpoints and mirrors. ``planner_sums``: the sum the
+    planner makes without a demand series (``processors.mirroring.DemandTable``), the
+    endpoints' forecasts plus each mirror's rate when the forecast was made, held flat;
+    ``planner_uses`` is False where a demand series replaced it.
     """
+    series_of = {g: demand_series_id(scn.API, g) for g in (scn.CENTRAL, scn.EDGE)}
     region_of = {str(r["endpoint_id"]): str(r["region"]) for r in actual}
     by_ep: dict[str, dict[int, float]] = defaultdict(dict)
     group: dict[str, dict[int, float]] = {g: defaultdict(float) for g in (scn.CENTRAL, scn.EDGE)}
     for r in actual:
         t = int(r["t_s"])
         by_ep[r["endpoint_id"]][t] = float(r["n"])
-        if r["region"] in group:
+        # the demand series counts the same requests again: not in the served sum
+        if r["region"] in group and r["endpoint_id"] not in series_of.values():
             group[r["region"]][t] += float(r["n"])
     fc_ep: dict[str, dict[int, tuple[float, float, float]]] = defaultdict(dict)
     for r in fc:
@@ -153,13 +162,22 @@ def forecast_skill(actual: list[dict[str, Any]], fc: list[dict[str, Any]],
     for g in (scn.CENTRAL, scn.EDGE):
         eps = [e for e in capacities if region_of.get(e, g if f"-{g}-" in e else "") == g]
         common = set.intersection(*(set(fc_ep[e]) for e in eps)) if eps else set()
-        mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g]
+        mirrors = [e for e in fc_ep if e not in capacities and region_of.get(e) == g
+                   and e != series_of[g]]
+        series = fc_ep.get(series_of[g])
         for key, ms in (("groups", []), ("planner_sums", mirrors)):
             summed = {t: tuple(sum(fc_ep[e][t][i] for e in eps) +
                                sum(by_ep[m].get(t - h, 0.0) for m in ms)
                                for i in range(3)) for t in common}
-            out[key][g] = {"endpoints": eps, "mirrors": ms,
+            out[key][g] = {"source": "sum of endpoint forecasts", "actual": "served requests",
+                           "endpoints": eps, "mirrors": ms, "planner_uses": not series,
                            **skill(dict(group[g]), summed, season, h)}  # type: ignore[arg-type]
+        if series:  # what the planner acts on: the region's own demand forecast
+            out["groups"][g] = {
+                "source": series_of[g], "actual": "arrivals (the demand series' counts)",
+                "endpoints": eps, "mirrors": mirrors, "planner_uses": True,
+                **skill(by_ep.get(series_of[g], {}), series, season, h),
+                "vs_served": skill(dict(group[g]), series, season, h)}
     for e in capacities:
         out["endpoints"][e] = skill(by_ep.get(e, {}), fc_ep.get(e, {}), season, h)
     return out
@@ -189,8 +207,10 @@ def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
                                "api": scn.API, "lookback_s": 60}})
     share = _mirror_share(facts)
     edge_demand: dict[int, float] = defaultdict(float)
+    series = demand_series_id(scn.API, scn.EDGE)  # counts the same requests again
     for r in actual:
-        if r["region"] == scn.EDGE and int(r["t_s"]) >= int(facts["t_live"]):
+        if r["region"] == scn.EDGE and int(r["t_s"]) >= int(facts["t_live"]) \
+                and r["endpoint_id"] != series:
             edge_demand[int(r["t_s"]) - int(facts["t_live"])] += float(r["n"])
     # The last second's telemetry may be cut short by the stop: left out.
     fskill = forecast_skill(actual, fc, facts["capacities"], season, HORIZON,

@@ -60,13 +60,24 @@ def _tables(s: dict[str, Any]) -> dict[str, str]:
                        [[name, r["points"], r["mae"], r["mae_seasonal_naive"],
                          r["mae_persistence"], r["mase_vs_seasonal_naive"],
                          r["mase_vs_persistence"], r["coverage"]]
-                        for name, r in [*((f"{g} demand", v) for g, v in sk["groups"].items()),
-                                        *((f"{g} demand, planner's sum (+ mirrors' "
-                                           "current rate)", v)
-                                          for g, v in sk["planner_sums"].items()
-                                          if v["mirrors"]),
-                                        *sk["endpoints"].items()]])
+                        for name, r in _skill_rows(sk)])
     return {"policies": pol_table, "accuracy": acc, "lead": lead, "skill": skill_tab}
+
+
+def _skill_rows(sk: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The forecast-skill table's rows: what the planner acts on per group first."""
+    rows: list[tuple[str, dict[str, Any]]] = []
+    for g, v in sk["groups"].items():
+        rows.append((f"{g} demand: {v.get('source', 'sum')} vs {v.get('actual', 'requests')}",
+                     v))
+        if "vs_served" in v:
+            rows.append((f"{g} demand: {v['source']} vs served requests (endpoints + "
+                         "mirrors, counted when answered)", v["vs_served"]))
+    for g, v in sk["planner_sums"].items():
+        if v["mirrors"]:
+            used = "" if v.get("planner_uses", True) else ", not used: the demand series is"
+            rows.append((f"{g} demand, endpoints' sum + mirrors' current rate{used}", v))
+    return [*rows, *sk["endpoints"].items()]
 
 
 def render_html(summary: dict[str, Any], imgs: dict[str, str]) -> str:
@@ -108,9 +119,15 @@ the central columns compare routing policies only.</p>
 <img src="data:image/png;base64,{imgs['forecast']}" alt="forecast vs actual">
 <p class="note">Forecast skill {s['horizon']} s ahead against the two naive forecasts at
 the same horizon on the same seconds (MASE = the forecast's mean absolute error / the
-naive one's; below 1 = better). Per client group: the region's demand (its endpoints' and
-mirrors' requests) against the sum of its endpoints' forecasts, what the planner adds up;
-per endpoint: that endpoint's requests, which the routing itself shifts.</p>{t["skill"]}
+naive one's; below 1 = better). Per client group, what the planner acts on: at the edge,
+the forecast of the region's demand series (the edge sidecar counts every request of its
+region on it, before choosing an endpoint or a mirror) against those counts, the region's
+arrivals, and also against the requests its endpoints and mirrors answered (counted when
+answered: under CPU contention they lag the arrivals); in the central region the sum of
+its endpoints' forecasts against their requests. Then the sum the planner made before the
+edge had a demand series (the endpoints' forecasts plus the mirrors' current rate) and
+per endpoint: that endpoint's requests, which the routing itself shifts (at the edge, a
+mirror takes the spikes away from them).</p>{t["skill"]}
 <p class="note">forecast-accuracy query (live range), horizons 1, 5, 15 s (its MASE scales by
 the one-step-back naive error, so at 5 and 15 s it is above 1 even for a good forecast):</p>
 {t["accuracy"]}

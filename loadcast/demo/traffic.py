@@ -19,6 +19,7 @@ from loadcast.demo import scenario as scn
 from loadcast.demo.lanes import Pipe, Topology
 from loadcast.demo.loadgen import LoadGenerator, client_endpoint
 from loadcast.demo.processes import Children, http_json
+from processors.mirroring import demand_series_id
 from schemas.codec import Codec
 from streams.edge.agent import EdgeAgent, build_agent, zero_host_stats
 from streams.kafka.settings import KafkaSettings
@@ -27,7 +28,8 @@ from streams.kafka.settings import KafkaSettings
 def history(kafka: KafkaSettings, sc: scn.Scenario, shapes: list[list[float]],
              specs: list[scn.BackendSpec], t0: float, seconds: range) -> None:
     """Replay ``seconds`` (after ``t0``) of the compressed days as a predictive lane's
-    telemetry (demand split by capacity, as the weights would), flat out, in event time."""
+    telemetry (demand split by capacity, as the weights would), flat out, in event time;
+    the edge region's demand also on its demand series, as the edge sidecar counts it."""
     codec = Codec.embedded()
     agents = {r: build_agent(kafka, codec, agent_id=f"history-{r}", region=r,
                              interval_seconds=1.0, host_stats=zero_host_stats, batch=True)
@@ -36,6 +38,9 @@ def history(kafka: KafkaSettings, sc: scn.Scenario, shapes: list[list[float]],
     try:
         for sec in seconds:
             c, e = scn.rates_at(sc, shapes, sec)
+            if round(e):
+                agents[scn.EDGE].record(demand_series_id(scn.API, scn.EDGE), 0.0, 200,
+                                        api=scn.API, at=t0 + sec + 0.5, count=round(e))
             for region, rate in ((scn.CENTRAL, c), (scn.EDGE, e)):
                 eps = by_region[region]
                 cap = sum(s.capacity_rps for s in eps)

@@ -10,8 +10,9 @@
   ``limit``);
 - ``GET /v1/model/info``: model kinds of the scores, global-model versions, freshness.
 
-Every answer comes from the latest score of each endpoint (:mod:`streams.api.state`) by
-:func:`processors.serving.answer`: a stale score is answered and marked ``stale``.
+Every answer comes from the latest score of each endpoint (:mod:`streams.api.state`), as
+:func:`processors.serving.answer` gives it, encoded by :mod:`streams.api.answers` (a
+batch: from each endpoint's JSON parts); a stale score is answered and marked ``stale``.
 """
 
 from __future__ import annotations
@@ -20,14 +21,13 @@ import asyncio
 import contextlib
 import gc
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from processors.serving import Curve, Row, ServingError
-from schemas.records import LoadScore
+from streams.api.answers import Curves, answer_item, encode_batch
 from streams.api.app import SETTINGS, STATE, error
 from streams.api.jobs import JobsFull, JobStore
 from streams.api.operations import (
@@ -45,13 +45,11 @@ from streams.api.predict_models import (
     ModelInfo,
     PredictItem,
     PredictResponse,
-    Question,
     compact,
+    decode_batch,
 )
-from streams.api.state import ForecastState
 
 JOBS: web.AppKey[JobStore] = web.AppKey("jobs", JobStore)
-MAX_ANSWERS = 200_000  # endpoint answers in one synchronous call (api questions fan out)
 MAX_PAGE = 100_000  # job results in one page
 VALIDATE_CHUNK = 10_000  # async items validated between two yields to the event loop
 IDEMPOTENCY_KEY = "Idempotency-Key"
@@ -66,78 +64,7 @@ def _now_ms() -> int:
     return round(time.time() * 1000)
 
 
-class EncodedCurve(Curve):
-    """A curve that answers in JSON encoded once per score: its identity, capacity and
-    points are encoded at their first question, so a batch answer copies bytes instead
-    of formatting a score's floats again for every item. Only ``age_s`` and ``stale``
-    are encoded per answer (by orjson as well); the parts are joined as JSON fragments."""
-
-    __slots__ = ("_prefix",)
-
-    def __init__(self, score: LoadScore) -> None:
-        super().__init__(score)
-        head = {k: v for k, v in self._head.items() if k not in ("age_s", "stale")}
-        self._prefix = orjson.dumps(head)[:-1] + b',"points":['
-
-    def _value(self, r: Row) -> Any:
-        return bytes(memoryview(orjson.dumps(self.point(r))))  # right-sized (see jobs)
-
-    def answer(self, *, horizons: Sequence[float] | None = None,  # type: ignore[override]
-               times: Sequence[int] | None = None, now_ms: int) -> orjson.Fragment:
-        """:meth:`Curve.answer` as one JSON fragment (same fields, same values)."""
-        points = b",".join(self.points(horizons=horizons, times=times))
-        age = max(0.0, (now_ms - self.score.computed_at) / 1000)
-        stale = b"true" if now_ms > self.score.valid_until else b"false"
-        return orjson.Fragment(b"".join((self._prefix, points, b'],"age_s":', orjson.dumps(age),
-                                         b',"stale":', stale, b"}")))
-
-
-class Curves:
-    """A :class:`Curve` per endpoint, rebuilt when its score changes (bounded by the
-    state's endpoints): questions about the same score share its prepared points."""
-
-    def __init__(self, state: ForecastState) -> None:
-        self.state = state
-        self._curves: dict[str, Curve] = {}
-
-    def of(self, score: LoadScore) -> Curve:
-        c = self._curves.get(score.endpoint_id)
-        if c is None or c.score is not score:
-            c = self._curves[score.endpoint_id] = EncodedCurve(score)
-        return c
-
-    def endpoint(self, endpoint_id: str) -> Curve | None:
-        """The curve of the endpoint's latest score (None for an unknown endpoint)."""
-        s = self.state.scores.get(endpoint_id)
-        if s is None:
-            return None
-        c = self._curves.get(endpoint_id)
-        return c if c is not None and c.score is s else self.of(s)
-
-
 CURVES: web.AppKey[Curves] = web.AppKey("curves", Curves)
-
-
-def answer_item(curves: Curves, item: PredictItem | Question, now_ms: int) -> dict[str, Any]:
-    """One item's result: ``{"predictions": [...]}`` or ``{"error", "field"}``."""
-    if item.endpoint_id is not None:
-        c = curves.endpoint(item.endpoint_id)
-        if c is None:
-            return {"error": f"unknown endpoint_id {item.endpoint_id!r}",
-                    "field": "endpoint_id"}
-        found = [c]
-    else:
-        found = [curves.of(s) for s in curves.state.find(api=item.api, region=item.region)]
-        if not found:
-            where = f" in region {item.region!r}" if item.region is not None else ""
-            return {"error": f"no endpoint of api {item.api!r}{where}", "field": "api"}
-    out = []
-    for c in found:
-        try:
-            out.append(c.answer(horizons=item.horizons, times=item.times, now_ms=now_ms))
-        except ServingError as e:  # one endpoint that cannot answer fails the question
-            return {"error": f"{c.score.endpoint_id}: {e.message}", "field": e.field}
-    return {"predictions": out}
 
 
 async def predict(request: web.Request) -> web.Response:
@@ -172,28 +99,10 @@ def cyclic_gc_paused() -> Iterator[None]:
 async def predict_batch(request: web.Request) -> web.Response:
     """``POST /v1/predict/batch``: per-item results; the call fails only as a whole body."""
     raw = await read_body(request)
-    curves = request.app[CURVES]
-    now = _now_ms()
-    errors = 0
-    answered = 0
     with cyclic_gc_paused():  # from decoding the body to its answer's bytes, no await
-        body = validate_body(raw, BatchRequest)
-        results: list[dict[str, Any]] = []
-        for i, item in enumerate(body.items):
-            if answered >= MAX_ANSWERS:
-                res: dict[str, Any] = {"error": f"over {MAX_ANSWERS} endpoint answers in "
-                                                "one call; use /v1/predict/async",
-                                       "field": "items"}
-            else:
-                res = answer_item(curves, item, now)
-            res["index"] = i
-            if "error" in res:
-                errors += 1
-            else:
-                answered += len(res["predictions"])
-            results.append(res)
-        encoded = orjson.dumps({"results": results, "errors": errors})
-        del results
+        items = decode_batch(raw)
+        encoded, _ = encode_batch(request.app[CURVES], items, _now_ms())
+        del items
     return web.Response(body=encoded, content_type="application/json")
 
 

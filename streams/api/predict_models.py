@@ -13,8 +13,9 @@ True
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple, cast
 
+import msgspec
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,7 +29,7 @@ from pydantic import (
     model_validator,
 )
 
-from streams.api.operations import BodyError
+from streams.api.operations import BodyError, validate_body
 
 MAX_POINTS = 64  # horizons or times in one question
 MAX_BATCH_ITEMS = 10_000
@@ -121,6 +122,8 @@ def _bounded(data: Any, limit: int) -> Any:
 class BatchRequest(BaseModel):
     """Up to 10,000 questions answered in one call, each on its own."""
 
+    # the documented body, and what a bad one is told (the route decodes with BatchBody
+    # first: see decode_batch); this docstring is the schema's description
     model_config = ConfigDict(extra="forbid")
 
     items: list[PredictItem] = Field(min_length=1, max_length=MAX_BATCH_ITEMS)
@@ -129,6 +132,74 @@ class BatchRequest(BaseModel):
     @classmethod
     def _size(cls, data: Any) -> Any:
         return _bounded(data, MAX_BATCH_ITEMS)
+
+
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+PointList = msgspec.Meta(min_length=1, max_length=MAX_POINTS)
+
+
+class BatchItem(msgspec.Struct, forbid_unknown_fields=True):
+    """:class:`PredictItem` as msgspec decodes it, for the batch route: the same fields and
+    rules (horizons and times as tuples; times as epoch ms once decoded). msgspec decodes
+    and validates a 10,000-item body in one pass in C, several times faster than json +
+    pydantic. It is strict (``"5"`` is not ``5``, as pydantic's lax mode allows): what it
+    refuses, :func:`decode_batch` hands to :class:`BatchRequest`, which stays the
+    documented schema and says what is wrong."""
+
+    endpoint_id: Name | None = None
+    api: Name | None = None
+    region: Name | None = None
+    horizons: Annotated[tuple[Annotated[int, msgspec.Meta(ge=0)], ...], PointList] | None = None
+    times: Annotated[tuple[int | str, ...], PointList] | None = None
+
+    def __post_init__(self) -> None:
+        """The rules across fields (msgspec turns a ValueError into its ValidationError)."""
+        if (self.endpoint_id is None) == (self.api is None):
+            raise ValueError("give endpoint_id or api (with region), exactly one of them")
+        if self.times is not None:
+            if self.horizons is not None:
+                raise ValueError("give horizons or times, not both")
+            self.times = tuple(_epoch_ms(t) for t in self.times)
+
+    def question(self) -> Question:
+        """This item as a :class:`Question` (its times are epoch ms by now)."""
+        return Question(self.endpoint_id, self.api, self.region, self.horizons,
+                        cast("tuple[int, ...] | None", self.times))
+
+
+class BatchBody(msgspec.Struct, forbid_unknown_fields=True):
+    """:class:`BatchRequest` as msgspec decodes it."""
+
+    items: Annotated[list[BatchItem], msgspec.Meta(min_length=1, max_length=MAX_BATCH_ITEMS)]
+
+
+_BATCH_DECODER = msgspec.json.Decoder(BatchBody)
+
+
+def decode_batch(raw: bytes) -> list[BatchItem] | list[Question]:
+    """The items of a batch body. msgspec decodes and validates it in one pass; a body it
+    refuses is read again by :class:`BatchRequest` (pydantic), so errors are what the
+    document says: :class:`BodyError` 413 over 10,000 items, 422 naming the first bad
+    field, or, for a body only pydantic's lax mode accepts, the questions it read.
+
+    >>> decode_batch(b'{"items": [{"endpoint_id": "e1", "horizons": [1, 6]}]}')[0].horizons
+    (1, 6)
+    >>> decode_batch(b'{"items": [{"endpoint_id": "e1", "horizons": ["6"]}]}')[0].horizons
+    (6,)
+    >>> import json
+    >>> try:
+    ...     decode_batch(b'{"items": [{"endpoint_id": "e1"}, {"horizons": [1]}]}')
+    ... except BodyError as e:
+    ...     print(e.status_code, json.loads(e.text)["field"])
+    422 items.1.api
+    """
+    try:
+        return _BATCH_DECODER.decode(raw).items
+    except msgspec.MsgspecError:
+        items = validate_body(raw, BatchRequest).items  # raises BodyError, or lax input
+        return [Question(it.endpoint_id, it.api, it.region,
+                         None if it.horizons is None else tuple(it.horizons),
+                         None if it.times is None else tuple(it.times)) for it in items]
 
 
 class AsyncRequest(BaseModel):

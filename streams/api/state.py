@@ -19,10 +19,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from processors.mirroring import demand_series_id
 from schemas.records import LoadScore
 
 Batch = Iterable[tuple[str, dict[str, Any]]]
@@ -61,6 +62,13 @@ class ForecastState:
         self.anomalies: dict[str, dict[str, Any]] = {}
         self.mirrors: dict[tuple[str, str], MirrorView] = {}
         self.models: dict[str, dict[str, Any]] = {}  # family -> GlobalModel without params
+        # endpoint -> what a reader derived from its latest score (the API's answer parts),
+        # found in one lookup. A newer score drops it; with `prepare` set, an endpoint
+        # that had it gets it again from the new score at the end of the batch (an
+        # endpoint asked about stays ready: its next question does not pay for it)
+        self.prepared: dict[str, Any] = {}
+        self.prepare: Callable[[LoadScore], Any] | None = None
+        self._renewed: set[str] = set()
         self.version = 0
         self.updated_at: float | None = None  # wall time of the last change
         self.newest_ms = 0  # computed_at of the newest score
@@ -90,6 +98,10 @@ class ForecastState:
                 if not w.done():
                     w.set_result(None)
             self._waiters.clear()
+        renewed, self._renewed = self._renewed, set()
+        if self.prepare is not None:
+            for eid in renewed:  # one at a time: an error leaves the rest simply absent
+                self.prepared[eid] = self.prepare(self.scores[eid])
 
     def _score(self, score: LoadScore) -> bool:
         eid = score.endpoint_id
@@ -100,6 +112,8 @@ class ForecastState:
         if old is not None and _order(score) < _order(old):
             return False  # a late score never replaces a newer one
         self.scores[eid] = score
+        if self.prepared.pop(eid, None) is not None:
+            self._renewed.add(eid)
         self.newest_ms = max(self.newest_ms, score.computed_at)
         hist = self.history.get(eid)
         if hist is None:
@@ -150,13 +164,25 @@ class ForecastState:
     def find(self, endpoint_id: str | None = None, *, api: str | None = None,
              region: str | None = None) -> list[LoadScore]:
         """The latest score of ``endpoint_id``, or of every endpoint of ``api`` (in
-        ``region`` if given), sorted by endpoint."""
+        ``region`` if given), sorted by endpoint. A region's demand series
+        (:func:`processors.mirroring.demand_series_id`) is not an endpoint: found by its
+        id only (summed with the endpoints, it would count their requests twice).
+
+        >>> from schemas.records import LoadScore
+        >>> st = ForecastState()
+        >>> for e in ("orders-eu-1", "orders-demand-eu"):
+        ...     st.scores[e] = LoadScore(e, "orders", "eu", 0, 1, 0.5, 10.0, "CONFIGURED",
+        ...                              5.0, 0.5, 1.0, 0.0, 0.0, 1, ())
+        >>> [s.endpoint_id for s in st.find(api="orders")], len(st.find("orders-demand-eu"))
+        (['orders-eu-1'], 1)
+        """
         if endpoint_id is not None:
             s = self.scores.get(endpoint_id)
             return [s] if s is not None else []
         return sorted(
             (s for s in self.scores.values()
-             if (api is None or s.api == api) and (region is None or s.region == region)),
+             if (api is None or s.api == api) and (region is None or s.region == region)
+             and s.endpoint_id != demand_series_id(s.api, s.region)),
             key=lambda s: s.endpoint_id)
 
     def newest_age_s(self, now: float | None = None) -> float | None:
@@ -173,7 +199,8 @@ class ForecastState:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
-            await asyncio.wait_for(fut, timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                await fut
         except TimeoutError:
             return self.version > after_version
         finally:

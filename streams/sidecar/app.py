@@ -95,10 +95,12 @@ class Sidecar:
                 central_capacity_rps=s.central_capacity_rps, lookahead_s=s.mirror_lookahead_s,
                 headroom=s.mirror_headroom, rng=self.rng, mirror_hosts=s.mirror_hosts,
             )
+        self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
         self.plane: DataPlane = plane_type(PlaneContext(
             self.id, s, self.upstreams, self.router, self._observe, self.director,
-            pressure=table_pressure(self.table), capacity=table_capacity(self.table)))
-        self.bus = SidecarKafka(kafka, self.codec, self.id, s, self.upstreams) if kafka else None
+            pressure=table_pressure(self.table), capacity=table_capacity(self.table),
+            arrival=self.bus.count_arrival if self.bus is not None and s.demand_series
+            and s.region != s.central_region else None))
         self.loop: asyncio.AbstractEventLoop | None = None
         self.admin_port = 0
         self.started_at = 0.0

@@ -185,6 +185,20 @@ def has_credentials(headers: Mapping[str, str], extra: Iterable[str] = ()) -> bo
     return any(header(headers, h) is not None for h in (*CREDENTIAL_HEADERS, *extra))
 
 
+def serves_credentials(resp_headers: Mapping[str, str]) -> bool:
+    """May a stored response answer a request that carries credentials? Only when the
+    origin said ``public`` (RFC 9111 §3.5 also allows ``s-maxage`` and ``must-revalidate``;
+    we keep to the rule we store by): a response stored for an anonymous request must not
+    answer an authenticated one the origin might answer differently.
+
+    >>> serves_credentials({"Cache-Control": "max-age=60"})
+    False
+    >>> serves_credentials({"Cache-Control": "public, max-age=60"})
+    True
+    """
+    return "public" in parse_cache_control(header(resp_headers, "Cache-Control"))
+
+
 def why_not_storable(method: str, status: int, resp_headers: Mapping[str, str],
                      req_headers: Mapping[str, str], *, credentials: bool) -> str | None:
     """None when a shared cache may store this response, else the reason (a short word
@@ -193,8 +207,11 @@ def why_not_storable(method: str, status: int, resp_headers: Mapping[str, str],
         return "method"
     if status not in CACHEABLE_STATUSES:
         return "status"
+    cc_v = header(resp_headers, "Cache-Control")
+    if cc_v is None and header(resp_headers, "Expires") is None:
+        return "no-lifetime"  # most uncacheable answers: nothing else to look at
     req_cc = parse_cache_control(header(req_headers, "Cache-Control"))
-    cc = parse_cache_control(header(resp_headers, "Cache-Control"))
+    cc = parse_cache_control(cc_v)
     if "no-store" in cc or "no-store" in req_cc:
         return "no-store"
     if "private" in cc:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from streams.sidecar.cache_policy import Freshness, vary_key, vary_names
 
 ENTRY_OVERHEAD = 256  # bytes charged per entry beyond body and headers
+_NO_VARY = ("\0",)  # the variant part of the key of a response without Vary
 
 
 @dataclass
@@ -38,6 +39,10 @@ class StoredResponse:
     request_headers: tuple[tuple[str, str], ...] = ()  # the Vary-selecting ones
     encoded: dict[str, bytes] = field(default_factory=dict)  # compressed copies by coding
     key: str = ""  # where it is stored (set by the store)
+    # the prebuilt status line and headers of a fresh hit (streams.sidecar.fastpath); None:
+    # not built yet, b"": this response cannot be answered that way. Reset when the
+    # headers change (a revalidation).
+    head: bytes | None = None
 
     @property
     def size(self) -> int:
@@ -76,11 +81,17 @@ class CacheStore:
         names = self._vary.get(key)
         if names is None:
             return None
+        if not names:
+            return key, _NO_VARY  # the common case, on every hit: no tuple work
         return key, (*names, "\0", *vary_key(names, req_headers))
 
     def get(self, key: str, req_headers: Mapping[str, str]) -> StoredResponse | None:
         """The variant of ``key`` stored for these request headers (marked recently used)."""
-        fk = self._full_key(key, req_headers)
+        names = self._vary.get(key)
+        if names is None:
+            return None
+        # inline for the common case of no Vary (every cache hit comes here)
+        fk = (key, _NO_VARY) if not names else self._full_key(key, req_headers)
         if fk is None:
             return None
         e = self._lru.get(fk)

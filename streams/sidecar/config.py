@@ -150,6 +150,11 @@ class SidecarSettings(BaseModel):
         "central capacity"
     )
     mirror_headroom: float = Field(0.9, gt=0, le=1, description="share of mirror capacity used")
+    demand_series: bool = Field(
+        True, description="outside the central region, count every request of this sidecar's "
+        "region that needs an origin as telemetry of the region's demand series "
+        "({api}-demand-{region}), whichever endpoint or mirror serves it: the series the "
+        "mirror planner forecasts (built-in proxy only)")
     mirror_lookback_s: float = Field(86_400.0, ge=0, description="read mirror-status this far back")
     mirror_hosts: list[str] = Field(
         default_factory=list,

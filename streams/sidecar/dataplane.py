@@ -55,6 +55,9 @@ class PlaneContext:
     # API's CONFIGURED/LEARNED capacity: what the edge's limits and warming follow
     pressure: Callable[[str], tuple[float, float]] | None = None
     capacity: Callable[[str], float | None] | None = None
+    # (api, region) of every request that needs an origin (planes that see requests):
+    # the region's demand series, counted before any routing choice
+    arrival: Callable[[str, str], None] | None = None
 
 
 class DataPlane(Protocol):

@@ -26,6 +26,7 @@ from streams.sidecar.cache_store import StoredResponse
 from streams.sidecar.compression import add_vary, compress, negotiate, worth_compressing
 from streams.sidecar.config import SidecarSettings
 from streams.sidecar.edge_cache import X_CACHE, EdgeCache, Origin
+from streams.sidecar.fastpath import response_head
 from streams.sidecar.ratelimit import (
     RateLimiter,
     RateRule,
@@ -94,13 +95,14 @@ class Edge:
         self._base: dict[str, float | None] = {api: None for api in routes}
         self.cache = EdgeCache(settings.cache, sidecar_id, origin,
                                credential_headers=(rl.client_header,), finish=self.finish,
-                               clock=clock)
+                               head=self._head, clock=clock)
         self.warming = settings.warming.enabled and settings.cache.enabled
         self.cache.track_popular = self.warming
         self.budgets = {api: Budget(settings.warming.budget_per_min) for api in routes}
         self.warm_active: dict[str, bool] = {}
         self.warmed = 0
         self._task: asyncio.Task[None] | None = None
+        self.fast_apis: set[str] = set()  # whose fresh hits may take the fast path
         self.refresh()
 
     @property
@@ -131,7 +133,9 @@ class Edge:
             status=429, headers=rate_headers(d))
 
     def refresh(self) -> None:
-        """Re-read the forecast: per-client base rates and headroom, the warming gates."""
+        """Re-read the forecast: per-client base rates and headroom, the warming gates;
+        which APIs' fresh hits may take the fast path (cached, and not rate limited: a
+        limited API's requests take the bucket on the ordinary path)."""
         rl = self.settings.rate_limit
         for api in self.routes:
             nxt, peak = self.pressure(api)
@@ -143,11 +147,14 @@ class Edge:
                 m.RATE_FACTOR.labels(self.sidecar_id, api).set(room)
             if self.warming:
                 self._warm(api, nxt, peak)
+        self.fast_apis = {api for api in self.routes if self.cache.caches(api)
+                           and not (self.limiting and self._base.get(api) is not None)}
 
     # ------------------------------------------------------------------ cache
 
     def cacheable(self, route: Route, request: web.BaseRequest) -> bool:
-        """Does this request take the cache path?"""
+        """Does this request take the cache path (unless its key passes: see
+        :meth:`EdgeCache.passes`)?"""
         if not self.cache.caches(route.api):
             return False
         why = request_bypass(request.method, request.headers)
@@ -160,6 +167,27 @@ class Edge:
     async def serve(self, request: web.BaseRequest, route: Route,
                     target: str) -> web.StreamResponse:
         return await self.cache.serve(request, route, target)
+
+    def fresh_hit(self, route: Route, h: Mapping[str, str], target: str) -> bytes | None:
+        """A fresh hit's whole answer for the fast path (:mod:`streams.sidecar.fastpath`),
+        or None: the ordinary path (:meth:`limit`, :meth:`cacheable`, :meth:`serve`)."""
+        if route.api not in self.fast_apis:
+            return None
+        return self.cache.fresh_hit(route.api, target, h)
+
+    def _head(self, e: StoredResponse) -> bytes:
+        """A stored response's prebuilt head for fresh hits, b"" when its answer depends
+        on more than the stored bytes (a 200 only; none when it would be compressed)."""
+        if e.status != 200:
+            return b""
+        if self.compressing:
+            c = self.settings.compression
+            if worth_compressing("GET", e.status, e.header("Content-Type"),
+                                 e.header("Content-Encoding"), len(e.body),
+                                 min_bytes=c.min_bytes, types=c.types):
+                return b""
+        x_cache = "HIT" if self.settings.cache.x_cache_header else None
+        return response_head(e.status, e.headers, len(e.body), x_cache) or b""
 
     def _warm(self, api: str, nxt: float, peak: float) -> None:
         """While a spike is ahead (the peak forecast crosses the threshold, the next step
@@ -195,6 +223,8 @@ class Edge:
         if not self.compressing:
             return None
         c = self.settings.compression
+        if length is not None and length < c.min_bytes:
+            return None  # the common small answer: no header looked at
         if not worth_compressing(request.method, status, headers.get("Content-Type"),
                                  headers.get("Content-Encoding"), length,
                                  min_bytes=c.min_bytes, types=c.types):
@@ -229,8 +259,10 @@ class Edge:
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self) -> None:
-        """Start the once-a-second forecast loop (limits and warming only)."""
-        if (self.limiting or self.warming) and self._task is None:
+        """Start the once-a-second loop: the forecast (limits and warming), the fast
+        path's hit counts into the metrics."""
+        if (self.limiting or self.warming or self.settings.cache.enabled) \
+                and self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def _loop(self) -> None:
@@ -238,6 +270,7 @@ class Edge:
         while True:
             await asyncio.sleep(period)
             try:
+                self.cache.flush_counts()
                 self.refresh()
             except Exception:  # the forecast loop must never stop the proxy
                 log.exception("edge forecast tick failed")

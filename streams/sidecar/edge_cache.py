@@ -39,6 +39,7 @@ from streams.sidecar.cache_policy import (
     freshness,
     has_credentials,
     must_revalidate_request,
+    serves_credentials,
     why_not_storable,
 )
 from streams.sidecar.cache_store import CacheStore, StoredResponse
@@ -69,26 +70,128 @@ OriginResult = Fetched | web.StreamResponse | None
 Origin = Callable[[Route, str, list[tuple[str, str]], web.BaseRequest | None],
                   Awaitable[OriginResult]]
 Finish = Callable[[web.BaseRequest, web.Response, StoredResponse | None], web.Response]
+Head = Callable[[StoredResponse], bytes]  # a fresh hit's prebuilt head, b"": not that way
+# request headers that send a hit the ordinary way (revalidation asked, ranges, the
+# client's own validators, credentials): the fast path answers only the plain case
+PASS_S = 1.0  # how long a key whose answer was not storable skips the cache path
+MAX_PASSING = 10_000
+_NOT_FAST = ("cache-control", "pragma", "range", "if-none-match", "authorization", "cookie",
+             "proxy-authorization")
 
 
-class EdgeCache:
+def revalidated(e: StoredResponse, got: Fetched, now: float) -> None:
+    """A 304 refreshes the stored response's metadata (RFC 9111 4.3.4)."""
+    fresh = {k.lower() for k in got.headers if k.lower() not in NOT_UPDATED_BY_304}
+    merged = [(k, v) for k, v in e.headers if k.lower() not in fresh]
+    merged += [(k, v) for k, v in got.headers.items() if k.lower() in fresh]
+    e.headers = tuple(merged)
+    e.head = None
+    e.fresh = freshness(dict(merged))
+    e.stored_at = now
+
+
+class Shortcuts:
+    """The response cache's per-request shortcuts and counts: fresh hits whole for the
+    fast path, keys passed straight to the origin, metric children kept (hot path)."""
+
+    sidecar_id: str
+    stores: dict[str, CacheStore]
+    popular: dict[str, KeyFrequency]
+    head: Head | None
+    clock: Callable[[], float]
+    track_popular: bool
+    fast_hits: dict[str, int]
+    passing: dict[tuple[str, str], tuple[float, str]]
+    _not_fast: tuple[str, ...]
+    _counters: dict[tuple[int, str, str], m.Counter]
+
+    def count(self, api: str, result: str, metric: m.Counter = m.CACHE_LOOKUPS,
+              n: int = 1) -> None:
+        """Add ``n`` to ``metric`` (labels sidecar, api, ``result``); children kept."""
+        key = (id(metric), api, result)
+        c = self._counters.get(key)
+        if c is None:
+            c = self._counters[key] = metric.labels(self.sidecar_id, api, result)
+        c.inc(n)
+
+    def fresh_hit(self, api: str, target: str, h: Mapping[str, str]) -> bytes | None:
+        """The whole answer (``X-Cache: HIT``) when a fresh stored response of ``api``
+        answers this request as it is, with nothing to negotiate; else None (the ordinary
+        path: :meth:`serve`). What a hit costs is this dictionary work and one write; its
+        count reaches the metric at the next :meth:`flush_counts` (the edge's tick)."""
+        store = self.stores.get(api)
+        if store is None or self.head is None:
+            return None
+        for name in self._not_fast:
+            if name in h:
+                return None
+        e = store.get(target, h)
+        if e is None:
+            return None
+        now = self.clock()
+        f = e.fresh
+        age = f.initial_age_s + max(0.0, now - e.stored_at)
+        if age >= f.lifetime_s:
+            return None
+        head = e.head
+        if head is None:
+            head = e.head = self.head(e)
+        if not head:
+            return None
+        if self.track_popular:
+            self.popular[api].seen(target, now)
+        hits = self.fast_hits
+        hits[api] = hits.get(api, 0) + 1
+        return b"".join((head, b"Age: %d\r\n\r\n" % age, e.body))
+
+    def passes(self, api: str, target: str) -> bool:
+        """Should this request go straight to the origin (its key's last answer was not
+        storable, less than :data:`PASS_S` ago)? Counted as a miss, and not stored for
+        the reason the last answer was not."""
+        p = self.passing.get((api, target))
+        if p is None:
+            return False
+        if self.clock() >= p[0]:
+            del self.passing[(api, target)]
+            return False
+        self.count(api, "miss")
+        self.count(api, p[1], m.CACHE_NOT_STORED)
+        return True
+
+    def flush_counts(self) -> None:
+        """Add the fast path's hits to the lookup metric."""
+        hits, self.fast_hits = self.fast_hits, {}
+        for api, n in hits.items():
+            self.count(api, "hit", n=n)
+
+
+
+class EdgeCache(Shortcuts):
     """Response caches of the proxied APIs (one bounded store per API)."""
 
     def __init__(self, settings: EdgeCacheSettings, sidecar_id: str, origin: Origin, *,
                  credential_headers: tuple[str, ...] = (), finish: Finish | None = None,
+                 head: Head | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings
         self.sidecar_id = sidecar_id
         self.origin = origin
         self.credential_headers = tuple(h.lower() for h in credential_headers if h)
         self.finish = finish
+        self.head = head
         self.clock = clock
+        self._not_fast = (*_NOT_FAST, *self.credential_headers)
         self.track_popular = False  # request counts per key (for warming)
         self.stores: dict[str, CacheStore] = {}
         self.popular: dict[str, KeyFrequency] = {}
         self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._counters: dict[tuple[int, str, str], m.Counter] = {}
+        self.fast_hits: dict[str, int] = {}  # hits of the fast path not yet counted
+        # (api, target) -> until when its requests go straight to the origin: its last
+        # answer was not storable for any request (a cache may always forward; single
+        # flight collapses only what may be shared). Bounded; rechecked after PASS_S.
+        self.passing: dict[tuple[str, str], tuple[float, str]] = {}  # (until, why)
 
     def caches(self, api: str) -> bool:
         """Is ``api`` cached at all?"""
@@ -102,14 +205,6 @@ class EdgeCache:
             self.popular[api] = KeyFrequency()
         return s
 
-    def count(self, api: str, result: str, metric: m.Counter = m.CACHE_LOOKUPS) -> None:
-        """Add one to ``metric`` (labels sidecar, api, ``result``); children kept (hot path)."""
-        key = (id(metric), api, result)
-        c = self._counters.get(key)
-        if c is None:
-            c = self._counters[key] = metric.labels(self.sidecar_id, api, result)
-        c.inc()
-
     # ------------------------------------------------------------------ serving
 
     async def serve(self, request: web.BaseRequest, route: Route,
@@ -121,7 +216,8 @@ class EdgeCache:
         if self.track_popular:
             self.popular[api].seen(target, self.clock())
         revalidate = must_revalidate_request(h)
-        e = store.get(target, h)
+        credentials = has_credentials(h, self.credential_headers)
+        e = self._usable(store.get(target, h), credentials)
         now = self.clock()
         if e is not None and not revalidate:
             state = e.fresh.state(now - e.stored_at)
@@ -136,7 +232,7 @@ class EdgeCache:
         waiting = self._inflight.get(fk)
         if waiting is not None:
             await asyncio.shield(waiting)
-            e = store.get(target, h)
+            e = self._usable(store.get(target, h), credentials)
             now = self.clock()
             if e is not None and e.fresh.state(now - e.stored_at) == "fresh":
                 self.count(api, "collapsed")
@@ -149,6 +245,13 @@ class EdgeCache:
         finally:
             del self._inflight[fk]
             fut.set_result(None)
+
+    @staticmethod
+    def _usable(e: StoredResponse | None, credentials: bool) -> StoredResponse | None:
+        """``e`` unless the request carries credentials and ``e`` may not answer it."""
+        if e is None or not credentials or serves_credentials(e.header_map()):
+            return e
+        return None
 
     async def _fetch(self, request: web.BaseRequest, route: Route, target: str,
                      e: StoredResponse | None) -> web.StreamResponse:
@@ -166,7 +269,7 @@ class EdgeCache:
         now = self.clock()
         if isinstance(got, Fetched):
             if got.status == 304 and e is not None:
-                self._revalidated(e, got, now)
+                revalidated(e, got, now)
                 self.count(api, "revalidated")
                 return self._from_store(request, e, "REVALIDATED", now)
             if got.status >= 500 and e is not None and e.fresh.state(now - e.stored_at) != \
@@ -197,6 +300,10 @@ class EdgeCache:
             credentials=has_credentials(req_headers, self.credential_headers))
         if why is not None:
             self.count(api, why, m.CACHE_NOT_STORED)
+            if why != "credentials":  # about the response, not this request
+                if len(self.passing) >= MAX_PASSING:
+                    self.passing.clear()
+                self.passing[(api, target)] = (now + PASS_S, why)
             return None
         store = self.store(api)
         e = StoredResponse(got.status, tuple(got.headers.items()), got.body, now,
@@ -216,16 +323,6 @@ class EdgeCache:
             if any(v is e for v in store.variants(e.key)):
                 store.resize(e.key, dict(e.request_headers))
                 m.CACHE_BYTES.labels(self.sidecar_id, api).set(store.bytes)
-
-    @staticmethod
-    def _revalidated(e: StoredResponse, got: Fetched, now: float) -> None:
-        """A 304 refreshes the stored response's metadata (RFC 9111 4.3.4)."""
-        fresh = {k.lower() for k in got.headers if k.lower() not in NOT_UPDATED_BY_304}
-        merged = [(k, v) for k, v in e.headers if k.lower() not in fresh]
-        merged += [(k, v) for k, v in got.headers.items() if k.lower() in fresh]
-        e.headers = tuple(merged)
-        e.fresh = freshness(dict(merged))
-        e.stored_at = now
 
     def _from_store(self, request: web.BaseRequest, e: StoredResponse, result: str,
                     now: float) -> web.Response:
@@ -272,12 +369,13 @@ class EdgeCache:
         if not isinstance(got, Fetched):
             return
         if got.status == 304:
-            self._revalidated(e, got, now)
+            revalidated(e, got, now)
         elif got.status < 500:
             self._keep(route.api, target, dict(e.request_headers), got, now)
 
     async def close(self) -> None:
-        """Cancel background refreshes."""
+        """Cancel background refreshes; count the last fast hits."""
+        self.flush_counts()
         for t in list(self._tasks):
             t.cancel()
         for t in list(self._tasks):

@@ -263,7 +263,11 @@ class RuntimeAPI:
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
 
-        return (await asyncio.wait_for(talk(), self.timeout_s)).decode(errors="replace")
+        # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+        # arrives as the answer does, and the sidecar's push loop then never stopped.
+        async with asyncio.timeout(self.timeout_s):
+            answer = await talk()
+        return answer.decode(errors="replace")
 
     def command_sync(self, line: str) -> str:
         """Blocking variant (for set-up, tests and benchmarks)."""

@@ -12,8 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from processors.mirroring import demand_series_id
 from schemas.codec import Codec
-from streams.edge.agent import EdgeAgent, build_agent
+from streams.edge.agent import EdgeAgent, TelemetryInputError, build_agent
 from streams.kafka.producer import RecordProducer
 from streams.kafka.settings import KafkaSettings
 from streams.kafka.topics import topic_name
@@ -77,6 +78,17 @@ class SidecarKafka:
             sub = self.subscriber
             if sub is not None:
                 sub.supervise()
+
+    def count_arrival(self, api: str, region: str) -> None:
+        """One request of ``region`` for ``api`` that needs an origin, counted on the
+        region's demand series (:func:`processors.mirroring.demand_series_id`) whichever
+        endpoint or mirror serves it; only the sidecar's own region (the agent's windows
+        carry the agent's region). The series counts arrivals: latency 0, status 200."""
+        if self.agent is not None and region == self.settings.region:
+            try:
+                self.agent.record(demand_series_id(api, region), 0.0, 200, api=api)
+            except TelemetryInputError as e:  # e.g. an id over the length limit
+                log.debug("demand telemetry rejected: %s", e)
 
     def publish(self, rec: dict[str, Any]) -> None:
         """One RoutingDecision (dropped with an error log if it does not encode)."""

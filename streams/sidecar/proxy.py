@@ -29,12 +29,15 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http import RawRequestMessage
 from multidict import CIMultiDict
 from yarl import URL
 
 from streams.sidecar import metrics as m
 from streams.sidecar.director import REGION_HEADER, MirrorDirector, valid_region
-from streams.sidecar.edge_cache import Fetched
+from streams.sidecar.edge_cache import X_CACHE, Fetched
+from streams.sidecar.fastpath import SUPPORTED as FAST_SUPPORTED
+from streams.sidecar.fastpath import FastServer
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.relay import relay, upstream_session
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
@@ -132,7 +135,7 @@ class Forwarder:
     async def _forward(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        dynamic: bool, t0: float, path: str,
                        fwd_headers: list[tuple[str, str]] | None = None,
-                       capture: bool = False) -> Any:
+                       capture: bool | str = False) -> Any:
         method = request.method if request is not None else "GET"
         idempotent = method in IDEMPOTENT
         body: Any = None
@@ -219,7 +222,7 @@ class Forwarder:
 
     async def _respond(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        resp: aiohttp.ClientResponse, start: float, attempts: int,
-                       dynamic: bool, capture: bool = False) -> Any:
+                       dynamic: bool, capture: bool | str = False) -> Any:
         now = time.monotonic()
         rtt_ms = (now - start) * 1000
         status = resp.status
@@ -235,10 +238,13 @@ class Forwarder:
         )
         n = resp.content_length
         try:
-            if capture and (status == 304 or (n is not None and n <= self.capture_limit)):
+            if capture is True and (status == 304 or (n is not None
+                                                      and n <= self.capture_limit)):
                 return Fetched(status, resp.reason, out_headers, await resp.read())
             if request is None:
                 return None  # a background refresh of something too big to store
+            if isinstance(capture, str):  # the cache passed it through: say what it was
+                out_headers[X_CACHE] = capture
             coding = None if self.edge is None else self.edge.coding(request, status,
                                                                      out_headers, n)
             return await relay(request, resp, out_headers, coding)
@@ -272,6 +278,7 @@ class Proxy(Forwarder):
         director: MirrorDirector | None = None,
         region: str = "central",
         edge: Callable[[Proxy], Edge] | None = None,
+        arrival: Callable[[str, str], None] | None = None,
     ) -> None:
         self.router = router
         self.sidecar_id = sidecar_id
@@ -284,6 +291,7 @@ class Proxy(Forwarder):
         self.observe = observe
         self.director = director  # edge mirrors by request region (X-Loadcast-Region)
         self.region = region
+        self.arrival = arrival  # (api, region) of each request that needs an origin
         self.session: aiohttp.ClientSession | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
         # absolute-form targets may name only these (scheme, host, port)
@@ -297,9 +305,27 @@ class Proxy(Forwarder):
         self.capture_limit = built.settings.cache.max_object_bytes if built else 0
 
     def server(self) -> web.Server:
-        """The low-level aiohttp server (no router or middlewares: every path is ours).
-        Call :meth:`open` before serving and :meth:`close` after."""
+        """The low-level aiohttp server (no router or middlewares: every path is ours);
+        with the response cache on, fresh hits are answered as requests are parsed
+        (:mod:`streams.sidecar.fastpath`). Call :meth:`open` before serving and
+        :meth:`close` after."""
+        if self.edge is not None and self.edge.settings.cache.enabled and FAST_SUPPORTED:
+            return FastServer(self.handle, self.answer)
         return web.Server(self.handle)
+
+    def answer(self, msg: RawRequestMessage, peer: str | None) -> bytes | None:
+        """The fast path's question: a fresh hit's whole answer for this parsed GET, or
+        None (the ordinary path, :meth:`handle`, answers it)."""
+        path = msg.path
+        if self.edge is None or not path.startswith("/") or "#" in path:
+            return None
+        h = msg.headers
+        if DYNAMIC_HEADER in h or PRIORITY_HEADER in h:
+            return None  # their values are checked on the ordinary path
+        route = self.router.route_for(h.get(API_HEADER), path.partition("?")[0])
+        if route is None or route.api not in self.edge.fast_apis:
+            return None
+        return self.edge.cache.fresh_hit(route.api, path, h)
 
     async def open(self) -> None:
         if self.session is None:
@@ -339,7 +365,11 @@ class Proxy(Forwarder):
             if limited is not None:
                 return limited
             if edge.cacheable(route, request):
-                return await edge.serve(request, route, target)
+                if not edge.cache.passes(route.api, target):
+                    return await edge.serve(request, route, target)
+                # its last answer was not storable: relayed, marked as the miss it is
+                mark = "MISS" if edge.settings.cache.x_cache_header else False
+                return await self._route(request, route, target, dynamic, prio, None, mark)
         return await self._route(request, route, target, dynamic, prio, None, False)
 
     async def fetch(self, route: Route, target: str, headers: list[tuple[str, str]],
@@ -355,7 +385,7 @@ class Proxy(Forwarder):
 
     async def _route(self, request: web.BaseRequest | None, route: Route, target: str,
                      dynamic: bool, prio: int, fwd_headers: list[tuple[str, str]] | None,
-                     capture: bool) -> Any:
+                     capture: bool | str) -> Any:
         h: Mapping[str, str] = request.headers if request is not None else {}
         now = time.monotonic()
         ep = None
@@ -370,6 +400,8 @@ class Proxy(Forwarder):
                 region = reg_h
             if dynamic:  # the seeds' director: the region's mirror when central will not do
                 ep = self.director.choose(route, region, now, int(time.time()))
+        if self.arrival is not None:  # demand, whatever serves it (or sheds it)
+            self.arrival(route.api, region)
         if ep is None and self.router.should_shed(route, prio, now):
             return self._reject(route, 503, "shed",
                                 "offered load exceeds the API's capacity; low-priority "

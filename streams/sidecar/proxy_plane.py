@@ -38,6 +38,7 @@ class ProxyPlane:
             observe=ctx.observe,
             director=ctx.director,
             region=s.region,
+            arrival=ctx.arrival,
             edge=lambda proxy: Edge(s, ctx.sidecar_id, ctx.router.routes, proxy.fetch,
                                     pressure=ctx.pressure, capacity=ctx.capacity),
         )

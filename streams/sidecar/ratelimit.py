@@ -27,15 +27,18 @@ True
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _SALT = os.urandom(16)  # per process: digests cannot be compared across restarts
 
 
+@functools.lru_cache(maxsize=4096)  # the same clients come back: hash each once
 def client_digest(key: str) -> bytes:
     """A salted 8-byte digest of a client key (what buckets and logs use)."""
     return hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8,
@@ -104,9 +107,9 @@ class Client:
     since: float = 0.0
 
 
-@dataclass(frozen=True)
-class Decision:
-    """The answer for one request: allowed or not, and the RateLimit-* header values."""
+class Decision(NamedTuple):
+    """The answer for one request: allowed or not, and the RateLimit-* header values (a
+    tuple: one is made per request)."""
 
     allowed: bool
     limit: float  # tokens/s now in force for this client
@@ -155,10 +158,13 @@ class RateLimiter:
             self.clients.move_to_end(key)
         dt = max(0.0, now - c.last)
         c.last = now
-        for attr, tau in (("short_rate", r.short_tau_s), ("long_rate", r.long_tau_s)):
-            setattr(c, attr, getattr(c, attr) * math.exp(-dt / tau) + 1.0 / tau)
-        heavy, anomalous = self.classify(c, now)
-        factor = r.factor(self.headroom, heavy, anomalous)
+        c.short_rate = c.short_rate * math.exp(-dt / r.short_tau_s) + 1.0 / r.short_tau_s
+        c.long_rate = c.long_rate * math.exp(-dt / r.long_tau_s) + 1.0 / r.long_tau_s
+        if self.headroom >= r.headroom_threshold:
+            factor = 1.0  # room to spare: no client is tightened, nothing to classify
+        else:
+            heavy, anomalous = self.classify(c, now)
+            factor = r.factor(self.headroom, heavy, anomalous)
         rate = max(1e-6, base * factor)
         burst = max(1.0, rate * r.burst_s)
         c.tokens = min(burst, c.tokens + dt * rate)

@@ -22,6 +22,7 @@ import time
 from datetime import datetime
 from typing import Any
 
+import orjson
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -32,6 +33,9 @@ from streams.tasks.settings import TaskSettings
 
 SERVICE: web.AppKey[TaskService] = web.AppKey("task_service", TaskService)
 MAX_KEY_CHARS = 255
+# requirements as compact JSON with sorted keys (one encoder: json.dumps with options
+# builds a new one per call)
+CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
 
 
 class Requirements(BaseModel):
@@ -55,8 +59,18 @@ class TaskRequest(BaseModel):
     requirements: Requirements = Field(default_factory=Requirements)
 
 
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """A JSON answer (orjson: a tenth of the cost of the json module per answer)."""
+    try:
+        data = orjson.dumps(body)
+    except TypeError:  # what orjson does not write (an integer over 64 bits from a handler)
+        data = json.dumps(body).encode()
+    return web.Response(body=data, status=status, headers=headers,
+                        content_type="application/json")
+
+
 def _error(status: int, message: str, **more: Any) -> web.Response:
-    return web.json_response({"error": message, **more}, status=status)
+    return _json({"error": message, **more}, status=status)
 
 
 def _unprocessable(e: ValidationError) -> web.Response:
@@ -113,14 +127,13 @@ async def submit(request: web.Request) -> web.Response:
                       field="Idempotency-Key")
     requirements = req.requirements.model_dump(mode="json", exclude_none=True)
     fields = {"task_type": req.task_type, "description": req.description,
-              "requirements_json": json.dumps(requirements, sort_keys=True,
-                                              separators=(",", ":"))}
+              "requirements_json": CANONICAL.encode(requirements)}
     try:
         done = await service.submit(fields, key)
     except IdempotencyConflict as e:
         return _error(409, str(e))
     except (BufferError, RuntimeError) as e:  # producer full, or Kafka refused the record
-        return web.json_response({"error": f"task not queued: {e or 'producer full'}; "
+        return _json({"error": f"task not queued: {e or 'producer full'}; "
                                   "retry later"}, status=503, headers={"Retry-After": "1"})
     answer = task_json(done.view, service) | {"description": req.description,
                                               "requirements": requirements}
@@ -128,7 +141,7 @@ async def submit(request: web.Request) -> web.Response:
     headers = {"Location": location}
     if not done.created:
         headers["Idempotent-Replayed"] = "true"
-    return web.json_response(answer, status=202, headers=headers)
+    return _json(answer, status=202, headers=headers)
 
 
 def _task(request: web.Request) -> TaskView | web.Response:
@@ -143,7 +156,7 @@ async def get_task(request: web.Request) -> web.Response:
     task = _task(request)
     if isinstance(task, web.Response):
         return task
-    return web.json_response(task_json(task, request.app[SERVICE]))
+    return _json(task_json(task, request.app[SERVICE]))
 
 
 async def get_results(request: web.Request) -> web.Response:
@@ -157,7 +170,7 @@ async def get_results(request: web.Request) -> web.Response:
                f"task {task.state.lower()}, no result")
         return _error(404, msg, state=task.state.lower(), reason=task.reason or None)
     output = json.loads(result["output"]) if result["output"] else None
-    return web.json_response({
+    return _json({
         "id": task.task_id, "state": "succeeded", "attempt": result["attempt"],
         "worker": result["worker"], "started_at": result["started_at"],
         "finished_at": result["at"], "output": output, "output_ref": result["output_ref"],
@@ -176,7 +189,7 @@ async def cancel(request: web.Request) -> web.Response:
     if after.state != "CANCELLED":  # finished first (the log decided), or not seen in time
         return _error(409, f"task {after.state.lower()}, not cancelled",
                       state=after.state.lower())
-    return web.json_response(task_json(after, service))
+    return _json(task_json(after, service))
 
 
 async def forecast(request: web.Request) -> web.Response:
@@ -213,12 +226,12 @@ async def forecast(request: web.Request) -> web.Response:
         rows.append({"task_type": task_type, "arrival_per_s": round(rate, 4),
                      "arrival_source": source, "forecast_made_at": made,
                      "service_seconds": service_s, "queued": queued, "workers_needed": need})
-    return web.json_response({"lead_seconds": lead, "types": rows})
+    return _json({"lead_seconds": lead, "types": rows})
 
 
 async def healthz(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
-    return web.json_response({"ok": service.live, "tasks": service.book.counts()},
+    return _json({"ok": service.live, "tasks": service.book.counts()},
                              status=200 if service.live else 503)
 
 

@@ -70,6 +70,8 @@ class TaskService:
         # from them without reading the tasks topic (other replicas' tasks: it reads it).
         self.records: dict[str, dict[str, Any]] = {}
         self._ids = task_ids()
+        self._lease_ms = round(settings.lease_seconds * 1000)
+        self._submitted: dict[str, Any] = {}  # task type -> its child of SUBMITTED
         self._retrying: dict[str, int] = {}  # task -> attempt whose retry was written
         self.live = False  # caught up with task-status: re-asserting is safe from now on
         self._keeper: asyncio.Task[None] | None = None
@@ -111,7 +113,7 @@ class TaskService:
         if self.follower is not None:
             await asyncio.to_thread(self.follower.close)
         if self.writer is not None:
-            await asyncio.to_thread(self.writer.close)
+            await self.writer.aclose()
 
     def _deliver(self, batch: Batch) -> None:
         now = time.monotonic()
@@ -145,37 +147,41 @@ class TaskService:
                 raise IdempotencyConflict(str(e)) from None
             if known is not None and known in self.book.tasks:
                 return Submitted({"task_id": known, **body}, self.book.tasks[known], False)
-        t = now_ms()
+        t, tid, task_type = now_ms(), next(self._ids), body["task_type"]
+        max_attempts = self.settings.max_attempts
         task = {
-            "task_id": next(self._ids), "task_type": body["task_type"],
+            "task_id": tid, "task_type": task_type,
             "description": body["description"], "requirements": body["requirements_json"],
-            "attempt": 1, "max_attempts": self.settings.max_attempts,
-            "lease_ms": round(self.settings.lease_seconds * 1000), "submitted_at": t,
-            "enqueued_at": t, "idempotency_key": idempotency_key, "request_hash": digest,
+            "attempt": 1, "max_attempts": max_attempts, "lease_ms": self._lease_ms,
+            "submitted_at": t, "enqueued_at": t, "idempotency_key": idempotency_key,
+            "request_hash": digest,
         }
-        queued = {k: task[k] for k in ("task_id", "task_type", "attempt", "max_attempts",
-                                       "submitted_at", "idempotency_key", "request_hash")}
-        queued |= {"state": "QUEUED", "at": t, "started_at": None, "worker": None,
-                   "reason": "", "source": "api"}
+        queued = {"task_id": tid, "task_type": task_type, "state": "QUEUED", "attempt": 1,
+                  "max_attempts": max_attempts, "at": t, "submitted_at": t,
+                  "started_at": None, "worker": None, "reason": "", "source": "api",
+                  "idempotency_key": idempotency_key, "request_hash": digest}
         # Applied at once (the key is taken from now on; the client may ask at once): the
         # first record of a new id, so nothing in the log can come before it that matters.
         # This process skips it when it reads it back.
         self.book.apply_status(queued, time.monotonic())
         assert self.writer is not None
         try:
-            await asyncio.gather(self.writer.send("TaskStatus", queued, own=True),
-                                 self.writer.send("Task", task))
+            await self.writer.send_all([("TaskStatus", queued, True), ("Task", task, False)])
         except (BufferError, RuntimeError):
             # Not in Kafka (or not known to be): not accepted (503), and forgotten here. A
             # status that got there without its task stays queued for other replicas and
             # after a restart, where a cancel ends it.
             self.book.forget(task["task_id"])
             raise
-        self.demand.arrived(task["task_type"])
-        if not self.book.tasks[task["task_id"]].finished:
-            self.records[task["task_id"]] = task
-        SUBMITTED.labels(task["task_type"]).inc()
-        return Submitted(task, self.book.tasks[task["task_id"]], True)
+        self.demand.arrived(task_type)
+        view = self.book.tasks[tid]
+        if not view.finished:
+            self.records[tid] = task
+        submitted = self._submitted.get(task_type)
+        if submitted is None:  # the labelled child, looked up once per type
+            submitted = self._submitted[task_type] = SUBMITTED.labels(task_type)
+        submitted.inc()
+        return Submitted(task, view, True)
 
     async def cancel(self, task_id: str, timeout: float = 10.0) -> TaskView:
         """Cancel an unfinished task (KeyError: unknown). The CANCELLED status is not

@@ -27,6 +27,8 @@ class TaskSettings(BaseModel):
     max_description_chars: int = Field(32_000, ge=1)
     host: str = Field("127.0.0.1", description="bind address of `loadcast tasks`")
     port: int = Field(8480, ge=0, le=65535, description="port of `loadcast tasks` (0 = free)")
+    metrics_port: int = Field(0, ge=0, le=65535,
+                              description="serve /metrics here (0 = off)")
     forecast_window_seconds: float = Field(
         60.0, gt=0, le=86400, description="arrival rates and throughput are measured over this")
     telemetry_interval_seconds: float = Field(
