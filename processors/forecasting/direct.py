@@ -185,6 +185,11 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         self.global_version = model.version if model is not None else 0
 
     @property
+    def global_model(self) -> TreeEnsemble | None:
+        """The global trees in use (see :meth:`set_global_model`); None: none."""
+        return self._global
+
+    @property
     def tree_periods(self) -> tuple[float, float]:
         """Steps per day (season) and per week, as :func:`tree_features` takes them."""
         week = self.long_season_seconds or 7 * 86400
@@ -196,6 +201,10 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         state.pop("_global", None)  # shared: travels by version (set_global_model)
         state.pop("_tree_buf", None)  # derived: rebuilt on first use
         state.pop("_tree_step", None)
+        # The observer (a worker's trainer, shared) and its bookkeeping are attached again
+        # by whoever loads the snapshot; rows of steps pending then are not observed.
+        for k in ("_row_observer", "_pmiss", "_psn", "_miss", "_sn_ok"):
+            state.pop(k, None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:

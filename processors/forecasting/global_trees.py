@@ -12,19 +12,26 @@ applies it as one more candidate of its online blend (``set_global_model``), so 
 endpoint whose series the trees do not fit (ten times larger is fine, scale-free; a
 holiday week, another shape) simply gives that candidate little weight.
 
-LightGBM is imported when a fit runs, not on import.
+LightGBM is imported when a fit runs, not on import.  A refit is two parts so a worker
+can fit off its event loop: :meth:`GlobalTreeTrainer.take` copies the pool (quick, where
+the rows arrive) and the :class:`TreeFit` it returns fits in any thread (LightGBM releases
+the GIL); :class:`SharedTrees` is a worker's trainer and the trees its forecasters share.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from processors.forecasting.direct import DirectForecaster
 from processors.forecasting.features import F_LONG_SEASON, N_TREE_FEATURES, tree_features
 from processors.forecasting.trees import TreeEnsemble
 
-__all__ = ["GLOBAL_TREES", "TREE_PARAMS", "GlobalTreeTrainer"]
+__all__ = ["GLOBAL_TREES", "TREE_PARAMS", "GlobalTreeTrainer", "SharedTrees", "TreeFit",
+           "direct_of"]
 
 #: LightGBM parameters of the global trees (L1: the blend and MASE score absolute error;
 #: depth bounded so a walk is ``max_depth`` numpy steps; one thread, deterministic).
@@ -124,16 +131,193 @@ class GlobalTreeTrainer:
     def refit(self, ts: float) -> TreeEnsemble | None:
         """Fit the trees on the pooled rows (oldest first) and export them with the next
         version; None (and nothing changes) with fewer than ``min_rows`` rows."""
+        fit = self.take(ts)
+        if fit is None:
+            return None
+        return self.adopt(fit())
+
+    def take(self, ts: float) -> TreeFit | None:
+        """The pooled rows (copied, oldest first) to fit the next version from, and the
+        next refit scheduled ``refit_seconds`` after data time ``ts``; None with fewer than
+        ``min_rows`` rows.  Fit with the returned :class:`TreeFit` (any thread: it shares
+        nothing with the trainer), then :meth:`adopt` the result."""
         if self._n < self.min_rows:
             return None
+        order = (self._pos - self._n + np.arange(self._n)) % self.max_rows
+        self._next_fit = float(ts) + self.refit_seconds
+        return TreeFit(self._X[order], self._y[order], dict(self.params), self.rounds,
+                       self.version + 1, self.offset_feature)
+
+    def adopt(self, model: TreeEnsemble) -> TreeEnsemble:
+        """Make ``model`` (fitted from :meth:`take`) the current one; returns it."""
+        self.version = max(self.version, model.version)
+        self.model = model
+        return model
+
+    @property
+    def next_fit(self) -> float | None:
+        """Data time of the next refit (None: as soon as ``min_rows`` rows are pooled)."""
+        return self._next_fit
+
+    def resume(self, version: int, next_fit: float | None) -> None:
+        """After a restart: number later fits above ``version`` and refit no sooner than
+        ``next_fit`` (the schedule the restored trees were fitted on)."""
+        self.version = max(self.version, int(version))
+        if next_fit is not None and (self._next_fit is None or next_fit > self._next_fit):
+            self._next_fit = float(next_fit)
+
+
+@dataclass(frozen=True)
+class TreeFit:
+    """One refit's input, detached from the trainer: calling it fits and exports the
+    trees (seconds on a full pool; LightGBM releases the GIL while it trains)."""
+
+    X: np.ndarray
+    y: np.ndarray
+    params: dict[str, Any]
+    rounds: int
+    version: int
+    offset_feature: int | None
+
+    @property
+    def rows(self) -> int:
+        return len(self.y)
+
+    def __call__(self) -> TreeEnsemble:
         import lightgbm as lgb  # heavy; only where a fit runs
 
-        order = (self._pos - self._n + np.arange(self._n)) % self.max_rows
-        data = lgb.Dataset(self._X[order], self._y[order],
-                           params={"verbose": -1, "max_bin": 63})
+        data = lgb.Dataset(self.X, self.y, params={"verbose": -1, "max_bin": 63})
         booster = lgb.train(self.params, data, num_boost_round=self.rounds)
-        self.version += 1
-        self.model = TreeEnsemble.from_lightgbm(booster.dump_model(), self.version,
-                                                offset_feature=self.offset_feature)
-        self._next_fit = float(ts) + self.refit_seconds
-        return self.model
+        return TreeEnsemble.from_lightgbm(booster.dump_model(), self.version,
+                                          offset_feature=self.offset_feature)
+
+
+def direct_of(forecaster: Any) -> DirectForecaster | None:
+    """The default forecaster inside ``forecaster`` (itself, or the one a warm start
+    wraps); None for other kinds."""
+    inner = forecaster.__dict__.get("inner", forecaster)
+    return inner if isinstance(inner, DirectForecaster) else None
+
+
+class SharedTrees:
+    """A worker's global trees: one :class:`GlobalTreeTrainer` observing every default
+    forecaster it holds, and the newest trees, which new endpoints start with.
+
+    Plain bookkeeping, no threads: the caller tracks data time (:meth:`saw`), asks
+    :meth:`due`, runs the :class:`TreeFit` of :meth:`take` where it likes (one at a
+    time) and hands the result to :meth:`fitted`, then to every forecaster.
+    ``options`` override :data:`GLOBAL_TREES`; ``keep_every`` 0 thins the pooled rows
+    by the number of endpoints (:meth:`thin`) so the pool spans about a week of data.
+    """
+
+    def __init__(self, **options: Any) -> None:
+        self.options = {**GLOBAL_TREES, **options}
+        self.auto_thin = not self.options.get("keep_every")
+        if self.auto_thin:
+            self.options.pop("keep_every", None)
+        self.trainer: GlobalTreeTrainer | None = None
+        self.current: TreeEnsemble | None = None
+        self.data_ts = -math.inf
+        self.fitting = False
+        self.refits = 0
+        self._resume: tuple[int, float | None] = (0, None)
+        self._horizon = 15
+
+    def attach(self, forecaster: Any, model: TreeEnsemble | None) -> bool:
+        """Pool ``forecaster``'s rows and have it use ``model``; False (nothing done) for
+        a forecaster of another kind or other periods than the trainer's."""
+        f = direct_of(forecaster)
+        if f is None:
+            return False
+        if self.trainer is None:
+            self.trainer = GlobalTreeTrainer.for_forecaster(f, **self.options)
+            self.trainer.resume(*self._resume)
+            self._horizon = f.max_horizon
+        if f.tree_periods != (self.trainer.day_steps, self.trainer.week_steps):
+            return False
+        f.observe_rows(self.trainer)
+        f.set_global_model(model)
+        return True
+
+    def saw(self, ts: float) -> None:
+        """A step up to data time ``ts`` (epoch seconds) was learned."""
+        if ts > self.data_ts:
+            self.data_ts = ts
+
+    def thin(self, endpoints: int) -> None:
+        """Keep one learning batch in ``k`` so ``max_rows`` spans about a week of steps of
+        ``endpoints`` endpoints (``k`` coprime with it: batches arrive round the endpoints,
+        and a common factor would keep some endpoints' rows only)."""
+        t = self.trainer
+        if t is None or not self.auto_thin:
+            return
+        rows_per_step = self._horizon * max(endpoints, 1)
+        k = max(1, math.ceil(rows_per_step * t.week_steps / t.max_rows))
+        while k > 1 and math.gcd(k, endpoints) != 1:
+            k += 1
+        t.keep_every = k
+
+    def due(self) -> bool:
+        """Whether a refit should start now (none running, the trainer says so)."""
+        return (not self.fitting and self.trainer is not None
+                and self.trainer.due(self.data_ts))
+
+    def take(self) -> TreeFit | None:
+        """Start a refit (see :meth:`GlobalTreeTrainer.take`); None if there is nothing
+        to fit.  Until :meth:`fitted` or :meth:`failed`, :meth:`due` says no."""
+        if self.fitting or self.trainer is None:
+            return None
+        fit = self.trainer.take(self.data_ts)
+        self.fitting = fit is not None
+        return fit
+
+    def fitted(self, model: TreeEnsemble) -> TreeEnsemble:
+        """The refit started by :meth:`take` ended with ``model``: it is current (under a
+        higher version if restored trees took its number meanwhile); returns it."""
+        self.fitting = False
+        self.refits += 1
+        if model.version <= self.version:
+            model = model.with_version(self.version + 1)
+        return self._make_current(model)
+
+    def renumber(self) -> TreeEnsemble | None:
+        """The current trees under a version above every one seen (when restored trees
+        of another worker carry their number); returns them."""
+        if self.current is None:
+            return None
+        return self._make_current(self.current.with_version(self.version + 1))
+
+    def _make_current(self, model: TreeEnsemble) -> TreeEnsemble:
+        if self.trainer is not None:
+            self.trainer.adopt(model)
+        else:
+            self._resume = (max(self._resume[0], model.version), self._resume[1])
+        self.current = model
+        return model
+
+    def failed(self) -> None:
+        """The refit started by :meth:`take` failed (the next one at its usual time)."""
+        self.fitting = False
+
+    def restored(self, model: TreeEnsemble, next_fit: float | None) -> None:
+        """Trees read back from a snapshot: later fits are numbered above them and keep
+        their schedule; the newest restored trees are what new endpoints start with when
+        the worker has none newer."""
+        if self.trainer is not None:
+            self.trainer.resume(model.version, next_fit)
+        v, nf = self._resume
+        if next_fit is not None and (nf is None or next_fit > nf):
+            nf = next_fit
+        self._resume = (max(v, model.version), nf)
+        if self.current is None or model.version > self.current.version:
+            self.current = model
+
+    @property
+    def next_fit(self) -> float | None:
+        return None if self.trainer is None else self.trainer.next_fit
+
+    @property
+    def version(self) -> int:
+        """The highest version fitted or restored (the next fit is numbered above it)."""
+        t = self.trainer.version if self.trainer is not None else 0
+        return max(t, self._resume[0])

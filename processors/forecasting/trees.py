@@ -102,6 +102,27 @@ class TreeEnsemble:
         return cls.from_nodes(trees, int(model["max_feature_idx"]) + 1, version,
                               offset_feature)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The node arrays and labels; not the per-row-count offsets cache.
+        return {k: getattr(self, k) for k in self.__slots__ if k != "_offsets"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            object.__setattr__(self, k, v)
+        self._offsets = None
+
+    def with_version(self, version: int) -> TreeEnsemble:
+        """The same trees under another version number (the arrays are shared)."""
+        other = TreeEnsemble.__new__(TreeEnsemble)
+        other.__setstate__({**self.__getstate__(), "version": int(version)})
+        return other
+
+    def same_trees(self, other: TreeEnsemble) -> bool:
+        """Whether ``other`` holds the same trees (whatever its version)."""
+        mine, theirs = self.__getstate__(), other.__getstate__()
+        return all(np.array_equal(mine[k], theirs[k]) if isinstance(mine[k], np.ndarray)
+                   else mine[k] == theirs[k] for k in mine if k != "version")
+
     def _feature_offsets(self, rows: int) -> np.ndarray:
         """``feature * rows`` per node (where a node's feature starts in ``X.T``), kept
         for the last row count (a forecaster always predicts its ``max_horizon`` rows)."""
