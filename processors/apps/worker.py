@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -28,6 +29,7 @@ from processors.endpoint import EndpointModel
 from processors.engine import Engine, SnapshotRecord
 from processors.federated.coldstart import warm_start
 from processors.federated.params import family_of
+from processors.forecasting.global_trees import SharedTrees
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
 from streams.kafka.registry import codec_for
@@ -55,6 +57,10 @@ SCRAPED_METRICS = {
     "loadcast_processor_snapshot_age_seconds": ("gauge", "Seconds since the last snapshot round"),
     "loadcast_processor_evicted_total": (
         "counter", "Idle endpoint models evicted to stay under the max_endpoints caps"),
+    "loadcast_processor_global_trees_refits_total": (
+        "counter", "Refits of the worker's global trees"),
+    "loadcast_processor_global_trees_version": (
+        "gauge", "Version of the global trees new endpoints get (0: none)"),
 }
 
 
@@ -67,6 +73,7 @@ class EngineMetrics:
     def collect(self) -> Iterable[Metric]:
         w = self.worker
         s = w.engine.stats
+        trees = w.engine.trees
         values = {
             "loadcast_processor_windows_total": s.windows,
             "loadcast_processor_replayed_total": s.skipped_replayed,
@@ -74,6 +81,9 @@ class EngineMetrics:
             "loadcast_processor_partitions": w.engine.partitions_ready(),
             "loadcast_processor_snapshot_age_seconds": time.monotonic() - w.last_snapshot,
             "loadcast_processor_evicted_total": s.evicted,
+            "loadcast_processor_global_trees_refits_total": trees.refits if trees else 0,
+            "loadcast_processor_global_trees_version":
+                trees.current.version if trees and trees.current else 0,
         }
         for name, (kind, doc) in SCRAPED_METRICS.items():
             if kind == "counter":
@@ -155,8 +165,12 @@ class Worker:
         if settings.warm_start and settings.forecaster == "default":
             self.models = ModelRepository(kafka, self.codec, client_id=f"{settings.app_id}-models")
             self.models.refresh(10)
+        options = settings.global_trees_options()
         self.engine = Engine(settings.config(), self.codec, self.outputs,
-                             warm_start=self._warm_start if self.models is not None else None)
+                             warm_start=self._warm_start if self.models is not None else None,
+                             trees=SharedTrees(**options) if options is not None else None)
+        # One thread: refits of the global trees run there, one at a time, off the loop.
+        self._fits = ThreadPoolExecutor(1, thread_name_prefix="global-trees")
         self.last_snapshot = time.monotonic()
         self._snapshot_lock = asyncio.Lock()
         self.app = self.runtime.faust_app(settings.app_id)
@@ -208,6 +222,10 @@ class Worker:
         async def recovery_watch() -> None:
             await self.reseek_stuck()
 
+        @app.timer(interval=1.0)
+        async def global_trees_timer() -> None:
+            await self.refit_trees()
+
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode stub wants signal=
         async def assigned(sender: Any, *args: Any, **kw: Any) -> None:
             assigned: set[TP] = args[0] if args else kw["assigned"]
@@ -219,6 +237,8 @@ class Worker:
             back = sorted(p for p in mine - set(engine.partitions) if p in parked)
             for p in back:  # ours before the broker went away: models kept, in place
                 engine.partitions[p] = parked[p]
+            if back and engine.trees is not None:  # trees refitted while they were parked
+                engine.share_trees(engine.trees.current, back)
             new = sorted(mine - set(engine.partitions))
             for p in new:
                 engine.hold(p)  # before any await: nothing is applied until restored
@@ -330,6 +350,34 @@ class Worker:
             log.info("partition %d: %d models restored, resuming at offset %d", p, n, resume)
             await self.app.consumer.seek(TP(self.telemetry.get_topic_name(), p), resume)
 
+    async def refit_trees(self) -> bool:
+        """Refit the global trees if due: the pool is copied here, the fit runs in the
+        worker's fit thread while the stream goes on, and the new trees go to every model
+        (and to endpoints created later).  Returns whether new trees were installed."""
+        trees = self.engine.trees
+        if trees is None:
+            return False
+        trees.thin(self.engine.endpoints())
+        if not trees.due():
+            return False
+        fit = trees.take()
+        if fit is None:
+            return False
+        started = time.perf_counter()
+        try:
+            model = await asyncio.get_running_loop().run_in_executor(self._fits, fit)
+        except Exception:
+            trees.failed()
+            log.exception("global trees: refit on %d rows failed (the current trees stay)",
+                          fit.rows)
+            return False
+        model = trees.fitted(model)
+        n = self.engine.share_trees(model)
+        log.info("global trees v%d fitted on %d rows in %.2f s (%d trees, %d KB), given to "
+                 "%d models", model.version, fit.rows, time.perf_counter() - started,
+                 model.n_trees, model.nbytes // 1024, n)
+        return True
+
     async def snapshot(self, partitions: Iterable[int], timeout: float = 30.0) -> int:
         """One snapshot round for ``partitions``; returns how many models were written.
 
@@ -343,6 +391,10 @@ class Worker:
             written = 0
             for (endpoints, checkpoint) in rounds:
                 for i, endpoint in enumerate(endpoints):
+                    # The trees a model refers to go before it (once per partition).
+                    trees = self.engine.trees_record(checkpoint.partition, endpoint)
+                    if trees is not None:
+                        self._produce_snapshot(trees)
                     record = self.engine.snapshot_record(checkpoint.partition, endpoint)
                     if record is not None:
                         self._produce_snapshot(record)
@@ -359,6 +411,9 @@ class Worker:
                 return written
             for _, checkpoint in rounds:
                 self._produce_snapshot(checkpoint)
+                # Trees no acknowledged snapshot refers to any more are deleted.
+                for tombstone in self.engine.unused_trees(checkpoint.partition):
+                    self._produce_snapshot(tombstone)
             await loop.run_in_executor(None, producer.flush, timeout)
             self.last_snapshot = time.monotonic()
             return written
