@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 from typing import Any
 
@@ -209,3 +210,20 @@ def test_trainer_keeps_a_bounded_ring_and_checks_its_options() -> None:
         GlobalTreeTrainer(24.0, 168.0, max_rows=0)
     with pytest.raises(ValueError, match="features"):
         f.set_global_model(TreeEnsemble.from_nodes([1.0], n_features=3, version=1))
+
+
+def test_a_worker_thins_the_pooled_rows_by_its_endpoints() -> None:
+    from processors.forecasting.global_trees import SharedTrees
+
+    f = DirectForecaster(step_seconds=60, max_horizon=15)
+    trees = SharedTrees()
+    assert trees.attach(f, None) and trees.trainer is not None
+    trees.thin(0)  # no endpoint yet
+    assert trees.trainer.keep_every == 3  # 15 rows x 10,080 steps a week / 60,000 rows
+    trees.thin(100)
+    k = trees.trainer.keep_every
+    assert k >= 15 * 100 * 10080 / 60000 and math.gcd(k, 100) == 1
+    fixed = SharedTrees(keep_every=4)
+    fixed.attach(DirectForecaster(step_seconds=60, max_horizon=15), None)
+    fixed.thin(100)
+    assert fixed.trainer is not None and fixed.trainer.keep_every == 4

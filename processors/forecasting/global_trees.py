@@ -251,8 +251,8 @@ class SharedTrees:
         t = self.trainer
         if t is None or not self.auto_thin:
             return
-        rows_per_step = self._horizon * max(endpoints, 1)
-        k = max(1, math.ceil(rows_per_step * t.week_steps / t.max_rows))
+        endpoints = max(endpoints, 1)
+        k = max(1, math.ceil(self._horizon * endpoints * t.week_steps / t.max_rows))
         while k > 1 and math.gcd(k, endpoints) != 1:
             k += 1
         t.keep_every = k
