@@ -14,7 +14,9 @@ Usage::
 
 ``default`` runs with the global trees (:mod:`processors.forecasting.global_trees`): it
 learns two seasons (first-season rows are not pooled), the trees are fitted on its rows
-and set, then the timed steps include the trees' walk.  The refit is timed apart on a full
+and set, then the timed steps include the trees' walk and, as in ``loadcast worker``,
+handing the learning rows to a worker's pool thinned for ``--endpoints`` endpoints
+(``SharedTrees``).  The refit is timed apart on a full
 pool (the rows tiled to ``max_rows``) and amortized over the steps between two refits
 (``refit_seconds / step``) and the endpoints of one worker (``--endpoints``, default 100,
 the stated assumption): ``amortized_us`` = median + refit share.  The trees and the
@@ -48,7 +50,7 @@ if str(ROOT) not in sys.path:
 
 from processors.forecasting import KINDS, make_forecaster  # noqa: E402
 from processors.forecasting.direct import DirectForecaster  # noqa: E402
-from processors.forecasting.global_trees import GlobalTreeTrainer  # noqa: E402
+from processors.forecasting.global_trees import GlobalTreeTrainer, SharedTrees  # noqa: E402
 from streams.edge.replay import data_dir  # noqa: E402
 
 DATA = data_dir() / "nyc_taxi.csv"
@@ -95,6 +97,11 @@ def measure(kind: str, timed_steps: int, endpoints: int = 100) -> dict[str, Any]
         f.observe_rows(None)
         plain = pickle.loads(pickle.dumps(f))  # the trees are not pickled
         glob = _global_cost(f, trainer, endpoints)  # sets the trees on f
+        # Rows go to a worker's pool, thinned as for ``endpoints`` endpoints (the worker).
+        pool = SharedTrees()
+        pool.attach(f, f.global_model)
+        pool.thin(endpoints)
+        glob["pool_keep_every"] = pool.trainer.keep_every if pool.trainer else None
     snapshot = len(pickle.dumps(f))
     times = np.empty(timed_steps)
     cpu = np.empty(timed_steps)
