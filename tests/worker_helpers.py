@@ -25,23 +25,24 @@ from tests.kafka_helpers import read_topic
 STEP = 300  # model step in the tests: 5 windows of 60 s per step
 
 
-def worker_env(kafka: KafkaSettings, app_id: str) -> dict[str, str]:
-    return kafka_env(kafka, LOADCAST_PROCESSOR__APP_ID=app_id,
-                     LOADCAST_PROCESSOR__STEP_SECONDS=str(STEP),
-                     LOADCAST_PROCESSOR__SEASON_SECONDS="86400",
-                     LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS="0.5",
-                     LOADCAST_PROCESSOR__ANOMALY_WARMUP="50")
+def worker_env(kafka: KafkaSettings, app_id: str, **settings: str) -> dict[str, str]:
+    """The worker's environment; ``settings`` are more processor settings
+    (``global_trees="false"`` -> ``LOADCAST_PROCESSOR__GLOBAL_TREES=false``)."""
+    return kafka_env(kafka, **{"LOADCAST_PROCESSOR__APP_ID": app_id,
+                               "LOADCAST_PROCESSOR__STEP_SECONDS": str(STEP),
+                               "LOADCAST_PROCESSOR__SEASON_SECONDS": "86400",
+                               "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": "0.5",
+                               "LOADCAST_PROCESSOR__ANOMALY_WARMUP": "50",
+                               **{f"LOADCAST_PROCESSOR__{k.upper()}": v
+                                  for k, v in settings.items()}})
 
 
 def start_worker(kafka: KafkaSettings, app_id: str, log: Path,
                  **settings: str) -> subprocess.Popen[bytes]:
-    """A ``loadcast worker`` process; ``settings`` are more processor settings
-    (``global_trees="false"`` -> ``LOADCAST_PROCESSOR__GLOBAL_TREES=false``)."""
-    env = worker_env(kafka, app_id)
-    env.update({f"LOADCAST_PROCESSOR__{k.upper()}": v for k, v in settings.items()})
+    """A ``loadcast worker`` process (``settings``: see :func:`worker_env`)."""
     with log.open("ab") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "loadcast", "worker"], env=env,
+            [sys.executable, "-m", "loadcast", "worker"], env=worker_env(kafka, app_id, **settings),
             stdout=f, stderr=subprocess.STDOUT,
         )
 
