@@ -25,7 +25,8 @@ every model (:meth:`Engine.share_trees`, which makes each model dirty: its next 
 records the new version).  A snapshot holds only the trees' version, so the trees
 themselves are written to the same partition, keyed ``__trees__/{partition}/{version}``,
 before the first model snapshot that refers to them, and deleted (a tombstone) once no
-model's latest snapshot does.  A restored model gets the trees of the version it
+model's latest snapshot does (trees found there under the same version but other, from
+another worker, are renumbered first).  A restored model gets the trees of the version it
 recorded, so it continues bit for bit; trees that cannot be found leave its candidate
 empty until the next refit (logged).
 """
@@ -363,8 +364,15 @@ class Engine:
         model = state.models.get(endpoint) if state is not None else None
         f = direct_of(model.forecaster) if model is not None else None
         g = f.global_model if f is not None else None
-        if state is None or g is None or g.version in state.trees:
+        if state is None or g is None:
             return None
+        held = state.trees.get(g.version)
+        if held is not None:
+            if held is g or held.same_trees(g):
+                return None
+            # Another worker's trees under this number in the partition's log (workers
+            # number their refits alike): one version must mean one set of trees there.
+            g = self._renumber(g)
         state.trees[g.version] = g
         return SnapshotRecord(partition, TREES_KEY.format(partition=partition,
                                                           version=g.version), {
@@ -375,6 +383,27 @@ class Engine:
                 "next_fit": self.trees.next_fit if self.trees is not None else None,
             }, protocol=5),
         })
+
+    def _renumber(self, model: TreeEnsemble) -> TreeEnsemble:
+        """``model`` under a version above every one seen, given to every model that had
+        it (the same trees: their forecasts do not change; their snapshots will say)."""
+        if self.trees is not None:
+            fresh = self.trees.renumber(model)
+        else:
+            fresh = model.with_version(model.version + 1 + max(
+                (v for s in self.partitions.values() for v in s.trees), default=0))
+        n = 0
+        for state in self.partitions.values():
+            for endpoint, m in state.models.items():
+                f = direct_of(m.forecaster)
+                if f is not None and f.global_model is model:
+                    f.set_global_model(fresh)
+                    state.dirty.add(endpoint)
+                    n += 1
+        log.info("global trees v%d renumbered v%d (%d models): a partition's snapshot log "
+                 "holds other trees under v%d", model.version, fresh.version, n,
+                 model.version)
+        return fresh
 
     def unused_trees(self, partition: int) -> list[SnapshotRecord]:
         """Tombstones for trees no endpoint's latest snapshot in ``partition`` refers to
@@ -487,7 +516,6 @@ class Engine:
         for t, next_fit in trees.values():
             if self.trees is not None:
                 self.trees.restored(t, next_fit)
-        self._renumber_current(state.trees)
         checkpoint = latest.get(None)
         resume = checkpoint["offset"] + 1 if checkpoint is not None else start_offset
         state.resume = max(resume, start_offset)
@@ -514,23 +542,6 @@ class Engine:
         else:  # turned off: the candidate is empty
             f.set_global_model(None)
         return recorded
-
-    def _renumber_current(self, restored: dict[int, TreeEnsemble]) -> None:
-        """One version must mean one set of trees in a partition's log: if the restored
-        log holds other trees (another worker's) under the version of this worker's
-        current trees, those are renumbered above every version seen before new
-        endpoints get them (models that have them keep them, in their own partitions)."""
-        t = self.trees
-        cur = t.current if t is not None else None
-        if t is None or cur is None:
-            return
-        same = restored.get(cur.version)
-        if same is None or same is cur or same.same_trees(cur):
-            return
-        fresh = t.renumber()
-        log.info("global trees v%d renumbered v%s for new endpoints (a restored partition "
-                 "holds other trees under v%d)", cur.version,
-                 fresh.version if fresh else "?", cur.version)
 
     def rebase(self, partition: int) -> None:
         """The broker lost the partition's log (it came back empty): keep every model but

@@ -317,14 +317,34 @@ def test_trees_no_snapshot_refers_to_are_deleted(codec: Codec) -> None:
 def test_a_restored_partition_with_other_trees_under_the_same_version(
         codec: Codec) -> None:
     """Two workers number their refits alike: a partition moved between them must not end
-    up with two sets of trees under one version."""
+    up with two sets of trees under one version in its snapshot log."""
     a, b = trees_engine(), trees_engine()
     feed(a, codec, make_windows(["t-a"], 0, 200))
     feed(b, codec, make_windows(["t-b"], 50, 200))
     ta, tb = refit(a), refit(b)
     assert ta.version == tb.version == 1 and not ta.same_trees(tb)
-    b.restore(1, [dict(r, source_partition=1) for r in snapshot_log(a)], 0)
+    moved = [dict(r, source_partition=1) for r in snapshot_log(a)]
+    b.restore(1, moved, 0)
     assert trees_of(b.partitions[1].models["t-a"]).global_model.same_trees(ta)
-    assert b.trees is not None and b.trees.current is not None
-    assert b.trees.current.version == 2 and b.trees.current.same_trees(tb)
-    assert trees_of(b.partitions[0].models["t-b"]).global_version == 1  # its own log's v1
+    # A new endpoint of the moved partition gets b's trees, which its log must hold
+    # under a number of their own.
+    w = make_windows(["t-new"], 0, 1)[0]
+    b.handle(1, b.partitions[1].resume, b"t-new", codec.encode("EndpointTelemetry", w),
+             now=0.0)
+    rnd = b.begin_snapshot(1)
+    assert rnd is not None
+    log = list(moved)
+    for endpoint in rnd[0]:
+        for r in (b.trees_record(1, endpoint), b.snapshot_record(1, endpoint)):
+            if r is not None and r.value is not None:
+                log.append(r.value)
+    new = trees_of(b.partitions[1].models["t-new"]).global_model
+    assert new.version == 2 and new.same_trees(tb)
+    assert trees_of(b.partitions[0].models["t-b"]).global_version == 2  # relabelled too
+    assert "t-b" in b.partitions[0].dirty  # so its snapshot says so
+    again = trees_engine()
+    again.restore(1, log, 0)
+    got = again.partitions[1].models
+    assert trees_of(got["t-a"]).global_model.same_trees(ta)
+    assert trees_of(got["t-new"]).global_model.same_trees(tb)
+    assert again.trees is not None and again.trees.version == 2

@@ -280,12 +280,16 @@ class SharedTrees:
             model = model.with_version(self.version + 1)
         return self._make_current(model)
 
-    def renumber(self) -> TreeEnsemble | None:
-        """The current trees under a version above every one seen (when restored trees
-        of another worker carry their number); returns them."""
-        if self.current is None:
-            return None
-        return self._make_current(self.current.with_version(self.version + 1))
+    def renumber(self, model: TreeEnsemble) -> TreeEnsemble:
+        """``model`` under a version above every one seen (restored trees of another
+        worker carry its number); the current trees if it was them."""
+        fresh = model.with_version(self.version + 1)
+        if model is self.current:
+            return self._make_current(fresh)
+        if self.trainer is not None:
+            self.trainer.version = max(self.trainer.version, fresh.version)
+        self._resume = (max(self._resume[0], fresh.version), self._resume[1])
+        return fresh
 
     def _make_current(self, model: TreeEnsemble) -> TreeEnsemble:
         if self.trainer is not None:
