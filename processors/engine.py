@@ -20,15 +20,8 @@ transactions (which Tansu does not support) and no exact ListOffsets (which Tans
 undercounts): the snapshot partition is read to the end by Fetch (partition EOF).
 
 **Global trees.** With a :class:`~processors.forecasting.global_trees.SharedTrees`, every
-default forecaster's learning rows are pooled for the worker's trees and new trees go to
-every model (:meth:`Engine.share_trees`, which makes each model dirty: its next snapshot
-records the new version).  A snapshot holds only the trees' version, so the trees
-themselves are written to the same partition, keyed ``__trees__/{partition}/{version}``,
-before the first model snapshot that refers to them, and deleted (a tombstone) once no
-model's latest snapshot does (trees found there under the same version but other, from
-another worker, are renumbered first).  A restored model gets the trees of the version it
-recorded, so it continues bit for bit; trees that cannot be found leave its candidate
-empty until the next refit (logged).
+default forecaster's rows are pooled for the worker's trees, and the trees the models use
+are kept in the same snapshot partitions (:mod:`processors.treelog`, ``Engine.treelog``).
 """
 
 from __future__ import annotations
@@ -43,16 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from processors.endpoint import EndpointModel, Observation, ProcessorConfig
-from processors.forecasting.global_trees import SharedTrees, direct_of
+from processors.forecasting.global_trees import SharedTrees
 from processors.forecasting.trees import TreeEnsemble
+from processors.treelog import SnapshotRecord, TreesLog
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import Limits, reencode, reference_ms, window_problem
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KEY = "__checkpoint__/{partition}"
-TREES_KEY = "__trees__/{partition}/{version}"
-TREES_FORMAT = "global-trees"  # ModelSnapshot.format of a trees record
 
 
 class Outputs(Protocol):
@@ -81,8 +73,8 @@ class PartitionState:
     # consumer may still deliver what it fetched from its old position before the seek.
     recovering: bool = False
     evicted: set[str] = field(default_factory=set)  # to delete from the snapshot topic
-    # Global trees in the snapshot log, by version, and the version each endpoint's latest
-    # snapshot refers to (0: none): what a restore can find, and what may be deleted.
+    # Global trees in the snapshot log by version, and the version each endpoint's latest
+    # snapshot refers to (processors.treelog).
     trees: dict[int, TreeEnsemble] = field(default_factory=dict)
     snapshot_trees: dict[str, int] = field(default_factory=dict)
 
@@ -110,15 +102,6 @@ class EngineStats:
     dead_letters: dict[str, int] = field(default_factory=dict)
     steps_learned: int = 0
     evicted: int = 0  # idle models dropped to make room (max_endpoints caps)
-
-
-@dataclass(frozen=True)
-class SnapshotRecord:
-    """One record of the snapshot topic (ModelSnapshot value, keyed, partitioned)."""
-
-    partition: int
-    key: str
-    value: Record | None  # None: a tombstone (the model was evicted)
 
 
 class _SnapshotUnpickler(pickle.Unpickler):
@@ -225,14 +208,14 @@ class Engine:
         self.codec = codec
         self.outputs = outputs
         self.warm_start = warm_start
-        self.trees = trees
+        self.trees = trees  # the worker's global trees (None: not run)
         self.partitions: dict[int, PartitionState] = {}
+        self.treelog = TreesLog(self.partitions, trees, config.forecaster)
         self.stats = EngineStats()
         self.limits = Limits(config.max_window_seconds, config.clock_skew_seconds)
         self.caps = ModelCaps(config.max_endpoints, config.max_endpoints_per_api,
                               config.endpoint_idle_seconds, self._evicted)
-        self._logged_at = 0.0
-        self._unlogged = 0
+        self._logged_at, self._unlogged = 0.0, 0
 
     # ----------------------------------------------------------------- records
 
@@ -303,10 +286,9 @@ class Engine:
         state.dirty.add(endpoint)
         self.stats.windows += 1
         self.stats.scores_computed += 1
-        if obs.steps_learned:
-            self.stats.steps_learned += obs.steps_learned
-            if self.trees is not None:
-                self.trees.saw(window["window_end"] / 1000.0)
+        self.stats.steps_learned += obs.steps_learned
+        if obs.steps_learned and self.trees is not None:
+            self.trees.saw(window["window_end"] / 1000.0)  # data time: refits go by it
         if obs.publish and obs.score is not None:
             self.outputs.score(endpoint, self.codec.encode("LoadScore", obs.score))
             self.stats.scores_published += 1
@@ -332,91 +314,8 @@ class Engine:
         model = EndpointModel.create(endpoint_id, self.config)
         if self.warm_start is not None:
             self.warm_start(model)
-        if self.trees is not None:
-            self.trees.attach(model.forecaster, self.trees.current)
+        self.treelog.attach(model)
         return model
-
-    # ----------------------------------------------------------------- global trees
-
-    def share_trees(self, model: TreeEnsemble | None,
-                    partitions: Iterable[int] | None = None) -> int:
-        """Have every model (of ``partitions``; default all) use ``model``; each one whose
-        trees change is dirty (its next snapshot records the version).  Returns how many
-        changed."""
-        changed = 0
-        for p in list(self.partitions) if partitions is None else partitions:
-            state = self.partitions.get(p)
-            if state is None:
-                continue
-            for endpoint, m in state.models.items():
-                f = direct_of(m.forecaster)
-                if f is None or f.global_model is model:
-                    continue
-                f.set_global_model(model)
-                state.dirty.add(endpoint)
-                changed += 1
-        return changed
-
-    def trees_record(self, partition: int, endpoint: str) -> SnapshotRecord | None:
-        """The trees ``endpoint``'s snapshot will refer to, when the partition's snapshot
-        log does not hold them yet: write it before the model's snapshot."""
-        state = self.partitions.get(partition)
-        model = state.models.get(endpoint) if state is not None else None
-        f = direct_of(model.forecaster) if model is not None else None
-        g = f.global_model if f is not None else None
-        if state is None or g is None:
-            return None
-        held = state.trees.get(g.version)
-        if held is not None:
-            if held is g or held.same_trees(g):
-                return None
-            # Another worker's trees under this number in the partition's log (workers
-            # number their refits alike): one version must mean one set of trees there.
-            g = self._renumber(g)
-        state.trees[g.version] = g
-        return SnapshotRecord(partition, TREES_KEY.format(partition=partition,
-                                                          version=g.version), {
-            "endpoint_id": None, "source_partition": partition, "offset": -1, "index": -1,
-            "taken_at": round(time.time() * 1000), "model": self.config.forecaster,
-            "format": TREES_FORMAT, "state": pickle.dumps({
-                "version": g.version, "trees": g,
-                "next_fit": self.trees.next_fit if self.trees is not None else None,
-            }, protocol=5),
-        })
-
-    def _renumber(self, model: TreeEnsemble) -> TreeEnsemble:
-        """``model`` under a version above every one seen, given to every model that had
-        it (the same trees: their forecasts do not change; their snapshots will say)."""
-        if self.trees is not None:
-            fresh = self.trees.renumber(model)
-        else:
-            fresh = model.with_version(model.version + 1 + max(
-                (v for s in self.partitions.values() for v in s.trees), default=0))
-        n = 0
-        for state in self.partitions.values():
-            for endpoint, m in state.models.items():
-                f = direct_of(m.forecaster)
-                if f is not None and f.global_model is model:
-                    f.set_global_model(fresh)
-                    state.dirty.add(endpoint)
-                    n += 1
-        log.info("global trees v%d renumbered v%d (%d models): a partition's snapshot log "
-                 "holds other trees under v%d", model.version, fresh.version, n,
-                 model.version)
-        return fresh
-
-    def unused_trees(self, partition: int) -> list[SnapshotRecord]:
-        """Tombstones for trees no endpoint's latest snapshot in ``partition`` refers to
-        (produce them once those snapshots are acknowledged)."""
-        state = self.partitions.get(partition)
-        if state is None:
-            return []
-        used = set(state.snapshot_trees.values())
-        gone = [v for v in state.trees if v not in used]
-        for v in gone:
-            del state.trees[v]
-        return [SnapshotRecord(partition, TREES_KEY.format(partition=partition, version=v),
-                               None) for v in gone]
 
     def _dead(self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int,
               offset: int) -> None:
@@ -462,11 +361,9 @@ class Engine:
         if state is None:
             return None
         model = state.models.get(endpoint)
+        self.treelog.snapshotted(state, endpoint, model)
         if model is None:
-            state.snapshot_trees.pop(endpoint, None)
             return SnapshotRecord(partition, endpoint, None)
-        f = direct_of(model.forecaster)
-        state.snapshot_trees[endpoint] = f.global_version if f is not None else 0
         offset, index = model.applied
         return SnapshotRecord(partition, endpoint, {
             "endpoint_id": endpoint, "source_partition": partition, "offset": offset,
@@ -488,20 +385,11 @@ class Engine:
         offset to resume consuming from (never below ``start_offset``, the partition's
         first available offset).  Records are then dropped until that offset arrives."""
         latest: dict[str | None, Record] = {}
-        trees: dict[int, tuple[TreeEnsemble, float | None]] = {}
-        for r in records:
-            if r is None:
-                continue
-            if r["format"] == TREES_FORMAT:
-                t = load_snapshot(r["state"])
-                trees[int(t["version"])] = (t["trees"], t.get("next_fit"))
-            elif r["format"] == "evicted" and str(r["endpoint_id"]).startswith("__trees__/"):
-                trees.pop(int(str(r["endpoint_id"]).rsplit("/", 1)[1]), None)
-            else:
-                latest[r["endpoint_id"]] = r
+        kept, trees = self.treelog.split(records)
+        for r in kept:
+            latest[r["endpoint_id"]] = r
         self._forget(partition)
         state = self.partitions[partition] = PartitionState(partition)
-        state.trees = {v: t for v, (t, _) in trees.items()}
         now = time.time()
         for endpoint, r in latest.items():
             if endpoint is None or r["format"] != "pickle":
@@ -511,37 +399,13 @@ class Engine:
             if isinstance(model, EndpointModel):
                 state.models[endpoint] = model
                 self.caps.track((partition, endpoint), model.api, now)
-                state.snapshot_trees[endpoint] = self._restore_trees(partition, endpoint,
-                                                                     model, state.trees)
-        for t, next_fit in trees.values():
-            if self.trees is not None:
-                self.trees.restored(t, next_fit)
+        self.treelog.restore(state, trees)
         checkpoint = latest.get(None)
         resume = checkpoint["offset"] + 1 if checkpoint is not None else start_offset
         state.resume = max(resume, start_offset)
         state.processed = state.resume - 1
         state.recovering = True
         return state.resume
-
-    def _restore_trees(self, partition: int, endpoint: str, model: EndpointModel,
-                       trees: dict[int, TreeEnsemble]) -> int:
-        """Give a restored model the trees of the version its snapshot recorded; returns
-        that version (what the snapshot refers to)."""
-        f = direct_of(model.forecaster)
-        if f is None:
-            return 0
-        recorded = f.global_version
-        found = trees.get(recorded) if recorded else None
-        if recorded and found is None:
-            log.warning("partition %d: the global trees v%d of %s's snapshot are not in the "
-                        "snapshot log: its trees candidate stays empty until the next refit",
-                        partition, recorded, endpoint)
-        if self.trees is not None:
-            if not self.trees.attach(model.forecaster, found):
-                f.set_global_model(None)
-        else:  # turned off: the candidate is empty
-            f.set_global_model(None)
-        return recorded
 
     def rebase(self, partition: int) -> None:
         """The broker lost the partition's log (it came back empty): keep every model but

@@ -230,7 +230,7 @@ def refit(eng: Engine) -> Any:
     fit = eng.trees.take()
     assert fit is not None
     model = eng.trees.fitted(fit())
-    eng.share_trees(model)
+    eng.treelog.share(model)
     return model
 
 
@@ -241,11 +241,11 @@ def snapshot_log(eng: Engine) -> list[Any]:
     assert rnd is not None
     out: list[Any] = []
     for endpoint in rnd[0]:
-        for r in (eng.trees_record(0, endpoint), eng.snapshot_record(0, endpoint)):
+        for r in (eng.treelog.record(0, endpoint), eng.snapshot_record(0, endpoint)):
             if r is not None:
                 out.append(r)
     out.append(rnd[1])
-    out += eng.unused_trees(0)
+    out += eng.treelog.unused(0)
     return [r.value if r.value is not None else {"endpoint_id": r.key, "format": "evicted"}
             for r in out]
 
@@ -335,7 +335,7 @@ def test_a_restored_partition_with_other_trees_under_the_same_version(
     assert rnd is not None
     log = list(moved)
     for endpoint in rnd[0]:
-        for r in (b.trees_record(1, endpoint), b.snapshot_record(1, endpoint)):
+        for r in (b.treelog.record(1, endpoint), b.snapshot_record(1, endpoint)):
             if r is not None and r.value is not None:
                 log.append(r.value)
     new = trees_of(b.partitions[1].models["t-new"]).global_model

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from processors.endpoint import ProcessorConfig
 from processors.forecasting import KINDS
+from processors.forecasting.global_trees import SharedTrees
 
 
 class ProcessorSettings(BaseModel):
@@ -76,16 +77,16 @@ class ProcessorSettings(BaseModel):
             raise ValueError(f"must be one of {', '.join(KINDS)}")
         return kind
 
-    def global_trees_options(self) -> dict[str, object] | None:
-        """GlobalTreeTrainer options of the worker's global trees (None: not run; only the
-        default forecaster has them)."""
+    def shared_trees(self) -> SharedTrees | None:
+        """The worker's global trees as set (None: not run; only the default forecaster
+        has them)."""
         if not self.global_trees or self.forecaster != "default":
             return None
-        return {"refit_seconds": self.global_trees_refit_seconds,
-                "min_rows": self.global_trees_min_rows,
-                "max_rows": self.global_trees_max_rows,
-                "rounds": self.global_trees_rounds,
-                "keep_every": self.global_trees_keep_every}
+        return SharedTrees(refit_seconds=self.global_trees_refit_seconds,
+                           min_rows=self.global_trees_min_rows,
+                           max_rows=self.global_trees_max_rows,
+                           rounds=self.global_trees_rounds,
+                           keep_every=self.global_trees_keep_every)
 
     def config(self) -> ProcessorConfig:
         """The per-endpoint logic's part of the settings."""

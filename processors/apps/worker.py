@@ -24,12 +24,13 @@ from faust.types import TP
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from processors.apps.global_trees import refit_trees
 from processors.apps.settings import ProcessorSettings
 from processors.endpoint import EndpointModel
-from processors.engine import Engine, SnapshotRecord
+from processors.engine import Engine
 from processors.federated.coldstart import warm_start
 from processors.federated.params import family_of
-from processors.forecasting.global_trees import SharedTrees
+from processors.treelog import SnapshotRecord
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
 from streams.kafka.registry import codec_for
@@ -165,12 +166,10 @@ class Worker:
         if settings.warm_start and settings.forecaster == "default":
             self.models = ModelRepository(kafka, self.codec, client_id=f"{settings.app_id}-models")
             self.models.refresh(10)
-        options = settings.global_trees_options()
         self.engine = Engine(settings.config(), self.codec, self.outputs,
                              warm_start=self._warm_start if self.models is not None else None,
-                             trees=SharedTrees(**options) if options is not None else None)
-        # One thread: refits of the global trees run there, one at a time, off the loop.
-        self._fits = ThreadPoolExecutor(1, thread_name_prefix="global-trees")
+                             trees=settings.shared_trees())
+        self._fits = ThreadPoolExecutor(1, thread_name_prefix="global-trees")  # one refit
         self.last_snapshot = time.monotonic()
         self._snapshot_lock = asyncio.Lock()
         self.app = self.runtime.faust_app(settings.app_id)
@@ -209,22 +208,7 @@ class Worker:
                 if n % 64 == 0:
                     producer.poll(0)
 
-        @app.timer(interval=self.settings.snapshot_every_seconds)
-        async def snapshot_timer() -> None:
-            self._loop = asyncio.get_running_loop()
-            if self.watch.lost:  # nothing could be acknowledged: wait for the broker
-                return
-            await self.snapshot(list(engine.partitions))
-            if self.models is not None:  # new global versions, for later cold starts
-                await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
-
-        @app.timer(interval=1.0)
-        async def recovery_watch() -> None:
-            await self.reseek_stuck()
-
-        @app.timer(interval=1.0)
-        async def global_trees_timer() -> None:
-            await self.refit_trees()
+        self._wire_timers()
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode stub wants signal=
         async def assigned(sender: Any, *args: Any, **kw: Any) -> None:
@@ -237,8 +221,6 @@ class Worker:
             back = sorted(p for p in mine - set(engine.partitions) if p in parked)
             for p in back:  # ours before the broker went away: models kept, in place
                 engine.partitions[p] = parked[p]
-            if back and engine.trees is not None:  # trees refitted while they were parked
-                engine.share_trees(engine.trees.current, back)
             new = sorted(mine - set(engine.partitions))
             for p in new:
                 engine.hold(p)  # before any await: nothing is applied until restored
@@ -273,6 +255,25 @@ class Worker:
             await self.snapshot(list(engine.partitions), timeout=SHUTDOWN_FLUSH_S)
             await asyncio.get_running_loop().run_in_executor(None, producer.flush,
                                                              SHUTDOWN_FLUSH_S)
+
+    def _wire_timers(self) -> None:
+        @self.app.timer(interval=self.settings.snapshot_every_seconds)
+        async def snapshot_timer() -> None:
+            self._loop = asyncio.get_running_loop()
+            if self.watch.lost:  # nothing could be acknowledged: wait for the broker
+                return
+            await self.snapshot(list(self.engine.partitions))
+            if self.models is not None:  # new global versions, for later cold starts
+                await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
+
+        @self.app.timer(interval=1.0)
+        async def recovery_watch() -> None:
+            await self.reseek_stuck()
+
+        if self.engine.trees is not None:
+            @self.app.timer(interval=1.0)
+            async def global_trees() -> None:
+                await refit_trees(self.engine, self._fits)
 
     def _broker_back(self, lost_log: bool) -> None:
         """The broker answers again (called from the watch's thread). Partitions whose
@@ -330,6 +331,7 @@ class Worker:
                 resumed.append(p)
                 state.expect(state.processed + 1)
                 await self.app.consumer.seek(TP(topic, p), state.processed + 1)
+        self.engine.treelog.share_current(partitions)  # refitted while they were parked
         models = sum(len(self.engine.partitions[p].models) for p in partitions)
         log.warning("partitions %s back after the outage, %d models kept: %s", partitions,
                     models, f"the broker lost the log of {rebased}, starting again at offset 0"
@@ -350,34 +352,6 @@ class Worker:
             log.info("partition %d: %d models restored, resuming at offset %d", p, n, resume)
             await self.app.consumer.seek(TP(self.telemetry.get_topic_name(), p), resume)
 
-    async def refit_trees(self) -> bool:
-        """Refit the global trees if due: the pool is copied here, the fit runs in the
-        worker's fit thread while the stream goes on, and the new trees go to every model
-        (and to endpoints created later).  Returns whether new trees were installed."""
-        trees = self.engine.trees
-        if trees is None:
-            return False
-        trees.thin(self.engine.endpoints())
-        if not trees.due():
-            return False
-        fit = trees.take()
-        if fit is None:
-            return False
-        started = time.perf_counter()
-        try:
-            model = await asyncio.get_running_loop().run_in_executor(self._fits, fit)
-        except Exception:
-            trees.failed()
-            log.exception("global trees: refit on %d rows failed (the current trees stay)",
-                          fit.rows)
-            return False
-        model = trees.fitted(model)
-        n = self.engine.share_trees(model)
-        log.info("global trees v%d fitted on %d rows in %.2f s (%d trees, %d KB), given to "
-                 "%d models", model.version, fit.rows, time.perf_counter() - started,
-                 model.n_trees, model.nbytes // 1024, n)
-        return True
-
     async def snapshot(self, partitions: Iterable[int], timeout: float = 30.0) -> int:
         """One snapshot round for ``partitions``; returns how many models were written.
 
@@ -391,8 +365,7 @@ class Worker:
             written = 0
             for (endpoints, checkpoint) in rounds:
                 for i, endpoint in enumerate(endpoints):
-                    # The trees a model refers to go before it (once per partition).
-                    trees = self.engine.trees_record(checkpoint.partition, endpoint)
+                    trees = self.engine.treelog.record(checkpoint.partition, endpoint)
                     if trees is not None:
                         self._produce_snapshot(trees)
                     record = self.engine.snapshot_record(checkpoint.partition, endpoint)
@@ -411,8 +384,7 @@ class Worker:
                 return written
             for _, checkpoint in rounds:
                 self._produce_snapshot(checkpoint)
-                # Trees no acknowledged snapshot refers to any more are deleted.
-                for tombstone in self.engine.unused_trees(checkpoint.partition):
+                for tombstone in self.engine.treelog.unused(checkpoint.partition):
                     self._produce_snapshot(tombstone)
             await loop.run_in_executor(None, producer.flush, timeout)
             self.last_snapshot = time.monotonic()
