@@ -23,6 +23,10 @@ window is scored), endpoints' request counts follow the real ELB trace.
 
     python benchmarks/processor.py            # full run (a few minutes)
     python benchmarks/processor.py --quick    # small, for the test
+    python benchmarks/processor.py --batch-only   # phase 1 alone, printed as JSON
+
+The worker reads its settings from the environment as ``loadcast worker`` does, e.g.
+``LOADCAST_PROCESSOR__GLOBAL_TREES=false`` to time it without the global trees.
 """
 
 from __future__ import annotations
@@ -221,6 +225,7 @@ def throughput(broker: EmbeddedBroker, codec: Codec, kind: str, endpoints: int,
         windows_done = done * (total / expected)  # noop counts records; batch = many windows
         rss = proc.ps.memory_info().rss
         scores = proc.value("loadcast_processor_scores_published_total")
+        trees = proc.value("loadcast_processor_global_trees_version")
     finally:
         proc.stop()
     return {"kind": kind, "windows": total, "records": len(records),
@@ -228,6 +233,7 @@ def throughput(broker: EmbeddedBroker, codec: Codec, kind: str, endpoints: int,
             "windows_per_cpu_s": round(windows_done / cpu_s) if cpu_s > 0 else None,
             "records_per_s": round(done / wall) if wall > 0 else None,
             "scores_published": int(scores), "endpoints": endpoints,
+            "global_trees_version": int(trees),
             "rss_per_endpoint_kb": round((rss - rss0) / endpoints / 1024, 1)}
 
 
@@ -320,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --latency-rate: background as TelemetryBatch values")
     ap.add_argument("--snapshot-every", type=float, default=RUN["snapshot_every"],
                     help="worker snapshot interval, seconds (default: the worker's 30)")
+    ap.add_argument("--batch-only", action="store_true",
+                    help="only the TelemetryBatch throughput phase (printed, not written)")
     a = ap.parse_args(argv)
     if a.snapshot_every <= 0:
         ap.error("--snapshot-every must be > 0")
@@ -336,6 +344,10 @@ def main(argv: list[str] | None = None) -> int:
                 out[name] = latency(broker, codec, a.latency_rate, seconds, endpoints,
                                     batch=a.latency_batch, worker=worker)
         print(json.dumps(out))
+        return 0
+    if a.batch_only:
+        with EmbeddedBroker() as broker:
+            print(json.dumps(throughput(broker, codec, "batch", endpoints, per_endpoint)))
         return 0
     with EmbeddedBroker() as broker:
         for kind in ("batch", "single", "noop"):

@@ -18,6 +18,10 @@ applied exactly once thanks to the per-model position, whatever Faust's committe
 says and whether the worker died by kill -9 or left cleanly. This needs no Kafka
 transactions (which Tansu does not support) and no exact ListOffsets (which Tansu
 undercounts): the snapshot partition is read to the end by Fetch (partition EOF).
+
+**Global trees.** With a :class:`~processors.forecasting.global_trees.SharedTrees`, every
+default forecaster's rows are pooled for the worker's trees, and the trees the models use
+are kept in the same snapshot partitions (:mod:`processors.treelog`, ``Engine.treelog``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 from processors.endpoint import EndpointModel, Observation, ProcessorConfig
+from processors.forecasting.global_trees import SharedTrees
+from processors.forecasting.trees import TreeEnsemble
+from processors.treelog import SnapshotRecord, TreesLog
 from schemas.codec import Codec, CodecError, Record
 from schemas.validation import Limits, reencode, reference_ms, window_problem
 
@@ -66,6 +73,10 @@ class PartitionState:
     # consumer may still deliver what it fetched from its old position before the seek.
     recovering: bool = False
     evicted: set[str] = field(default_factory=set)  # to delete from the snapshot topic
+    # Global trees in the snapshot log by version, and the version each endpoint's latest
+    # snapshot refers to (processors.treelog).
+    trees: dict[int, TreeEnsemble] = field(default_factory=dict)
+    snapshot_trees: dict[str, int] = field(default_factory=dict)
 
     def expect(self, offset: int) -> None:
         """The consumer was sought to ``offset`` (everything before it is processed): drop
@@ -91,15 +102,6 @@ class EngineStats:
     dead_letters: dict[str, int] = field(default_factory=dict)
     steps_learned: int = 0
     evicted: int = 0  # idle models dropped to make room (max_endpoints caps)
-
-
-@dataclass(frozen=True)
-class SnapshotRecord:
-    """One record of the snapshot topic (ModelSnapshot value, keyed, partitioned)."""
-
-    partition: int
-    key: str
-    value: Record | None  # None: a tombstone (the model was evicted)
 
 
 class _SnapshotUnpickler(pickle.Unpickler):
@@ -200,18 +202,20 @@ class Engine:
     def __init__(
         self, config: ProcessorConfig, codec: Codec, outputs: Outputs,
         warm_start: Callable[[EndpointModel], None] | None = None,
+        trees: SharedTrees | None = None,
     ) -> None:
         self.config = config
         self.codec = codec
         self.outputs = outputs
         self.warm_start = warm_start
+        self.trees = trees  # the worker's global trees (None: not run)
         self.partitions: dict[int, PartitionState] = {}
+        self.treelog = TreesLog(self.partitions, trees, config.forecaster)
         self.stats = EngineStats()
         self.limits = Limits(config.max_window_seconds, config.clock_skew_seconds)
         self.caps = ModelCaps(config.max_endpoints, config.max_endpoints_per_api,
                               config.endpoint_idle_seconds, self._evicted)
-        self._logged_at = 0.0
-        self._unlogged = 0
+        self._logged_at, self._unlogged = 0.0, 0
 
     # ----------------------------------------------------------------- records
 
@@ -283,6 +287,8 @@ class Engine:
         self.stats.windows += 1
         self.stats.scores_computed += 1
         self.stats.steps_learned += obs.steps_learned
+        if obs.steps_learned and self.trees is not None:
+            self.trees.saw(window["window_end"] / 1000.0)  # data time: refits go by it
         if obs.publish and obs.score is not None:
             self.outputs.score(endpoint, self.codec.encode("LoadScore", obs.score))
             self.stats.scores_published += 1
@@ -308,6 +314,7 @@ class Engine:
         model = EndpointModel.create(endpoint_id, self.config)
         if self.warm_start is not None:
             self.warm_start(model)
+        self.treelog.attach(model)
         return model
 
     def _dead(self, key: bytes | None, value: bytes, reason: str, detail: str, partition: int,
@@ -354,6 +361,7 @@ class Engine:
         if state is None:
             return None
         model = state.models.get(endpoint)
+        self.treelog.snapshotted(state, endpoint, model)
         if model is None:
             return SnapshotRecord(partition, endpoint, None)
         offset, index = model.applied
@@ -377,9 +385,9 @@ class Engine:
         offset to resume consuming from (never below ``start_offset``, the partition's
         first available offset).  Records are then dropped until that offset arrives."""
         latest: dict[str | None, Record] = {}
-        for r in records:
-            if r is not None:
-                latest[r["endpoint_id"]] = r
+        kept, trees = self.treelog.split(records)
+        for r in kept:
+            latest[r["endpoint_id"]] = r
         self._forget(partition)
         state = self.partitions[partition] = PartitionState(partition)
         now = time.time()
@@ -391,6 +399,7 @@ class Engine:
             if isinstance(model, EndpointModel):
                 state.models[endpoint] = model
                 self.caps.track((partition, endpoint), model.api, now)
+        self.treelog.restore(state, trees)
         checkpoint = latest.get(None)
         resume = checkpoint["offset"] + 1 if checkpoint is not None else start_offset
         state.resume = max(resume, start_offset)

@@ -45,6 +45,7 @@ def test_forecast_accuracy_quick(tmp_path: Path) -> None:
     for h in ("1", "5", "15"):
         assert kinds["default"]["mase"][h] < kinds["seasonal_naive"]["mase"][h]
     assert res["checks"]["nyc_taxi.csv"]["default_le_seasonal_naive_all_h"]
+    assert kinds["default"]["global_refits"] >= 1  # the global trees took part
 
 
 def test_forecaster_speed_quick(tmp_path: Path) -> None:
@@ -54,7 +55,11 @@ def test_forecaster_speed_quick(tmp_path: Path) -> None:
     assert 0 < d["pickle_bytes"] <= 250_000
     assert d["cpu_median_us"] > 0
     assert set(res["checks"]) == {"default_median_us_ok", "default_cpu_median_us_ok",
-                                  "default_bytes_ok"}
+                                  "default_amortized_us_ok", "default_bytes_ok"}
+    # The global trees: walked in the timed steps, their refit amortized, sizes stated.
+    assert d["amortized_us"] >= d["median_us"] > 0 and d["median_us_without_trees"] > 0
+    assert d["refit_seconds"] > 0 and d["endpoints_per_worker"] == 100
+    assert 0 < d["global_model_bytes"] < 1_000_000
 
 
 def test_forecast_accuracy_anchor_rows_quick(tmp_path: Path) -> None:

@@ -25,18 +25,24 @@ from tests.kafka_helpers import read_topic
 STEP = 300  # model step in the tests: 5 windows of 60 s per step
 
 
-def worker_env(kafka: KafkaSettings, app_id: str) -> dict[str, str]:
-    return kafka_env(kafka, LOADCAST_PROCESSOR__APP_ID=app_id,
-                     LOADCAST_PROCESSOR__STEP_SECONDS=str(STEP),
-                     LOADCAST_PROCESSOR__SEASON_SECONDS="86400",
-                     LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS="0.5",
-                     LOADCAST_PROCESSOR__ANOMALY_WARMUP="50")
+def worker_env(kafka: KafkaSettings, app_id: str, **settings: str) -> dict[str, str]:
+    """The worker's environment; ``settings`` are more processor settings
+    (``global_trees="false"`` -> ``LOADCAST_PROCESSOR__GLOBAL_TREES=false``)."""
+    return kafka_env(kafka, **{"LOADCAST_PROCESSOR__APP_ID": app_id,
+                               "LOADCAST_PROCESSOR__STEP_SECONDS": str(STEP),
+                               "LOADCAST_PROCESSOR__SEASON_SECONDS": "86400",
+                               "LOADCAST_PROCESSOR__SNAPSHOT_EVERY_SECONDS": "0.5",
+                               "LOADCAST_PROCESSOR__ANOMALY_WARMUP": "50",
+                               **{f"LOADCAST_PROCESSOR__{k.upper()}": v
+                                  for k, v in settings.items()}})
 
 
-def start_worker(kafka: KafkaSettings, app_id: str, log: Path) -> subprocess.Popen[bytes]:
+def start_worker(kafka: KafkaSettings, app_id: str, log: Path,
+                 **settings: str) -> subprocess.Popen[bytes]:
+    """A ``loadcast worker`` process (``settings``: see :func:`worker_env`)."""
     with log.open("ab") as f:
         return subprocess.Popen(
-            [sys.executable, "-m", "loadcast", "worker"], env=worker_env(kafka, app_id),
+            [sys.executable, "-m", "loadcast", "worker"], env=worker_env(kafka, app_id, **settings),
             stdout=f, stderr=subprocess.STDOUT,
         )
 
@@ -86,8 +92,10 @@ def checkpoints(kafka: KafkaSettings, codec: Codec) -> dict[int, int]:
     """Latest checkpoint offset per partition in the snapshot topic."""
     out: dict[int, int] = {}
     for m in read_topic(kafka.bootstrap_servers, topic_name(kafka, "processor-snapshots"), 10):
+        if m.value() is None:  # a tombstone
+            continue
         r = codec.decode(m.value() or b"")
-        if r["endpoint_id"] is None:
+        if r["endpoint_id"] is None and r["format"] == "none":
             out[r["source_partition"]] = r["offset"]
     return out
 
@@ -109,9 +117,27 @@ def final_models(kafka: KafkaSettings, codec: Codec) -> dict[str, EndpointModel]
     """The newest snapshot of every endpoint, unpickled."""
     out: dict[str, EndpointModel] = {}
     for m in read_topic(kafka.bootstrap_servers, topic_name(kafka, "processor-snapshots"), 10):
+        if m.value() is None:  # a tombstone
+            continue
         r = codec.decode(m.value() or b"")
         if r["endpoint_id"] is not None:
             out[r["endpoint_id"]] = pickle.loads(r["state"])
+    return out
+
+
+def snapshot_trees(kafka: KafkaSettings, codec: Codec) -> dict[tuple[int, int], Any]:
+    """The global trees in the snapshot topic, by (partition, version), tombstones
+    applied."""
+    out: dict[tuple[int, int], Any] = {}
+    for m in read_topic(kafka.bootstrap_servers, topic_name(kafka, "processor-snapshots"), 10):
+        key = (m.key() or b"").decode()
+        if not key.startswith("__trees__/"):
+            continue
+        _, p, v = key.split("/")
+        if m.value() is None:
+            out.pop((int(p), int(v)), None)
+        else:
+            out[(int(p), int(v))] = pickle.loads(codec.decode(m.value() or b"")["state"])["trees"]
     return out
 
 

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from processors.endpoint import ProcessorConfig
 from processors.forecasting import KINDS
+from processors.forecasting.global_trees import SharedTrees
 
 
 class ProcessorSettings(BaseModel):
@@ -42,6 +43,19 @@ class ProcessorSettings(BaseModel):
     warm_start: bool = Field(
         False, description="start new endpoints from the latest federated global model"
     )
+    global_trees: bool = Field(
+        True, description="the default forecaster's global trees: one trainer per worker "
+        "pools its endpoints' rows, refits off the event loop, shares the trees")
+    global_trees_refit_seconds: float = Field(
+        7 * 86400.0, gt=0, description="refit the global trees this often (data time)")
+    global_trees_min_rows: int = Field(
+        1000, ge=1, description="pooled rows before the first refit")
+    global_trees_max_rows: int = Field(
+        60_000, ge=1, description="the trees are fitted on the newest rows, at most this many")
+    global_trees_rounds: int = Field(100, ge=1, description="boosting rounds of a refit")
+    global_trees_keep_every: int = Field(
+        0, ge=0, description="pool one learning batch in this many (0: thinned by the "
+        "number of endpoints so the pool spans about a week)")
     max_window_seconds: float = Field(
         3600.0, gt=0, description="longer telemetry windows are dead-lettered (bad_window)")
     clock_skew_seconds: float = Field(
@@ -62,6 +76,17 @@ class ProcessorSettings(BaseModel):
         if kind not in KINDS:
             raise ValueError(f"must be one of {', '.join(KINDS)}")
         return kind
+
+    def shared_trees(self) -> SharedTrees | None:
+        """The worker's global trees as set (None: not run; only the default forecaster
+        has them)."""
+        if not self.global_trees or self.forecaster != "default":
+            return None
+        return SharedTrees(refit_seconds=self.global_trees_refit_seconds,
+                           min_rows=self.global_trees_min_rows,
+                           max_rows=self.global_trees_max_rows,
+                           rounds=self.global_trees_rounds,
+                           keep_every=self.global_trees_keep_every)
 
     def config(self) -> ProcessorConfig:
         """The per-endpoint logic's part of the settings."""

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faust
@@ -23,11 +24,13 @@ from faust.types import TP
 from prometheus_client import REGISTRY, Counter
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from processors.apps.global_trees import refit_trees
 from processors.apps.settings import ProcessorSettings
 from processors.endpoint import EndpointModel
-from processors.engine import Engine, SnapshotRecord
+from processors.engine import Engine
 from processors.federated.coldstart import warm_start
 from processors.federated.params import family_of
+from processors.treelog import SnapshotRecord
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
 from streams.kafka.registry import codec_for
@@ -55,6 +58,10 @@ SCRAPED_METRICS = {
     "loadcast_processor_snapshot_age_seconds": ("gauge", "Seconds since the last snapshot round"),
     "loadcast_processor_evicted_total": (
         "counter", "Idle endpoint models evicted to stay under the max_endpoints caps"),
+    "loadcast_processor_global_trees_refits_total": (
+        "counter", "Refits of the worker's global trees"),
+    "loadcast_processor_global_trees_version": (
+        "gauge", "Version of the global trees new endpoints get (0: none)"),
 }
 
 
@@ -67,6 +74,7 @@ class EngineMetrics:
     def collect(self) -> Iterable[Metric]:
         w = self.worker
         s = w.engine.stats
+        trees = w.engine.trees
         values = {
             "loadcast_processor_windows_total": s.windows,
             "loadcast_processor_replayed_total": s.skipped_replayed,
@@ -74,6 +82,9 @@ class EngineMetrics:
             "loadcast_processor_partitions": w.engine.partitions_ready(),
             "loadcast_processor_snapshot_age_seconds": time.monotonic() - w.last_snapshot,
             "loadcast_processor_evicted_total": s.evicted,
+            "loadcast_processor_global_trees_refits_total": trees.refits if trees else 0,
+            "loadcast_processor_global_trees_version":
+                trees.current.version if trees and trees.current else 0,
         }
         for name, (kind, doc) in SCRAPED_METRICS.items():
             if kind == "counter":
@@ -156,7 +167,9 @@ class Worker:
             self.models = ModelRepository(kafka, self.codec, client_id=f"{settings.app_id}-models")
             self.models.refresh(10)
         self.engine = Engine(settings.config(), self.codec, self.outputs,
-                             warm_start=self._warm_start if self.models is not None else None)
+                             warm_start=self._warm_start if self.models is not None else None,
+                             trees=settings.shared_trees())
+        self._fits = ThreadPoolExecutor(1, thread_name_prefix="global-trees")  # one refit
         self.last_snapshot = time.monotonic()
         self._snapshot_lock = asyncio.Lock()
         self.app = self.runtime.faust_app(settings.app_id)
@@ -195,18 +208,7 @@ class Worker:
                 if n % 64 == 0:
                     producer.poll(0)
 
-        @app.timer(interval=self.settings.snapshot_every_seconds)
-        async def snapshot_timer() -> None:
-            self._loop = asyncio.get_running_loop()
-            if self.watch.lost:  # nothing could be acknowledged: wait for the broker
-                return
-            await self.snapshot(list(engine.partitions))
-            if self.models is not None:  # new global versions, for later cold starts
-                await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
-
-        @app.timer(interval=1.0)
-        async def recovery_watch() -> None:
-            await self.reseek_stuck()
+        self._wire_timers()
 
         @app.on_partitions_assigned.connect  # type: ignore[arg-type]  # mode stub wants signal=
         async def assigned(sender: Any, *args: Any, **kw: Any) -> None:
@@ -253,6 +255,25 @@ class Worker:
             await self.snapshot(list(engine.partitions), timeout=SHUTDOWN_FLUSH_S)
             await asyncio.get_running_loop().run_in_executor(None, producer.flush,
                                                              SHUTDOWN_FLUSH_S)
+
+    def _wire_timers(self) -> None:
+        @self.app.timer(interval=self.settings.snapshot_every_seconds)
+        async def snapshot_timer() -> None:
+            self._loop = asyncio.get_running_loop()
+            if self.watch.lost:  # nothing could be acknowledged: wait for the broker
+                return
+            await self.snapshot(list(self.engine.partitions))
+            if self.models is not None:  # new global versions, for later cold starts
+                await asyncio.get_running_loop().run_in_executor(None, self.models.refresh, 0)
+
+        @self.app.timer(interval=1.0)
+        async def recovery_watch() -> None:
+            await self.reseek_stuck()
+
+        if self.engine.trees is not None:
+            @self.app.timer(interval=1.0)
+            async def global_trees() -> None:
+                await refit_trees(self.engine, self._fits)
 
     def _broker_back(self, lost_log: bool) -> None:
         """The broker answers again (called from the watch's thread). Partitions whose
@@ -310,6 +331,7 @@ class Worker:
                 resumed.append(p)
                 state.expect(state.processed + 1)
                 await self.app.consumer.seek(TP(topic, p), state.processed + 1)
+        self.engine.treelog.share_current(partitions)  # refitted while they were parked
         models = sum(len(self.engine.partitions[p].models) for p in partitions)
         log.warning("partitions %s back after the outage, %d models kept: %s", partitions,
                     models, f"the broker lost the log of {rebased}, starting again at offset 0"
@@ -343,6 +365,9 @@ class Worker:
             written = 0
             for (endpoints, checkpoint) in rounds:
                 for i, endpoint in enumerate(endpoints):
+                    trees = self.engine.treelog.record(checkpoint.partition, endpoint)
+                    if trees is not None:
+                        self._produce_snapshot(trees)
                     record = self.engine.snapshot_record(checkpoint.partition, endpoint)
                     if record is not None:
                         self._produce_snapshot(record)
@@ -359,6 +384,8 @@ class Worker:
                 return written
             for _, checkpoint in rounds:
                 self._produce_snapshot(checkpoint)
+                for tombstone in self.engine.treelog.unused(checkpoint.partition):
+                    self._produce_snapshot(tombstone)
             await loop.run_in_executor(None, producer.flush, timeout)
             self.last_snapshot = time.monotonic()
             return written

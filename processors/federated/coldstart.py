@@ -48,6 +48,9 @@ def _seed(f: DirectForecaster, errors: np.ndarray | None, pseudo_count: float | 
     """Seed the selector with the federation's cold-start errors (see warm_start)."""
     H, C = f.max_horizon, len(CANDIDATES)
     e = np.full((H, C), np.nan) if errors is None else np.asarray(errors, dtype=float)
+    if e.ndim == 2 and e.shape[0] == H and e.shape[1] < C:
+        # A global version from before the later candidates (global_trees): no record.
+        e = np.concatenate([e, np.full((H, C - e.shape[1]), np.nan)], axis=1)
     if e.shape != (H, C):
         return
     if not np.isfinite(e[:, 0]).any():

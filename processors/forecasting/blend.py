@@ -16,19 +16,23 @@ import numpy as np
 
 from processors.forecasting.features import FCLIP
 
-__all__ = ["CANDIDATES", "MIX_LR", "MIX_SHARE", "SELECTS", "CandidateBlend"]
+__all__ = ["CANDIDATES", "MIX_LR", "MIX_POWER", "MIX_SHARE", "SELECTS", "CandidateBlend"]
 
 _MAX = float(np.finfo(np.float64).max)  # what np.nan_to_num turns +inf into
 
 #: Candidate forecasts the selector chooses between, in column order.
 CANDIDATES = ("model", "seasonal_naive", "persistence", "ew_fast", "ew_mid", "ew_slow",
-              "long_season_naive", "multi_season_mean")
+              "long_season_naive", "multi_season_mean", "global_trees")
 #: How the final forecast is made from the candidates (see :class:`DirectForecaster`).
 SELECTS = ("mix", "best", "model", "blend")
 #: Learning rate and fixed share of the online blend (select="mix"); picked on the two
 #: traces in streams/traces, the same ones the accuracy benchmark reports.
 MIX_LR = 0.5
 MIX_SHARE = 1e-5
+#: The blend's rate at horizon h is ``mix_lr / h ** MIX_POWER`` (0.5 since the global trees:
+#: 1/h was too slow at h = 15 to weigh the trees up on NYC taxi, and a larger mix_lr too
+#: fast at h = 1 on ELB).
+MIX_POWER = 0.5
 
 
 class CandidateBlend:
@@ -43,6 +47,8 @@ class CandidateBlend:
     guard_margin: float
     mix_lr: float
     mix_share: float
+    #: Snapshots from before the option learned at rate mix_lr / h: 1.0 keeps them so.
+    mix_power: float = 1.0
     _err_a: float
     _cerr: np.ndarray
     _cerr_num: np.ndarray
@@ -58,12 +64,14 @@ class CandidateBlend:
 
     def _init_selector(self, select: str, guard_margin: float, mix_lr: float,
                        mix_share: float, error_halflife: int | None,
-                       guard_halflife: int | None, season: int) -> None:
+                       guard_halflife: int | None, season: int,
+                       mix_power: float = MIX_POWER) -> None:
         H, C, m = self.max_horizon, len(CANDIDATES), season
         self.select = select
         self.guard_margin = float(guard_margin)
         self.mix_lr = float(mix_lr)
         self.mix_share = float(mix_share)
+        self.mix_power = float(mix_power)
         hl = error_halflife if error_halflife else min(max(m, 50), 2000)
         self._err_a = 1.0 - 0.5 ** (1.0 / hl)
         self._cerr = np.full((H, C), np.nan)  # EW mean |error| / level, per candidate
@@ -79,6 +87,29 @@ class CandidateBlend:
         # EW mean |error| / level of the blend, seasonal naive, persistence (the guard).
         self._gerr = np.zeros((H, 3))
         self._guard_a = 1.0 - 0.5 ** (1.0 / (guard_halflife or max(m // 2, 12)))
+
+    def _add_candidate_columns(self) -> None:
+        """Widen a snapshot made with fewer candidates (before ``global_trees``) to
+        :data:`CANDIDATES`: the new columns have no forecast, no error record and the
+        row's mean blend weight (a candidate without a forecast leaves the blend as it
+        is)."""
+        k = len(CANDIDATES) - self._mixw.shape[1]
+        if k <= 0:
+            return
+
+        def pad(a: np.ndarray, fill: float) -> np.ndarray:
+            extra = np.full((*a.shape[:-1], k), fill, dtype=a.dtype)
+            return np.concatenate([a, extra], axis=-1)
+
+        self._cerr = pad(self._cerr, np.nan)
+        self._cerr_num, self._cerr_w = pad(self._cerr_num, 0.0), pad(self._cerr_w, 0.0)
+        self._cerr_n = pad(self._cerr_n, 0)
+        w = np.concatenate([self._mixw, np.repeat(self._mixw.mean(axis=1, keepdims=True),
+                                                  k, axis=1)], axis=1)
+        self._mixw = w / w.sum(axis=1, keepdims=True)
+        pc = self.__dict__.get("_pC")
+        if pc is not None:
+            self.__dict__["_pC"] = pad(pc, np.nan)
 
     def selector_errors(self) -> tuple[np.ndarray, np.ndarray]:
         """Scale-free EW mean absolute error of each selector candidate (H x C, columns
@@ -220,8 +251,9 @@ class CandidateBlend:
         g = np.where(ok, g, gm[:, None])
         g = np.where(np.isnan(pred)[:, None], 0.0, g)
         # Horizon h learns from forecasts made h steps ago, so h updates are in flight at
-        # once: the rate is divided by h (a fixed rate oscillates at long horizons).
-        lr = self.mix_lr / self._hs[hi]
+        # once: the rate is divided by h ** mix_power (a fixed rate oscillates at long
+        # horizons).
+        lr = self.mix_lr / self._hs[hi] ** self.mix_power
         w = w * np.exp(-lr[:, None] * g)
         w /= w.sum(axis=1, keepdims=True)
         a = self.mix_share

@@ -24,10 +24,12 @@ Innovations are clipped at a few robust standard deviations so a single spike ca
 wreck the weights.
 
 Final forecast (``select``).  ``"mix"``, the default: per horizon, a weighted mean of the
-candidates (the model, seasonal naive, persistence, the EW means, the long-season naive
-and the multi-season mean) whose weights are learned online by exponentiated gradient on
-the blend's scale-free absolute error (rate ``mix_lr / h``: horizon h learns from forecasts
-made h steps ago), with a small fixed share of uniform weight so a candidate that was poor
+candidates (the model, seasonal naive, persistence, the EW means, the long-season naive,
+the multi-season mean and, when a worker sets them, the global trees shared by its
+endpoints -- see :mod:`processors.forecasting.global_trees` and :meth:`set_global_model`)
+whose weights are learned online by exponentiated gradient on the blend's scale-free
+absolute error (rate ``mix_lr / h ** mix_power``: horizon h learns from forecasts made h
+steps ago), with a small fixed share of uniform weight so a candidate that was poor
 can come back.  A candidate without a forecast (no week of history yet) keeps its weight
 relative to the blend.  A guard forecasts seasonal naive or persistence instead while its
 recent error (EW, half-life half a season) is below ``guard_margin`` times the blend's.
@@ -53,9 +55,22 @@ from typing import Any, Protocol
 import numpy as np
 
 from processors.forecasting.bands import BandedForecaster
-from processors.forecasting.blend import CANDIDATES, MIX_LR, MIX_SHARE, SELECTS, CandidateBlend
-from processors.forecasting.features import FCLIP, N_FEATURES, SeasonalFeatures
+from processors.forecasting.blend import (
+    CANDIDATES,
+    MIX_LR,
+    MIX_POWER,
+    MIX_SHARE,
+    SELECTS,
+    CandidateBlend,
+)
+from processors.forecasting.features import (
+    FCLIP,
+    K_GLOBAL,
+    N_FEATURES,
+    SeasonalFeatures,
+)
 from processors.forecasting.learners import LEARNERS, HorizonLearners
+from processors.forecasting.trees import TreeEnsemble
 
 __all__ = ["DirectForecaster", "RowObserver"]
 
@@ -89,6 +104,12 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
     #: All history offsets of a step's features in one array (see _gather_offsets);
     #: derived, so not pickled.
     _gather: np.ndarray | None = None
+    #: The shared global trees (see set_global_model); never pickled, only their version.
+    _global: TreeEnsemble | None = None
+    #: The trees' rows of this step (see _tree_rows); derived, not pickled.
+    _tree_buf: np.ndarray | None = None
+    #: Version of the global trees in use, 0 = none (snapshots record it).
+    global_version: int = 0
 
     def __init__(
         self,
@@ -105,6 +126,7 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         guard_margin: float = 0.9,
         mix_lr: float = MIX_LR,
         mix_share: float = MIX_SHARE,
+        mix_power: float = MIX_POWER,
         guard_halflife: int | None = None,
     ) -> None:
         super().__init__(step_seconds, season_seconds, max_horizon)
@@ -114,6 +136,8 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
             raise ValueError(f"select must be one of {', '.join(map(repr, SELECTS))}")
         if not (mix_lr >= 0 and math.isfinite(mix_lr)) or not 0 <= mix_share < 1:
             raise ValueError("mix_lr must be finite and >= 0, mix_share in [0, 1)")
+        if not 0 <= mix_power <= 2:
+            raise ValueError("mix_power must be in [0, 2]")
         H, F, C = self.max_horizon, N_FEATURES, len(CANDIDATES)
         self._init_history(step_seconds, long_season_seconds, max_history)
         self._init_learners(H, learner, forgetting, lr)
@@ -124,7 +148,7 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         self._pC = np.full((H, H, C), np.nan)
         self._pk = np.full(H, -(10**9), dtype=np.int64)
         self._init_selector(select, guard_margin, mix_lr, mix_share, error_halflife,
-                            guard_halflife, self.season)
+                            guard_halflife, self.season, mix_power)
         self._hs = np.arange(1, H + 1)
         self._rows_h = np.arange(H)
 
@@ -146,10 +170,46 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         self._miss = np.zeros((self.max_horizon, N_FEATURES), dtype=bool)
         self._sn_ok = np.zeros(self.max_horizon, dtype=bool)
 
+    def set_global_model(self, model: TreeEnsemble | None) -> None:
+        """Use ``model`` (global trees over :func:`tree_features` rows predicting the
+        scale-free seasonal-naive error, shared by many forecasters) as the blend's
+        ``global_trees`` candidate from the next forecast on; None: no such candidate.
+
+        The model is not pickled with the forecaster, only :attr:`global_version`: after
+        loading a snapshot, set the model of that version again to continue bit for bit.
+        """
+        if model is not None and model.n_features != N_FEATURES + 3:
+            raise ValueError(f"global model: expected {N_FEATURES + 3} features, "
+                             f"got {model.n_features}")
+        self._global = model
+        self.global_version = model.version if model is not None else 0
+
+    @property
+    def global_model(self) -> TreeEnsemble | None:
+        """The global trees in use (see :meth:`set_global_model`); None: none."""
+        return self._global
+
+    @property
+    def tree_periods(self) -> tuple[float, float]:
+        """Steps per day (season) and per week, as :func:`tree_features` takes them."""
+        week = self.long_season_seconds or 7 * 86400
+        return self.season_seconds / self.step_seconds, week / self.step_seconds
+
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state.pop("_gather", None)  # derived: rebuilt on first use
+        state.pop("_global", None)  # shared: travels by version (set_global_model)
+        state.pop("_tree_buf", None)  # derived: rebuilt on first use
+        state.pop("_tree_step", None)
+        # The observer (a worker's trainer, shared) and its bookkeeping are attached again
+        # by whoever loads the snapshot; rows of steps pending then are not observed.
+        for k in ("_row_observer", "_pmiss", "_psn", "_miss", "_sn_ok"):
+            state.pop(k, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._add_candidate_columns()  # a snapshot made before the global candidate
 
     # -- BandedForecaster hooks -------------------------------------------------------
     def _max_gap_fill(self) -> int:
@@ -178,6 +238,14 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
         C = self._pC[r]
         X, s = self._features(C)
         C[:, 0] = C[:, 1] + s * self._correction(X)  # the model: base + level * correction
+        g = self._global
+        if g is None:
+            C[:, K_GLOBAL] = np.nan
+        else:
+            z = g.predict(self._tree_rows(X, *self.tree_periods))
+            np.maximum(z, -FCLIP, out=z)
+            np.minimum(z, FCLIP, out=z)
+            C[:, K_GLOBAL] = C[:, 1] + s * z
         self._pX[r] = X
         # Learning reads the base from C; _pbase is kept so a rollback can load snapshots.
         self._pbase[r] = C[:, 1]

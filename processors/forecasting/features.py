@@ -19,7 +19,8 @@ import numpy as np
 if TYPE_CHECKING:
     from processors.forecasting.base import StepClock
 
-__all__ = ["FCLIP", "N_FEATURES", "SeasonalFeatures"]
+__all__ = ["FCLIP", "F_LONG_SEASON", "K_GLOBAL", "N_FEATURES", "N_TREE_FEATURES",
+           "SeasonalFeatures", "tree_features"]
 
 _TWO_PI = 2.0 * math.pi
 _EW_ALPHAS = (0.5, 0.15, 0.05)  # level EW means offered as candidates
@@ -30,16 +31,53 @@ _TOD_K, _DOW_K = 3, 2  # Fourier orders
 #: Feature / target clip, in units of the level.
 FCLIP = 10.0
 
+# Candidate columns (see blend.CANDIDATES): the model 0, the base 1, persistence 2, the EW
+# means 3..5, then these.
+K_LONG_SEASON = 3 + len(_EW_ALPHAS)
+K_MULTI_SEASON = K_LONG_SEASON + 1
+K_GLOBAL = K_MULTI_SEASON + 1  # the global trees (processors.forecasting.global_trees)
+
 # Feature layout (columns of the per-horizon design matrix).
 C_BIAS = 0
 _C_CAND = 1  # persistence, 3 EW means, long-season naive, multi-season mean: 6 columns
 _N_CAND_FEATS = 2 + len(_EW_ALPHAS) + 1
 _C_LAGS = _C_CAND + _N_CAND_FEATS
+#: Feature column of the long-season naive (minus the base, scaled).
+F_LONG_SEASON = _C_CAND + K_LONG_SEASON - 2
 _C_SD = _C_LAGS + _N_LAGS
 _C_WD = _C_SD + len(_SD_ALPHAS)  # EW weekly difference, current weekly difference
 _C_TOD = _C_WD + 2
 _C_DOW = _C_TOD + 2 * _TOD_K
 N_FEATURES = _C_DOW + 2 * _DOW_K
+#: Columns of the global trees' rows (see tree_features).
+N_TREE_FEATURES = N_FEATURES + 3
+
+
+def tree_features(X: np.ndarray, horizons: np.ndarray, day_steps: float,
+                  week_steps: float) -> np.ndarray:
+    """The global trees' rows: the scale-free features ``X`` (k, F) and three more
+    columns: the horizon (1-based, ``horizons``), and the phase of the *target* step in
+    the day and in the week (0..1), read back from the features' first Fourier pair and
+    moved ``h`` steps on (trees split on one phase column far more easily than on
+    sines and cosines).  ``day_steps`` and ``week_steps`` are steps per day and week.
+
+    >>> X = np.zeros((2, N_FEATURES))
+    >>> X[:, _C_TOD + _TOD_K] = X[:, _C_DOW + _DOW_K] = 1.0  # phase 0: cos 1, sin 0
+    >>> tree_features(X, np.array([1, 2]), 4.0, 28.0)[:, N_FEATURES:].tolist()
+    [[1.0, 0.25, 0.03571428571428571], [2.0, 0.5, 0.07142857142857142]]
+    """
+    k = len(X)
+    out = np.empty((k, N_TREE_FEATURES))
+    out[:, :N_FEATURES] = X
+    out[:, N_FEATURES] = horizons
+    ang = np.arctan2(X[:, [_C_TOD, _C_DOW]], X[:, [_C_TOD + _TOD_K, _C_DOW + _DOW_K]])
+    ang *= _INV_TWO_PI
+    ang += horizons[:, None] / np.array([day_steps, week_steps])
+    out[:, N_FEATURES + 1 :] = ang % 1.0
+    return out
+
+
+_INV_TWO_PI = 1.0 / _TWO_PI
 
 
 class SeasonalFeatures:
@@ -68,6 +106,8 @@ class SeasonalFeatures:
     _wd: float
     _last: float
     _gather: np.ndarray | None
+    _tree_buf: np.ndarray | None
+    _tree_step: np.ndarray
     # Row observation (see DirectForecaster.observe_rows).
     _row_observer: object | None
     _miss: np.ndarray
@@ -129,6 +169,26 @@ class SeasonalFeatures:
         lvl = self._ew[-1] if not math.isnan(self._ew[-1]) else 0.0
         return np.where(np.isnan(extra), lvl, extra)
 
+    def _tree_rows(self, X: np.ndarray, day_steps: float, week_steps: float) -> np.ndarray:
+        """:func:`tree_features` of this step's design matrix (every row made now, so one
+        origin phase for all), in a buffer reused from step to step (derived, not
+        pickled): a few numpy calls instead of tree_features' dozen."""
+        buf = self._tree_buf
+        if buf is None:
+            hs = np.arange(1, self.max_horizon + 1)
+            buf = np.empty((self.max_horizon, N_TREE_FEATURES))
+            buf[:, N_FEATURES] = hs
+            self._tree_step = hs[:, None] / np.array([day_steps, week_steps])
+            self._tree_buf = buf
+        buf[:, :N_FEATURES] = X
+        row = X[0]
+        ang = np.array([math.atan2(row[_C_TOD], row[_C_TOD + _TOD_K]),
+                        math.atan2(row[_C_DOW], row[_C_DOW + _DOW_K])])
+        ang *= _INV_TWO_PI
+        np.add(ang, self._tree_step, out=buf[:, N_FEATURES + 1 :])
+        np.mod(buf[:, N_FEATURES + 1 :], 1.0, out=buf[:, N_FEATURES + 1 :])
+        return buf
+
     # Everything here runs once per step on (H, F) = (15, 25)-sized arrays, where numpy's
     # per-call overhead (~0.5 µs) dominates the arithmetic: the code keeps the number of
     # numpy calls low (whole arrays in place when every horizon takes part, one gather for
@@ -150,7 +210,8 @@ class SeasonalFeatures:
 
     def _features(self, C: np.ndarray) -> tuple[np.ndarray, float]:
         """Design matrix (H, F) and the level; fills the candidate forecasts (H, C) from
-        column 1 on (base, persistence, EW means, long-season naive, multi-season mean)."""
+        column 1 on (base, persistence, EW means, long-season naive, multi-season mean; not the
+        global trees)."""
         t, L, y = self._t, self._L, self._y
         H, wk = self.max_horizon, self.long_season
         s = self._scale()
@@ -167,12 +228,12 @@ class SeasonalFeatures:
         missing = np.isnan(days)
         cnt = self._n_days - missing.sum(axis=0)
         # np.nansum's own steps (NaN -> 0, then a float32 sum over the days).
-        C[:, -1] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
+        C[:, K_MULTI_SEASON] = np.where(cnt > 0, np.where(missing, 0, days).sum(axis=0)
                             / np.maximum(cnt, 1), np.nan)  # multi-season mean
         last = self._last
         C[:, 2] = last  # persistence
         C[:, 3 : 3 + len(_EW_ALPHAS)] = self._ew
-        C[:, -2] = wkv  # long-season naive
+        C[:, K_LONG_SEASON] = wkv  # long-season naive
         # Columns that are the same for every horizon: one row, broadcast.
         row = np.empty(N_FEATURES)
         row[C_BIAS] = 1.0
@@ -193,7 +254,7 @@ class SeasonalFeatures:
         row[_C_DOW + _DOW_K : _C_DOW + 2 * _DOW_K] = cos[_TOD_K:]
         X = np.empty((H, N_FEATURES))
         X[:] = row
-        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (C[:, 2:] - C[:, 1:2]) * inv
+        X[:, _C_CAND : _C_CAND + _N_CAND_FEATS] = (C[:, 2:K_GLOBAL] - C[:, 1:2]) * inv
         if self._row_observer is not None:
             self._miss = ~np.isfinite(X)
             self._sn_ok = ~np.isnan(sn)
