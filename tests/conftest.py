@@ -19,6 +19,20 @@ DATA = data_dir()
 ELB = DATA / "elb_request_count_8c0756.csv"
 NYC = DATA / "nyc_taxi.csv"
 
+#: Test files that each load both CPUs for a minute or more (several processes, real-time
+#: pipelines). They are marked ``serial``: ``make test`` runs them one after another after
+#: the rest (``-m serial``); beside another heavy file the quick demo's worker fell 15 s
+#: behind and its test failed.
+HEAVY_FILES = frozenset({"test_demo.py", "test_federated_bench.py", "test_mirror_e2e.py",
+                         "test_bench_processor.py"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the tests of :data:`HEAVY_FILES` ``serial``."""
+    for item in items:
+        if item.path.name in HEAVY_FILES:
+            item.add_marker(pytest.mark.serial)
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[EmbeddedBroker]:
