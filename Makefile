@@ -32,9 +32,10 @@ system-deps:
 # Two processes, a test file each at a time: most tests wait on brokers, subprocesses and
 # real time, so two share the 2-core CI machine well (about 60 % of the serial wall time).
 # The heaviest files (marked serial, tests/conftest.py: HEAVY_FILES) run after, alone.
+# Both runs always run; make fails if either failed.
 test: $(STAMP) system-deps lint
-	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"
-	$(BIN)/python -m pytest -m serial
+	$(BIN)/python -m pytest -n 2 --dist loadfile -m "not serial"; a=$$?; \
+	$(BIN)/python -m pytest -m serial; b=$$?; [ $$a -eq 0 ] && [ $$b -eq 0 ]
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/produce.py

@@ -152,8 +152,6 @@ async def test_an_edge_sidecar_counts_its_regions_demand_whoever_serves_it(
                                                  "score": 0.5, "predicted_utilization": 1.5,
                                                  "latency_p99_ms": 5.0, "error_rate": 0.0,
                                                  "valid_until": now + 60_000}), b"orders-eu-1")
-            p.produce(topic_name(kafka, "mirror-status"), codec.encode(
-                "MirrorStatus", status("READY", b.urls["mirror-1"], capacity=1000.0)), b"eu")
             assert p.flush(10) == 0
             async with aiohttp.ClientSession() as cs:
                 async def who() -> str:
@@ -161,6 +159,13 @@ async def test_an_edge_sidecar_counts_its_regions_demand_whoever_serves_it(
                         assert r.status == 200
                         return await r.text()
 
+                for _ in range(3):  # no mirror yet: central serves
+                    name = await who()
+                    served[name] = served.get(name, 0) + 1
+                p.produce(topic_name(kafka, "mirror-status"), codec.encode(
+                    "MirrorStatus", status("READY", b.urls["mirror-1"], capacity=1000.0)),
+                    b"eu")
+                assert p.flush(10) == 0
                 deadline = time.monotonic() + 20
                 while time.monotonic() < deadline:  # central until the mirror is known
                     name = await who()

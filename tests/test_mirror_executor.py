@@ -187,8 +187,10 @@ def test_same_command_twice_one_instance_and_restart_keeps_the_running_set(
                                 public_key=PUBLIC, log=tmp_path / "executor.log")
             assert instance_set(work) == running
             assert processes_in(bundle_dir) == [pid]
-            assert any(s["reason"] == "adopted after executor restart"
-                       for s in statuses(kafka, codec))
+            # published as it adopts, which may be just after it says it is up
+            wait_for(lambda: any(s["reason"] == "adopted after executor restart"
+                                 for s in statuses(kafka, codec)),
+                     30, "the adoption to be published")
 
             # Killed again, and its instance dies meanwhile: the restart reconciles to the
             # last accepted command (one instance) with a new process.
