@@ -86,6 +86,15 @@ def test_director_rule() -> None:
     assert d.view()["orders/eu"]["mirrors"]["http://127.0.0.1:9101"]["capacity_rps"] is None
 
 
+def produce_overload(p: Producer, kafka: KafkaSettings, codec: Codec) -> None:
+    """A fresh score of ``orders-eu-1``: healthy, forecast at 1.5× its 100 rps capacity."""
+    now = int(time.time() * 1000)
+    p.produce(topic_name(kafka, "load-scores"),
+              codec.encode("LoadScore", {**score(now, 150.0, capacity=100.0),
+                                         "score": 0.5, "predicted_utilization": 1.5,
+                                         "latency_p99_ms": 5.0, "error_rate": 0.0,
+                                         "valid_until": now + 60_000}), b"orders-eu-1")
+
 @pytest.mark.asyncio
 async def test_sidecar_routes_region_to_mirror_from_the_topics(
     kafka: KafkaSettings, codec: Codec
@@ -98,13 +107,8 @@ async def test_sidecar_routes_region_to_mirror_from_the_topics(
         sc = Sidecar(settings, kafka, codec=codec)
         await sc.start()
         try:
-            now = int(time.time() * 1000)
             p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 0})
-            p.produce(topic_name(kafka, "load-scores"),
-                      codec.encode("LoadScore", {**score(now, 150.0, capacity=100.0),
-                                                 "score": 0.5, "predicted_utilization": 1.5,
-                                                 "latency_p99_ms": 5.0, "error_rate": 0.0,
-                                                 "valid_until": now + 60_000}), b"orders-eu-1")
+            produce_overload(p, kafka, codec)
             p.produce(topic_name(kafka, "mirror-status"), codec.encode(
                 "MirrorStatus", status("READY", b.urls["mirror-1"], capacity=1000.0)), b"eu")
             assert p.flush(10) == 0
@@ -145,13 +149,8 @@ async def test_an_edge_sidecar_counts_its_regions_demand_whoever_serves_it(
         await sc.start()
         served: dict[str, int] = {}
         try:
-            now = int(time.time() * 1000)
             p = Producer({"bootstrap.servers": kafka.bootstrap_servers, "linger.ms": 0})
-            p.produce(topic_name(kafka, "load-scores"),
-                      codec.encode("LoadScore", {**score(now, 150.0, capacity=100.0),
-                                                 "score": 0.5, "predicted_utilization": 1.5,
-                                                 "latency_p99_ms": 5.0, "error_rate": 0.0,
-                                                 "valid_until": now + 60_000}), b"orders-eu-1")
+            produce_overload(p, kafka, codec)
             assert p.flush(10) == 0
             async with aiohttp.ClientSession() as cs:
                 async def who() -> str:
