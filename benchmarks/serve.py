@@ -80,7 +80,7 @@ def score_record(i: int, now_ms: int) -> dict[str, Any]:
 
 def make_service(endpoints: int, port: int = 0) -> ApiService:
     """The API without Kafka, its state holding ``endpoints`` fresh scores."""
-    svc = ApiService(ApiSettings(port=port), None)
+    svc = ApiService(ApiSettings(port=port, keda_enabled=False), None)  # HTTP only
     now = round(time.time() * 1000)
     svc.state.apply(("LoadScore", score_record(i, now)) for i in range(endpoints))
     return svc

@@ -85,7 +85,8 @@ def free_port() -> int:
 @contextmanager
 def api_in_thread(port: int, kafka: KafkaSettings, codec: Codec) -> Iterator[ApiService]:
     """``ApiService`` on its own event loop in a thread; stopped (server, feed) on exit."""
-    svc = ApiService(ApiSettings(port=port), kafka, codec=codec,
+    # keda_port=0: a free gRPC port, not HTTP port + 1 (another test may hold that one)
+    svc = ApiService(ApiSettings(port=port, keda_port=0), kafka, codec=codec,
                      client_id=f"api-ui-{uuid.uuid4().hex[:6]}")
     stop = threading.Event()
     failed: list[BaseException] = []
@@ -99,7 +100,7 @@ def api_in_thread(port: int, kafka: KafkaSettings, codec: Codec) -> Iterator[Api
     thread = threading.Thread(target=run, name="api-ui", daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
-    while svc.port == 0:
+    while svc.port == 0 or svc.keda_port == 0:  # both servers up, or the error
         assert not failed, failed
         assert time.monotonic() < deadline, "the API did not start in 20 s"
         time.sleep(0.05)
