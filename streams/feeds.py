@@ -38,6 +38,7 @@ from streams.kafka.runtime import KafkaRuntime
 from streams.kafka.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
+FETCH_WAIT_MS = 100  # longest wait of an idle fetch (see RecordFeed)
 
 Batch = list[tuple[str, dict[str, Any]]]  # (schema short name, record)
 Deliver = Callable[[Batch], None]
@@ -99,10 +100,13 @@ class RecordFeed:
         self.assigned = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        # Low fetch wait: a score should be live within milliseconds of being published.
+        # Fetch wait: a score is live at most 100 ms after it is published (scores come
+        # every step, a second or more). Shorter costs the broker: a broker that holds an
+        # idle fetch for the whole wait (Tansu does) answers 10 idle readers' 1,000 fetches/s
+        # at 32 % of a CPU at 10 ms, 9 % at 100 ms (measured; the demo runs 9 of them).
         conf: dict[str, Any] = {
             "client.id": client_id,
-            "fetch.wait.max.ms": 10,
+            "fetch.wait.max.ms": FETCH_WAIT_MS,
             "fetch.min.bytes": 1,
             "enable.partition.eof": False,
         }

@@ -153,7 +153,9 @@ def _check_claims(s: dict[str, Any]) -> None:
             m = s["machine"]
             per_cpu = max(m["load_1m_at_live_start"], m["load_1m_at_live_end"]) / m["cpus"]
             assert abs(c["load_per_cpu"] - per_cpu) < 0.01
-            assert c["verdict"] == ("lost" if per_cpu > c["limit"] else "tie")
+            late = m["arrivals_sent_late"]  # the load generator kept its schedule or says so
+            assert isinstance(late, int) and late >= 0 and m["max_send_lateness_s"] >= 0
+            assert c["verdict"] == ("lost" if per_cpu > c["limit"] or late else "tie")
         else:
             assert c["kind"] == "mirror"
             acts = s["mirrors"]["activations"]

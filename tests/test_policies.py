@@ -139,6 +139,30 @@ def test_ejection_after_consecutive_failures_and_readmission() -> None:
     assert e.ejections == 0
 
 
+@pytest.mark.parametrize(("n", "share", "most"), [(3, 0.1, 1), (1, 0.1, 1), (20, 0.1, 2),
+                                                  (4, 0.5, 2)])
+def test_overloaded_endpoints_are_never_all_ejected(n: int, share: float, most: int) -> None:
+    """Every endpoint answering 5xx (all overloaded): at most ``max_ejected_share`` of them
+    are ejected (at least one), so the route keeps routing instead of answering 503 to all;
+    the next one goes as soon as one is re-admitted."""
+    from streams.sidecar.router import Router
+
+    ups = [Upstream(id=f"e{i}", url=f"http://127.0.0.1:{9000 + i}", api="orders")
+           for i in range(n)]
+    r = Router(ups, eject_after_failures=3, eject_seconds=5.0, max_ejected_share=share)
+    eps = r.routes["orders"].endpoints
+    for _ in range(10):
+        for e in eps:
+            r.failed(e, 1.0)
+    out = [e for e in eps if not e.available(1.0)]
+    assert len(out) == most
+    if n > 1:
+        assert r.choose(r.routes["orders"], True, 1.0) is not None
+        # the ejected are re-admitted after 5 s: one that kept failing meanwhile goes at once
+        kept = next(e for e in eps if e.available(1.0))
+        assert r.failed(kept, 6.5) and sum(not e.available(6.5) for e in eps) == 1
+
+
 def test_fallback_order_by_score_or_cost_and_ejected_last() -> None:
     e = eps(0.2, 1.0, 0.5, 0.9)
     e[3].ejected_until = 99.0

@@ -75,7 +75,9 @@ def facts(sc: scn.Scenario, trace: Path, chdb: Path, started: float, t0: float,
         # Every lane shares this machine's CPUs: over about 1.5 runnable processes per
         # CPU the latencies measure the contention more than the policies.
         "machine": {"cpus": os.cpu_count() or 1, "load_1m_at_live_start": run.load_before,
-                    "load_1m_at_live_end": os.getloadavg()[0]},
+                    "load_1m_at_live_end": os.getloadavg()[0],
+                    "arrivals_sent_late": run.gen.late_arrivals,
+                    "max_send_lateness_s": round(run.gen.max_late_s, 3)},
         "scores_seen": scores_seen["predictive"],
         "scores_seen_by_lane": scores_seen,
     }

@@ -220,15 +220,18 @@ def _machine_claim(machine: dict[str, Any], claims: list[dict[str, Any]],
     """The machine's load during the live run: context for the latency lines (first)."""
     per_cpu = max(machine["load_1m_at_live_start"], machine["load_1m_at_live_end"]) / max(
         1, machine["cpus"])
-    busy = per_cpu > BUSY_LOAD_PER_CPU
+    late = int(machine.get("arrivals_sent_late", 0))
+    busy = per_cpu > BUSY_LOAD_PER_CPU or late > 0
     c = {"id": "machine-load", "kind": "machine", "group": "all", **machine,
          "load_per_cpu": round(per_cpu, 2), "limit": BUSY_LOAD_PER_CPU,
          "verdict": "lost" if busy else "tie"}
     claims.append(c)
+    lag = (f"; the load generator sent {late} arrivals over 0.5 s late (up to "
+           f"{machine.get('max_send_lateness_s', 0):.1f} s), then in a burst" if late else "")
     statements.insert(0, {
         "group": "all", "tone": "lose" if busy else "neutral", "claims": [c["id"]],
         "text": (f"machine load during the live run: {per_cpu:.2f} runnable processes per "
-                 f"CPU ({machine['cpus']} CPUs)"
+                 f"CPU ({machine['cpus']} CPUs){lag}"
                  + (": the lanes' latencies measure CPU contention more than the "
                     "policies; rerun on an idle machine before trusting the p99 lines"
                     if busy else ": the lanes were not starved of CPU"))})

@@ -77,6 +77,10 @@ class LoadGenerator:
         self.stats = {p: LaneStats() for p in targets}
         self.t_start = 0.0
         self.start_epoch = start_epoch
+        # how well the schedule was kept: arrivals sent over 0.5 s after their time (the
+        # demo's own process starved of CPU sends late, and then in bursts)
+        self.max_late_s = 0.0
+        self.late_arrivals = 0
 
     async def _one(self, cs: aiohttp.ClientSession, policy: str, region: str) -> None:
         st = self.stats[policy]
@@ -127,6 +131,9 @@ class LoadGenerator:
                 delay = self.t_start + at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                late = time.monotonic() - self.t_start - at
+                self.max_late_s = max(self.max_late_s, late)
+                self.late_arrivals += late > 0.5
                 for policy, cs in sessions.items():
                     st = self.stats[policy]
                     st.sent += 1

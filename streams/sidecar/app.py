@@ -76,6 +76,7 @@ class Sidecar:
             fallback_policy=s.fallback_policy,
             eject_after_failures=s.eject_after_failures,
             eject_seconds=s.eject_seconds,
+            max_ejected_share=s.max_ejected_share,
             shed_overload=s.shed_overload,
             # shedding must end within two score intervals after the offered rate falls
             rate_window_s=min(1.0, s.telemetry_interval_s / 2),

@@ -114,6 +114,9 @@ class SidecarSettings(BaseModel):
     max_attempts: int = Field(3, ge=1, le=10, description="endpoints tried per request")
     eject_after_failures: int = Field(5, ge=1, description="consecutive failures to eject")
     eject_seconds: float = Field(5.0, gt=0, description="first ejection; doubles, capped 60 s")
+    max_ejected_share: float = Field(
+        0.1, ge=0, le=1, description="at most this share of an API's endpoints ejected at "
+        "once, at least one (Envoy's max_ejection_percent, 10 %)")
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of 503s")
     compress_responses: bool = Field(False, description="same as compression.enabled")
     cache: EdgeCacheSettings = Field(default_factory=EdgeCacheSettings)

@@ -112,11 +112,14 @@ class Endpoint:
             self.ejected_until = 0.0
             self.ejections = 0
 
-    def failed(self, now: float, eject_after: int, eject_s: float) -> bool:
-        """Count a failure; True when it ejects the endpoint (outlier detection)."""
+    def failed(self, now: float, eject_after: int, eject_s: float,
+               may_eject: bool = True) -> bool:
+        """Count a failure; True when it ejects the endpoint (outlier detection).
+        ``may_eject`` False (the route's ejection cap is reached): the streak is kept, so
+        the endpoint goes as soon as another one is re-admitted."""
         self.failures += 1
         self.consecutive_failures += 1
-        if self.consecutive_failures >= eject_after:
+        if self.consecutive_failures >= eject_after and may_eject:
             self.ejections += 1
             self.ejected_until = now + min(MAX_EJECT_S, eject_s * 2 ** (self.ejections - 1))
             self.consecutive_failures = 0

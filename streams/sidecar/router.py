@@ -100,6 +100,7 @@ class Router:
         fallback_policy: str = "peak-ewma",
         eject_after_failures: int = 5,
         eject_seconds: float = 5.0,
+        max_ejected_share: float = 0.1,
         shed_overload: float = 1.0,
         rate_window_s: float = 1.0,
         rng: random.Random | None = None,
@@ -110,6 +111,7 @@ class Router:
         self.rate_window_s = rate_window_s
         self.eject_after = eject_after_failures
         self.eject_s = eject_seconds
+        self.max_ejected_share = max_ejected_share
         self.shed_overload = shed_overload
         self.routes: dict[str, Route] = {}
         self.endpoints: dict[str, Endpoint] = {}
@@ -181,11 +183,24 @@ class Router:
         ep.succeeded()
 
     def failed(self, ep: Endpoint, now: float, rtt_ms: float | None = None) -> bool:
-        """Count a connection failure or 5xx-class error; True if it ejected ``ep``."""
+        """Count a connection failure or 5xx-class error; True if it ejected ``ep``.
+
+        Outlier ejection is capped as Envoy's ``max_ejection_percent``: at most
+        ``max_ejected_share`` of a route's endpoints are out at once (at least one). When
+        every endpoint answers 503 because all are overloaded, ejecting them all would turn
+        an overload into a total outage (seen in the demo: a lane answered nothing but
+        503 ``no_endpoint`` for 20 s after a stall)."""
         ep.requests += 1
         if rtt_ms is not None:
             ep.observe_rtt(rtt_ms, now)
-        return ep.failed(now, self.eject_after, self.eject_s)
+        return ep.failed(now, self.eject_after, self.eject_s, self._may_eject(ep, now))
+
+    def _may_eject(self, ep: Endpoint, now: float) -> bool:
+        route = self.routes.get(ep.api)
+        if route is None or ep not in route.endpoints:
+            return True
+        out = sum(1 for e in route.endpoints if e.ejected_until > now)
+        return out < max(1, math.floor(self.max_ejected_share * len(route.endpoints)))
 
     def eject(self, ep: Endpoint, now: float, seconds: float) -> None:
         ep.ejected_until = now + seconds
