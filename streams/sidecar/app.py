@@ -71,9 +71,7 @@ class Sidecar:
         self.codec = codec or codec_for(kafka.schema_registry_url if kafka else None)
         self.rng = rng or random.Random()
         self.router = Router(
-            self.upstreams,
-            policy=s.policy,
-            fallback_policy=s.fallback_policy,
+            self.upstreams, policy=s.policy, fallback_policy=s.fallback_policy,
             eject_after_failures=s.eject_after_failures,
             eject_seconds=s.eject_seconds,
             max_ejected_share=s.max_ejected_share,
