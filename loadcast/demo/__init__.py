@@ -213,7 +213,7 @@ def _start_api(parts: _Parts) -> str:
     port = free_port()
     parts.ports.append(port)
     # the page only: no KEDA scaler (its port would be another one to find free)
-    parts.children.start("api", ["api", "--port", str(port), "--no-keda"])
+    parts.children.start("api", ["api", "--port", str(port), "--no-keda"], nice=10)
     return f"http://127.0.0.1:{port}"
 
 

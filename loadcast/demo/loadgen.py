@@ -80,6 +80,7 @@ class LoadGenerator:
         # how well the schedule was kept: arrivals sent over 0.5 s after their time (the
         # demo's own process starved of CPU sends late, and then in bursts)
         self.max_late_s = 0.0
+        self.max_late_at = 0.0  # the arrival (seconds into the schedule) sent the latest
         self.late_arrivals = 0
 
     async def _one(self, cs: aiohttp.ClientSession, policy: str, region: str) -> None:
@@ -132,7 +133,8 @@ class LoadGenerator:
                 if delay > 0:
                     await asyncio.sleep(delay)
                 late = time.monotonic() - self.t_start - at
-                self.max_late_s = max(self.max_late_s, late)
+                if late > self.max_late_s:
+                    self.max_late_s, self.max_late_at = late, at
                 self.late_arrivals += late > 0.5
                 for policy, cs in sessions.items():
                     st = self.stats[policy]

@@ -42,7 +42,9 @@ class Children:
         self.all: list[Child] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              stdout_pipe: bool = False, module: str = "loadcast") -> Child:
+              stdout_pipe: bool = False, module: str = "loadcast", nice: int = 0) -> Child:
+        """Start ``python -m module *args`` with its output in ``{name}.log``; ``nice``
+        above 0 for parts off the request path, which may lag (the sink, the page)."""
         log = self.work / f"{name}.log"
         f = log.open("ab")
         proc = subprocess.Popen(
@@ -51,6 +53,9 @@ class Children:
             stdout=subprocess.PIPE if stdout_pipe else f, stderr=f, text=True,
             start_new_session=True)
         f.close()
+        if nice:
+            with contextlib.suppress(OSError):  # it may be gone already: check() says so
+                os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
         c = Child(name, proc, log)
         self.all.append(c)
         return c

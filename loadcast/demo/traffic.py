@@ -118,8 +118,16 @@ def run_live(children: Children, pipes: dict[str, Pipe], topo: Topology, sc: scn
     """Start the backends (slow-down window set), fill the history up to the live start,
     start the client agents, and send the arrivals to every lane with a live view."""
     # The seconds between the history's end and the live start are replayed too, so
-    # the forecasters see no gap (a gap looks like a season without traffic).
-    t_live = float(int(time.time()) + 5)
+    # the forecasters see no gap (a gap looks like a season without traffic): most of them
+    # now, the last few once the live start is fixed. The live start leaves 10 s for the
+    # backends (4.3 s to start at load 7), that top-up (2.2 s) and the client agents: with
+    # 5 s, set before the whole replay, quick runs began 2-3 s late, their first arrivals
+    # sent in a burst.
+    hist_s = sc.history_seasons * sc.season_s
+    bulk_end = int(time.time() - t0) + 1
+    for lane, p in pipes.items():
+        history(p.kafka, sc, shapes, topo.lanes[lane], t0, range(hist_s, bulk_end))
+    t_live = float(int(time.time()) + 10)
     live = scn.backends(sc, t0, t_live)
     specs = [{**s.__dict__, "port": topo.backend_port[s.id]} for lane in live.values()
              for s in lane]
@@ -127,23 +135,24 @@ def run_live(children: Children, pipes: dict[str, Pipe], topo: Topology, sc: scn
     be = children.start("backends", [str(work / "backends.json")], stdout_pipe=True,
                         module="loadcast.demo.backends")
     children.line(be, 30)
-    hist_s = sc.history_seasons * sc.season_s
     for lane, p in pipes.items():
-        history(p.kafka, sc, shapes, topo.lanes[lane], t0, range(hist_s, int(t_live - t0)))
+        history(p.kafka, sc, shapes, topo.lanes[lane], t0,
+                range(max(hist_s, bulk_end), int(t_live - t0)))
     clients.start(pipes["predictive"].kafka)
     arrivals = scn.schedule(sc, shapes, t_live - t0)
     targets = {p: {r: f"http://127.0.0.1:{topo.sidecar_ports[(p, r)][0]}"
                    for r in (scn.CENTRAL, scn.EDGE)} for p in scn.POLICIES}
     gen = LoadGenerator(targets, arrivals, clients.record, start_epoch=t_live)
+    # Everything built so far (trace, schedule, history) lives to the end: kept out of
+    # the collector's sight, or each full collection stops the load generator for
+    # 0.6-0.7 s (measured) and the arrivals behind it go out late, in a burst. Before the
+    # live start: this collection itself takes up to 0.9 s.
+    gc.collect()
+    gc.freeze()
     time.sleep(max(0.0, t_live - time.time()))
     console.print(f"live: {sc.live_seconds}s, {len(arrivals)} arrivals x "
                   f"{len(scn.POLICIES)} lanes")
     load_before = os.getloadavg()[0]
-    # Everything built so far (trace, schedule, history) lives to the end: kept out of
-    # the collector's sight, or each full collection stops the load generator for
-    # 0.6-0.7 s (measured) and the arrivals behind it go out late, in a burst.
-    gc.collect()
-    gc.freeze()
     _show_live(LiveView(sc, gen, topo.sidecar_ports, t0, t_live), gen, stop, console)
     children.check()
     return LiveRun(t_live, time.time(), live, gen, len(arrivals), load_before)
