@@ -14,6 +14,13 @@ read gets aiohttp's back-pressure), and the request is an HTTP/1.1 keep-alive ``
 without a body. The first request the answer declines ends the fast path for that chunk of
 input: it and everything after it go to the handler in order.
 
+Clients on keep-alive connections repeat the same request bytes (a poller, a load
+balancer's health check, a popular page): the server remembers what such bytes parsed to
+(:class:`ParsedRequests`, bounded) and, while a connection's parser is between messages,
+asks ``answer`` with the remembered message without parsing again. Only bytes that were one
+whole bodiless head, parsed from a clean start and answered here, are remembered; the same bytes
+parse to the same message, so the answer is the same one the parser would have led to.
+
 It uses attributes of aiohttp's ``RequestHandler`` that are not public API (checked at
 import: :data:`SUPPORTED`; without them the server is plain aiohttp).
 """
@@ -35,22 +42,64 @@ log = logging.getLogger(__name__)
 # (parsed request, client address) -> the whole response, or None: the ordinary path
 Answer = Callable[[RawRequestMessage, str | None], bytes | None]
 
-_NEEDED = ("_waiter", "_messages", "_payload_parser", "_upgraded", "_paused", "_parser",
-           "_buffer_paused", "_msg_queue_resume_size", "_resume_reading_if_drained",
-           "_next_keepalive_close_time", "_keepalive_timeout", "_loop", "_close",
-           "_force_close")
+_NEEDED = ("_waiter", "_messages", "_request_count", "_payload_parser", "_upgraded",
+           "_paused", "_parser", "_buffer_paused", "_msg_queue_resume_size",
+           "_resume_reading_if_drained", "_next_keepalive_close_time", "_keepalive_timeout",
+           "_loop", "_close", "_force_close")
 SUPPORTED = all(hasattr(RequestHandler, n) for n in _NEEDED)
+
+
+MAX_REMEMBERED_BYTES = 4096  # a longer request head is parsed every time
+
+
+class ParsedRequests:
+    """What recent request heads parsed to: at most ``size`` entries of at most
+    :data:`MAX_REMEMBERED_BYTES` each, the oldest forgotten first.
+
+    >>> seen = ParsedRequests(size=2)
+    >>> seen.remember(b"a", "A"); seen.remember(b"b", "B"); seen.remember(b"c", "C")
+    >>> seen.get(b"a"), seen.get(b"c")
+    (None, 'C')
+    """
+
+    __slots__ = ("_by_bytes", "size")
+
+    def __init__(self, size: int = 512) -> None:
+        self._by_bytes: dict[bytes, Any] = {}
+        self.size = size
+
+    def get(self, data: bytes) -> Any:
+        return self._by_bytes.get(data)
+
+    def remember(self, data: bytes, msg: Any) -> None:
+        if len(data) > MAX_REMEMBERED_BYTES:
+            return
+        by = self._by_bytes
+        if len(by) >= self.size and data not in by:
+            del by[next(iter(by))]
+        by[data] = msg
+
+
+def _one_whole_head(data: bytes, msg: Any, payload: Any) -> bool:
+    """``data`` is exactly one bodiless request's head (ending at its first blank line)."""
+    return payload is EMPTY_PAYLOAD and isinstance(msg, RawRequestMessage) \
+        and not msg.upgrade and data.find(b"\r\n\r\n") == len(data) - 4
 
 
 class FastRequestHandler(RequestHandler):
     """aiohttp's connection protocol with fresh hits answered in ``data_received``."""
 
-    __slots__ = ("_answer", "_peer")
+    __slots__ = ("_answer", "_between", "_parsed", "_peer")
 
-    def __init__(self, manager: web.Server, *, answer: Answer, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, answer: Answer,
+                 parsed: ParsedRequests | None = None, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._answer = answer
         self._peer: str | None = None
+        self._parsed = parsed if parsed is not None else ParsedRequests()
+        # the parser holds nothing of a message: every chunk so far was one whole
+        # bodiless request head (a new connection is between messages)
+        self._between = True
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -61,18 +110,33 @@ class FastRequestHandler(RequestHandler):
         waiter = self._waiter
         if waiter is None or waiter.done() or self._payload_parser is not None \
                 or self._upgraded or self._paused:
-            super().data_received(data)  # busy (or not HTTP any more): the ordinary path
+            self._parse(data)  # busy (or not HTTP any more): the ordinary path
             return
+        transport = self.transport
+        if self._between and not self._messages and transport is not None \
+                and not self._force_close and not self._close:
+            msg = self._parsed.get(data)
+            if msg is not None:
+                try:
+                    out = self._answer(msg, self._peer)
+                except Exception:  # the ordinary path below asks again and logs
+                    out = None
+                if out is not None:
+                    self._request_count += 1
+                    transport.write(out)
+                    self._next_keepalive_close_time = (self._loop.time()
+                                                       + self._keepalive_timeout)
+                    return
         # Hide the idle handler's waiter while parsing, so it is woken only for what is
         # left for it (it must not wake to an empty queue).
         self._waiter = None
         try:
-            super().data_received(data)
+            self._parse(data)
         finally:
             self._waiter = waiter
         messages = self._messages
         served = 0
-        transport = self.transport
+        remember = self._between and len(messages) == 1 and len(data) <= MAX_REMEMBERED_BYTES
         while messages and transport is not None and not self._paused:
             msg, payload = messages[0]
             if payload is not EMPTY_PAYLOAD or not isinstance(msg, RawRequestMessage) \
@@ -86,6 +150,8 @@ class FastRequestHandler(RequestHandler):
                 out = None
             if out is None:
                 break
+            if remember:
+                self._parsed.remember(data, msg)
             messages.popleft()
             if self._parser is not None:
                 self._parser.message_consumed()
@@ -98,6 +164,16 @@ class FastRequestHandler(RequestHandler):
         if messages and not waiter.done():
             waiter.set_result(None)
 
+    def _parse(self, data: bytes) -> None:
+        """aiohttp's parsing of ``data``; notes whether the parser is left between
+        messages (``data`` was one whole bodiless head, the parser was between before)."""
+        before = self._request_count
+        super().data_received(data)
+        if self._between:
+            messages = self._messages
+            self._between = self._request_count == before + 1 and bool(messages) \
+                and _one_whole_head(data, *messages[-1])
+
 
 class FastServer(web.Server):
     """``web.Server`` whose connections try ``answer`` first (see the module docstring)."""
@@ -105,9 +181,11 @@ class FastServer(web.Server):
     def __init__(self, handler: Any, answer: Answer, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.answer = answer
+        self.parsed = ParsedRequests()  # shared by the connections
 
     def __call__(self) -> RequestHandler:
-        return FastRequestHandler(self, answer=self.answer, loop=self._loop, **self._kwargs)
+        return FastRequestHandler(self, answer=self.answer, parsed=self.parsed,
+                                  loop=self._loop, **self._kwargs)
 
 
 # never copied from a stored response into the prebuilt head: set per answer, or framing
