@@ -85,15 +85,17 @@ def _ms(value: str, unit: str) -> float:
 
 
 def wrk(urls: list[str], seconds: float, connections: int,
-        cpus: set[int] | None = None) -> dict[str, float]:
+        cpus: set[int] | None = None, script: Path | None = None) -> dict[str, float]:
     """Run wrk on each URL in parallel (connections split between them; on ``cpus`` when
-    given); summed req/s and requests, the worst p50/p99 of the runs."""
+    given; with the Lua ``script`` when given); summed req/s and requests, the worst
+    p50/p99 of the runs."""
     procs = []
     per = max(1, connections // len(urls))
+    extra = ["-s", str(script)] if script is not None else []
     for url in urls:
         procs.append(subprocess.Popen(
             ["wrk", "-t1", f"-c{per}", f"-d{max(1, round(seconds))}s", "--latency",
-             "--timeout", "5s", url],
+             "--timeout", "5s", *extra, url],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None,
         ))
@@ -156,11 +158,11 @@ async def _py_load(urls: list[str], seconds: float, connections: int) -> dict[st
 
 
 def load(urls: list[str], seconds: float, connections: int,
-         cpus: set[int] | None = None) -> dict[str, float]:
+         cpus: set[int] | None = None, script: Path | None = None) -> dict[str, float]:
     """Closed-loop load for ``seconds`` with ``connections`` connections (wrk on ``cpus``
-    when given)."""
+    when given; ``script``: a wrk Lua script, ignored by the Python generator)."""
     if shutil.which("wrk"):
-        return wrk(urls, seconds, connections, cpus)
+        return wrk(urls, seconds, connections, cpus, script)
     return asyncio.run(_py_load(urls, seconds, connections))
 
 

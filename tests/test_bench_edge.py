@@ -35,5 +35,8 @@ def test_edge_benchmark_quick(tmp_path: Path) -> None:
     hits = res["hits"]
     assert hits["haproxy_threads"] == 1 and len(hits["proxy"]) == len(hits["haproxy"]) == 2
     assert hits["proxy"][0]["rps"] > 0 and hits["proxy"][0]["per_cpu_s"] > 0
+    # every request's bytes different: still hits, none failed
+    new = hits["proxy (new bytes)"]
+    assert len(new) == 2 and all(r["rps"] > 0 and r["errors"] == 0 for r in new)
     assert res["ratios"]["proxy_vs_haproxy_hit_per_cpu_s"] > 0
     assert "origin requests during the spike" in r.stdout

@@ -14,12 +14,13 @@ read gets aiohttp's back-pressure), and the request is an HTTP/1.1 keep-alive ``
 without a body. The first request the answer declines ends the fast path for that chunk of
 input: it and everything after it go to the handler in order.
 
-Clients on keep-alive connections repeat the same request bytes (a poller, a load
-balancer's health check, a popular page): the server remembers what such bytes parsed to
-(:class:`ParsedRequests`, bounded) and, while a connection's parser is between messages,
-asks ``answer`` with the remembered message without parsing again. Only bytes that were one
-whole bodiless head, parsed from a clean start and answered here, are remembered; the same bytes
-parse to the same message, so the answer is the same one the parser would have led to.
+A client on a keep-alive connection often repeats its last request byte for byte (a
+poller, a dashboard, a load generator): each connection keeps the last request head it
+answered here and what it parsed to, and while its parser is between messages, bytes equal
+to it are answered from that message without parsing again. Only a chunk that was one
+whole bodiless head, parsed from a clean start, is kept; the same bytes parse to the same
+message, so the answer is the one the parser would have led to. Bytes that differ cost one
+comparison.
 
 It uses attributes of aiohttp's ``RequestHandler`` that are not public API (checked at
 import: :data:`SUPPORTED`; without them the server is plain aiohttp).
@@ -49,54 +50,21 @@ _NEEDED = ("_waiter", "_messages", "_request_count", "_payload_parser", "_upgrad
 SUPPORTED = all(hasattr(RequestHandler, n) for n in _NEEDED)
 
 
-MAX_REMEMBERED_BYTES = 4096  # a longer request head is parsed every time
-
-
-class ParsedRequests:
-    """What recent request heads parsed to: at most ``size`` entries of at most
-    :data:`MAX_REMEMBERED_BYTES` each, the oldest forgotten first.
-
-    >>> seen = ParsedRequests(size=2)
-    >>> seen.remember(b"a", "A"); seen.remember(b"b", "B"); seen.remember(b"c", "C")
-    >>> seen.get(b"a"), seen.get(b"c")
-    (None, 'C')
-    """
-
-    __slots__ = ("_by_bytes", "size")
-
-    def __init__(self, size: int = 512) -> None:
-        self._by_bytes: dict[bytes, Any] = {}
-        self.size = size
-
-    def get(self, data: bytes) -> Any:
-        return self._by_bytes.get(data)
-
-    def remember(self, data: bytes, msg: Any) -> None:
-        if len(data) > MAX_REMEMBERED_BYTES:
-            return
-        by = self._by_bytes
-        if len(by) >= self.size and data not in by:
-            del by[next(iter(by))]
-        by[data] = msg
-
-
-def _one_whole_head(data: bytes, msg: Any, payload: Any) -> bool:
-    """``data`` is exactly one bodiless request's head (ending at its first blank line)."""
-    return payload is EMPTY_PAYLOAD and isinstance(msg, RawRequestMessage) \
-        and not msg.upgrade and data.find(b"\r\n\r\n") == len(data) - 4
+MAX_REMEMBERED_BYTES = 4096  # a longer head is parsed every time (bounds what a connection keeps)
 
 
 class FastRequestHandler(RequestHandler):
     """aiohttp's connection protocol with fresh hits answered in ``data_received``."""
 
-    __slots__ = ("_answer", "_between", "_parsed", "_peer")
+    __slots__ = ("_answer", "_between", "_last_bytes", "_last_msg", "_peer")
 
-    def __init__(self, manager: web.Server, *, answer: Answer,
-                 parsed: ParsedRequests | None = None, **kwargs: Any) -> None:
+    def __init__(self, manager: web.Server, *, answer: Answer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._answer = answer
         self._peer: str | None = None
-        self._parsed = parsed if parsed is not None else ParsedRequests()
+        # the last request head answered here and what it parsed to
+        self._last_bytes = b""
+        self._last_msg: Any = None  # RawRequestMessage
         # the parser holds nothing of a message: every chunk so far was one whole
         # bodiless request head (a new connection is between messages)
         self._between = True
@@ -113,9 +81,9 @@ class FastRequestHandler(RequestHandler):
             self._parse(data)  # busy (or not HTTP any more): the ordinary path
             return
         transport = self.transport
-        if self._between and not self._messages and transport is not None \
-                and not self._force_close and not self._close:
-            msg = self._parsed.get(data)
+        if data == self._last_bytes and self._between and not self._messages \
+                and transport is not None and not self._force_close and not self._close:
+            msg = self._last_msg
             if msg is not None:
                 try:
                     out = self._answer(msg, self._peer)
@@ -151,7 +119,7 @@ class FastRequestHandler(RequestHandler):
             if out is None:
                 break
             if remember:
-                self._parsed.remember(data, msg)
+                self._last_bytes, self._last_msg = data, msg
             messages.popleft()
             if self._parser is not None:
                 self._parser.message_consumed()
@@ -167,12 +135,19 @@ class FastRequestHandler(RequestHandler):
     def _parse(self, data: bytes) -> None:
         """aiohttp's parsing of ``data``; notes whether the parser is left between
         messages (``data`` was one whole bodiless head, the parser was between before)."""
+        if not self._between:
+            super().data_received(data)
+            return
         before = self._request_count
         super().data_received(data)
-        if self._between:
-            messages = self._messages
-            self._between = self._request_count == before + 1 and bool(messages) \
-                and _one_whole_head(data, *messages[-1])
+        messages = self._messages
+        if self._request_count != before + 1 or not messages \
+                or data.find(b"\r\n\r\n") != len(data) - 4:
+            self._between = False
+            return
+        msg, payload = messages[-1]
+        self._between = payload is EMPTY_PAYLOAD and isinstance(msg, RawRequestMessage) \
+            and not msg.upgrade
 
 
 class FastServer(web.Server):
@@ -181,11 +156,9 @@ class FastServer(web.Server):
     def __init__(self, handler: Any, answer: Answer, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.answer = answer
-        self.parsed = ParsedRequests()  # shared by the connections
 
     def __call__(self) -> RequestHandler:
-        return FastRequestHandler(self, answer=self.answer, parsed=self.parsed,
-                                  loop=self._loop, **self._kwargs)
+        return FastRequestHandler(self, answer=self.answer, loop=self._loop, **self._kwargs)
 
 
 # never copied from a stored response into the prebuilt head: set per answer, or framing
