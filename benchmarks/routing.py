@@ -431,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--real-planes", default="proxy,haproxy",
                     help="data planes for --real (comma-separated: proxy, haproxy)")
     ap.add_argument("--real-seed", type=int, default=0,
-                    help="seed of the --real arrivals (and of its simulation)")
+                    help="first seed of the --real arrivals (and of its simulation)")
+    ap.add_argument("--real-seeds", type=int, default=1,
+                    help="--real runs per (data plane, policy), seeds from --real-seed on; "
+                         "p99 and errors over their requests pooled (about 9 minutes each)")
     ap.add_argument("--plan-band", type=float, default=0.3,
                     help="pre-scaling: plan for the forecast's mean + this share of the way "
                          "to its upper band (default 0.3; 0 = the mean)")
@@ -462,8 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.real and not set(args.real_planes.split(",")) <= {"proxy", "haproxy"}:
         console.print("[red]--real-planes: proxy and/or haproxy[/red]")
         return 2
-    if args.interval_s <= 0 or (args.seeds is not None and args.seeds < 1):
-        console.print("[red]--interval-s must be > 0 and --seeds >= 1[/red]")
+    if args.interval_s <= 0 or (args.seeds is not None and args.seeds < 1) \
+            or not 1 <= args.real_seeds <= 20:
+        console.print("[red]--interval-s must be > 0, --seeds >= 1 and --real-seeds in "
+                      "1-20[/red]")
         return 2
     seeds = args.seeds or (1 if args.quick else 10)
     scenario = MainScenario(
@@ -545,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks import routing_real
 
         planes = tuple(x.strip() for x in args.real_planes.split(",") if x.strip())
-        res["real"] = routing_real.main_real(console, args.real_seed, planes)
+        res["real"] = routing_real.main_real(console, args.real_seed, planes,
+                                             args.real_seeds)
         for plane, phases in res["real"]["order"].items():
             checks[f"real_{plane}_same_order_as_simulation_every_phase"] = all(
                 c["same"] for c in phases.values())

@@ -303,13 +303,12 @@ def phase_table(rows: list[tuple[float, float, int, str]],
     return out
 
 
-def run_real(sc: RealScenario, seed: int, planes: tuple[str, ...],
+def run_real(sc: RealScenario, seeds: list[int], planes: tuple[str, ...],
              log: Any = print) -> dict[str, Any]:
-    """Every (data plane, policy) once; backends restarted per run (fresh queues)."""
-    from streams.kafka.broker import EmbeddedBroker, free_port
-    from streams.kafka.settings import KafkaSettings
-    from streams.kafka.topics import ensure_topics
-    from streams.sidecar.config import Upstream
+    """Every (data plane, policy) once per seed; backends restarted per run (fresh
+    queues). A phase's p99 and errors are over the requests of every seed pooled (each
+    seed's too, in ``per_seed``)."""
+    from streams.kafka.broker import EmbeddedBroker
     from streams.sidecar.haproxy import haproxy_binary
 
     res: dict[str, Any] = {}
@@ -320,53 +319,78 @@ def run_real(sc: RealScenario, seed: int, planes: tuple[str, ...],
                 continue
             res[plane] = {}
             for policy in (PROXY_POLICIES if plane == "proxy" else HAPROXY_POLICIES):
-                kafka = KafkaSettings(bootstrap_servers=broker.bootstrap,
-                                      topic_prefix=f"real{uuid.uuid4().hex[:6]}.",
-                                      partitions=1)
-                ensure_topics(kafka)
-                with backends(sc, time.time()) as urls:
-                    ups = [Upstream(id=b.id, url=urls[b.id], api=API,
-                                    capacity_rps=round(b.capacity_rps, 1))
-                           for b in sc.specs()]
-                    port = free_port()
-                    with sidecar(kafka, ups, plane, policy, port), \
-                            contextlib.ExitStack() as stack:
-                        q, published = (stack.enter_context(scorer(kafka, sc))
-                                        if policy == "predictive" else (None, []))
-                        _warm_up(f"http://127.0.0.1:{port}/x", 20)
-                        for u in urls.values():  # the backends' clock starts now
-                            _warm_up(f"{u}/_t0", 1)
-                        t0 = time.monotonic()
-                        rows = asyncio.run(_drive(f"http://127.0.0.1:{port}/x", sc, seed,
-                                                  q, t0))
-                res[plane][policy] = {"phases": phase_table(rows, sc), "requests": len(rows),
+                pooled: list[Any] = []
+                per_seed: dict[int, Any] = {}
+                published: list[int] = []
+                for seed in seeds:
+                    rows = _one_real_run(broker, sc, seed, plane, policy, published)
+                    pooled += rows
+                    per_seed[seed] = phase_table(rows, sc)
+                res[plane][policy] = {"phases": phase_table(pooled, sc),
+                                      "requests": len(pooled), "per_seed": per_seed,
                                       "scores_published": sum(published)}
-                log(f"  real {plane} {policy}: " + ", ".join(
+                log(f"  real {plane} {policy} ({len(seeds)} seeds): " + ", ".join(
                     f"{k} p99 {v['p99_ms']:.0f} ms err {v['errors_pct']:.2f} %"
                     for k, v in res[plane][policy]["phases"].items()
                     if v["p99_ms"] is not None))
     return res
 
 
-def run_sim(sc: RealScenario, seed: int) -> dict[str, Any]:
-    """The simulator on the same scenario (same backends, arrivals, spike, degradation)."""
+def _one_real_run(broker: Any, sc: RealScenario, seed: int, plane: str, policy: str,
+                  published: list[int]) -> list[Any]:
+    """One seed's arrivals through ``plane`` with ``policy``: the client's rows."""
+    from streams.kafka.broker import free_port
+    from streams.kafka.settings import KafkaSettings
+    from streams.kafka.topics import ensure_topics
+    from streams.sidecar.config import Upstream
+
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap,
+                          topic_prefix=f"real{uuid.uuid4().hex[:6]}.", partitions=1)
+    ensure_topics(kafka)
+    with backends(sc, time.time()) as urls:
+        ups = [Upstream(id=b.id, url=urls[b.id], api=API,
+                        capacity_rps=round(b.capacity_rps, 1)) for b in sc.specs()]
+        port = free_port()
+        with sidecar(kafka, ups, plane, policy, port), contextlib.ExitStack() as stack:
+            q, pub = (stack.enter_context(scorer(kafka, sc))
+                      if policy == "predictive" else (None, []))
+            _warm_up(f"http://127.0.0.1:{port}/x", 20)
+            for u in urls.values():  # the backends' clock starts now
+                _warm_up(f"{u}/_t0", 1)
+            t0 = time.monotonic()
+            rows: list[Any] = asyncio.run(_drive(f"http://127.0.0.1:{port}/x", sc, seed,
+                                                 q, t0))
+        published.append(sum(pub))
+    return rows
+
+
+def run_sim(sc: RealScenario, seeds: list[int]) -> dict[str, Any]:
+    """The simulator on the same scenario (same backends, arrivals, spike, degradation),
+    the same seeds pooled."""
     out: dict[str, Any] = {}
     for policy in SIM_POLICIES:
-        load = sc.load()
-        cfg = SimConfig(sc.specs(), load, [Slowdown(sc.degrade_backend, *sc.degrade,
-                                                    factor=sc.degrade_factor)],
-                        deadline_s=sc.deadline_s, seed=seed, interval_s=sc.interval_s)
-        control = None
-        if policy == "predictive":
-            control = PredictiveControl(PredictiveConfig(
-                interval_s=sc.interval_s, step_s=2, horizon=5, lateness_s=sc.interval_s,
-                season_s=600, capacities={b.id: b.capacity_rps for b in sc.specs()}),
-                np.zeros(0))
-        r = Simulation(cfg, policy, control).run()
-        rows = [(float(t), float(ms), int(o != OK), "")
-                for t, ms, o in zip(r.t_arrival, r.rtt_ms, r.outcome, strict=True)]
-        out[policy] = {"phases": phase_table(rows, sc), "requests": len(rows)}
+        pooled: list[Any] = []
+        for seed in seeds:
+            pooled += _one_sim_run(sc, seed, policy)
+        out[policy] = {"phases": phase_table(pooled, sc), "requests": len(pooled)}
     return out
+
+
+def _one_sim_run(sc: RealScenario, seed: int, policy: str) -> list[Any]:
+    """One seed of the simulation with ``policy``: rows as the real client's."""
+    load = sc.load()
+    cfg = SimConfig(sc.specs(), load, [Slowdown(sc.degrade_backend, *sc.degrade,
+                                                factor=sc.degrade_factor)],
+                    deadline_s=sc.deadline_s, seed=seed, interval_s=sc.interval_s)
+    control = None
+    if policy == "predictive":
+        control = PredictiveControl(PredictiveConfig(
+            interval_s=sc.interval_s, step_s=2, horizon=5, lateness_s=sc.interval_s,
+            season_s=600, capacities={b.id: b.capacity_rps for b in sc.specs()}),
+            np.zeros(0))
+    r = Simulation(cfg, policy, control).run()
+    return [(float(t), float(ms), int(o != OK), "")
+            for t, ms, o in zip(r.t_arrival, r.rtt_ms, r.outcome, strict=True)]
 
 
 def order(res: dict[str, Any], phase: str) -> list[str]:
@@ -445,15 +469,18 @@ def print_tables(console: Any, res: dict[str, Any]) -> None:
                           f"{TIE:.0%}: {'yes' if c['same_with_ties'] else 'NO'}")
 
 
-def main_real(console: Any, seed: int, planes: tuple[str, ...]) -> dict[str, Any]:
+def main_real(console: Any, seed: int, planes: tuple[str, ...],
+              n_seeds: int = 1) -> dict[str, Any]:
     sc = RealScenario()
-    real = run_real(sc, seed, planes, log=console.print)
-    sim = run_sim(sc, seed)
+    seeds = list(range(seed, seed + n_seeds))
+    real = run_real(sc, seeds, planes, log=console.print)
+    sim = run_sim(sc, seeds)
     res = {"scenario": {"slots": list(sc.slots), "median_ms": sc.median_s * 1000,
                         "capacity_rps": round(sc.capacity(), 1), "base_util": sc.base_util,
                         "spike": list(sc.spike), "spike_factor": sc.spike_factor,
                         "degrade": list(sc.degrade), "degrade_backend": sc.degrade_backend,
-                        "degrade_factor": sc.degrade_factor, "seed": seed},
+                        "degrade_factor": sc.degrade_factor, "seed": seed,
+                        "seeds": seeds},
            "real": real, "sim": sim}
     res["order"] = compare(real, sim, sc)
     print_tables(console, res)
