@@ -226,7 +226,7 @@ def _machine_claim(machine: dict[str, Any], claims: list[dict[str, Any]],
          "load_per_cpu": round(per_cpu, 2), "limit": BUSY_LOAD_PER_CPU,
          "verdict": "lost" if busy else "tie"}
     claims.append(c)
-    lag = (f"; the load generator sent {late} arrivals over 0.5 s late (up to "
+    lag = (f"; the load generator sent {late} arrivals over {scn.LATE_ARRIVAL_S:g} s late (up to "
            f"{machine.get('max_send_lateness_s', 0):.1f} s), then in a burst" if late else "")
     statements.insert(0, {
         "group": "all", "tone": "lose" if busy else "neutral", "claims": [c["id"]],

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from loadcast.demo.scenario import LATE_ARRIVAL_S
 from streams.sidecar.director import REGION_HEADER
 
 Recorder = Callable[[str, str, str, float, int, bool, bool], None]
@@ -77,8 +78,8 @@ class LoadGenerator:
         self.stats = {p: LaneStats() for p in targets}
         self.t_start = 0.0
         self.start_epoch = start_epoch
-        # how well the schedule was kept: arrivals sent over 0.5 s after their time (the
-        # demo's own process starved of CPU sends late, and then in bursts)
+        # how well the schedule was kept: arrivals sent over LATE_ARRIVAL_S after their
+        # time (the demo's own process starved of CPU sends late, and then in bursts)
         self.max_late_s = 0.0
         self.max_late_at = 0.0  # the arrival (seconds into the schedule) sent the latest
         self.late_arrivals = 0
@@ -135,7 +136,7 @@ class LoadGenerator:
                 late = time.monotonic() - self.t_start - at
                 if late > self.max_late_s:
                     self.max_late_s, self.max_late_at = late, at
-                self.late_arrivals += late > 0.5
+                self.late_arrivals += late > LATE_ARRIVAL_S
                 for policy, cs in sessions.items():
                     st = self.stats[policy]
                     st.sent += 1

@@ -25,6 +25,9 @@ from streams.edge.replay import Trace
 
 API = "orders"  # the API the demo serves
 CLIENT_API = "demo-client"  # client-side measurements of each lane (not routed)
+# an arrival the load generator sends more than this after its time is late: the report
+# then says the lanes' latencies measure the demo machine rather than the policies
+LATE_ARRIVAL_S = 0.5
 CENTRAL, EDGE = "central", "edge"
 #: The policy lanes. ``predictive-persistence`` is the ablation: the whole predictive
 #: pipeline (its own worker, planner, executor and mirrors) with the forecaster replaced
