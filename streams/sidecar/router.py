@@ -193,7 +193,10 @@ class Router:
         ep.requests += 1
         if rtt_ms is not None:
             ep.observe_rtt(rtt_ms, now)
-        return ep.failed(now, self.eject_after, self.eject_s, self._may_eject(ep, now))
+        # the cap is counted only when this failure completes a streak (rarely)
+        due = ep.consecutive_failures + 1 >= self.eject_after
+        return ep.failed(now, self.eject_after, self.eject_s,
+                         not due or self._may_eject(ep, now))
 
     def _may_eject(self, ep: Endpoint, now: float) -> bool:
         route = self.routes.get(ep.api)
