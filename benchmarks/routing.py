@@ -33,6 +33,7 @@ Usage::
     python benchmarks/routing.py --actuation-ms 500 --seeds 5
     python benchmarks/routing.py --only prescale --activation-intervals 5
     python benchmarks/routing.py --only main --seeds 1 --real   # + the real sidecar run
+    python benchmarks/routing.py --only main --seeds 1 --real --real-seeds 3  # ~30 min
 
 Prints tables and writes ``out/benchmarks/routing.json`` (see ``--out``). Latency figures
 are medians over requests within a run, then mean and 95 % interval over seeds.
