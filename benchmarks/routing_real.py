@@ -321,14 +321,15 @@ def run_real(sc: RealScenario, seeds: list[int], planes: tuple[str, ...],
             for policy in (PROXY_POLICIES if plane == "proxy" else HAPROXY_POLICIES):
                 pooled: list[Any] = []
                 per_seed: dict[int, Any] = {}
-                published: list[int] = []
+                published = 0
                 for seed in seeds:
-                    rows = _one_real_run(broker, sc, seed, plane, policy, published)
+                    rows, scores = _one_real_run(broker, sc, seed, plane, policy)
                     pooled += rows
+                    published += scores
                     per_seed[seed] = phase_table(rows, sc)
                 res[plane][policy] = {"phases": phase_table(pooled, sc),
                                       "requests": len(pooled), "per_seed": per_seed,
-                                      "scores_published": sum(published)}
+                                      "scores_published": published}
                 log(f"  real {plane} {policy} ({len(seeds)} seeds): " + ", ".join(
                     f"{k} p99 {v['p99_ms']:.0f} ms err {v['errors_pct']:.2f} %"
                     for k, v in res[plane][policy]["phases"].items()
@@ -336,9 +337,10 @@ def run_real(sc: RealScenario, seeds: list[int], planes: tuple[str, ...],
     return res
 
 
-def _one_real_run(broker: Any, sc: RealScenario, seed: int, plane: str, policy: str,
-                  published: list[int]) -> list[Any]:
-    """One seed's arrivals through ``plane`` with ``policy``: the client's rows."""
+def _one_real_run(broker: Any, sc: RealScenario, seed: int, plane: str,
+                  policy: str) -> tuple[list[Any], int]:
+    """One seed's arrivals through ``plane`` with ``policy``: the client's rows and the
+    number of scores the scorer published."""
     from streams.kafka.broker import free_port
     from streams.kafka.settings import KafkaSettings
     from streams.kafka.topics import ensure_topics
@@ -360,8 +362,7 @@ def _one_real_run(broker: Any, sc: RealScenario, seed: int, plane: str, policy: 
             t0 = time.monotonic()
             rows: list[Any] = asyncio.run(_drive(f"http://127.0.0.1:{port}/x", sc, seed,
                                                  q, t0))
-        published.append(sum(pub))
-    return rows
+    return rows, sum(pub)
 
 
 def run_sim(sc: RealScenario, seeds: list[int]) -> dict[str, Any]:
