@@ -25,6 +25,11 @@ from schemas.codec import Codec
 from streams.edge.agent import EdgeAgent, build_agent, zero_host_stats
 from streams.kafka.settings import KafkaSettings
 
+# Seconds from fixing the live start to it: the backends (4.3 s to start at load 7), the
+# history top-up (2.2 s), the client agents and a full collection. With 10 s, a run at
+# load 7.7 began 1.5 s late, its first arrivals sent in a burst.
+LIVE_SLACK_S = 14.0
+
 
 def history(kafka: KafkaSettings, sc: scn.Scenario, shapes: list[list[float]],
              specs: list[scn.BackendSpec], t0: float, seconds: range) -> None:
@@ -110,6 +115,13 @@ class LiveRun:
     gen: LoadGenerator
     arrivals: int
     load_before: float
+    start_steps: dict[str, float]  # seconds each step before the live start took, and spare
+
+
+def _step(steps: dict[str, float], name: str, since: float) -> float:
+    now = time.time()
+    steps[name] = round(now - since, 2)
+    return now
 
 
 def run_live(children: Children, pipes: dict[str, Pipe], topo: Topology, sc: scn.Scenario,
@@ -119,15 +131,16 @@ def run_live(children: Children, pipes: dict[str, Pipe], topo: Topology, sc: scn
     start the client agents, and send the arrivals to every lane with a live view."""
     # The seconds between the history's end and the live start are replayed too, so
     # the forecasters see no gap (a gap looks like a season without traffic): most of them
-    # now, the last few once the live start is fixed. The live start leaves 10 s for the
-    # backends (4.3 s to start at load 7), that top-up (2.2 s) and the client agents: with
-    # 5 s, set before the whole replay, quick runs began 2-3 s late, their first arrivals
-    # sent in a burst.
+    # now, the last few once the live start is fixed (LIVE_SLACK_S ahead, then moved out
+    # of the edge spikes: up to 18 s more, replayed ahead too, within the 60 s clock-skew
+    # allowance). How long each step took is kept for the report.
     hist_s = sc.history_seasons * sc.season_s
     bulk_end = int(time.time() - t0) + 1
     for lane, p in pipes.items():
         history(p.kafka, sc, shapes, topo.lanes[lane], t0, range(hist_s, bulk_end))
-    t_live = float(int(time.time()) + 10)
+    steps: dict[str, float] = {}
+    t = time.time()
+    t_live = sc.live_start(t0, t + LIVE_SLACK_S)
     live = scn.backends(sc, t0, t_live)
     specs = [{**s.__dict__, "port": topo.backend_port[s.id]} for lane in live.values()
              for s in lane]
@@ -135,27 +148,35 @@ def run_live(children: Children, pipes: dict[str, Pipe], topo: Topology, sc: scn
     be = children.start("backends", [str(work / "backends.json")], stdout_pipe=True,
                         module="loadcast.demo.backends")
     children.line(be, 30)
+    t = _step(steps, "backends_s", t)
     for lane, p in pipes.items():
         history(p.kafka, sc, shapes, topo.lanes[lane], t0,
                 range(max(hist_s, bulk_end), int(t_live - t0)))
+    t = _step(steps, "history_top_up_s", t)
     clients.start(pipes["predictive"].kafka)
     arrivals = scn.schedule(sc, shapes, t_live - t0)
     targets = {p: {r: f"http://127.0.0.1:{topo.sidecar_ports[(p, r)][0]}"
                    for r in (scn.CENTRAL, scn.EDGE)} for p in scn.POLICIES}
     gen = LoadGenerator(targets, arrivals, clients.record, start_epoch=t_live)
+    t = _step(steps, "client_agents_s", t)
     # Everything built so far (trace, schedule, history) lives to the end: kept out of
     # the collector's sight, or each full collection stops the load generator for
     # 0.6-0.7 s (measured) and the arrivals behind it go out late, in a burst. Before the
     # live start: this collection itself takes up to 0.9 s.
     gc.collect()
     gc.freeze()
+    _step(steps, "gc_s", t)
+    steps["spare_s"] = round(t_live - time.time(), 2)  # < 0: the live start was late
     time.sleep(max(0.0, t_live - time.time()))
+    spare = steps["spare_s"]
     console.print(f"live: {sc.live_seconds}s, {len(arrivals)} arrivals x "
-                  f"{len(scn.POLICIES)} lanes")
+                  f"{len(scn.POLICIES)} lanes"
+                  + ("" if spare >= 0 else f" (the set-up overran the live start by "
+                                           f"{-spare:.1f} s: the first arrivals go late)"))
     load_before = os.getloadavg()[0]
     _show_live(LiveView(sc, gen, topo.sidecar_ports, t0, t_live), gen, stop, console)
     children.check()
-    return LiveRun(t_live, time.time(), live, gen, len(arrivals), load_before)
+    return LiveRun(t_live, time.time(), live, gen, len(arrivals), load_before, steps)
 
 
 def _show_live(view: LiveView, gen: LoadGenerator, stop: threading.Event,
