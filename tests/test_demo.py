@@ -15,6 +15,8 @@ from typing import Any
 import psutil
 import pytest
 
+from loadcast.demo.headline import MIN_WINDOWS, intervals, phase_at
+
 pytestmark = pytest.mark.slow
 
 POLICIES = ("predictive", "predictive-persistence", "round-robin", "peak-ewma")
@@ -101,10 +103,15 @@ def test_quick_demo_writes_summary_and_report_and_leaves_nothing(tmp_path: Path)
     assert "forecast vs actual" in page.lower() and "mirror" in page.lower()
 
 
-def _verdict(ratio: float, err: float, base_err: float, tol: dict[str, float]) -> str:
-    lat = -1 if ratio < 1 - tol["p99_ratio"] else 1 if ratio > 1 + tol["p99_ratio"] else 0
-    er = (-1 if err < base_err - tol["error_rate"] else
-          1 if err > base_err + tol["error_rate"] else 0)
+def _verdict(c: dict[str, Any], err: float, base_err: float, tol: dict[str, Any]) -> str:
+    ratio, ci, dci = c["ratio"], c["p99_ratio_ci95"], c["error_diff_ci95"]
+    if ci is None:  # too few seconds for an interval: no win or loss
+        return "tie"
+    assert ci[0] <= ci[1] and dci[0] <= dci[1]
+    lat = (-1 if ratio < 1 - tol["p99_ratio"] and ci[1] < 1 else
+           1 if ratio > 1 + tol["p99_ratio"] and ci[0] > 1 else 0)
+    er = (-1 if err < base_err - tol["error_rate"] and dci[1] < 0 else
+          1 if err > base_err + tol["error_rate"] and dci[0] > 0 else 0)
     if lat > 0 or er > 0:
         return "lost"
     return "won" if lat < 0 or er < 0 else "tie"
@@ -125,6 +132,11 @@ def _check_claims(s: dict[str, Any]) -> None:
     for g in ("central", "edge"):
         for base in ("seasonal_naive", "persistence"):
             assert f"{g}:forecast-vs-{base}" in claims
+    for lane, groups in s["series"]["errors"].items():  # the phase windows are the tables'
+        for g, rows in groups.items():
+            for ph in ("steady", "degraded", "spike"):
+                n = sum(r[2] for r in rows if phase_at(r[0], s["phases"]) == ph)
+                assert n == s["policies"][lane][g][ph]["requests"], (lane, g, ph)
     for c in claims.values():
         if c["kind"] == "latency":
             a = s["policies"][c["subject"]][c["group"]][c["phase"]]
@@ -134,7 +146,12 @@ def _check_claims(s: dict[str, Any]) -> None:
             assert c["baseline_error_rate"] == b["error_rate"]
             assert isinstance(c["ratio"], float) and c["p99_ms"] and c["baseline_p99_ms"]
             assert abs(c["ratio"] - a["p99_ms"] / b["p99_ms"]) < 0.002
-            assert c["verdict"] == _verdict(c["ratio"], a["error_rate"] or 0.0,
+            # the interval stands on the summary's per-second series and phase windows
+            iv = intervals(s["series"], c["subject"], c["baseline"], c["group"], c["phase"],
+                           s["phases"])
+            assert {k: c[k] for k in iv} == iv
+            assert c["windows"] >= MIN_WINDOWS or c["phase"] != "overall"
+            assert c["verdict"] == _verdict(c, a["error_rate"] or 0.0,
                                             b["error_rate"] or 0.0, tol)
         elif c["kind"] == "forecast":
             st = s["forecast_skill"][{"demand": "groups", "planner": "planner_sums"}[

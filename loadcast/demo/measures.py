@@ -226,7 +226,16 @@ def query_facts(facts: dict[str, Any]) -> dict[str, Any]:
         "mirror_share_of_edge_by_lane": share,
         "edge_demand": sorted([t, n] for t, n in edge_demand.items()),
         "horizon": HORIZON, "scenario": sc,
+        "phase_windows": phase_windows(facts),
     }
+
+
+def phase_windows(facts: dict[str, Any]) -> dict[str, list[list[float]]]:
+    """The degraded and spike windows in seconds since the live start (the series' time)."""
+    t = facts["t_live"]
+    d0, d1 = facts["degrade_window"]
+    return {"degraded": [[round(d0 - t, 1), round(d1 - t, 1)]],
+            "spike": [[round(a - t, 1), round(b - t, 1)] for a, b in facts["spike_windows"]]}
 
 
 def _phases(facts: dict[str, Any]) -> Callable[[float], str]:

@@ -101,9 +101,11 @@ Trace shape: {html.escape(Path(s['trace']).name)}, one day compressed into
 {sc['season_s']} s. Numbers from ClickHouse queries over what the pipeline stored.</p>
 <h2>Headline</h2>
 <p class="note">Green: predictive won and lost nothing in that comparison; red: it lost
-somewhere (p99 more than {TIE:.0%} higher or errors more than {ERROR_TIE:.1%} higher); no
-colour: within noise. Forecasts earn their place at MASE &le; {SKILL_TARGET} against both
-naive forecasts with 90 % bands covering {COVERAGE_TARGET[0]:.0%}-{COVERAGE_TARGET[1]:.0%}.
+somewhere (p99 more than {TIE:.0%} higher or errors more than {ERROR_TIE:.1%} higher, and
+the 95 % interval in brackets, a paired bootstrap over the phase's seconds, leaves out no
+difference); no colour: within noise. Forecasts earn their place at MASE &le;
+{SKILL_TARGET} against both naive forecasts with 90 % bands covering
+{COVERAGE_TARGET[0]:.0%}-{COVERAGE_TARGET[1]:.0%}.
 Every line's numbers are claims in summary.json.</p>
 <ul class="head">{head}</ul>
 <h2>Latency and errors by policy</h2>
@@ -171,6 +173,7 @@ def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
         "headline": hl,
         "series": {"p99_ms": q["p99"], "errors": q["errors"], "weights": q["weights"],
                    "forecast": q["forecast"], "edge_demand": q["edge_demand"]},
+        "phases": q["phase_windows"],  # seconds since the live start, as the series
         "horizon": q["horizon"],
         "forecast_accuracy": q["accuracy"],
         "mirrors": {"activations": q["lead"], "commands": q["commands"],
