@@ -74,6 +74,28 @@ def test_predictive_divides_cost_by_weight() -> None:
     assert got["e0"] == 1.0
 
 
+def test_predictive_trusts_a_weight_less_once_its_endpoint_slows_down() -> None:
+    # weights 2:1 from the last scores; then e0's service time triples (its capacity is now
+    # 2/3 of e1's) and the next scores are not in yet
+    e = eps(1.0, 0.5)
+    for t in range(60):
+        for x in e:
+            x.observe_rtt(100.0, float(t))
+    for x in e:
+        x.rtt_at = 0.0  # no cost to compare: each is drawn by its weight alone
+    pol = make_policy("predictive", random.Random(5))
+    idle = shares([pol.pick(e, 60.0).id for _ in range(6000)])
+    for t in range(60, 66):
+        e[0].observe_rtt(300.0, float(t))
+        e[1].observe_rtt(100.0, float(t))
+    assert e[0].slowdown() > 2.0 and e[1].slowdown() == 1.0
+    for x in e:
+        x.rtt_at = 0.0  # again no cost: only the slowdown tells them apart
+    slow = shares([pol.pick(e, 66.0).id for _ in range(6000)])
+    assert idle["e0"] == pytest.approx(2 / 3, abs=0.02)
+    assert slow["e0"] < 0.5  # drawn by weight / slowdown: below e1's share now
+
+
 def test_prequal_prefers_cold_low_latency_and_keeps_a_bounded_pool() -> None:
     pol = make_policy("prequal", random.Random(5))
     e = eps(*([1.0] * 20))

@@ -7,9 +7,12 @@ the router tries the others in score order after a connection failure.
   power-of-two-choices: draw two distinct endpoints with probability proportional to their
   weights (capacity x health from the scores, ``weights.py``), keep the one with the lower
   peak-EWMA cost (latency x (in-flight + 1), as ``peak-ewma``) divided by its weight (ties:
-  the first draw). Idle, it reproduces the weights exactly; under load it sees a slow or
-  backed-up endpoint as fast as ``peak-ewma`` does; with equal weights it *is* ``peak-ewma``
-  (never worse than the reactive policy it contains).
+  the first draw). Each weight is first divided by how many times slower than usual its
+  endpoint answers now (:meth:`Endpoint.slowdown`): a backend that slowed down since the
+  last score has less capacity than its weight says. Idle, it reproduces the weights
+  exactly; under load it sees a slow or backed-up endpoint as fast as ``peak-ewma`` does;
+  with equal weights and no endpoint slower than usual it *is* ``peak-ewma`` (never worse
+  than the reactive policy it contains).
 - ``first-available``: the first candidate in configuration order (dynamic routing off).
 - ``round-robin``: candidates in turn.
 - ``least-request``: power-of-two-choices on in-flight requests (Envoy's least_request).
@@ -38,6 +41,12 @@ from typing import Protocol
 DECAY_S = 10.0  # peak-EWMA time constant (Finagle's default)
 MAX_EJECT_S = 60.0
 RIF_ALPHA = 0.2  # EWMA weight of a new sample in the per-in-flight latency table
+# An endpoint's recent latency (time constant SPEED_RECENT_S) against its usual one
+# (SPEED_USUAL_S): how many times slower it is now, which a weight set from the last
+# score does not know yet (see :meth:`Endpoint.slowdown`).
+SPEED_RECENT_S = 2.0
+SPEED_USUAL_S = 60.0
+MAX_SLOWDOWN = 10.0
 
 
 @dataclass(eq=False)
@@ -61,6 +70,10 @@ class Endpoint:
     failures: int = 0
     # Prequal's latency signal: EWMA latency of successful requests per in-flight level
     rif_latency: dict[int, float] = field(default_factory=dict)
+    # recent and usual latency (ms, time-weighted EWMAs) and when they were last updated
+    lat_recent: float = 0.0
+    lat_usual: float = 0.0
+    lat_at: float = 0.0
     host: str = field(init=False, default="")
     port: int = field(init=False, default=0)
 
@@ -77,6 +90,32 @@ class Endpoint:
             w = math.exp(-max(0.0, now - self.rtt_at) / DECAY_S)
             self.rtt_ms = self.rtt_ms * w + rtt_ms * (1.0 - w)
         self.rtt_at = now
+        if self.lat_at == 0.0:
+            self.lat_recent = self.lat_usual = rtt_ms
+        else:
+            dt = max(0.0, now - self.lat_at)
+            self.lat_recent += (1.0 - math.exp(-dt / SPEED_RECENT_S)) * (rtt_ms - self.lat_recent)
+            self.lat_usual += (1.0 - math.exp(-dt / SPEED_USUAL_S)) * (rtt_ms - self.lat_usual)
+        self.lat_at = now
+
+    def slowdown(self) -> float:
+        """How many times slower than usual the endpoint answers now (1 at least, at most
+        :data:`MAX_SLOWDOWN`): a backend whose service time tripled has a third of the
+        capacity its weight was set for, until the next scores say so.
+
+        >>> e = Endpoint("a", "http://127.0.0.1:1")
+        >>> for t in range(60):
+        ...     e.observe_rtt(100.0, float(t))
+        >>> e.slowdown()
+        1.0
+        >>> for t in range(60, 70):
+        ...     e.observe_rtt(300.0, float(t))
+        >>> 2.0 < e.slowdown() < 3.0
+        True
+        """
+        if self.lat_usual <= 0.0:
+            return 1.0
+        return min(MAX_SLOWDOWN, max(1.0, self.lat_recent / self.lat_usual))
 
     def observe_rif_latency(self, rtt_ms: float) -> None:
         """A successful response at the current in-flight level (Prequal's servers keep
@@ -135,15 +174,6 @@ class Policy(Protocol):
     def pick(self, candidates: Sequence[Endpoint], now: float) -> Endpoint: ...
 
 
-def _weighted_draw(candidates: Sequence[Endpoint], total: float, rng: random.Random) -> int:
-    x = rng.random() * total
-    for i, e in enumerate(candidates):
-        x -= e.weight
-        if x < 0:
-            return i
-    return len(candidates) - 1
-
-
 class Predictive:
     """Weighted power-of-two-choices on peak-EWMA cost per unit of weight."""
 
@@ -156,20 +186,32 @@ class Predictive:
         n = len(candidates)
         if n == 1:
             return candidates[0]
-        total = sum(e.weight for e in candidates)
+        # the weights as the scores set them, over how much slower each endpoint is now
+        w = [e.weight / e.slowdown() for e in candidates]
+        total = sum(w)
         if total <= 0:  # every candidate drained: still route (never "no routing")
             return candidates[self.rng.randrange(n)]
-        i = _weighted_draw(candidates, total, self.rng)
-        a = candidates[i]
-        rest = total - a.weight
+        i = _draw(w, total, self.rng)
+        a, wa = candidates[i], w[i]
+        rest = total - wa
         if rest <= 0:  # only ``a`` has weight
             return a
-        others = [e for k, e in enumerate(candidates) if k != i]
-        b = others[_weighted_draw(others, rest, self.rng)]
-        if b.weight <= 0:
+        others = [k for k in range(n) if k != i]
+        j = others[_draw([w[k] for k in others], rest, self.rng)]
+        b, wb = candidates[j], w[j]
+        if wb <= 0:
             return a
         # lower reactive cost per unit of weight wins; ties keep the first draw
-        return b if b.cost(now) * a.weight < a.cost(now) * b.weight else a
+        return b if b.cost(now) * wa < a.cost(now) * wb else a
+
+
+def _draw(weights: Sequence[float], total: float, rng: random.Random) -> int:
+    x = rng.random() * total
+    for i, w in enumerate(weights):
+        x -= w
+        if x < 0:
+            return i
+    return len(weights) - 1
 
 
 class FirstAvailable:
