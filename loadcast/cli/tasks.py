@@ -9,6 +9,7 @@ Kafka and aiohttp are imported inside the commands (start-up speed of ``loadcast
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import Callable
 from typing import Annotated
@@ -121,7 +122,10 @@ def _swarm_worker(get_settings: SettingsFn) -> Callable[..., None]:
         group = group_id(sw, s.kafka.topic_prefix)
         console.print(f"swarm worker {worker.id} in group {group}: handler {sw.handler}, "
                       f"concurrency {sw.concurrency}")
-        print("ready", flush=True)
+        # one write: with unbuffered output print() writes "ready" and the newline apart,
+        # and workers sharing a log interleaved them ("readyready")
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
         with stop_on_signals(duration) as stop:
             worker.run(stop)
         console.print(f"swarm worker {worker.id}: {worker.done} attempt(s) finished")
