@@ -30,6 +30,7 @@ from processors.endpoint import EndpointModel
 from processors.engine import Engine
 from processors.federated.coldstart import warm_start
 from processors.federated.params import family_of
+from processors.forecasting.kernels import warm_up
 from processors.treelog import SnapshotRecord
 from schemas.codec import Codec, CodecError, Record
 from streams.kafka.brokerwatch import quiet_aiokafka
@@ -430,6 +431,7 @@ def run_worker(kafka: KafkaSettings, settings: ProcessorSettings, loglevel: str 
     serve_metrics(settings.metrics_port)
     worker = Worker(kafka, settings)
     REGISTRY.register(EngineMetrics(worker))
+    warm_up()  # the forecasters' compiled loops: now, not on the first records
     # Models are long-lived object graphs: full collections over them were the latency
     # tail. Freeze what start-up allocated and collect the young generation less often.
     gc.freeze()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from processors.forecasting.features import FCLIP
+from processors.forecasting.kernels import score_candidates
 
 __all__ = ["CANDIDATES", "MIX_LR", "MIX_POWER", "MIX_SHARE", "SELECTS", "CandidateBlend"]
 
@@ -198,63 +199,20 @@ class CandidateBlend:
     def _score_candidates(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray,
                           value: float, s: np.ndarray, full: bool) -> None:
         """Score the candidates of horizons ``hi`` (forecasts ``cands`` made at rows
-        ``rws``, levels ``s``) against the actual ``value``; ``full``: every horizon."""
-        # Candidate errors (scale-free), EW mean per horizon.
-        e = np.abs(value - cands) / s[:, None]
-        # Bias-corrected EW mean (sum of decayed errors / sum of decayed weights), so the
-        # first few errors of a new candidate do not stand for its accuracy for long.
-        keep = 1.0 - self._err_a
-        seen = ~np.isnan(e)
-        num = self._cerr_num if full else self._cerr_num[hi]
-        wsum = self._cerr_w if full else self._cerr_w[hi]
-        # e >= 0, so the minimum is nan_to_num's inf -> max on the entries kept.
-        num = np.where(seen, num * keep + np.minimum(e, _MAX), num)
-        wsum = np.where(seen, wsum * keep + 1.0, wsum)
-        if full:
-            self._cerr_num, self._cerr_w = num, wsum
-            self._cerr_n += seen
-            cerr_n = self._cerr_n
-        else:
-            self._cerr_num[hi], self._cerr_w[hi] = num, wsum
-            self._cerr_n[hi] += seen
-            cerr_n = self._cerr_n[hi]
-        cerr = np.where(cerr_n >= self._warm, num / np.maximum(wsum, 1e-12), np.nan)
-        if full:
-            self._cerr = cerr
-        else:
-            self._cerr[hi] = cerr
-        if self.select == "mix":
-            self._mix_update(hi, rws, cands, value, s)
-
-    def _mix_update(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray, value: float,
-                    s: np.ndarray) -> None:
-        """Exponentiated-gradient step of the blend weights of horizons ``hi`` on the
-        absolute error of the blend, scale-free, then a fixed share of uniform weight so a
-        candidate that was poor can come back when the series changes."""
-        pred = self._pmix[rws, hi]
-        # Recent errors of the blend, seasonal naive and persistence, for the guard.
-        ge = np.abs(np.column_stack([pred, cands[:, 1], cands[:, 2]]) - value) / s[:, None]
-        gerr = self._gerr[hi]
-        self._gerr[hi] = np.where(np.isnan(ge), gerr,
-                                  gerr + self._guard_a * (np.minimum(ge, FCLIP) - gerr))
-        ok = ~np.isnan(cands)
-        # d|sum_c w_c x_c / sum_c w_c - y| / dw_c ~ sign(pred - y) (x_c - y) / level.
-        g = np.sign(pred - value)[:, None] * (cands - value) / s[:, None]
-        ok &= np.isfinite(g)
-        g = np.where(ok, np.minimum(np.maximum(g, -FCLIP), FCLIP), 0.0)
-        w = self._mixw[hi]
-        # A candidate without a forecast (no week of history yet ...) takes the blend's
-        # mean gradient: it keeps its weight relative to the blend, neither gaining weight
-        # while the others err nor losing it.
-        wa = np.where(ok, w, 0.0)
-        gm = (wa * g).sum(axis=1) / np.maximum(wa.sum(axis=1), 1e-300)
-        g = np.where(ok, g, gm[:, None])
-        g = np.where(np.isnan(pred)[:, None], 0.0, g)
-        # Horizon h learns from forecasts made h steps ago, so h updates are in flight at
-        # once: the rate is divided by h ** mix_power (a fixed rate oscillates at long
-        # horizons).
-        lr = self.mix_lr / self._hs[hi] ** self.mix_power
-        w = w * np.exp(-lr[:, None] * g)
-        w /= w.sum(axis=1, keepdims=True)
-        a = self.mix_share
-        self._mixw[hi] = (1.0 - a) * w + a / w.shape[1]
+        ``rws``, levels ``s``) against the actual ``value``: each candidate's bias-corrected
+        EW mean scale-free absolute error (so the first few errors of a new candidate do
+        not stand for its accuracy for long), and with ``select="mix"`` the guard's errors
+        and an exponentiated-gradient step of the blend weights on the blend's scale-free
+        absolute error, then a fixed share of uniform weight so a candidate that was poor
+        can come back when the series changes.  Horizon h learns from forecasts made h
+        steps ago, so h updates are in flight at once: its rate is ``mix_lr / h **
+        mix_power`` (a fixed rate oscillates at long horizons).  Compiled
+        (:func:`~processors.forecasting.kernels.score_candidates`); ``full`` is not needed
+        there."""
+        score_candidates(
+            np.ascontiguousarray(hi, dtype=np.intp), np.ascontiguousarray(rws, dtype=np.intp),
+            np.ascontiguousarray(cands, dtype=np.float64), float(value),
+            np.ascontiguousarray(s, dtype=np.float64), self._cerr_num, self._cerr_w,
+            self._cerr_n, self._cerr, int(self._warm), 1.0 - self._err_a,
+            self.select == "mix", self._pmix, self._gerr, self._guard_a, self._mixw,
+            self.mix_lr, self.mix_power, self.mix_share, FCLIP)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from processors.forecasting.features import C_BIAS, FCLIP, N_FEATURES
+from processors.forecasting.kernels import rls_update
 
 __all__ = ["LEARNERS", "HorizonLearners"]
 
@@ -124,36 +125,15 @@ class HorizonLearners:
         return z
 
     def _rls_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray, full: bool) -> None:
-        """One exponentially-forgetting RLS step for horizons ``hi``; ``full``: ``hi`` is
-        every horizon in order, so weights and covariances are updated in place."""
-        lam = self.forgetting
-        W = self.weights if full else self.weights[hi]
-        P = self._P if full else self._P[hi]
-        err = tgt - np.einsum("kf,kf->k", X, W)
-        # Robust: clip the innovation at 3 running residual standard deviations.
-        rv = self._res_var[hi]
-        sd3 = 3 * np.sqrt(rv)
-        e_c = np.where(self._n_upd[hi] > 50, np.minimum(np.maximum(err, -sd3), sd3), err)
-        self._res_var[hi] = rv + 0.01 * (np.minimum(err * err, 9 * rv + 1e-6) - rv)
-        Px = np.einsum("kij,kj->ki", P, X)
-        denom = lam + np.einsum("ki,ki->k", X, Px)
-        K = Px / denom[:, None]
-        W += K * e_c[:, None]
-        P -= K[:, :, None] * Px[:, None, :]
-        P /= lam
-        # Keep P bounded where features are not excited (forgetting would blow it up).
-        tr = np.einsum("kii->k", P)
-        cap = 10.0 * N_FEATURES
-        big = tr > cap
-        if big.any():
-            # Scale the capped horizons, the others by exactly 1.0: one pass over P
-            # instead of gathering and scattering the capped ones.
-            scale = np.ones_like(tr)
-            np.divide(cap, tr, out=scale, where=big)
-            P *= scale[:, None, None]
-        if not full:
-            self.weights[hi] = W
-            self._P[hi] = P
+        """One exponentially-forgetting RLS step for horizons ``hi`` (in place; ``full``:
+        ``hi`` is every horizon in order).  The innovation is clipped at 3 running
+        residual standard deviations (robust to a spike); a covariance whose trace passes
+        10 x features is scaled back, so forgetting cannot blow up directions the features
+        do not excite.  Compiled: :func:`~processors.forecasting.kernels.rls_update`."""
+        rls_update(self.weights, self._P, np.ascontiguousarray(hi, dtype=np.intp),
+                   np.ascontiguousarray(X, dtype=np.float64),
+                   np.ascontiguousarray(tgt, dtype=np.float64), self._res_var, self._n_upd,
+                   float(self.forgetting), 10.0 * N_FEATURES)
 
     def _sgd_update(self, hi: np.ndarray, X: np.ndarray, tgt: np.ndarray) -> None:
         a = 0.002

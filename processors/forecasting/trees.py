@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from processors.forecasting.kernels import walk_trees
+
 __all__ = ["TreeEnsemble"]
 
 
@@ -26,7 +28,7 @@ class TreeEnsemble:
     ([1.0, 3.0], 7, 1)
     """
 
-    __slots__ = ("_child", "_feature", "_offsets", "_roots", "_threshold", "_value", "depth",
+    __slots__ = ("_child", "_feature", "_roots", "_threshold", "_value", "depth",
                  "n_features", "n_trees", "offset_feature", "version")
 
     def __init__(self, feature: np.ndarray, threshold: np.ndarray, child: np.ndarray,
@@ -49,7 +51,6 @@ class TreeEnsemble:
         self.n_trees = len(self._roots)
         self.version = int(version)
         self.offset_feature = offset_feature
-        self._offsets: tuple[int, np.ndarray] | None = None
 
     @classmethod
     def from_nodes(cls, trees: list[Any], n_features: int, version: int,
@@ -104,12 +105,12 @@ class TreeEnsemble:
 
     def __getstate__(self) -> dict[str, Any]:
         # The node arrays and labels; not the per-row-count offsets cache.
-        return {k: getattr(self, k) for k in self.__slots__ if k != "_offsets"}
+        return {k: getattr(self, k) for k in self.__slots__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         for k, v in state.items():
-            object.__setattr__(self, k, v)
-        self._offsets = None
+            if k != "_offsets":  # a per-row-count cache of earlier versions
+                object.__setattr__(self, k, v)
 
     def with_version(self, version: int) -> TreeEnsemble:
         """The same trees under another version number (the arrays are shared)."""
@@ -123,15 +124,6 @@ class TreeEnsemble:
         return all(np.array_equal(mine[k], theirs[k]) if isinstance(mine[k], np.ndarray)
                    else mine[k] == theirs[k] for k in mine if k != "version")
 
-    def _feature_offsets(self, rows: int) -> np.ndarray:
-        """``feature * rows`` per node (where a node's feature starts in ``X.T``), kept
-        for the last row count (a forecaster always predicts its ``max_horizon`` rows)."""
-        cached = self._offsets
-        if cached is None or cached[0] != rows:
-            cached = (rows, self._feature * rows)
-            self._offsets = cached
-        return cached[1]
-
     @property
     def nbytes(self) -> int:
         """Bytes of the node arrays (the ensemble's size, shared by its users)."""
@@ -140,19 +132,12 @@ class TreeEnsemble:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         """Sum over the trees of each row's leaf value, ``X`` (rows, features) -> (rows,)."""
-        R, F = X.shape
+        F = X.shape[1]
         if self.n_features != F:
             raise ValueError(f"X: expected {self.n_features} features, got {F}")
-        flat = np.ascontiguousarray(X.T, dtype=np.float64).ravel()  # X[r, f] at f*R + r
-        rows = np.arange(R)[:, None]
-        node = np.broadcast_to(self._roots, (R, self.n_trees))
-        feature = self._feature_offsets(R)
-        threshold, child = self._threshold, self._child
-        for _ in range(self.depth):
-            at = feature[node]
-            at += rows
-            node = child[node + (flat[at] > threshold[node])]
-        out: np.ndarray = self._value[node].sum(axis=1)
+        X = np.ascontiguousarray(X, dtype=np.float64)
+        out: np.ndarray = walk_trees(X, self._roots, self._feature, self._threshold,
+                                     self._child, self._value, self.depth)
         if self.offset_feature is not None:
             out += X[:, self.offset_feature]
         return out
