@@ -52,7 +52,7 @@ class ProcessorSettings(BaseModel):
         1000, ge=1, description="pooled rows before the first refit")
     global_trees_max_rows: int = Field(
         60_000, ge=1, description="the trees are fitted on the newest rows, at most this many")
-    global_trees_rounds: int = Field(100, ge=1, description="boosting rounds of a refit")
+    global_trees_rounds: int = Field(200, ge=1, description="boosting rounds of a refit")
     global_trees_keep_every: int = Field(
         0, ge=0, description="pool one learning batch in this many (0: thinned by the "
         "number of endpoints so the pool spans about a week)")

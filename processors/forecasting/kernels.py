@@ -1,8 +1,8 @@
 """Compiled inner loops of the default forecaster (numba, ``nopython``).
 
 A forecaster step works on (15 horizons x 25 features)-sized arrays, where numpy spends
-more time entering each call than computing: the global trees' walk (100 trees x 15 rows x
-depth 6 dependent gathers) and the per-horizon RLS update were a third of a step's time.
+more time entering each call than computing: the global trees' walk (then 100 trees x 15
+rows x depth 6 dependent gathers) and the per-horizon RLS update were a third of a step.
 Here they are plain loops compiled once per machine (``cache=True``: the machine code is
 kept beside this file, so later processes load it in milliseconds).  They do the same
 arithmetic as the numpy code they replaced, in another order, so results agree to the
