@@ -12,13 +12,33 @@ for bit.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 from numba import njit
 
-__all__ = ["rls_update", "score_candidates", "walk_trees", "warm_up"]
+__all__ = ["compiled", "rls_update", "score_candidates", "walk_trees", "warm_up"]
 
 
-@njit(cache=True, nogil=True)
+def compiled(fn: Callable[..., Any]) -> Any:
+    """``fn`` compiled by numba (``nopython``, releasing the GIL), its machine code cached
+    on disk where numba can write one (beside the module, ``NUMBA_CACHE_DIR`` or the user's
+    cache); where it can write none (a read-only install run by a user without a home),
+    numba refuses ``cache=True`` at import, so it is compiled in each process instead.
+
+    >>> ns: dict = {}
+    >>> exec("def twice(x):\\n    return 2.0 * x", ns)  # no source file: no cache possible
+    >>> compiled(ns["twice"])(1.5)
+    3.0
+    """
+    try:
+        return njit(cache=True, nogil=True)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(nogil=True)(fn)
+
+
+@compiled
 def walk_trees(X: np.ndarray, roots: np.ndarray, feature: np.ndarray,
                threshold: np.ndarray, child: np.ndarray, value: np.ndarray,
                depth: int) -> np.ndarray:  # pragma: no cover - compiled
@@ -41,7 +61,7 @@ def walk_trees(X: np.ndarray, roots: np.ndarray, feature: np.ndarray,
     return out
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def rls_update(W: np.ndarray, P: np.ndarray, hi: np.ndarray, X: np.ndarray,
                tgt: np.ndarray, res_var: np.ndarray, n_upd: np.ndarray, lam: float,
                cap: float) -> None:  # pragma: no cover - compiled
@@ -82,7 +102,7 @@ def rls_update(W: np.ndarray, P: np.ndarray, hi: np.ndarray, X: np.ndarray,
                     P[h, i, j] *= sc
 
 
-@njit(cache=True, nogil=True)
+@compiled
 def score_candidates(hi: np.ndarray, rws: np.ndarray, cands: np.ndarray, value: float,
                      s: np.ndarray, cerr_num: np.ndarray, cerr_w: np.ndarray,
                      cerr_n: np.ndarray, cerr: np.ndarray, warm: int, keep: float,
