@@ -204,7 +204,7 @@ class CandidateBlend:
         return out
 
     def _score_candidates(self, hi: np.ndarray, rws: np.ndarray, cands: np.ndarray,
-                          value: float, s: np.ndarray, full: bool) -> None:
+                          value: float, s: np.ndarray) -> None:
         """Score the candidates of horizons ``hi`` (forecasts ``cands`` made at rows
         ``rws``, levels ``s``) against the actual ``value``: each candidate's bias-corrected
         EW mean scale-free absolute error (so the first few errors of a new candidate do
@@ -214,8 +214,7 @@ class CandidateBlend:
         can come back when the series changes.  Horizon h learns from forecasts made h
         steps ago, so h updates are in flight at once: its rate is ``mix_lr / h **
         mix_power`` (a fixed rate oscillates at long horizons).  Compiled
-        (:func:`~processors.forecasting.kernels.score_candidates`); ``full`` is not needed
-        there."""
+        (:func:`~processors.forecasting.kernels.score_candidates`)."""
         score_candidates(
             np.ascontiguousarray(hi, dtype=np.intp), np.ascontiguousarray(rws, dtype=np.intp),
             np.ascontiguousarray(cands, dtype=np.float64), float(value),

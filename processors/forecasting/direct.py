@@ -272,17 +272,12 @@ class DirectForecaster(SeasonalFeatures, HorizonLearners, CandidateBlend, Banded
             return
         s = self._ps[rws]
         cands = self._pC[rws, hi]  # (k, C); column 1 is the base forecast
-        if t >= self.season + H:
-            self._score_candidates(hi, rws, cands, value, s, full)
-        else:
-            # Forecasts made in the first season had the level as their base, not seasonal
-            # naive: scored, they taught the blend and the guard that "seasonal naive" was
-            # poor just before it took over (NYC taxi's second day: MASE 1.5 at h = 15
-            # while seasonal naive made 0.4).
-            later = made[hi] >= self.season
-            if later.any():
-                self._score_candidates(hi[later], rws[later], cands[later], value, s[later],
-                                       False)
+        # Forecasts made in the first season had the level as their base, not seasonal
+        # naive: scored, they taught the blend and the guard that "seasonal naive" was
+        # poor just before it took over (NYC taxi's second day: MASE 1.5 at h = 15 while
+        # seasonal naive made 0.4).  So only later ones are scored.
+        scored = made[hi] >= self.season if t < self.season + H else slice(None)
+        self._score_candidates(hi[scored], rws[scored], cands[scored], value, s[scored])
         X = self._pX[rws, hi]  # (k, F)
         tgt = (value - cands[:, 1]) / s
         np.maximum(tgt, -FCLIP, out=tgt)

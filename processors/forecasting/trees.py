@@ -104,7 +104,7 @@ class TreeEnsemble:
                               offset_feature)
 
     def __getstate__(self) -> dict[str, Any]:
-        # The node arrays and labels; not the per-row-count offsets cache.
+        # The node arrays and labels.
         return {k: getattr(self, k) for k in self.__slots__}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
