@@ -112,6 +112,11 @@ def normalized(w: dict[str, float]) -> dict[str, float]:
     return {k: v / total for k, v in w.items()}
 
 
+# serial: the shares are peak-EWMA's as well as the weights' (predictive is P2C on cost per
+# unit of weight), and a host stall of a few hundred ms, common beside another test file on
+# two cores, lands on the endpoints that had requests in flight and is held ~DECAY_S: the
+# lightly weighted endpoint then rightly takes a large share (seen: 0.45 for weight 0.1).
+@pytest.mark.serial
 @pytest.mark.asyncio
 async def test_scores_shift_traffic_shares_within_two_intervals(
     kafka: KafkaSettings, codec: Codec, backends: BackendProcess
@@ -132,14 +137,16 @@ async def test_scores_shift_traffic_shares_within_two_intervals(
             elapsed = time.monotonic() - t0
             assert statuses == {200: 1500}
             share = {k: v / 1500 for k, v in got.items()}
+            # each endpoint's peak-EWMA latency (ms): one far above the others says a stall
+            peaks = {e.id: round(e.rtt_ms, 1) for e in sc.router.routes["orders"].endpoints}
             # predictive is P2C on peak-EWMA cost per unit of weight: shares follow the
             # weights' order, steeper than proportional (a light endpoint loses most of
             # its draws), so the check is the order and where the bulk goes.
             top, low = max(want, key=want.__getitem__), min(want, key=want.__getitem__)
             by_share = sorted(scores, key=lambda e: share.get(e, 0.0))
-            assert by_share == sorted(scores, key=want.__getitem__), (share, want)
+            assert by_share == sorted(scores, key=want.__getitem__), (share, want, peaks)
             assert share[top] >= want[top] - 0.1 and share.get(low, 0.0) <= want[low] + 0.05, \
-                (share, want)
+                (share, want, peaks)
             assert elapsed <= 2 * step, f"shares matched only after {elapsed:.2f}s"
         status, view = await admin(sc, "GET", "/weights")
         assert status == 200 and view["orders"]["score_order"] == ["c", "b", "a"]
