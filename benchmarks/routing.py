@@ -439,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan-band", type=float, default=0.3,
                     help="pre-scaling: plan for the forecast's mean + this share of the way "
                          "to its upper band (default 0.3; 0 = the mean)")
+    ap.add_argument("--event-band", type=float, default=1.0,
+                    help="pre-scaling: ... and this share when the forecast's mean crosses "
+                         "what the always-on instances serve (default 1.0: the upper band; "
+                         "--event-band 0.3 plans every point alike)")
     ap.add_argument("--activation-intervals", type=float, default=3.0,
                     help="pre-scaling: intervals new capacity takes to serve (2-5; default 3)")
     ap.add_argument("--actuation-ms", type=float, default=50.0,
@@ -457,8 +461,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) < 0:
             console.print(f"[red]--{name.replace('_', '-')} must be >= 0[/red]")
             return 2
-    if not 0.0 <= args.plan_band <= 1.0:
-        console.print("[red]--plan-band must be in [0, 1][/red]")
+    if not 0.0 <= args.plan_band <= 1.0 or not 0.0 <= args.event_band <= 1.0:
+        console.print("[red]--plan-band and --event-band must be in [0, 1][/red]")
         return 2
     if not 0 < args.activation_intervals <= 20:
         console.print("[red]--activation-intervals must be in (0, 20][/red]")
@@ -484,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         else [("seasonal", None), (f"trace:{ELB_TRACE}", trace_path(ELB_TRACE))])
     pre_scens = {label: prescale.PrescaleScenario(
         scale=QUICK_SCALE if args.quick else 1.0, trace=path, interval_s=args.interval_s,
-        activation_intervals=args.activation_intervals, plan_band=args.plan_band)
+        activation_intervals=args.activation_intervals, plan_band=args.plan_band,
+        event_band=args.event_band)
         for label, path in pre_loads}
     try:
         if args.only != "prescale":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +189,21 @@ def test_real_backends_have_slots_a_bounded_queue_and_shed() -> None:
         took = time.monotonic() - t0
     assert sorted(got) == [200, 200, 503, 503]  # one slot, one queued, two shed at once
     assert took >= 0.55  # the queued one waited for the slot: two service times in a row
+
+
+def test_prescale_planner_sizes_a_predicted_crossing_for_its_upper_band() -> None:
+    from benchmarks.routing_sim.prescale import PrescaleScenario, ScalingControl
+
+    sc = PrescaleScenario(scale=0.2)
+    ctl = ScalingControl(sc, "forecast", sc.load())
+    per = sc.instance_rps * sc.target_util  # what one instance serves at the target
+    on = sc.min_instances * per  # ... and the always-on pool
+    # below the always-on pool: mean + 0.3 of the way to the upper band
+    ctl.forecast = [(sc.step_s, 0.5 * on, 0.5 * on + 10 * per)]
+    assert ctl._needed(0.0) == math.ceil((0.5 * on + 3 * per) / per)
+    # a predicted crossing: the whole upper band (capped by the pool only later)
+    ctl.forecast = [(sc.step_s, 1.2 * on, 1.2 * on + 2 * per)]
+    assert ctl._needed(0.0) == math.ceil((1.2 * on + 2 * per) / per)
+    # points past the lead time + one step are not planned for
+    ctl.forecast = [(sc.lead_s + 2 * sc.step_s, 5 * on, 6 * on)]
+    assert ctl._needed(0.0) == 0

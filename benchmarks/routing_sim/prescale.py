@@ -20,8 +20,12 @@ Lanes (all route with the sidecar's real ``Router``; instances not active are ej
   stepper, ``make_forecaster("default")``, the LoadScore's forecast points) of the pool's
   demand, fed the agent's windows; the planner rule of ``processors.mirroring`` (act when
   the predicted crossing is within the lead time = activation time + margin; size for the
-  peak over the horizon, planning for the forecast's mean + ``plan_band`` (0.3) of the way
-  to its upper band: a margin) with the HPA recommendation as a floor (never below what
+  peak of the points up to the lead time and one step, planning for the forecast's mean +
+  ``plan_band`` (0.3) of the way to its upper band -- a margin -- or for the whole upper
+  band (``event_band``) when the mean crosses what the always-on instances serve at the
+  target: the peak of a spike on a bursty base is the spike times a burst, which no mean
+  knows; a planned size is held for the window it was sized on, lead time + one step) with
+  the HPA recommendation, stabilization window included, as a floor (never below what
   reaction would do); ``predictive`` routing (equal weights: in a homogeneous pool it routes
   as peak-EWMA, so the difference is capacity timing alone).
 - ``loadcast-persistence``: the ablation, the same with the forecaster replaced by
@@ -103,10 +107,22 @@ class PrescaleScenario(ScaledScenario):
     ramp_s: float = 3.0
     margin_intervals: float = 1.0
     plan_band: float = 0.3  # plan for mean + plan_band x (upper - mean) of the forecast band
+    event_band: float = 1.0  # ... and this far when a crossing of the always-on pool is predicted
 
     @property
     def duration_s(self) -> float:
         return self.t(self.day_s)
+
+    @property
+    def lead_s(self) -> float:
+        """How far ahead the planner must act: activation time + margin."""
+        return (self.activation_intervals + self.margin_intervals) * self.interval_s
+
+    @property
+    def plan_hold_s(self) -> float:
+        """How long a planned size is held: the window of forecast points it was sized
+        on (the lead time and one step)."""
+        return self.lead_s + self.step_s
 
     @property
     def instance_rps(self) -> float:
@@ -167,6 +183,7 @@ class PrescaleScenario(ScaledScenario):
             "spikes": [{"start_s": a, "end_s": b, "factor": f}
                        for a, b, f in self.spike_windows()],
             "slo_ms": self.slo_ms, "deadline_s": self.deadline_s, "plan_band": self.plan_band,
+            "event_band": self.event_band, "plan_hold_s": self.plan_hold_s,
         }
 
 
@@ -181,7 +198,8 @@ class ScalingControl:
         self.samples: list[float] = []
         self.serving: dict[int, int] = {}  # second -> instances serving
         self.count = 0
-        self.recs: deque[tuple[float, int]] = deque()
+        self.recs: deque[tuple[float, int]] = deque()  # HPA recommendations (stabilization)
+        self.planned: deque[tuple[float, int]] = deque()  # the planner's sizes (plan_hold_s)
         self._pos = 0
 
     # -- set-up -----------------------------------------------------------------------
@@ -206,7 +224,7 @@ class ScalingControl:
                 capacity_rps={"pool": sc.max_instances * sc.instance_rps})
             self.model = EndpointModel.create("pool", cfg)
             self._kw = _position_kw()
-            self.forecast: list[tuple[float, float]] = []
+            self.forecast: list[tuple[float, float, float]] = []
             self._prefeed()
         sim.schedule(1.0, self._sample)
         sim.schedule(sc.interval_s, self._tick)
@@ -219,8 +237,7 @@ class ScalingControl:
         pos: Any = (self._pos, 0) if self._kw == "position" else self._pos
         obs = self.model.observe(w, **{self._kw: pos}, now=end_s + 0.5)
         if obs.score is not None and obs.score.get("forecast"):
-            b = self.sc.plan_band
-            self.forecast = [(p["at"] / 1000.0 - T0, p["mean"] + b * (p["upper"] - p["mean"]))
+            self.forecast = [(p["at"] / 1000.0 - T0, p["mean"], p["upper"])
                              for p in obs.score["forecast"]]
 
     def _prefeed(self) -> None:
@@ -266,13 +283,18 @@ class ScalingControl:
     def _needed(self, t: float) -> int:
         """Instances for the peak demand expected before new capacity could serve."""
         sc = self.sc
-        lead = (sc.activation_intervals + sc.margin_intervals) * sc.interval_s
+        lead = sc.lead_s
         if self.mode == "oracle":
             grid = np.arange(t, t + lead + sc.interval_s, self.load.bin_s)
             peak = max(self.load.rate_at(x) for x in grid)
         else:
-            pts = [m for at, m in self.forecast if at <= t + lead + sc.step_s]
-            peak = max(pts) if pts else 0.0
+            pts = [(m, u) for at, m, u in self.forecast if at <= t + lead + sc.step_s]
+            # a predicted event (the mean crosses what the always-on pool serves at the
+            # target): size for its upper band, since the peak of a spike on a bursty
+            # base is the spike times a burst no forecast's mean can know
+            on = sc.min_instances * sc.instance_rps * sc.target_util
+            b = sc.event_band if any(m > on for m, _ in pts) else sc.plan_band
+            peak = max((m + b * (u - m) for m, u in pts), default=0.0)
         return math.ceil(peak / (sc.instance_rps * sc.target_util))
 
     def _tick(self, t: float) -> None:
@@ -281,12 +303,19 @@ class ScalingControl:
         if self.mode == "forecast":
             self._observe(self.count, T0 + t)
             self.count = 0
-        rec = hpa if self.mode == "hpa" else max(hpa, self._needed(t))
-        rec = max(sc.min_instances, min(sc.max_instances, rec))
+        rec = max(sc.min_instances, min(sc.max_instances, hpa))
         self.recs.append((t, rec))
         while self.recs and self.recs[0][0] < t - sc.t(sc.stabilization_s):
             self.recs.popleft()
         want = rec if rec >= self.want else max(r for _, r in self.recs)
+        if self.mode != "hpa":
+            # a planned size is held for the window its forecast covered (lead + one
+            # step), not the HPA's stabilization window: the forecast already looked ahead
+            self.planned.append((t, self._needed(t)))
+            while self.planned[0][0] < t - sc.plan_hold_s:
+                self.planned.popleft()
+            planned = max(n for _, n in self.planned)
+            want = max(want, min(sc.max_instances, planned))
         if want != self.want:
             self._resize(want, t)
         if t + sc.interval_s <= self.load.duration_s:
