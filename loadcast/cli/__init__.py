@@ -25,6 +25,7 @@ imported inside the commands that use them, so ``loadcast --help`` stays fast.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import sys
 from pathlib import Path
@@ -85,6 +86,9 @@ for _role in (broker, agent, worker, sidecar, federated, mirror, sink, api, task
 
 def main() -> None:
     """Entry point of the ``loadcast`` script."""
+    # A crash in native code (chDB, librdkafka) prints every thread's Python stack to
+    # stderr (the service's log) instead of dying silently.
+    faulthandler.enable()
     try:
         app()
     except KeyboardInterrupt:

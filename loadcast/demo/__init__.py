@@ -135,6 +135,9 @@ def run_demo(settings: Settings, *, out_dir: Path, quick: bool = False,
     summary = build_report(facts, out_dir)
     console.print(f"[bold]report[/bold] {out_dir / 'report.html'}")
     console.print(f"[bold]summary[/bold] {out_dir / 'summary.json'}")
+    for r in facts.get("restarts", []):
+        console.print(f"[yellow]{r['part']} died (exit {r['exit_code']}) and was started "
+                      f"again: see {r['log']}[/yellow]")
     return summary
 
 
@@ -199,6 +202,7 @@ def _run(settings: Settings, sc: scn.Scenario, shapes: list[list[float]], trace:
         collect.drain(children, parts.clients, chdb, stop, console)
         facts = collect.facts(sc, trace, chdb, started, t0, topo, run, {
             lane: w.count for lane, w in zip(pipes, parts.watches, strict=True)})
+        facts["restarts"] = children.restarted
         return facts
     finally:
         left = parts.stop(console)

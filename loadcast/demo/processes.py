@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,10 @@ class Child:
     name: str
     proc: subprocess.Popen[str]
     log: Path
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    nice: int = 0
+    restarts_left: int = 0
 
 
 class Children:
@@ -40,25 +44,35 @@ class Children:
     def __init__(self, work: Path, env: dict[str, str]) -> None:
         self.work, self.env = work, env
         self.all: list[Child] = []
+        # parts that died and were started again: what the summary reports
+        self.restarted: list[dict[str, Any]] = []
 
     def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              stdout_pipe: bool = False, module: str = "loadcast", nice: int = 0) -> Child:
+              stdout_pipe: bool = False, module: str = "loadcast", nice: int = 0,
+              restarts: int = 0) -> Child:
         """Start ``python -m module *args`` with its output in ``{name}.log``; ``nice``
-        above 0 for parts off the request path, which may lag (the sink, the page)."""
+        above 0 for parts off the request path, which may lag (the sink, the page);
+        ``restarts``: how many times :meth:`check` starts it again if it dies, as a
+        service manager would (only for parts that resume where they stopped)."""
         log = self.work / f"{name}.log"
+        argv = [sys.executable, "-m", module, *args]
+        c = Child(name, self._spawn(argv, log, env or {}, nice, stdout_pipe), log, argv,
+                  env or {}, nice, restarts)
+        self.all.append(c)
+        return c
+
+    def _spawn(self, argv: list[str], log: Path, env: dict[str, str], nice: int,
+               stdout_pipe: bool = False) -> subprocess.Popen[str]:
         f = log.open("ab")
         proc = subprocess.Popen(
-            [sys.executable, "-m", module, *args], cwd=self.work,
-            env={**self.env, **(env or {})}, stdin=subprocess.DEVNULL,
+            argv, cwd=self.work, env={**self.env, **env}, stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if stdout_pipe else f, stderr=f, text=True,
             start_new_session=True)
         f.close()
         if nice:
             with contextlib.suppress(OSError):  # it may be gone already: check() says so
                 os.setpriority(os.PRIO_PROCESS, proc.pid, nice)
-        c = Child(name, proc, log)
-        self.all.append(c)
-        return c
+        return proc
 
     def line(self, c: Child, timeout: float) -> str:
         """The next stdout line of ``c`` (DemoError when it does not come)."""
@@ -73,9 +87,20 @@ class Children:
         return out[0].strip()
 
     def check(self) -> None:
+        """DemoError when a part died, unless it may be started again (then it is, and
+        :attr:`restarted` says when and why)."""
         for c in self.all:
-            if c.proc.poll() is not None:
-                raise DemoError(f"{c.name} exited with {c.proc.returncode}: see {c.log}")
+            code = c.proc.poll()
+            if code is None:
+                continue
+            if c.restarts_left <= 0:
+                raise DemoError(f"{c.name} exited with {code}: see {c.log}")
+            c.restarts_left -= 1
+            with c.log.open("a") as f:
+                f.write(f"--- loadcast demo: {c.name} exited with {code}; started again\n")
+            c.proc = self._spawn(c.argv, c.log, c.env, c.nice)
+            self.restarted.append({"part": c.name, "exit_code": code, "at": time.time(),
+                                   "log": str(c.log)})
 
     def stop(self, c: Child, timeout: float = 20.0) -> None:
         if c.proc.poll() is None:

@@ -147,10 +147,19 @@ predictive edge's requests answered by a mirror (load generator's count):
 {s['mirrors']['share_of_edge_requests']:.1%}.</p>{t["lead"]}
 <img src="data:image/png;base64,{imgs['mirrors']}" alt="edge demand and mirrors">
 <p class="note">Generated {time.strftime('%Y-%m-%d %H:%M:%S')} by <code>loadcast demo</code>;
-processes left behind: {s['leftover_processes']}.</p>
+processes left behind: {s['leftover_processes']}; {_restarts(s['restarts'])}.</p>
 </body></html>"""
 
 
+
+
+def _restarts(restarts: list[dict[str, Any]]) -> str:
+    """The parts that died and were started again, for the report's footer."""
+    if not restarts:
+        return "no part restarted"
+    return "<b>restarted</b>: " + ", ".join(
+        f"{html.escape(r['part'])} (exit {r['exit_code']}, see "
+        f"<code>{html.escape(r['log'])}</code>)" for r in restarts)
 
 
 def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -181,6 +190,7 @@ def build_report(facts: dict[str, Any], out_dir: Path) -> dict[str, Any]:
                     "share_of_edge_requests": q["mirror_share_of_edge"],
                     "share_of_edge_requests_by_lane": q["mirror_share_of_edge_by_lane"]},
         "leftover_processes": facts.get("leftover_processes", 0),
+        "restarts": facts.get("restarts", []),
         "scores_seen": facts["scores_seen"],
         "scores_seen_by_lane": facts.get("scores_seen_by_lane", {}),
     }
