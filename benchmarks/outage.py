@@ -199,7 +199,8 @@ def run(outage_s: float, quick: bool, workdir: Path) -> dict[str, Any]:
             n: {"during_outage": during[n] - before[n], "outage_and_return": after[n] - before[n]}
             for n in procs
         }
-        result["log_samples"] = {n: p.lines()[before[n]:after[n]][:6] for n, p in procs.items()}
+        # every line of the window (up to 20): what to read when the bound is not kept
+        result["log_samples"] = {n: p.lines()[before[n]:after[n]][:20] for n, p in procs.items()}
         result["worker_kept_models"] = any("models kept" in x or "every model kept" in x
                                            for x in procs["worker"].lines())
         alive = {n: p.p.poll() is None for n, p in procs.items()}

@@ -82,6 +82,6 @@ def test_outage_benchmark_quick(tmp_path: Path) -> None:
     assert v["resume_within_15s"], (r.get("resume_scoring_s"), r.get("log_samples"))
     assert v["agent_buffer_delivered"], r
     assert v["sigterm_within_10s"], r
-    assert v["bounded_logs"], r
+    assert v["bounded_logs"], (r["log_lines"], r["log_samples"])
     assert v["all_alive_after_return"], r
     assert proc.returncode == 0, proc.stdout
