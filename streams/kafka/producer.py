@@ -111,9 +111,10 @@ class RecordProducer:
                 self.reset()
                 return
 
-    def reset(self, timeout: float = 10.0) -> int:
+    def reset(self, timeout: float = 10.0, *, quiet: bool = False) -> int:
         """Replace the librdkafka producer, re-producing what the old one still holds
-        (purged there, produced again here in their order). Returns how many."""
+        (purged there, produced again here in their order). Returns how many; ``quiet``:
+        the caller logs the replacement (one line each)."""
         with self._reset_lock:
             old = self._producer
             new = new_producer(self._conf)
@@ -132,7 +133,7 @@ class RecordProducer:
             finally:
                 self._next = None
             n = self.resent - before
-            if n or len(old):
+            if (n or len(old)) and not quiet:
                 log.warning("producer %s: broker lost its state; %d buffered records sent "
                             "again on a new producer%s", self.client_id, n,
                             f", {len(old)} could not be" if len(old) else "")
@@ -223,17 +224,20 @@ class RecordProducer:
         with self._reset_lock:
             if not self._fatal:
                 return
-            log.warning("producer %s: fatal error from a broker that lost its state; "
-                        "continuing on a new producer", self.client_id)
-        self.reset()
+        n = self.reset(quiet=True)
         with self._reset_lock:
             pending, self._pending, self._fatal = self._pending, [], False
         for topic, kwargs in pending:
             try:
                 self._producer.produce(topic, **kwargs)
                 self.resent += 1
+                n += 1
             except BufferError:
                 self._overflowed(topic)
+        # one line per replacement: a broker still settling may fail the new one too
+        log.warning("producer %s: fatal error from a broker that lost its state; "
+                    "continuing on a new producer, %d buffered records sent again",
+                    self.client_id, n)
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks."""
