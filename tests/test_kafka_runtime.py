@@ -163,3 +163,29 @@ def test_faust_app_has_loadcasts_settings(kafka: KafkaSettings) -> None:
     assert app.conf.broker_session_timeout == 6.0
     assert app.conf.topic_allow_declare is False
     assert app.conf.web_enabled is False
+
+
+def test_two_threads_that_see_one_fatal_error_replace_the_producer_once(
+    kafka: KafkaSettings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from streams.kafka.producer import RecordProducer
+
+    rp = RecordProducer(kafka, "fatal-once")
+    replaced: list[int] = []
+
+    def slow_reset(timeout: float = 10.0, *, quiet: bool = False) -> int:
+        replaced.append(1)
+        time.sleep(0.2)  # the other thread arrives while this one replaces
+        return 0
+
+    monkeypatch.setattr(rp, "reset", slow_reset)
+    rp._fatal = True  # as a delivery report of "the broker lost its state" leaves it
+    threads = [threading.Thread(target=rp._recover) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(5)
+    assert len(replaced) == 1 and not rp._fatal
+    rp.flush(1)

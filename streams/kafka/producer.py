@@ -79,6 +79,9 @@ class RecordProducer:
         self._producer = new_producer(conf)
         self._next: Producer | None = None  # while re-sending an old producer's records
         self._reset_lock = threading.Lock()
+        # one recovery at a time: a second thread that saw the same fatal error waits for
+        # the first one's new producer instead of replacing it again
+        self._recover_lock = threading.Lock()
         self.resent = 0
         # A fatal idempotence error (the broker lost its state and says "out of order
         # sequence"): librdkafka's producer is unusable; its records wait here for a new one.
@@ -221,23 +224,23 @@ class RecordProducer:
 
     def _recover(self) -> None:
         """Replace a producer that hit a fatal error; its records go to the new one."""
-        with self._reset_lock:
-            if not self._fatal:
-                return
-        n = self.reset(quiet=True)
-        with self._reset_lock:
-            pending, self._pending, self._fatal = self._pending, [], False
-        for topic, kwargs in pending:
-            try:
-                self._producer.produce(topic, **kwargs)
-                self.resent += 1
-                n += 1
-            except BufferError:
-                self._overflowed(topic)
-        # one line per replacement: a broker still settling may fail the new one too
-        log.warning("producer %s: fatal error from a broker that lost its state; "
-                    "continuing on a new producer, %d buffered records sent again",
-                    self.client_id, n)
+        with self._recover_lock:
+            with self._reset_lock:
+                if not self._fatal:
+                    return  # another thread recovered meanwhile
+            n = self.reset(quiet=True)
+            with self._reset_lock:
+                pending, self._pending, self._fatal = self._pending, [], False
+            for topic, kwargs in pending:
+                try:
+                    self._producer.produce(topic, **kwargs)
+                    self.resent += 1
+                    n += 1
+                except BufferError:
+                    self._overflowed(topic)
+            log.warning("producer %s: fatal error from a broker that lost its state; "
+                        "continuing on a new producer, %d buffered records sent again",
+                        self.client_id, n)
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks."""
