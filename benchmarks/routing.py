@@ -440,9 +440,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="pre-scaling: plan for the forecast's mean + this share of the way "
                          "to its upper band (default 0.3; 0 = the mean)")
     ap.add_argument("--event-band", type=float, default=1.0,
-                    help="pre-scaling: ... and this share when the forecast's mean crosses "
-                         "what the always-on instances serve (default 1.0: the upper band; "
-                         "--event-band 0.3 plans every point alike)")
+                    help="pre-scaling: when the forecast's mean crosses what the always-on "
+                         "instances serve, plan for its mean + this share of the way to its "
+                         "upper band (default 1.0: the upper band; 0.3 = as --plan-band)")
     ap.add_argument("--activation-intervals", type=float, default=3.0,
                     help="pre-scaling: intervals new capacity takes to serve (2-5; default 3)")
     ap.add_argument("--actuation-ms", type=float, default=50.0,
