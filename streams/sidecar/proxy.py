@@ -41,6 +41,8 @@ from streams.sidecar.fastpath import FastServer
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.relay import relay, upstream_session
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
+from streams.sidecar.upstream import SUPPORTED as POOL_SUPPORTED
+from streams.sidecar.upstream import Answer, UpstreamConnectError, UpstreamPool
 
 if TYPE_CHECKING:
     from streams.sidecar.edge import Edge
@@ -89,6 +91,7 @@ class Forwarder:
     retry_after: str
     observe: Observer | None
     session: aiohttp.ClientSession | None
+    pool: UpstreamPool | None
     edge: Edge | None
     capture_limit: int
     _bases: dict[str, URL]
@@ -161,12 +164,16 @@ class Forwarder:
             tried.append(ep)
             start = time.monotonic()
             ep.in_flight += 1
+            url = self._url(ep, path)
+            resp: Answer
             try:
-                resp = await self.session.request(
-                    method, self._url(ep, path),
-                    headers=headers, data=body, allow_redirects=False,
-                )
-            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError) as e:
+                if self.pool is not None and replayable and url.scheme == "http":
+                    resp = await self.pool.request(method, url, headers, body)
+                else:  # a streamed body, https, or a pool this aiohttp cannot drive
+                    resp = await self.session.request(method, url, headers=headers,
+                                                      data=body, allow_redirects=False)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
+                    UpstreamConnectError) as e:
                 # refused / unreachable: nothing was sent, any method may go elsewhere
                 ep.in_flight -= 1
                 failure, sent = e, False
@@ -221,7 +228,7 @@ class Forwarder:
                                  connect_failure))
 
     async def _respond(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
-                       resp: aiohttp.ClientResponse, start: float, attempts: int,
+                       resp: Answer, start: float, attempts: int,
                        dynamic: bool, capture: bool | str = False) -> Any:
         now = time.monotonic()
         rtt_ms = (now - start) * 1000
@@ -293,6 +300,7 @@ class Proxy(Forwarder):
         self.region = region
         self.arrival = arrival  # (api, region) of each request that needs an origin
         self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
         # absolute-form targets may name only these (scheme, host, port)
         self._authorities = {_authority(u) for u in self._bases.values()}
@@ -331,12 +339,18 @@ class Proxy(Forwarder):
         if self.session is None:
             self.session = upstream_session(self.pool_size, self.connect_timeout_s,
                                             self.request_timeout_s)
+        if self.pool is None and POOL_SUPPORTED:
+            self.pool = UpstreamPool(self.pool_size, self.connect_timeout_s,
+                                     self.request_timeout_s)
         if self.edge is not None:
             await self.edge.start()
 
     async def close(self) -> None:
         if self.edge is not None:
             await self.edge.close()
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
         if self.session is not None:
             await self.session.close()
             self.session = None

@@ -9,6 +9,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from streams.sidecar.compression import compress, compressor
+from streams.sidecar.upstream import Answer
 
 MAX_READ_WHOLE = 256 << 10  # responses up to 256 KiB are read in one go
 
@@ -31,7 +32,7 @@ def upstream_session(pool_size: int, connect_timeout_s: float,
     )
 
 
-async def relay(request: web.BaseRequest, resp: aiohttp.ClientResponse,
+async def relay(request: web.BaseRequest, resp: Answer,
                 headers: CIMultiDict[str], coding: str | None) -> web.StreamResponse:
     """Send ``resp`` back to the client: small bodies whole, others streamed; compressed
     with ``coding`` when given."""
