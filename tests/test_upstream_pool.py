@@ -6,6 +6,7 @@ that are informational, chunked, malformed, or to ``HEAD``."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -264,6 +265,18 @@ async def test_unread_body_closes_the_connection(pool: UpstreamPool, origin: Ori
     assert origin.connections in (1, 2)
     # the bound counted each release once: per_host=4 answers at once still work
     assert await asyncio.gather(*(get(pool, origin.url) for _ in range(8))) == [(200, b"ok")] * 8
+
+
+async def test_an_answer_dropped_without_release_gives_its_slot_back(origin: Origin) -> None:
+    p = UpstreamPool(per_host=1, connect_timeout_s=2.0, read_timeout_s=2.0)
+    try:
+        resp = await p.request("GET", origin.url, [])
+        assert resp.status == 200
+        del resp
+        gc.collect()
+        assert await get(p, origin.url) == (200, b"ok")  # waits forever if the slot leaked
+    finally:
+        await p.close()
 
 
 async def test_malformed_answer_is_a_payload_error(pool: UpstreamPool) -> None:

@@ -230,21 +230,21 @@ class Forwarder:
     async def _respond(self, request: web.BaseRequest | None, route: Route, ep: Endpoint,
                        resp: Answer, start: float, attempts: int,
                        dynamic: bool, capture: bool | str = False) -> Any:
-        now = time.monotonic()
-        rtt_ms = (now - start) * 1000
-        status = resp.status
-        if status >= 500:
-            self.router.failed(ep, now, rtt_ms)
-        else:
-            self.router.succeeded(ep, rtt_ms, now)
-        self._lat[route.api].observe(rtt_ms / 1000)
-        self._done(route, ep, status, start, attempts, dynamic,
-                   "ok" if status < 500 else "error")
-        out_headers = CIMultiDict(
-            (k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESP
-        )
-        n = resp.content_length
-        try:
+        try:  # every way out gives the upstream connection back
+            now = time.monotonic()
+            rtt_ms = (now - start) * 1000
+            status = resp.status
+            if status >= 500:
+                self.router.failed(ep, now, rtt_ms)
+            else:
+                self.router.succeeded(ep, rtt_ms, now)
+            self._lat[route.api].observe(rtt_ms / 1000)
+            self._done(route, ep, status, start, attempts, dynamic,
+                       "ok" if status < 500 else "error")
+            out_headers = CIMultiDict(
+                (k, v) for k, v in resp.headers.items() if k.lower() not in _DROP_RESP
+            )
+            n = resp.content_length
             if capture is True and (status == 304 or (n is not None
                                                       and n <= self.capture_limit)):
                 return Fetched(status, resp.reason, out_headers, await resp.read())

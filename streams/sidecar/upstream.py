@@ -118,6 +118,11 @@ class UpstreamResponse:
         """The whole body (a ``ClientPayloadError`` when it broke off)."""
         return await self.content.read()
 
+    def __del__(self) -> None:
+        # an answer dropped without release() must not keep its slot of the upstream
+        with contextlib.suppress(Exception):
+            self.release()
+
     def release(self) -> None:
         host = self._host
         if host is None:
