@@ -39,10 +39,9 @@ from streams.sidecar.edge_cache import X_CACHE, Fetched
 from streams.sidecar.fastpath import SUPPORTED as FAST_SUPPORTED
 from streams.sidecar.fastpath import FastServer
 from streams.sidecar.policies import Endpoint
-from streams.sidecar.relay import relay, upstream_session
+from streams.sidecar.relay import Upstreams, relay
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
-from streams.sidecar.upstream import SUPPORTED as POOL_SUPPORTED
-from streams.sidecar.upstream import Answer, UpstreamConnectError, UpstreamPool
+from streams.sidecar.upstream import Answer, UpstreamConnectError
 
 if TYPE_CHECKING:
     from streams.sidecar.edge import Edge
@@ -90,8 +89,7 @@ class Forwarder:
     max_attempts: int
     retry_after: str
     observe: Observer | None
-    session: aiohttp.ClientSession | None
-    pool: UpstreamPool | None
+    upstreams: Upstreams | None
     edge: Edge | None
     capture_limit: int
     _bases: dict[str, URL]
@@ -158,20 +156,14 @@ class Forwarder:
         tried: list[Endpoint] = []
         failure: Exception
         attempts = 0
-        assert self.session is not None
+        assert self.upstreams is not None
         while True:
             attempts += 1
             tried.append(ep)
             start = time.monotonic()
             ep.in_flight += 1
-            url = self._url(ep, path)
-            resp: Answer
             try:
-                if self.pool is not None and replayable and url.scheme == "http":
-                    resp = await self.pool.request(method, url, headers, body)
-                else:  # a streamed body, https, or a pool this aiohttp cannot drive
-                    resp = await self.session.request(method, url, headers=headers,
-                                                      data=body, allow_redirects=False)
+                resp = await self.upstreams.send(method, self._url(ep, path), headers, body)
             except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError,
                     UpstreamConnectError) as e:
                 # refused / unreachable: nothing was sent, any method may go elsewhere
@@ -268,7 +260,7 @@ class Forwarder:
 
 
 class Proxy(Forwarder):
-    """The proxy's aiohttp application and upstream session."""
+    """The proxy's aiohttp server and its way to the upstreams."""
 
     def __init__(
         self,
@@ -299,8 +291,7 @@ class Proxy(Forwarder):
         self.director = director  # edge mirrors by request region (X-Loadcast-Region)
         self.region = region
         self.arrival = arrival  # (api, region) of each request that needs an origin
-        self.session: aiohttp.ClientSession | None = None
-        self.pool: UpstreamPool | None = None
+        self.upstreams: Upstreams | None = None
         self._bases = {e.id: URL(e.url) for e in router.endpoints.values()}
         # absolute-form targets may name only these (scheme, host, port)
         self._authorities = {_authority(u) for u in self._bases.values()}
@@ -336,24 +327,18 @@ class Proxy(Forwarder):
         return self.edge.cache.fresh_hit(route.api, path, h)
 
     async def open(self) -> None:
-        if self.session is None:
-            self.session = upstream_session(self.pool_size, self.connect_timeout_s,
-                                            self.request_timeout_s)
-        if self.pool is None and POOL_SUPPORTED:
-            self.pool = UpstreamPool(self.pool_size, self.connect_timeout_s,
-                                     self.request_timeout_s)
+        if self.upstreams is None:
+            self.upstreams = Upstreams(self.pool_size, self.connect_timeout_s,
+                                       self.request_timeout_s)
         if self.edge is not None:
             await self.edge.start()
 
     async def close(self) -> None:
         if self.edge is not None:
             await self.edge.close()
-        if self.pool is not None:
-            await self.pool.close()
-            self.pool = None
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.upstreams is not None:
+            await self.upstreams.close()
+            self.upstreams = None
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         h = request.headers

@@ -4,12 +4,16 @@ compressed with a coding when :mod:`streams.sidecar.edge` chose one)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from streams.sidecar.compression import compress, compressor
-from streams.sidecar.upstream import Answer
+from streams.sidecar.upstream import SUPPORTED as POOL_SUPPORTED
+from streams.sidecar.upstream import Answer, UpstreamPool
 
 MAX_READ_WHOLE = 256 << 10  # responses up to 256 KiB are read in one go
 
@@ -30,6 +34,33 @@ def upstream_session(pool_size: int, connect_timeout_s: float,
             total=None, sock_connect=connect_timeout_s, sock_read=request_timeout_s,
         ),
     )
+
+
+class Upstreams:
+    """Both ways to the upstreams, opened and closed together: at most ``pool_size``
+    connections to one upstream on each way (see :meth:`send`)."""
+
+    def __init__(self, pool_size: int, connect_timeout_s: float,
+                 request_timeout_s: float) -> None:
+        self.session = upstream_session(pool_size, connect_timeout_s, request_timeout_s)
+        self.pool = UpstreamPool(pool_size, connect_timeout_s, request_timeout_s) \
+            if POOL_SUPPORTED else None
+
+    async def send(self, method: str, url: URL, headers: list[tuple[str, str]],
+                   body: Any) -> Answer:
+        """Send a request; its answer's head. A body in memory (bytes or None) to an http
+        upstream goes through the lean pool; a streamed body, https, or an aiohttp the pool
+        cannot drive, through the session."""
+        if self.pool is not None and (body is None or isinstance(body, bytes)) \
+                and url.scheme == "http":
+            return await self.pool.request(method, url, headers, body)
+        return await self.session.request(method, url, headers=headers, data=body,
+                                          allow_redirects=False)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+        await self.session.close()
 
 
 async def relay(request: web.BaseRequest, resp: Answer,
