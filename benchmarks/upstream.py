@@ -27,7 +27,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from benchmarks.support.cpu import split_cpus
 from streams.sidecar.relay import upstream_session
 from streams.sidecar.testing import BackendProcess
-from streams.sidecar.upstream import SUPPORTED, UpstreamPool
+from streams.sidecar.upstream import SUPPORTED, Answer, UpstreamPool
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "out" / "benchmarks" / "upstream.json"
@@ -54,52 +54,36 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-async def _loop(n: int, concurrency: int, one: Callable[[], Awaitable[None]]) -> None:
+async def exchanges(client: str, url: URL, n: int, concurrency: int) -> None:
+    """``n`` GETs of ``url`` through ``client``, ``concurrency`` at once, each answer read
+    whole and released."""
+    send: Callable[[], Awaitable[Answer]]
+    if client == "ClientSession":
+        s = upstream_session(256, 1.0, 30.0)
+        send, close = (lambda: s.request("GET", url, headers=HEADERS,
+                                         allow_redirects=False)), s.close
+    else:
+        p = UpstreamPool(256, 1.0, 30.0)
+        send, close = (lambda: p.request("GET", url, HEADERS)), p.close
     left = n
 
     async def worker() -> None:
         nonlocal left
         while left > 0:
             left -= 1
-            await one()
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
-
-
-async def via_session(url: URL, n: int, concurrency: int) -> None:
-    s = upstream_session(256, 1.0, 30.0)
-
-    async def one() -> None:
-        r = await s.request("GET", url, headers=HEADERS, allow_redirects=False)
-        try:
-            await r.read()
-        finally:
-            r.release()
+            r = await send()
+            try:
+                await r.read()
+            finally:
+                r.release()
 
     try:
-        await _loop(n, concurrency, one)
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     finally:
-        await s.close()
+        await close()
 
 
-async def via_pool(url: URL, n: int, concurrency: int) -> None:
-    p = UpstreamPool(256, 1.0, 30.0)
-
-    async def one() -> None:
-        r = await p.request("GET", url, HEADERS)
-        try:
-            await r.read()
-        finally:
-            r.release()
-
-    try:
-        await _loop(n, concurrency, one)
-    finally:
-        await p.close()
-
-
-CLIENTS: dict[str, Callable[[URL, int, int], Coroutine[Any, Any, None]]] = {
-    "ClientSession": via_session, "UpstreamPool": via_pool}
+CLIENTS = ("ClientSession", "UpstreamPool")
 
 
 def run(n: int, rounds: int, concurrency: int) -> dict[str, Any]:
@@ -115,13 +99,13 @@ def run(n: int, rounds: int, concurrency: int) -> dict[str, Any]:
             os.sched_setaffinity(b.proc.pid, theirs)
         os.sched_setaffinity(0, mine)
         url = URL(b.urls["a"] + "/x")
-        uvloop.run(via_pool(url, min(n, 200), concurrency))  # both warm: imports, the upstream
-        uvloop.run(via_session(url, min(n, 200), concurrency))
+        for name in CLIENTS:  # both warm: imports, the upstream
+            uvloop.run(exchanges(name, url, min(n, 200), concurrency))
         for i in range(rounds):
             names = list(CLIENTS) if i % 2 == 0 else list(reversed(CLIENTS))
             for name in names:
                 c0, t0 = _cpu(), time.perf_counter()
-                uvloop.run(CLIENTS[name](url, n, concurrency))
+                uvloop.run(exchanges(name, url, n, concurrency))
                 c1, t1 = _cpu(), time.perf_counter()
                 raw[name].append({"cpu_us": (c1 - c0) / n * 1e6, "rps": n / (t1 - t0)})
     med = {k: {m: statistics.median(r[m] for r in v) for m in ("cpu_us", "rps")}

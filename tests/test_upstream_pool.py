@@ -6,6 +6,7 @@ that are informational, chunked, malformed, or to ``HEAD``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -86,12 +87,21 @@ class Origin:
             await self.server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def serving(script: Script = ok) -> AsyncIterator[Origin]:
+    """An :class:`Origin` answering with ``script``, stopped on the way out."""
+    o = Origin(script)
+    await o.start()
+    try:
+        yield o
+    finally:
+        await o.stop()
+
+
 @pytest_asyncio.fixture
 async def origin() -> AsyncIterator[Origin]:
-    o = Origin()
-    await o.start()
-    yield o
-    await o.stop()
+    async with serving() as o:
+        yield o
 
 
 @pytest_asyncio.fixture
@@ -144,14 +154,10 @@ async def test_at_most_per_host_connections_at_once(pool: UpstreamPool) -> None:
         await asyncio.sleep(0.05)
         return OK, False
 
-    o = Origin(slow)
-    await o.start()
-    try:
+    async with serving(slow) as o:
         got = await asyncio.gather(*(get(pool, o.url) for _ in range(12)))
         assert got == [(200, b"ok")] * 12
         assert o.most_open == 4 and o.connections == 4  # per_host=4, then reused
-    finally:
-        await o.stop()
 
 
 async def test_refused_connection_is_a_connect_error() -> None:
@@ -170,17 +176,15 @@ async def test_silent_origin_times_out_on_read() -> None:
         await asyncio.sleep(10)
         return OK, False
 
-    o = Origin(silent)
-    await o.start()
     p = UpstreamPool(per_host=2, connect_timeout_s=2.0, read_timeout_s=0.2)
-    try:
-        t = time.monotonic()
-        with pytest.raises(TimeoutError):
-            await asyncio.wait_for(p.request("GET", o.url, []), 5)
-        assert time.monotonic() - t < 2
-    finally:
-        await p.close()
-        await o.stop()
+    async with serving(silent) as o:
+        try:
+            t = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(p.request("GET", o.url, []), 5)
+            assert time.monotonic() - t < 2
+        finally:
+            await p.close()
 
 
 async def test_kept_connection_closed_by_the_origin_is_retried_once_when_idempotent(
@@ -190,14 +194,10 @@ async def test_kept_connection_closed_by_the_origin_is_retried_once_when_idempot
             return b"", True  # the kept connection dies under the second request
         return OK, False
 
-    o = Origin(drop_second)
-    await o.start()
-    try:
+    async with serving(drop_second) as o:
         assert await get(pool, o.url) == (200, b"ok")
         assert await get(pool, o.url) == (200, b"ok")  # sent again, on a new connection
         assert o.connections == 2 and len(o.requests) == 3
-    finally:
-        await o.stop()
 
 
 async def test_kept_connection_that_breaks_is_not_retried_for_a_post(pool: UpstreamPool) -> None:
@@ -206,15 +206,11 @@ async def test_kept_connection_that_breaks_is_not_retried_for_a_post(pool: Upstr
             return b"", True  # took the request, answered nothing
         return OK, False
 
-    o = Origin(drop_second)
-    await o.start()
-    try:
+    async with serving(drop_second) as o:
         assert await get(pool, o.url) == (200, b"ok")
         with pytest.raises((aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
             await pool.request("POST", o.url, [], b"x")
         assert len(o.requests) == 2  # sent once, never again
-    finally:
-        await o.stop()
 
 
 async def test_informational_answers_are_skipped_and_head_has_no_body(pool: UpstreamPool) -> None:
@@ -224,9 +220,7 @@ async def test_informational_answers_are_skipped_and_head_has_no_body(pool: Upst
         return (b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
                 b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nnew"), False
 
-    o = Origin(script)
-    await o.start()
-    try:
+    async with serving(script) as o:
         assert await get(pool, o.url) == (201, b"new")
         resp = await asyncio.wait_for(pool.request("HEAD", o.url, []), 5)
         assert resp.status == 200 and resp.content_length == 1000
@@ -234,8 +228,6 @@ async def test_informational_answers_are_skipped_and_head_has_no_body(pool: Upst
         resp.release()
         assert await get(pool, o.url) == (201, b"new")
         assert o.connections == 1  # the HEAD answer left the connection reusable
-    finally:
-        await o.stop()
 
 
 async def test_chunked_answer_read_whole_and_streamed(pool: UpstreamPool) -> None:
@@ -243,9 +235,7 @@ async def test_chunked_answer_read_whole_and_streamed(pool: UpstreamPool) -> Non
         return (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
                 b"3\r\nabc\r\n4\r\ndefg\r\n0\r\n\r\n"), False
 
-    o = Origin(chunked)
-    await o.start()
-    try:
+    async with serving(chunked) as o:
         assert await get(pool, o.url) == (200, b"abcdefg")
         resp = await pool.request("GET", o.url, [])
         assert resp.content_length is None
@@ -253,8 +243,6 @@ async def test_chunked_answer_read_whole_and_streamed(pool: UpstreamPool) -> Non
         resp.release()
         assert b"".join(parts) == b"abcdefg"
         assert o.connections == 1
-    finally:
-        await o.stop()
 
 
 async def test_unread_body_closes_the_connection(pool: UpstreamPool, origin: Origin) -> None:
@@ -283,13 +271,9 @@ async def test_malformed_answer_is_a_payload_error(pool: UpstreamPool) -> None:
     async def junk(head: bytes, body: bytes) -> tuple[bytes, bool]:
         return b"SMTP ready\r\n\r\n", False
 
-    o = Origin(junk)
-    await o.start()
-    try:
+    async with serving(junk) as o:
         with pytest.raises(aiohttp.ClientPayloadError, match="malformed answer"):
             await asyncio.wait_for(pool.request("GET", o.url, []), 5)
-    finally:
-        await o.stop()
 
 
 async def test_idle_connections_are_closed_after_keepalive(origin: Origin) -> None:

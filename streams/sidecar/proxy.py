@@ -41,7 +41,7 @@ from streams.sidecar.fastpath import FastServer
 from streams.sidecar.policies import Endpoint
 from streams.sidecar.relay import Upstreams, relay
 from streams.sidecar.router import DEFAULT_PRIORITY, Route, Router
-from streams.sidecar.upstream import Answer, UpstreamConnectError
+from streams.sidecar.upstream import IDEMPOTENT, Answer, UpstreamConnectError
 
 if TYPE_CHECKING:
     from streams.sidecar.edge import Edge
@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 API_HEADER = "X-Loadcast-Api"
 DYNAMIC_HEADER = "X-Loadcast-Dynamic-Routing"
 PRIORITY_HEADER = "X-Loadcast-Priority"
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 HOP_BY_HOP = frozenset(
     h.lower()
     for h in (

@@ -55,7 +55,8 @@ except (ImportError, AttributeError, ValueError, TypeError):  # pragma: no cover
     SUPPORTED = False
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})  # an empty body says Content-Length: 0
-_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+# methods that may be sent twice (RFC 9110 9.2.2): the proxy's retry rule and the pool's
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 
 class Answer(Protocol):
@@ -97,11 +98,9 @@ class UpstreamResponse:
     (:meth:`read`). :meth:`release` gives the connection back (or closes it when the body
     was not read to its end), exactly once."""
 
-    __slots__ = ("_conn", "_host", "_pool", "content", "headers", "reason", "status")
+    __slots__ = ("_conn", "_host", "content", "headers", "reason", "status")
 
-    def __init__(self, pool: UpstreamPool, host: _Host, conn: Any, message: Any,
-                 payload: StreamReader) -> None:
-        self._pool = pool
+    def __init__(self, host: _Host, conn: Any, message: Any, payload: StreamReader) -> None:
         self._host: _Host | None = host
         self._conn = conn
         self.status: int = message.code
@@ -139,41 +138,19 @@ class UpstreamResponse:
 class _Host:
     """One upstream's connections: the idle ones (newest last) and a bound on all."""
 
-    __slots__ = ("active", "addr", "host_header", "idle", "limit", "loop", "waiters")
+    __slots__ = ("addr", "host_header", "idle", "slots")
 
-    def __init__(self, addr: tuple[str, int], host_header: str, limit: int,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, addr: tuple[str, int], host_header: str, limit: int) -> None:
         self.addr = addr
         self.host_header = host_header
-        self.limit = limit
-        self.loop = loop
-        self.active = 0
+        self.slots = asyncio.Semaphore(limit)  # connections in use, at most ``limit``
         self.idle: deque[tuple[Any, float]] = deque()
-        self.waiters: deque[asyncio.Future[None]] = deque()
-
-    async def slot(self) -> None:
-        """Wait until fewer than ``limit`` connections of this upstream are in use."""
-        while self.active >= self.limit:
-            fut = self.loop.create_future()
-            self.waiters.append(fut)
-            try:
-                await fut
-            except BaseException:
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove(fut)
-                raise
-        self.active += 1
 
     def done(self, conn: Any | None) -> None:
         """A request's connection is free again (``conn``: to keep; None: closed)."""
-        self.active -= 1
         if conn is not None:
             self.idle.append((conn, time.monotonic()))
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
-                break
+        self.slots.release()
 
     def take_idle(self, keepalive_s: float) -> Any | None:
         """The newest idle connection still open and not older than ``keepalive_s``."""
@@ -219,8 +196,7 @@ class UpstreamPool:
             if url.scheme != "http":
                 raise ValueError(f"only http:// upstreams go through the pool, got {url}")
             host_header = key[0] if url.is_default_port() else f"{key[0]}:{key[1]}"
-            h = self._hosts[key] = _Host(key, host_header, self.per_host,
-                                         asyncio.get_running_loop())
+            h = self._hosts[key] = _Host(key, host_header, self.per_host)
             self._sweep_later()
         return h
 
@@ -236,7 +212,7 @@ class UpstreamPool:
         self._sweep_later()
 
     async def _connect(self, host: _Host) -> Any:
-        loop = host.loop
+        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout_s):
                 _, conn = await loop.create_connection(lambda: ResponseHandler(loop),
@@ -261,7 +237,7 @@ class UpstreamPool:
             hdrs.append(("Content-Length", str(len(body) if body is not None else 0)))
         line = f"{method} {url.raw_path_qs} HTTP/1.1"
         head = _serialize_headers(line, _Headers(hdrs))  # type: ignore[arg-type]
-        await host.slot()
+        await host.slots.acquire()
         try:
             return await self._exchange(host, method, head, body)
         except BaseException:
@@ -293,11 +269,11 @@ class UpstreamPool:
                     # informational answers (100 Continue, 103 Early Hints) come first
                     if not 100 <= message.code <= 199 or message.code == 101:
                         break
-                return UpstreamResponse(self, host, conn, message, payload)
+                return UpstreamResponse(host, conn, message, payload)
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
                 conn.close()
                 # a kept connection the upstream had closed meanwhile: once more, anew
-                if not reused or method not in _IDEMPOTENT:
+                if not reused or method not in IDEMPOTENT:
                     raise
                 reused, conn = False, None
             except HttpProcessingError as e:  # not HTTP: as good as a broken connection
