@@ -50,3 +50,10 @@ def test_a_part_without_restarts_stops_the_demo(tmp_path: Path) -> None:
         assert children.restarted == []
     finally:
         children.stop_all()
+
+
+def test_a_part_read_through_its_stdout_cannot_be_restartable(tmp_path: Path) -> None:
+    children = Children(tmp_path, dict(os.environ))
+    with pytest.raises(ValueError, match="cannot be restarted"):
+        children.start("bundles", [], module="crasher", stdout_pipe=True, restarts=1)
+    assert children.all == []  # nothing was started

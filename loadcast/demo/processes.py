@@ -54,6 +54,8 @@ class Children:
         above 0 for parts off the request path, which may lag (the sink, the page);
         ``restarts``: how many times :meth:`check` starts it again if it dies, as a
         service manager would (only for parts that resume where they stopped)."""
+        if restarts and stdout_pipe:  # a new process's stdout would go to its log, unread
+            raise ValueError(f"{name}: a part read through its stdout cannot be restarted")
         log = self.work / f"{name}.log"
         argv = [sys.executable, "-m", module, *args]
         c = Child(name, self._spawn(argv, log, env or {}, nice, stdout_pipe), log, argv,
